@@ -1,0 +1,1946 @@
+#!/usr/bin/env python3
+"""OffloadMQ: a task queue that offloads work to remote agents over HTTP.
+
+Run it:   python offloadmq.py [--host H] [--port P] [--data DIR] [--fsync always|everysec|no]
+With nothing configured it listens on 0.0.0.0:3069, keeps its state in ./data and
+generates its secrets there once (printing the keys at first start).
+
+The wire contract is shared/API.md (compatible with the original OffloadMQ server).
+
+Sections (``grep '^# ===' offloadmq.py``), each using only what is above it:
+  imports · config · errors · models · core (pure) · journal · hub · auth · handlers · app
+"""
+# ============================================================================ imports
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import hashlib
+import heapq
+import hmac
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+import zlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import unquote
+
+import jwt
+import orjson
+from aiohttp import web
+
+__version__ = "0.1.0"
+log = logging.getLogger("offloadmq")
+
+
+# ============================================================================ config
+
+SECRET_NAMES = ("JWT_SECRET", "AGENT_API_KEYS", "CLIENT_API_KEYS", "MGMT_TOKEN")
+SECRETS_FILE = "secrets.json"
+FSYNC_POLICIES = ("always", "everysec", "no")
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 3069
+    data_path: Path = Path("./data")
+    jwt_secret: str = ""
+    agent_api_keys: tuple[str, ...] = ()
+    client_api_keys: tuple[str, ...] = ()
+    mgmt_token: str = ""
+    fsync: str = "always"
+    compact_bytes: int = 64 * 1024 * 1024
+    retention_s: float = 7 * 24 * 3600
+    max_body_bytes: int = 16 * 1024 * 1024
+    jwt_lifetime_s: int = 7 * 24 * 3600
+    blocking_hold_s: float = 300.0
+    repair: bool = False
+    crash_at: str = ""  # test hook (OFFLOADMQ_CRASH_AT): die at this compaction step
+    static_path: Path = Path(__file__).resolve().parent / "static"
+    # Names of secrets generated at this start, so main() can print them once.
+    generated: tuple[str, ...] = ()
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; blank lines and # comments skipped; optional quotes stripped."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def split_keys(value: str) -> tuple[str, ...]:
+    """Key lists take ',' or the original's ':' as separator."""
+    return tuple(k.strip() for k in value.replace(":", ",").split(",") if k.strip())
+
+
+def load_secrets(data_path: Path, settings: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Fill unset secrets from data/secrets.json, generating (and saving, mode 0600) the
+    missing ones. There is no built-in default secret: each install gets its own."""
+    path = data_path / SECRETS_FILE
+    stored = orjson.loads(path.read_bytes()) if path.exists() else {}
+    generated = []
+    for name in SECRET_NAMES:
+        if settings.get(name):
+            continue
+        if not stored.get(name):
+            prefix = {"AGENT_API_KEYS": "ak_", "CLIENT_API_KEYS": "ck_", "MGMT_TOKEN": "mt_"}.get(name, "")
+            stored[name] = prefix + secrets.token_urlsafe(32)
+            generated.append(name)
+        settings[name] = stored[name]
+    if generated:
+        data_path.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(orjson.dumps(stored, option=orjson.OPT_INDENT_2))
+        os.replace(tmp, path)
+    return settings, tuple(generated)
+
+
+def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None,
+                cwd: Path | None = None) -> Config:
+    """Environment, then `.env` in the working directory, then flags (flags win)."""
+    environ = dict(os.environ if environ is None else environ)
+    settings = {**read_dotenv((cwd or Path.cwd()) / ".env"), **environ}
+
+    parser = argparse.ArgumentParser(prog="offloadmq", description="OffloadMQ server")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--data", help="data folder (DATABASE_ROOT_PATH)")
+    parser.add_argument("--fsync", choices=FSYNC_POLICIES, help="journal fsync policy (OFFLOADMQ_FSYNC)")
+    parser.add_argument("--compact-mb", type=float, help="compact the journal past this size")
+    parser.add_argument("--repair", action="store_true",
+                        help="move a corrupt journal tail into a side file and start")
+    args = parser.parse_args(argv)
+
+    host, _, port = settings.get("SERVER_ADDRESS", "0.0.0.0:3069").rpartition(":")
+    data_path = Path(args.data or settings.get("DATABASE_ROOT_PATH") or "./data")
+    fsync = args.fsync or settings.get("OFFLOADMQ_FSYNC") or "always"
+    if fsync not in FSYNC_POLICIES:
+        parser.error(f"OFFLOADMQ_FSYNC must be one of {', '.join(FSYNC_POLICIES)}")
+    compact_mb = args.compact_mb or float(settings.get("OFFLOADMQ_COMPACT_MB") or 64)
+    settings, generated = load_secrets(data_path, settings)
+    return Config(
+        host=args.host or host or "0.0.0.0",
+        port=args.port if args.port is not None else int(port or 3069),
+        data_path=data_path,
+        jwt_secret=settings["JWT_SECRET"],
+        agent_api_keys=split_keys(settings["AGENT_API_KEYS"]),
+        client_api_keys=split_keys(settings["CLIENT_API_KEYS"]),
+        mgmt_token=settings["MGMT_TOKEN"],
+        fsync=fsync,
+        compact_bytes=int(compact_mb * 1024 * 1024),
+        repair=args.repair,
+        crash_at=settings.get("OFFLOADMQ_CRASH_AT", ""),
+        generated=generated,
+    )
+
+
+# ============================================================================ errors
+
+class OffloadError(Exception):
+    """Any failure a caller should see; the middleware turns it into the contract's body."""
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, **extra: Any):
+        super().__init__(message)
+        self.message = message
+        self.extra = extra  # extra top-level fields of the error body (e.g. a task id)
+
+
+class BadRequest(OffloadError):
+    status, type = 400, "bad_request"
+
+
+class Unauthenticated(OffloadError):
+    status, type = 401, "authentication_error"
+
+
+class Forbidden(OffloadError):
+    status, type = 403, "authorization_error"
+
+
+class NotFound(OffloadError):
+    status, type = 404, "not_found"
+
+
+class Conflict(OffloadError):
+    status, type = 409, "conflict"
+
+
+class PayloadTooLarge(OffloadError):
+    status, type = 413, "payload_too_large"
+
+
+class SchedulingImpossible(OffloadError):
+    status, type = 503, "scheduling_impossible"
+
+
+class WaitTimeout(OffloadError):
+    status, type = 504, "timeout"
+
+
+# ============================================================================ models
+
+PENDING, ASSIGNED, RUNNING = "pending", "assigned", "running"
+COMPLETED, FAILED, CANCELED = "completed", "failed", "canceled"
+ENDED = frozenset({COMPLETED, FAILED, CANCELED})
+
+# Legal moves of the task state machine; anything else raises and changes nothing.
+# (`queued` and `starting` exist in the original's vocabulary but are never entered.)
+TRANSITIONS: dict[str, frozenset[str]] = {
+    PENDING: frozenset({ASSIGNED, FAILED, CANCELED}),
+    ASSIGNED: frozenset({RUNNING, COMPLETED, FAILED, PENDING}),
+    RUNNING: frozenset({RUNNING, COMPLETED, FAILED, PENDING}),
+    COMPLETED: frozenset(),
+    FAILED: frozenset(),
+    CANCELED: frozenset(),
+}
+
+ONLINE_S = 120.0          # an agent is online while its last contact is this recent
+URGENT_TAKE_S = 60.0      # an urgent task nobody takes within this fails as expired
+URGENT_KEEP_S = 600.0     # an ended urgent task stays pollable this long
+OFFER_S = 15.0            # a polled task is held for its agent this long before `take`
+MAX_ATTEMPTS = 3          # a restartable task is handed out at most this often
+LOG_KEEP_CHARS = 1 << 20  # the server keeps the last 1 MiB of a task's log
+CAP_MAX_CHARS = 256
+
+TaskKey = tuple[str, str]  # (capability, id)
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class UlidFactory:
+    """ULIDs whose string order is creation order, even within one millisecond."""
+
+    def __init__(self):
+        self.last_ms = -1
+        self.last_rand = 0
+
+    def new(self, now: float) -> str:
+        ms = int(now * 1000)
+        if ms <= self.last_ms:  # same millisecond (or clock stepped back): count up
+            ms, rand = self.last_ms, self.last_rand + 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for counting up
+        self.last_ms, self.last_rand = ms, rand
+        value = (ms << 80) | rand
+        return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -5, -5))
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_iso(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def base_capability(cap: str) -> str:
+    """`vision[gpu;cuda12]` serves `vision`."""
+    return cap.split("[", 1)[0]
+
+
+def check_capability(cap: Any, what: str = "capability") -> str:
+    if not isinstance(cap, str) or not cap.strip():
+        raise BadRequest(f"{what} must be a non-empty string")
+    if len(cap) > CAP_MAX_CHARS:
+        raise BadRequest(f"{what} is longer than {CAP_MAX_CHARS} characters")
+    return cap
+
+
+def pattern_allows(patterns: list[str], cap: str) -> bool:
+    """`*` allows all, `llm.*` every capability starting with `llm.`, else exact."""
+    for pattern in patterns:
+        if pattern == "*" or pattern == cap or (pattern.endswith("*") and cap.startswith(pattern[:-1])):
+            return True
+    return False
+
+
+def owner_of(key: str) -> str:
+    """Tasks remember their client key only as a digest: the key itself is never stored."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+MGMT_OWNER = "management"
+
+_FILE_REF_FIELDS = ("path", "get", "gitClone", "httpLogin", "httpPassword", "httpAuthHeader")
+
+
+def _file_refs(value: Any, name: str) -> list[dict]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest(f"{name} must be a list of file references")
+    refs = []
+    for i, ref in enumerate(value):
+        if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or not ref["path"]:
+            raise BadRequest(f"{name}[{i}] must be an object with a non-empty string 'path'")
+        for key in _FILE_REF_FIELDS:
+            if ref.get(key) is not None and not isinstance(ref[key], str):
+                raise BadRequest(f"{name}[{i}].{key} must be a string")
+        if ref.get("customHeader") is not None and not isinstance(ref["customHeader"], dict):
+            raise BadRequest(f"{name}[{i}].customHeader must be an object")
+        refs.append({k: v for k, v in ref.items() if v is not None})
+    return refs
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false")
+    return value
+
+
+def parse_submission(body: Any) -> dict:
+    """A TaskSubmissionRequest as stored and handed to agents (never with its apiKey)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return {
+        "capability": check_capability(body.get("capability")),
+        "urgent": _flag(body, "urgent"),
+        "restartable": _flag(body, "restartable"),
+        "payload": body.get("payload"),
+        "fetchFiles": _file_refs(body.get("fetchFiles"), "fetchFiles"),
+        "artifacts": _file_refs(body.get("artifacts"), "artifacts"),
+    }
+
+
+def parse_agent_info(body: Any) -> dict:
+    """The agent's self-description from register and info/update."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    caps = body.get("capabilities")
+    if not isinstance(caps, list):
+        raise BadRequest("capabilities must be a list of strings")
+    caps = [check_capability(c, "each capability") for c in caps]
+    tier = body.get("tier", 0)
+    if not isinstance(tier, int) or isinstance(tier, bool) or not 0 <= tier <= 255:
+        raise BadRequest("tier must be an integer from 0 to 255")
+    capacity = body.get("capacity", 1)
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+        raise BadRequest("capacity must be an integer of at least 1")
+    system_info = body.get("systemInfo") or {}
+    if not isinstance(system_info, dict):
+        raise BadRequest("systemInfo must be an object")
+    return {"capabilities": caps, "tier": tier, "capacity": capacity, "systemInfo": system_info}
+
+
+@dataclass(slots=True, eq=False)
+class Task:
+    cap: str
+    id: str
+    data: dict              # the submission request, without apiKey
+    owner: str              # digest of the submitting client key
+    created_at: float
+    status: str = PENDING
+    agent_id: str | None = None
+    assigned_at: float | None = None
+    ended_at: float | None = None
+    queued_at: float = 0.0  # when it last became pending (urgent expiry counts from here)
+    result: Any = None
+    log: str = ""
+    stage: str | None = None
+    attempts: int = 0
+    history: list = field(default_factory=list)  # [(at, description)]
+    in_heap: bool = False   # has a live entry in its queue heap (see Broker)
+
+    @property
+    def key(self) -> TaskKey:
+        return (self.cap, self.id)
+
+    @property
+    def urgent(self) -> bool:
+        return self.data["urgent"]
+
+    def to_record(self) -> dict:
+        return {"cap": self.cap, "id": self.id, "data": self.data, "owner": self.owner,
+                "createdAt": self.created_at, "status": self.status, "agentId": self.agent_id,
+                "assignedAt": self.assigned_at, "endedAt": self.ended_at,
+                "queuedAt": self.queued_at, "result": self.result, "log": self.log,
+                "stage": self.stage, "attempts": self.attempts,
+                "history": [list(h) for h in self.history]}
+
+    @classmethod
+    def from_record(cls, r: dict) -> "Task":
+        return cls(cap=r["cap"], id=r["id"], data=r["data"], owner=r["owner"],
+                   created_at=r["createdAt"], status=r["status"], agent_id=r["agentId"],
+                   assigned_at=r["assignedAt"], ended_at=r["endedAt"], queued_at=r["queuedAt"],
+                   result=r["result"], log=r["log"], stage=r["stage"], attempts=r["attempts"],
+                   history=[tuple(h) for h in r["history"]])
+
+    # Wire shapes of API.md.
+    def task_id(self) -> dict:
+        return {"cap": self.cap, "id": self.id}
+
+    def unassigned_json(self) -> dict:
+        return {"id": self.task_id(), "data": self.data, "createdAt": iso(self.created_at)}
+
+    def assigned_json(self) -> dict:
+        return {"id": self.task_id(), "data": self.data, "agentId": self.agent_id,
+                "status": self.status,
+                "history": [{"timestamp": iso(at), "description": d} for at, d in self.history],
+                "createdAt": iso(self.created_at), "assignedAt": iso(self.assigned_at),
+                "result": self.result, "log": self.log, "stage": self.stage}
+
+    def status_json(self) -> dict:
+        body = {"id": self.task_id(), "status": self.status, "log": self.log,
+                "createdAt": iso(self.created_at)}
+        if self.stage is not None:
+            body["stage"] = self.stage
+        if self.result is not None:
+            body["output"] = self.result
+        return body
+
+
+@dataclass(slots=True, eq=False)
+class Agent:
+    uid: str
+    key: str                 # the agent's login secret
+    registered_at: float
+    capabilities: list
+    tier: int
+    capacity: int
+    system_info: dict
+    last_contact: float
+    bases: frozenset = frozenset()
+    held: set = field(default_factory=set)     # keys of tasks it holds (assigned/running)
+    offered: set = field(default_factory=set)  # keys polled but not yet taken
+
+    @property
+    def load(self) -> int:
+        return len(self.held) + len(self.offered)
+
+    def to_record(self) -> dict:
+        return {"uid": self.uid, "key": self.key, "registeredAt": self.registered_at,
+                "capabilities": self.capabilities, "tier": self.tier,
+                "capacity": self.capacity, "systemInfo": self.system_info}
+
+    def to_json(self, online: bool) -> dict:
+        return {"uid": self.uid, "uidShort": self.uid[-6:],
+                "registeredAt": iso(self.registered_at), "lastContact": iso(self.last_contact),
+                "capabilities": self.capabilities, "tier": self.tier, "capacity": self.capacity,
+                "systemInfo": self.system_info, "online": online}
+
+
+@dataclass(slots=True, eq=False)
+class ClientKey:
+    key: str
+    capabilities: list
+    is_predefined: bool
+    created_at: float
+    is_revoked: bool = False
+
+    def to_record(self) -> dict:
+        return {"key": self.key, "capabilities": self.capabilities,
+                "isPredefined": self.is_predefined, "created": self.created_at,
+                "isRevoked": self.is_revoked}
+
+    def to_json(self) -> dict:
+        return {**self.to_record(), "created": iso(self.created_at)}
+
+
+# ============================================================================ core (pure)
+#
+# Theory of operation. The Broker holds every task, agent and client key and is the
+# only thing that changes them. It never does I/O, never awaits and never reads the
+# clock: callers pass `now`. Every change is written as a journal record and applied
+# through `apply()` - the same function that replays the journal at start - so the
+# state after a restart is the state before it by construction. Records of urgent
+# tasks are applied but not kept (urgent tasks live in memory only); the hub takes
+# the durable ones from `records` after each call and journals them.
+#
+# Queues: one heap per (urgency, base capability), ordered by task id (ULIDs sort by
+# creation), so oldest-first costs O(log n) and a requeued task regains its place.
+# Entries are removed lazily: an entry whose task is no longer pending is skipped
+# when it reaches the top. A poll *offers* the head task to the agent (popped from
+# the heap, held for OFFER_S) so concurrent pollers get different tasks; `take`
+# turns the offer into an assignment, and an offer not taken lapses back.
+#
+# Agents: `online` is an OrderedDict ordered by last contact, oldest first, holding
+# only online agents, so expiry pops from the front and never visits offline ones.
+# `serving` indexes online agents by base capability for matching and tier checks.
+
+class Broker:
+    def __init__(self, predefined_keys: tuple[str, ...] = (), now: float = 0.0):
+        self.tasks: dict[TaskKey, Task] = {}
+        self.queues: dict[tuple[bool, str], list[tuple[str, str]]] = {}
+        self.offers: dict[TaskKey, tuple[str, float]] = {}   # task -> (agent uid, lapses at)
+        self.agents: dict[str, Agent] = {}
+        self.online: OrderedDict[str, Agent] = OrderedDict()
+        self.serving: dict[str, set[str]] = {}               # base capability -> online uids
+        self.keys: dict[str, ClientKey] = {}                 # sha256(key) -> key
+        self.urgent_deadlines: deque[tuple[float, TaskKey]] = deque()  # (pending since, task)
+        self.urgent_ended: deque[tuple[float, TaskKey]] = deque()      # (ended at, task)
+        self.counts: dict[tuple[bool, str], int] = {}        # (urgent, status) -> tasks
+        self.pending_by_cap: dict[str, int] = {}             # base capability -> pending tasks
+        self.records: list[dict] = []                        # durable records not yet journaled
+        self.ids = UlidFactory()
+        for key in predefined_keys:
+            self.keys[key_digest(key)] = ClientKey(key, ["*"], True, now)
+
+    # ---------------------------------------------------------------- records
+
+    def _emit(self, op: str, now: float, durable: bool = True, **fields: Any) -> None:
+        record = {"op": op, "at": iso(now), **fields}
+        self.apply(record)
+        if durable:
+            self.records.append(record)
+
+    def take_records(self) -> list[dict]:
+        records, self.records = self.records, []
+        return records
+
+    def apply(self, record: dict) -> None:
+        APPLY[record["op"]](self, record, parse_iso(record["at"]))
+
+    # ---------------------------------------------------------------- internal moves
+
+    def _set_status(self, task: Task, status: str) -> None:
+        if status not in TRANSITIONS[task.status]:
+            raise Conflict(f"task {task.id} cannot go from {task.status} to {status}")
+        self._count(task, -1)
+        task.status = status
+        self._count(task, +1)
+
+    def _count(self, task: Task, delta: int) -> None:
+        slot = (task.urgent, task.status)
+        self.counts[slot] = self.counts.get(slot, 0) + delta
+        if task.status == PENDING:
+            base = base_capability(task.cap)
+            self.pending_by_cap[base] = self.pending_by_cap.get(base, 0) + delta
+
+    def _enqueue(self, task: Task, now: float) -> None:
+        task.queued_at = now
+        if not task.in_heap:
+            heapq.heappush(self.queues.setdefault((task.urgent, base_capability(task.cap)), []),
+                           (task.id, task.cap))
+            task.in_heap = True
+        if task.urgent:
+            self.urgent_deadlines.append((now, task.key))
+
+    def _head(self, urgent: bool, base: str) -> Task | None:
+        heap = self.queues.get((urgent, base))
+        while heap:
+            task = self.tasks.get((heap[0][1], heap[0][0]))
+            if task is not None and task.status == PENDING and task.key not in self.offers:
+                return task
+            heapq.heappop(heap)
+            if task is not None:
+                task.in_heap = False
+        return None
+
+    def _release(self, agent: Agent, task: Task) -> None:
+        agent.held.discard(task.key)
+
+    def _end(self, task: Task, status: str, now: float, description: str) -> None:
+        self._set_status(task, status)
+        task.ended_at = now
+        task.history.append((now, description))
+        agent = self.agents.get(task.agent_id or "")
+        if agent:
+            self._release(agent, task)
+        if task.urgent:
+            self.urgent_ended.append((now, task.key))
+
+    def _drop_offer(self, key: TaskKey) -> None:
+        offer = self.offers.pop(key, None)
+        if offer and offer[0] in self.agents:
+            self.agents[offer[0]].offered.discard(key)
+
+    # ---------------------------------------------------------------- agents
+
+    def touch(self, uid: str, now: float) -> Agent:
+        """Count a contact: the agent moves to the young end of the LRU."""
+        agent = self.agents.get(uid)
+        if agent is None:
+            raise Unauthenticated("unknown agent")
+        agent.last_contact = now
+        if uid in self.online:
+            self.online.move_to_end(uid)
+        else:
+            self.online[uid] = agent
+            for base in agent.bases:
+                self.serving.setdefault(base, set()).add(uid)
+        return agent
+
+    def _go_offline(self, agent: Agent) -> None:
+        self.online.pop(agent.uid, None)
+        for base in agent.bases:
+            uids = self.serving.get(base)
+            if uids:
+                uids.discard(agent.uid)
+                if not uids:
+                    del self.serving[base]
+
+    def register_agent(self, info: dict, now: float) -> Agent:
+        uid = self.ids.new(now)
+        self._emit("agent.registered", now, agent={
+            "uid": uid, "key": secrets.token_urlsafe(24), "registeredAt": now, **info})
+        return self.touch(uid, now)
+
+    def update_agent(self, uid: str, info: dict, now: float) -> Agent:
+        self.touch(uid, now)
+        self._emit("agent.updated", now, uid=uid, **info)
+        return self.agents[uid]
+
+    def delete_agent(self, uid: str, now: float) -> None:
+        agent = self.agents.get(uid)
+        if agent is None:
+            raise NotFound(f"no agent {uid}")
+        self._lose_agent(agent, now, f"agent {uid} was deleted")
+        self._emit("agent.deleted", now, uid=uid)
+
+    def reset_agents(self, now: float) -> None:
+        for agent in list(self.agents.values()):
+            self._lose_agent(agent, now, f"agent {agent.uid} was removed by a reset")
+        self._emit("agents.reset", now)
+
+    def _lose_agent(self, agent: Agent, now: float, reason: str) -> None:
+        """An agent is gone: its offers lapse, its restartable tasks go back to the queue
+        (while attempts are left), the others fail - each with the reason in history."""
+        for key in list(agent.offered):
+            self._lapse_offer(key, now)
+        for key in sorted(agent.held):
+            self._retry_or_fail(self.tasks[key], now, reason)
+
+    def _retry_or_fail(self, task: Task, now: float, reason: str, result: Any = None) -> None:
+        if task.data["restartable"] and task.attempts < MAX_ATTEMPTS:
+            self._emit("task.requeued", now, durable=not task.urgent, cap=task.cap, id=task.id,
+                       reason=f"{reason}; back in the queue (attempt {task.attempts} of {MAX_ATTEMPTS})")
+        else:
+            self._emit("task.failed", now, durable=not task.urgent, cap=task.cap, id=task.id,
+                       reason=reason, result=result)
+
+    def is_online(self, agent: Agent, now: float) -> bool:
+        return agent.uid in self.online and now - agent.last_contact <= ONLINE_S
+
+    def online_agents(self, now: float) -> list[Agent]:
+        return [a for a in self.online.values() if now - a.last_contact <= ONLINE_S]
+
+    def agents_json(self, now: float, online_only: bool = False) -> list[dict]:
+        agents = self.online_agents(now) if online_only else self.agents.values()
+        return [a.to_json(self.is_online(a, now)) for a in agents]
+
+    def online_capabilities(self) -> list[str]:
+        return sorted(self.serving)
+
+    # ---------------------------------------------------------------- keys
+
+    def client_key(self, key: str) -> ClientKey | None:
+        found = self.keys.get(key_digest(key))
+        if found is not None and hmac.compare_digest(found.key.encode(), key.encode()):
+            return found
+        return None
+
+    def update_key(self, key: str, capabilities: list[str], now: float) -> ClientKey:
+        existing = self.client_key(key)
+        self._emit("key.updated", now, key={
+            "key": key, "capabilities": capabilities,
+            "isPredefined": existing.is_predefined if existing else False,
+            "created": existing.created_at if existing else now, "isRevoked": False})
+        return self.client_key(key)
+
+    def revoke_key(self, key: str, now: float) -> ClientKey:
+        if self.client_key(key) is None:
+            raise NotFound("no such client API key")
+        self._emit("key.revoked", now, key=key)
+        return self.client_key(key)
+
+    # ---------------------------------------------------------------- tasks
+
+    def submit(self, data: dict, owner: str, now: float) -> Task:
+        base = base_capability(data["capability"])
+        if data["urgent"] and base not in self.serving:
+            raise SchedulingImpossible(f"no online agent serves {base}")
+        task_id = self.ids.new(now)
+        self._emit("task.submitted", now, durable=not data["urgent"], task={
+            "cap": data["capability"], "id": task_id, "data": data, "owner": owner,
+            "createdAt": now})
+        return self.tasks[(data["capability"], task_id)]
+
+    def task(self, cap: str, task_id: str, owner: str | None = None) -> Task:
+        """A task by id; with `owner`, one submitted with another key is not found."""
+        task = self.tasks.get((cap, task_id))
+        if task is None or (owner not in (None, MGMT_OWNER) and task.owner != owner):
+            raise NotFound(f"no task {cap}/{task_id}")
+        return task
+
+    def offer(self, uid: str, now: float, urgent_only: bool = False) -> Task | None:
+        """The task this agent should take next, held for it until it takes it, or None.
+        Urgent first, then regular; oldest first across the agent's capabilities."""
+        agent = self.agents[uid]
+        if agent.load >= agent.capacity:
+            return None
+        best = None
+        for base in agent.bases:
+            task = self._head(True, base)
+            if task is not None and (best is None or task.id < best.id):
+                best = task
+        if best is None and not urgent_only:
+            for base in agent.bases:
+                if not self._tier_allows(agent, base, now):
+                    continue
+                task = self._head(False, base)
+                if task is not None and (best is None or task.id < best.id):
+                    best = task
+        if best is not None:
+            heap = self.queues[(best.urgent, base_capability(best.cap))]
+            heapq.heappop(heap)  # `best` came from _head, so it is this heap's top
+            best.in_heap = False
+            self.offers[best.key] = (uid, now + OFFER_S)
+            agent.offered.add(best.key)
+        return best
+
+    def _tier_allows(self, agent: Agent, base: str, now: float) -> bool:
+        """Spill-over: a lower tier gets a regular task only when no online agent of a
+        higher tier that serves it has free capacity."""
+        for uid in self.serving.get(base, ()):
+            other = self.agents[uid]
+            if (other.tier > agent.tier and other.load < other.capacity
+                    and now - other.last_contact <= ONLINE_S):
+                return False
+        return True
+
+    def release_offer(self, key: TaskKey, now: float) -> None:
+        """The poller went away before it got the task: give it to the next one."""
+        if key in self.offers:
+            self._lapse_offer(key, now)
+
+    def _lapse_offer(self, key: TaskKey, now: float) -> None:
+        self._drop_offer(key)
+        task = self.tasks.get(key)
+        if task is not None and task.status == PENDING and not task.in_heap:
+            heapq.heappush(self.queues.setdefault((task.urgent, base_capability(task.cap)), []),
+                           (task.id, task.cap))
+            task.in_heap = True
+
+    def take(self, uid: str, cap: str, task_id: str, now: float) -> Task:
+        agent = self.touch(uid, now)
+        task = self.task(cap, task_id)
+        if base_capability(cap) not in agent.bases:
+            raise Forbidden(f"agent {uid} does not serve {base_capability(cap)}")
+        if task.status != PENDING:
+            raise Conflict(f"task {task_id} was already taken")
+        offer = self.offers.get(task.key)
+        mine = offer is not None and offer[0] == uid
+        if offer is not None and not mine and offer[1] > now:
+            raise Conflict(f"task {task_id} is offered to another agent")
+        if not mine and agent.load >= agent.capacity:
+            raise Conflict(f"agent {uid} is at capacity ({agent.capacity})")
+        self._emit("task.assigned", now, durable=not task.urgent, cap=cap, id=task_id, agentId=uid)
+        return task
+
+    def _held_by(self, uid: str, cap: str, task_id: str) -> Task:
+        task = self.task(cap, task_id)
+        if task.status in ENDED:
+            raise Conflict(f"task {task_id} has already ended ({task.status})")
+        if task.agent_id != uid or task.status == PENDING:
+            raise Forbidden(f"task {task_id} is not held by agent {uid}")
+        return task
+
+    def progress(self, uid: str, cap: str, task_id: str, stage: str | None,
+                 log_update: str | None, now: float) -> Task:
+        self.touch(uid, now)
+        task = self._held_by(uid, cap, task_id)
+        self._emit("task.progressed", now, durable=not task.urgent, cap=cap, id=task_id,
+                   stage=stage, log=log_update)
+        return task
+
+    def resolve(self, uid: str, cap: str, task_id: str, outcome: str, message: str | None,
+                output: Any, now: float) -> Task:
+        """outcome: success | failure | notExecuted (API.md's resolve statuses)."""
+        self.touch(uid, now)
+        task = self._held_by(uid, cap, task_id)
+        durable = not task.urgent
+        if outcome == "success":
+            self._emit("task.completed", now, durable=durable, cap=cap, id=task_id, result=output)
+        elif outcome == "failure":
+            self._retry_or_fail(task, now, f"failed on agent {uid}: {message}", output)
+        elif task.data["restartable"]:  # notExecuted: another agent may run it
+            self._emit("task.requeued", now, durable=durable, cap=cap, id=task_id,
+                       reason=f"not executed by agent {uid}: {message}")
+        else:
+            self._emit("task.failed", now, durable=durable, cap=cap, id=task_id,
+                       reason=f"not executed by agent {uid}: {message}", result=output)
+        return task
+
+    def reset_tasks(self, now: float) -> None:
+        self._emit("tasks.reset", now)
+
+    # ---------------------------------------------------------------- time passing
+
+    def expire(self, now: float) -> None:
+        """Everything that happens because time passed; the hub calls it every second."""
+        while self.online:
+            agent = next(iter(self.online.values()))
+            if now - agent.last_contact <= ONLINE_S:
+                break
+            self._go_offline(agent)
+            self._lose_agent(agent, now, f"agent {agent.uid} went offline")
+        for key, (_, lapses_at) in list(self.offers.items()):
+            if lapses_at <= now:
+                self._lapse_offer(key, now)
+        while self.urgent_deadlines and self.urgent_deadlines[0][0] + URGENT_TAKE_S <= now:
+            since, key = self.urgent_deadlines.popleft()
+            task = self.tasks.get(key)
+            if task is not None and task.status == PENDING and task.queued_at == since:
+                self._drop_offer(key)
+                self._emit("task.failed", now, durable=False, cap=key[0], id=key[1],
+                           reason=f"expired: no agent took it within {URGENT_TAKE_S:.0f} s")
+        while self.urgent_ended and self.urgent_ended[0][0] + URGENT_KEEP_S <= now:
+            _, key = self.urgent_ended.popleft()
+            task = self.tasks.get(key)
+            if task is not None and task.status in ENDED:
+                self._forget(task)
+
+    def _forget(self, task: Task) -> None:
+        self._count(task, -1)
+        del self.tasks[task.key]
+
+    def drop_ended_before(self, cutoff: float) -> int:
+        """Retention, applied at compaction: ended regular tasks older than cutoff go."""
+        old = [t for t in self.tasks.values()
+               if t.status in ENDED and not t.urgent and (t.ended_at or 0) < cutoff]
+        for task in old:
+            self._forget(task)
+        return len(old)
+
+    def after_recovery(self, now: float) -> None:
+        """Agents holding tasks get a fresh grace period: contact times are not journaled,
+        and they must be able to report on those tasks after a restart."""
+        for agent in self.agents.values():
+            if agent.held:
+                self.touch(agent.uid, now)
+
+    # ---------------------------------------------------------------- views
+
+    def snapshot(self) -> dict:
+        return {"tasks": [t.to_record() for t in self.tasks.values() if not t.urgent],
+                "agents": [a.to_record() for a in self.agents.values()],
+                "keys": [k.to_record() for k in self.keys.values()]}
+
+    def load_snapshot(self, snap: dict) -> None:
+        for record in snap["agents"]:
+            self._add_agent(record)
+        for record in snap["keys"]:
+            self._add_key(record)
+        for record in snap["tasks"]:
+            self._add_task(Task.from_record(record))
+
+    def task_listing(self) -> dict:
+        listing = {"urgent": {"assigned": [], "unassigned": []},
+                   "regular": {"assigned": [], "unassigned": []}}
+        for task in self.tasks.values():
+            queue = listing["urgent" if task.urgent else "regular"]
+            if task.status == PENDING:
+                queue["unassigned"].append(task.unassigned_json())
+            else:
+                queue["assigned"].append(task.assigned_json())
+        return listing
+
+    def stats(self, now: float) -> dict:
+        by_queue: dict[str, dict[str, int]] = {"urgent": {}, "regular": {}}
+        for (urgent, status), n in self.counts.items():
+            if n:
+                by_queue["urgent" if urgent else "regular"][status] = n
+        return {"agents": {"all": len(self.agents), "online": len(self.online_agents(now))},
+                "tasks": by_queue,
+                "queues": {cap: n for cap, n in sorted(self.pending_by_cap.items()) if n}}
+
+    # ---------------------------------------------------------------- apply (one per op)
+
+    def _add_agent(self, r: dict) -> Agent:
+        agent = Agent(uid=r["uid"], key=r["key"], registered_at=r["registeredAt"],
+                      capabilities=r["capabilities"], tier=r["tier"], capacity=r["capacity"],
+                      system_info=r["systemInfo"], last_contact=r["registeredAt"],
+                      bases=frozenset(map(base_capability, r["capabilities"])))
+        self.agents[agent.uid] = agent
+        return agent
+
+    def _add_key(self, r: dict) -> None:
+        digest = key_digest(r["key"])
+        if r["isPredefined"] and digest not in self.keys:
+            return  # no longer in the configuration: it must stop working
+        self.keys[digest] = ClientKey(
+            r["key"], r["capabilities"], r["isPredefined"], r["created"], r["isRevoked"])
+
+    def _add_task(self, task: Task) -> None:
+        self.tasks[task.key] = task
+        self._count(task, +1)
+        if task.status == PENDING:
+            self._enqueue(task, task.queued_at)
+        elif task.status in (ASSIGNED, RUNNING) and task.agent_id in self.agents:
+            self.agents[task.agent_id].held.add(task.key)
+
+    def _on_agent_registered(self, r: dict, now: float) -> None:
+        self._add_agent(r["agent"])
+
+    def _on_agent_updated(self, r: dict, now: float) -> None:
+        agent = self.agents[r["uid"]]
+        was_online = agent.uid in self.online
+        if was_online:
+            self._go_offline(agent)
+        agent.capabilities, agent.tier, agent.capacity = r["capabilities"], r["tier"], r["capacity"]
+        agent.system_info = r["systemInfo"]
+        agent.bases = frozenset(map(base_capability, agent.capabilities))
+        if was_online:
+            self.touch(agent.uid, agent.last_contact)
+
+    def _on_agent_deleted(self, r: dict, now: float) -> None:
+        agent = self.agents.pop(r["uid"])
+        self._go_offline(agent)
+
+    def _on_agents_reset(self, r: dict, now: float) -> None:
+        for agent in list(self.agents.values()):
+            self._on_agent_deleted({"uid": agent.uid}, now)
+
+    def _on_key_updated(self, r: dict, now: float) -> None:
+        self._add_key(r["key"])
+
+    def _on_key_revoked(self, r: dict, now: float) -> None:
+        self.keys[key_digest(r["key"])].is_revoked = True
+
+    def _on_task_submitted(self, r: dict, now: float) -> None:
+        t = r["task"]
+        task = Task(cap=t["cap"], id=t["id"], data=t["data"], owner=t["owner"],
+                    created_at=t["createdAt"], queued_at=now)
+        task.history.append((now, "submitted"))
+        self._add_task(task)
+
+    def _on_task_assigned(self, r: dict, now: float) -> None:
+        task = self.tasks[(r["cap"], r["id"])]
+        self._set_status(task, ASSIGNED)
+        self._drop_offer(task.key)
+        task.agent_id, task.assigned_at = r["agentId"], now
+        task.attempts += 1
+        task.history.append((now, f"assigned to agent {r['agentId']}"))
+        self.agents[r["agentId"]].held.add(task.key)
+
+    def _on_task_progressed(self, r: dict, now: float) -> None:
+        task = self.tasks[(r["cap"], r["id"])]
+        self._set_status(task, RUNNING)
+        if r.get("stage") is not None:
+            task.stage = r["stage"]
+        if r.get("log"):
+            task.log = (task.log + r["log"])[-LOG_KEEP_CHARS:]
+
+    def _on_task_completed(self, r: dict, now: float) -> None:
+        task = self.tasks[(r["cap"], r["id"])]
+        task.result = r["result"]
+        self._end(task, COMPLETED, now, "completed")
+
+    def _on_task_failed(self, r: dict, now: float) -> None:
+        task = self.tasks[(r["cap"], r["id"])]
+        if r.get("result") is not None:
+            task.result = r["result"]
+        elif task.result is None:
+            task.result = {"error": r["reason"]}
+        self._end(task, FAILED, now, f"failed: {r['reason']}")
+
+    def _on_task_requeued(self, r: dict, now: float) -> None:
+        task = self.tasks[(r["cap"], r["id"])]
+        agent = self.agents.get(task.agent_id or "")
+        if agent:
+            self._release(agent, task)
+        self._set_status(task, PENDING)
+        task.agent_id = None
+        task.history.append((now, r["reason"]))
+        self._enqueue(task, now)
+
+    def _on_tasks_reset(self, r: dict, now: float) -> None:
+        self.tasks.clear()
+        self.queues.clear()
+        self.offers.clear()
+        self.counts.clear()
+        self.pending_by_cap.clear()
+        self.urgent_deadlines.clear()
+        self.urgent_ended.clear()
+        for agent in self.agents.values():
+            agent.held.clear()
+            agent.offered.clear()
+
+
+def key_digest(key: str) -> bytes:
+    """Client keys are looked up by digest so the lookup's timing says nothing of the key."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+APPLY: dict[str, Callable[[Broker, dict, float], None]] = {
+    "agent.registered": Broker._on_agent_registered,
+    "agent.updated": Broker._on_agent_updated,
+    "agent.deleted": Broker._on_agent_deleted,
+    "agents.reset": Broker._on_agents_reset,
+    "key.updated": Broker._on_key_updated,
+    "key.revoked": Broker._on_key_revoked,
+    "task.submitted": Broker._on_task_submitted,
+    "task.assigned": Broker._on_task_assigned,
+    "task.progressed": Broker._on_task_progressed,
+    "task.completed": Broker._on_task_completed,
+    "task.failed": Broker._on_task_failed,
+    "task.requeued": Broker._on_task_requeued,
+    "tasks.reset": Broker._on_tasks_reset,
+}
+
+
+# ============================================================================ journal
+#
+# journal.jsonl holds one record per line, appended in order, for example:
+#   {"seq":7,"op":"task.assigned","at":"2026-11-28T10:00:00.123Z","cap":"debug.echo",
+#    "id":"01JD…","agentId":"01JD…","crc":1234567890}
+# `crc` is the CRC32 of the same record written without it, so a flipped bit shows.
+# snapshot.json is the whole durable state as of its `seq`; replay applies only the
+# journal records above that, which makes every crash point of a compaction safe:
+#   1. snapshot.json.tmp written and fsynced   -> old snapshot + whole journal
+#   2. renamed over snapshot.json, folder synced -> new snapshot, journal records <= seq skipped
+#   3. journal tail (records after seq) copied to journal.jsonl.tmp, fsynced, renamed over
+#      journal.jsonl, folder synced             -> new snapshot + short journal
+
+JOURNAL_FILE = "journal.jsonl"
+SNAPSHOT_FILE = "snapshot.json"
+_CRC_MARK = b',"crc":'
+
+
+class JournalCorrupt(Exception):
+    """The data folder cannot be trusted; the message names the file, line and remedy."""
+
+
+def encode_record(record: dict) -> bytes:
+    body = orjson.dumps(record)
+    return b"%s%s%d}\n" % (body[:-1], _CRC_MARK, zlib.crc32(body))
+
+
+def decode_record(line: bytes) -> dict | None:
+    """The record, or None when the line is not one we wrote (bad JSON or checksum)."""
+    mark = line.rfind(_CRC_MARK)
+    if mark < 0 or not line.endswith(b"}"):
+        return None
+    body = line[:mark] + b"}"
+    try:
+        crc = int(line[mark + len(_CRC_MARK):-1])
+        record = orjson.loads(body)
+    except ValueError:
+        return None
+    if zlib.crc32(body) != crc or not isinstance(record, dict) or not isinstance(record.get("seq"), int):
+        return None
+    return record
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def fatal(message: str, *args: Any) -> None:
+    """Never keep serving on a journal that may have lost acknowledged writes."""
+    log.critical(message + "; stopping now", *args)
+    logging.shutdown()
+    os._exit(70)
+
+
+class Journal:
+    def __init__(self, folder: Path, fsync: str = "always", crash_at: str = ""):
+        self.folder = folder
+        self.path = folder / JOURNAL_FILE
+        self.snapshot_path = folder / SNAPSHOT_FILE
+        self.fsync = fsync
+        self.crash_at = crash_at          # test hook: die at this compaction step
+        self.seq = 0                      # last sequence number handed out
+        self.snapshot_seq = 0
+        self.fd = -1
+        self.size = 0                     # bytes written to the file
+        self.end_offset = 0               # bytes written + bytes waiting in the buffer
+        self.records_since_snapshot = 0
+        self.last_compaction_at: float | None = None
+        self.buffer: list[bytes] = []
+        self.waiters: list[asyncio.Future] = []
+        self.writer: asyncio.Task | None = None
+        self.rotate_at: int | None = None  # cut offset of a compaction waiting to switch files
+        self.rotated: asyncio.Future | None = None
+        self.unsynced = False
+
+    # ---------------------------------------------------------------- recovery
+
+    def recover(self, broker: Broker, repair: bool = False) -> int:
+        """Load the snapshot, replay the journal into `broker`; returns records replayed."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for leftover in self.folder.glob("*.tmp"):
+            log.warning("removing %s left by an interrupted write", leftover)
+            leftover.unlink()
+        if self.snapshot_path.exists():
+            try:
+                snap = orjson.loads(self.snapshot_path.read_bytes())
+                broker.load_snapshot(snap)
+            except (ValueError, KeyError, TypeError) as err:
+                raise JournalCorrupt(
+                    f"{self.snapshot_path}: unreadable snapshot ({err}). Remedy: restore it from "
+                    "a backup; the server will not guess which tasks existed") from err
+            self.seq = self.snapshot_seq = snap["seq"]
+            self.last_compaction_at = parse_iso(snap["at"])
+        replayed = self._replay(broker, repair)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.size = self.end_offset = os.fstat(self.fd).st_size
+        fsync_folder(self.folder)
+        return replayed
+
+    def _replay(self, broker: Broker, repair: bool) -> int:
+        if not self.path.exists():
+            return 0
+        data = self.path.read_bytes()
+        pos = lineno = replayed = 0
+        while pos < len(data):
+            end = data.find(b"\n", pos)
+            if end < 0:  # a crash mid-write: this record was never acknowledged
+                log.warning("JOURNAL %s: dropping a torn last record of %d bytes at line %d "
+                            "(a crash interrupted its write)", self.path, len(data) - pos, lineno + 1)
+                os.truncate(self.path, pos)
+                break
+            lineno += 1
+            record = decode_record(data[pos:end])
+            problem = "bad checksum or JSON" if record is None else None
+            if record is not None and record["seq"] > self.seq:
+                try:
+                    broker.apply(record)
+                    self.seq = record["seq"]
+                    self.records_since_snapshot += 1
+                    replayed += 1
+                except (KeyError, TypeError, ValueError, OffloadError) as err:
+                    problem = f"record does not apply to the state before it ({err!r})"
+            if problem:
+                if not repair:
+                    raise JournalCorrupt(
+                        f"{self.path}:{lineno}: {problem}. Remedy: restart with --repair to move "
+                        f"line {lineno} and everything after it into a side file, then inspect it")
+                side = self.folder / f"journal-rejected-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+                side.write_bytes(data[pos:])
+                os.truncate(self.path, pos)
+                log.warning("JOURNAL %s:%d: %s; moved %d bytes from there on into %s",
+                            self.path, lineno, problem, len(data) - pos, side)
+                break
+            pos = end + 1
+        return replayed
+
+    # ---------------------------------------------------------------- appending
+
+    async def append(self, records: list[dict]) -> None:
+        """Queue records for the writer; with fsync `always`, return once they are on disk.
+        One writer gathers whatever arrives while the previous write is in flight
+        (group commit): one write and one fdatasync for the whole batch."""
+        for record in records:
+            self.seq += 1
+            line = encode_record({"seq": self.seq, **record})
+            self.buffer.append(line)
+            self.end_offset += len(line)
+        self.records_since_snapshot += len(records)
+        waiter = None
+        if self.fsync == "always":
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+        self._kick()
+        if waiter is not None:
+            await waiter
+
+    def _kick(self) -> None:
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.buffer or self.rotate_at is not None:
+            if self.buffer:
+                data, waiters = b"".join(self.buffer), self.waiters
+                self.buffer, self.waiters = [], []
+                try:
+                    await loop.run_in_executor(None, self._write, data)
+                except OSError as err:
+                    fatal("journal write to %s failed: %s", self.path, err)
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+            if self.rotate_at is not None:
+                cut, self.rotate_at = self.rotate_at, None
+                try:
+                    await loop.run_in_executor(None, self._rotate, cut)
+                except OSError as err:
+                    fatal("journal compaction in %s failed: %s", self.folder, err)
+                self.end_offset -= cut
+                self.rotated.set_result(None)
+
+    def _write(self, data: bytes) -> None:
+        write_all(self.fd, data)
+        if self.fsync == "always":
+            os.fdatasync(self.fd)
+        else:
+            self.unsynced = True
+        self.size += len(data)
+
+    def sync(self) -> None:
+        """fsync `everysec`: called once a second off the event loop."""
+        if self.unsynced:
+            self.unsynced = False
+            try:
+                os.fdatasync(self.fd)
+            except OSError as err:
+                fatal("journal fsync of %s failed: %s", self.path, err)
+
+    # ---------------------------------------------------------------- compaction
+
+    def _crash_point(self, step: str) -> None:
+        if self.crash_at == step:
+            os._exit(99)
+
+    async def compact(self, state: dict, now: float) -> None:
+        """Write `state` (the broker's snapshot, taken just now) and start a fresh journal."""
+        loop = asyncio.get_running_loop()
+        seq, cut = self.seq, self.end_offset
+        data = orjson.dumps({"seq": seq, "at": iso(now), **state})
+        try:
+            await loop.run_in_executor(None, self._write_snapshot, data)
+        except OSError as err:
+            fatal("writing snapshot %s failed: %s", self.snapshot_path, err)
+        self.rotated = loop.create_future()
+        self.rotate_at = cut
+        self._kick()
+        await self.rotated
+        self.snapshot_seq, self.last_compaction_at = seq, now
+        self.records_since_snapshot = self.seq - seq
+
+    def _write_snapshot(self, data: bytes) -> None:
+        tmp = self.snapshot_path.with_name(SNAPSHOT_FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._crash_point("snapshot-written")
+        os.replace(tmp, self.snapshot_path)
+        fsync_folder(self.folder)
+        self._crash_point("snapshot-renamed")
+
+    def _rotate(self, cut: int) -> None:
+        """Keep only the records after the snapshot: copy the journal from `cut` on."""
+        with open(self.path, "rb") as f:
+            f.seek(cut)
+            tail = f.read()
+        tmp = self.path.with_name(JOURNAL_FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, tail)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._crash_point("journal-written")
+        os.replace(tmp, self.path)
+        fsync_folder(self.folder)
+        self._crash_point("journal-renamed")
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.size = len(tail)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            await self.writer
+        if self.fd >= 0:
+            if self.fsync != "no":
+                os.fdatasync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+    def stats(self) -> dict:
+        return {"path": str(self.path), "bytes": self.size,
+                "recordsSinceSnapshot": self.records_since_snapshot,
+                "lastCompactionAt": iso(self.last_compaction_at), "fsync": self.fsync}
+
+
+# ============================================================================ hub
+
+DEFAULT_AGENT_WAIT_S = 20.0
+MAX_WAIT_S = 60.0
+TOKEN_CACHE_SIZE = 10_000
+
+
+class Hub:
+    """The async shell around the broker: it reads the clock, journals what the broker
+    produced, wakes waiters, and runs the once-a-second loop (expiry, fsync, compaction).
+    Every change goes mutate -> journal -> notify, through `change()`."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.clock = clock
+        self.broker = Broker(config.client_api_keys, clock())
+        self.journal = Journal(config.data_path, config.fsync, config.crash_at)
+        self.changed = asyncio.Condition()
+        self.tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()  # JWT -> (uid, exp)
+        self.recovered = False
+        self.ticker: asyncio.Task | None = None
+        self.started_at = clock()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def recover(self) -> None:
+        started = time.perf_counter()
+        replayed = self.journal.recover(self.broker, self.config.repair)
+        self.broker.after_recovery(self.clock())
+        self.recovered = True
+        log.info("recovered %d tasks, %d agents (%d journal records) in %.2f s from %s",
+                 len(self.broker.tasks), len(self.broker.agents), replayed,
+                 time.perf_counter() - started, self.config.data_path)
+
+    async def start(self) -> None:
+        if not self.recovered:
+            self.recover()
+        self.ticker = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def stop(self) -> None:
+        if self.ticker is not None:
+            self.ticker.cancel()
+        await self.journal.close()
+
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.change(self.broker.expire)
+                if self.journal.fsync == "everysec":
+                    await loop.run_in_executor(None, self.journal.sync)
+                if self.journal.size >= self.config.compact_bytes:
+                    await self.compact()
+                now = self.clock()
+                for token in [t for t, (_, exp) in self.tokens.items() if exp <= now]:
+                    del self.tokens[token]
+            except Exception:  # the loop must outlive any bug in one round
+                log.exception("background round failed")
+
+    async def compact(self) -> None:
+        now = self.clock()
+        dropped = self.broker.drop_ended_before(now - self.config.retention_s)
+        before = self.journal.size
+        await self.journal.compact(self.broker.snapshot(), now)
+        log.info("journal compacted: %d -> %d bytes, %d old ended tasks dropped",
+                 before, self.journal.size, dropped)
+
+    # ---------------------------------------------------------------- changing state
+
+    async def change(self, method: Callable, *args: Any) -> Any:
+        """Run a broker method with the time now; journal what it produced; wake waiters."""
+        try:
+            return method(*args, self.clock())
+        finally:
+            records = self.broker.take_records()
+            if records:
+                await self.journal.append(records)
+            await self.notify()
+
+    async def notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _wait_until(self, ready: Callable[[], bool], timeout_s: float) -> None:
+        """Hold until `ready()` is true or the time is up. `ready` runs with no await
+        between its check and what it does, so a check that claims cannot race."""
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(ready), timeout_s)
+            except TimeoutError:
+                pass
+
+    # ---------------------------------------------------------------- waiting
+
+    async def next_task(self, uid: str, wait_s: float, urgent_only: bool,
+                        gone: Callable[[], bool]) -> Task | None:
+        """Long poll: the next task this agent may take (held for it), or None."""
+        task = None
+
+        def ready() -> bool:
+            nonlocal task
+            if gone():
+                return True
+            now = self.clock()
+            self.broker.touch(uid, now)
+            task = self.broker.offer(uid, now, urgent_only)
+            return task is not None
+
+        if not ready() and wait_s > 0:
+            await self._wait_until(ready, wait_s)
+        if task is not None and gone():  # nobody is left to hand it to
+            self.broker.release_offer(task.key, self.clock())
+            await self.notify()
+            return None
+        return task
+
+    async def wait_for_end(self, task: Task, wait_s: float) -> None:
+        def ended() -> bool:
+            return task.status in ENDED or self.broker.tasks.get(task.key) is not task
+
+        if not ended() and wait_s > 0:
+            await self._wait_until(ended, wait_s)
+
+    async def submit_and_wait(self, data: dict, owner: str) -> Task:
+        """submit_blocking: the ended task, or the contract's 503/504."""
+        task = await self.change(self.broker.submit, data, owner)
+        await self.wait_for_end(task, self.config.blocking_hold_s)
+        if self.broker.tasks.get(task.key) is not task:
+            raise NotFound(f"task {task.id} was removed by a reset", id=task.task_id())
+        if task.status == FAILED and task.agent_id is None:
+            raise SchedulingImpossible(f"no agent took task {task.id} within {URGENT_TAKE_S:.0f} s",
+                                       id=task.task_id())
+        if task.status not in ENDED:
+            raise WaitTimeout(f"task {task.id} is still {task.status} after "
+                              f"{self.config.blocking_hold_s:.0f} s; poll it for the result",
+                              id=task.task_id())
+        return task
+
+    # ---------------------------------------------------------------- views
+
+    def health(self) -> dict:
+        return {"status": "healthy", "cached_agents": len(self.broker.agents),
+                "cached_tokens": len(self.tokens), "timestamp": iso(self.clock())}
+
+    def stats(self) -> dict:
+        return {**self.broker.stats(self.clock()), "journal": self.journal.stats(),
+                "uptimeSecs": round(self.clock() - self.started_at, 3), "version": __version__}
+
+
+# ============================================================================ auth
+
+def secret_equal(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def client_caller(hub: Hub, request: web.Request, body: Any) -> tuple[str, list[str]]:
+    """(owner digest, capability patterns) of the client calling /api/*."""
+    token = request.headers.get("X-Mgmt-Token")
+    if token is not None:
+        if secret_equal(token, hub.config.mgmt_token):
+            return MGMT_OWNER, ["*"]
+        raise Unauthenticated("wrong management token")
+    key = request.headers.get("X-API-Key")
+    if key is None and isinstance(body, dict):
+        key = body.get("apiKey")
+    if not isinstance(key, str) or not key:
+        raise Unauthenticated("missing API key: send the X-API-Key header or an apiKey field")
+    found = hub.broker.client_key(key)
+    if found is None or found.is_revoked:
+        raise Unauthenticated("unknown or revoked API key")
+    return owner_of(key), found.capabilities
+
+
+def check_agent_registration_key(hub: Hub, key: Any) -> None:
+    if not isinstance(key, str) or not key:
+        raise Unauthenticated("missing agent registration key (apiKey)")
+    # Compare against every key so the time taken does not say which one was close.
+    if not sum(secret_equal(key, k) for k in hub.config.agent_api_keys):
+        raise Unauthenticated("unknown agent registration key")
+
+
+def issue_token(hub: Hub, agent: Agent) -> dict:
+    now = int(hub.clock())
+    claims = {"sub": agent.uid, "iat": now, "exp": now + hub.config.jwt_lifetime_s}
+    return {"token": jwt.encode(claims, hub.config.jwt_secret, algorithm="HS256"),
+            "expiresIn": hub.config.jwt_lifetime_s}
+
+
+def agent_caller(hub: Hub, request: web.Request) -> Agent:
+    """The agent behind `Authorization: Bearer <JWT>`; a deleted agent's token fails."""
+    token = bearer(request)
+    if token is None:
+        raise Unauthenticated("missing agent token: send Authorization: Bearer <token>")
+    cached = hub.tokens.get(token)
+    if cached is None or cached[1] <= hub.clock():
+        try:
+            claims = jwt.decode(token, hub.config.jwt_secret, algorithms=["HS256"],
+                                options={"require": ["exp", "iat", "sub"]})
+        except jwt.PyJWTError as err:
+            raise Unauthenticated(f"invalid agent token: {err}") from None
+        cached = (str(claims["sub"]), float(claims["exp"]))
+        hub.tokens[token] = cached
+        if len(hub.tokens) > TOKEN_CACHE_SIZE:
+            hub.tokens.popitem(last=False)
+    agent = hub.broker.agents.get(cached[0])
+    if agent is None:
+        hub.tokens.pop(token, None)
+        raise Unauthenticated("this agent no longer exists; register again")
+    return agent
+
+
+def check_management(hub: Hub, request: web.Request) -> None:
+    token = request.headers.get("X-Mgmt-Token") or bearer(request)
+    if not token:
+        raise Unauthenticated("missing management token: send X-Mgmt-Token")
+    if not secret_equal(token, hub.config.mgmt_token):
+        raise Unauthenticated("wrong management token")
+
+
+# ============================================================================ handlers
+
+HUB = web.AppKey("hub", Hub)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(status: int, error_type: str, message: str, **extra: Any) -> web.Response:
+    return json_response({"error": {"type": error_type, "message": message, "status": status},
+                          **extra}, status)
+
+
+async def read_json(request: web.Request, required: bool = True) -> Any:
+    raw = await request.read()  # over client_max_size raises 413
+    if not raw.strip():
+        if required:
+            raise BadRequest("a JSON body is required")
+        return {}
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise BadRequest(f"malformed JSON: {err}") from None
+
+
+def path_task(request: web.Request) -> tuple[str, str]:
+    """(capability, id) from the path; the capability arrives percent-encoded."""
+    raw_cap, raw_id = request.match_info["cap"], request.match_info["id"]
+    try:
+        cap = unquote(raw_cap, errors="strict")
+        task_id = unquote(raw_id, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("bad percent-encoding in the task path") from None
+    return check_capability(cap), task_id
+
+
+def wait_param(request: web.Request, default: float) -> float:
+    raw = request.query.get("wait")
+    if raw is None:
+        return default
+    try:
+        wait_s = float(raw)
+    except ValueError:
+        raise BadRequest("wait must be a number of seconds") from None
+    if not 0 <= wait_s <= MAX_WAIT_S:
+        raise BadRequest(f"wait must be between 0 and {MAX_WAIT_S:.0f} seconds")
+    return wait_s
+
+
+def check_body_id(body: Any, cap: str, task_id: str) -> dict:
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    given = body.get("id")
+    if isinstance(given, dict):
+        same = given.get("id") == task_id and given.get("cap", cap) == cap
+    else:
+        same = given == task_id
+    if not same:
+        raise BadRequest("the id in the body does not match the id in the path")
+    return body
+
+
+def optional_text(body: dict, name: str) -> str | None:
+    """The original agent sends the string "None" for absent values."""
+    value = body.get(name)
+    if value is None or value == "None":
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string")
+    return value
+
+
+RESOLVE_OUTCOMES = ("success", "failure", "notExecuted")
+
+
+def parse_outcome(status: Any) -> tuple[str, str | None]:
+    """API.md's resolve status -> (outcome, message)."""
+    if isinstance(status, str) and status in RESOLVE_OUTCOMES:
+        return status, None
+    if not isinstance(status, dict) or len(status) != 1 or next(iter(status)) not in RESOLVE_OUTCOMES:
+        raise BadRequest('status must be {"success": secs}, {"failure": [msg, secs]} '
+                         'or {"notExecuted": msg}')
+    outcome, detail = next(iter(status.items()))
+    if outcome == "failure":
+        message = detail[0] if isinstance(detail, list) and detail else detail
+    else:
+        message = detail if outcome == "notExecuted" else None
+    return outcome, None if message is None else str(message)
+
+
+# ---------------------------------------------------------------- client API
+
+async def handle_task_submit(request: web.Request) -> web.Response:
+    hub, (owner, patterns), body = request.app[HUB], request["client"], request["body"]
+    data = parse_submission(body)
+    if not pattern_allows(patterns, data["capability"]):
+        raise Forbidden(f"this key may not submit {data['capability']}")
+    task = await hub.change(hub.broker.submit, data, owner)
+    return json_response({"id": task.task_id(), "capability": task.cap, "status": task.status,
+                          "message": "Added to tasks queue"}, 202 if task.urgent else 201)
+
+
+async def handle_task_submit_blocking(request: web.Request) -> web.Response:
+    hub, (owner, patterns), body = request.app[HUB], request["client"], request["body"]
+    data = parse_submission(body)
+    if not data["urgent"]:
+        raise BadRequest("submit_blocking takes urgent tasks only: set \"urgent\": true")
+    if not pattern_allows(patterns, data["capability"]):
+        raise Forbidden(f"this key may not submit {data['capability']}")
+    task = await hub.submit_and_wait(data, owner)
+    return json_response(task.assigned_json())
+
+
+async def handle_task_poll(request: web.Request) -> web.Response:
+    hub, (owner, _) = request.app[HUB], request["client"]
+    cap, task_id = path_task(request)
+    task = hub.broker.task(cap, task_id, owner)
+    await hub.wait_for_end(task, wait_param(request, 0.0))
+    return json_response(task.status_json())
+
+
+async def handle_capabilities_online(request: web.Request) -> web.Response:
+    hub, (_, patterns) = request.app[HUB], request["client"]
+    return json_response([c for c in hub.broker.online_capabilities() if pattern_allows(patterns, c)])
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    return json_response(request.app[HUB].health())
+
+
+async def handle_stats(request: web.Request) -> web.Response:
+    return json_response(request.app[HUB].stats())
+
+
+# ---------------------------------------------------------------- agent API
+
+async def handle_agent_register(request: web.Request) -> web.Response:
+    hub, body = request.app[HUB], await read_json(request)
+    check_agent_registration_key(hub, body.get("apiKey") if isinstance(body, dict) else None)
+    agent = await hub.change(hub.broker.register_agent, parse_agent_info(body))
+    log.info("agent %s registered serving %s", agent.uid, ",".join(agent.capabilities))
+    return json_response({"agentId": agent.uid, "key": agent.key, "message": "Registered"})
+
+
+async def handle_agent_auth(request: web.Request) -> web.Response:
+    hub, body = request.app[HUB], await read_json(request)
+    if not isinstance(body, dict) or not isinstance(body.get("agentId"), str) \
+            or not isinstance(body.get("key"), str):
+        raise BadRequest("agentId and key are required strings")
+    agent = hub.broker.agents.get(body["agentId"])
+    # One message for both cases, so the answer does not reveal which agents exist.
+    if agent is None or not secret_equal(body["key"], agent.key):
+        raise Unauthenticated("unknown agent or wrong key")
+    return json_response(issue_token(hub, agent))
+
+
+async def handle_agent_ping(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    hub.broker.touch(request["agent"].uid, hub.clock())
+    return json_response(hub.health())
+
+
+async def handle_agent_info_update(request: web.Request) -> web.Response:
+    hub, agent = request.app[HUB], request["agent"]
+    info = parse_agent_info(await read_json(request))
+    await hub.change(hub.broker.update_agent, agent.uid, info)
+    return json_response({"agentId": agent.uid, "key": agent.key, "message": "Updated"})
+
+
+async def _agent_poll(request: web.Request, urgent_only: bool) -> web.Response:
+    hub, agent = request.app[HUB], request["agent"]
+
+    def gone() -> bool:
+        return request.transport is None or request.transport.is_closing()
+
+    task = await hub.next_task(agent.uid, wait_param(request, DEFAULT_AGENT_WAIT_S), urgent_only, gone)
+    return json_response(None if task is None else task.unassigned_json())
+
+
+async def handle_agent_task_poll(request: web.Request) -> web.Response:
+    return await _agent_poll(request, urgent_only=False)
+
+
+async def handle_agent_task_poll_urgent(request: web.Request) -> web.Response:
+    return await _agent_poll(request, urgent_only=True)
+
+
+async def handle_agent_take(request: web.Request) -> web.Response:
+    hub, agent = request.app[HUB], request["agent"]
+    cap, task_id = path_task(request)
+    task = await hub.change(hub.broker.take, agent.uid, cap, task_id)
+    log.info("task %s assigned to %s", task_id, agent.uid)
+    return json_response(task.assigned_json())
+
+
+async def handle_agent_progress(request: web.Request) -> web.Response:
+    hub, agent = request.app[HUB], request["agent"]
+    cap, task_id = path_task(request)
+    body = check_body_id(await read_json(request), cap, task_id)
+    stage, log_update = optional_text(body, "stage"), optional_text(body, "logUpdate")
+    await hub.change(hub.broker.progress, agent.uid, cap, task_id, stage, log_update)
+    return json_response({"message": "task update confirmed"})
+
+
+async def handle_agent_resolve(request: web.Request) -> web.Response:
+    hub, agent = request.app[HUB], request["agent"]
+    cap, task_id = path_task(request)
+    body = check_body_id(await read_json(request), cap, task_id)
+    outcome, message = parse_outcome(body.get("status"))
+    task = await hub.change(hub.broker.resolve, agent.uid, cap, task_id, outcome, message,
+                            body.get("output"))
+    log.info("task %s resolved by %s: %s", task_id, agent.uid, task.status)
+    return json_response({"message": "task report confirmed"})
+
+
+# ---------------------------------------------------------------- management API
+
+async def handle_mgmt_capabilities_online(request: web.Request) -> web.Response:
+    return json_response(request.app[HUB].broker.online_capabilities())
+
+
+async def handle_mgmt_agents_list(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    return json_response(hub.broker.agents_json(hub.clock()))
+
+
+async def handle_mgmt_agents_list_online(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    return json_response(hub.broker.agents_json(hub.clock(), online_only=True))
+
+
+async def handle_mgmt_agent_delete(request: web.Request) -> web.Response:
+    hub, uid = request.app[HUB], request.match_info["agent_id"]
+    await hub.change(hub.broker.delete_agent, uid)
+    log.info("agent %s deleted", uid)
+    return json_response("Agent deleted")
+
+
+async def handle_mgmt_agents_reset(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    await hub.change(hub.broker.reset_agents)
+    return json_response({"result": "Reset successful"})
+
+
+async def handle_mgmt_tasks_list(request: web.Request) -> web.Response:
+    return json_response(request.app[HUB].broker.task_listing())
+
+
+async def handle_mgmt_tasks_reset(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    await hub.change(hub.broker.reset_tasks)
+    return json_response({"result": "Reset successful"})
+
+
+async def handle_mgmt_keys_list(request: web.Request) -> web.Response:
+    return json_response([k.to_json() for k in request.app[HUB].broker.keys.values()])
+
+
+async def handle_mgmt_key_update(request: web.Request) -> web.Response:
+    hub, body = request.app[HUB], await read_json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    key, patterns = body.get("key"), body.get("capabilities")
+    if not isinstance(key, str) or not key.strip() or len(key) > 512:
+        raise BadRequest("key must be a non-empty string of at most 512 characters")
+    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+        raise BadRequest("capabilities must be a list of non-empty strings (patterns like *, llm.*)")
+    found = await hub.change(hub.broker.update_key, key, patterns)
+    return json_response(found.to_json())
+
+
+async def handle_mgmt_key_revoke(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    found = await hub.change(hub.broker.revoke_key, request.match_info["key"])
+    return json_response(found.to_json())
+
+
+# ---------------------------------------------------------------- console
+
+PLACEHOLDER_PAGE = b"""<!doctype html><meta charset="utf-8"><title>OffloadMQ</title>
+<h1>OffloadMQ</h1><p>This is an OffloadMQ task queue server. Its web console is not
+installed next to it: drive it with curl as the API section of README.md shows.</p>"""
+
+
+async def handle_static(request: web.Request) -> web.StreamResponse:
+    """Files under static/ only: no `..`, no symlinks leading out of it."""
+    root = request.app[HUB].config.static_path.resolve()
+    relative = request.match_info.get("path") or "index.html"
+    target = (root / relative).resolve()
+    if target.is_relative_to(root) and target.is_file():
+        return web.FileResponse(target)
+    if relative == "index.html":
+        return web.Response(body=PLACEHOLDER_PAGE, content_type="text/html")
+    raise NotFound(f"no such page: /{relative}")
+
+
+# ============================================================================ app
+
+ERROR_TYPES = {400: "bad_request", 401: "authentication_error", 403: "authorization_error",
+               404: "not_found", 409: "conflict", 413: "payload_too_large"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """The one place that turns exceptions into the contract's error bodies."""
+    try:
+        return await handler(request)
+    except OffloadError as err:
+        return error_response(err.status, err.type, err.message, **err.extra)
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        if err.status == 413:
+            message = f"the body is larger than the limit of {request.app[HUB].config.max_body_bytes} bytes"
+        else:
+            message = f"{err.reason}: {request.method} {request.path}"
+        return error_response(err.status, ERROR_TYPES.get(err.status, "bad_request"), message)
+    except Exception:
+        log.exception("bug while handling %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal error; the server log has details")
+
+
+def guarded(kind: str, handler: Callable) -> Callable:
+    """Wrap a handler with the auth its route needs (see ROUTES)."""
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        hub = request.app[HUB]
+        if kind == "client":
+            body = await read_json(request, required=False) if request.method == "POST" else {}
+            request["body"] = body
+            request["client"] = client_caller(hub, request, body)
+        elif kind == "agent":
+            request["agent"] = agent_caller(hub, request)
+        elif kind == "mgmt":
+            check_management(hub, request)
+        return await handler(request)
+    wrapper.__name__ = handler.__name__
+    return wrapper
+
+
+TASK_PATH = "{cap:.+}/{id:[^/]+}"  # the capability may carry '/' (sent as %2F)
+
+ROUTES = [
+    ("POST", "/api/task/submit", "client", handle_task_submit),
+    ("POST", "/api/task/submit_blocking", "client", handle_task_submit_blocking),
+    ("POST", f"/api/task/poll/{TASK_PATH}", "client", handle_task_poll),
+    ("GET", f"/api/task/poll/{TASK_PATH}", "client", handle_task_poll),
+    ("POST", "/api/capabilities/online", "client", handle_capabilities_online),
+    ("GET", "/api/capabilities/online", "client", handle_capabilities_online),
+    ("GET", "/api/ping", "open", handle_health),
+    ("POST", "/agent/register", "open", handle_agent_register),
+    ("POST", "/agent/auth", "open", handle_agent_auth),
+    ("GET", "/private/agent/ping", "agent", handle_agent_ping),
+    ("POST", "/private/agent/info/update", "agent", handle_agent_info_update),
+    ("GET", "/private/agent/task/poll", "agent", handle_agent_task_poll),
+    ("POST", "/private/agent/task/poll", "agent", handle_agent_task_poll),
+    ("GET", "/private/agent/task/poll_urgent", "agent", handle_agent_task_poll_urgent),
+    ("POST", "/private/agent/task/poll_urgent", "agent", handle_agent_task_poll_urgent),
+    ("POST", f"/private/agent/take/{TASK_PATH}", "agent", handle_agent_take),
+    ("POST", f"/private/agent/task/progress/{TASK_PATH}", "agent", handle_agent_progress),
+    ("POST", f"/private/agent/task/resolve/{TASK_PATH}", "agent", handle_agent_resolve),
+    ("GET", "/management/capabilities/list/online", "mgmt", handle_mgmt_capabilities_online),
+    ("GET", "/management/agents/list", "mgmt", handle_mgmt_agents_list),
+    ("GET", "/management/agents/list/online", "mgmt", handle_mgmt_agents_list_online),
+    ("POST", "/management/agents/delete/{agent_id}", "mgmt", handle_mgmt_agent_delete),
+    ("POST", "/management/agents/reset", "mgmt", handle_mgmt_agents_reset),
+    ("GET", "/management/tasks/list", "mgmt", handle_mgmt_tasks_list),
+    ("POST", "/management/tasks/reset", "mgmt", handle_mgmt_tasks_reset),
+    ("GET", "/management/client_api_keys/list", "mgmt", handle_mgmt_keys_list),
+    ("POST", "/management/client_api_keys/update", "mgmt", handle_mgmt_key_update),
+    ("POST", "/management/client_api_keys/revoke/{key}", "mgmt", handle_mgmt_key_revoke),
+    ("GET", "/health", "open", handle_health),
+    ("GET", "/stats", "open", handle_stats),
+    ("GET", "/{path:.*}", "open", handle_static),  # last: everything else is the console
+]
+
+
+def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Application:
+    config = config or load_config([])
+    hub = hub or Hub(config)
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app[HUB] = hub
+    for method, path, kind, handler in ROUTES:
+        app.router.add_route(method, path, guarded(kind, handler))
+
+    async def start(app: web.Application) -> None:
+        await hub.start()
+
+    async def stop(app: web.Application) -> None:
+        await hub.stop()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    return app
+
+
+def print_first_start(config: Config) -> None:
+    """Secrets generated at this start are printed once; they stay in the data folder."""
+    if not config.generated:
+        return
+    shown = {"AGENT_API_KEYS": ("agent registration key", config.agent_api_keys[0]),
+             "CLIENT_API_KEYS": ("client API key", config.client_api_keys[0]),
+             "MGMT_TOKEN": ("management token", config.mgmt_token)}
+    print(f"OffloadMQ first start: generated secrets, kept in {config.data_path / SECRETS_FILE}")
+    for name in config.generated:
+        if name in shown:
+            label, value = shown[name]
+            print(f"  {label:24} {value}")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    config = load_config(argv)
+    print_first_start(config)
+    hub = Hub(config)
+    try:
+        hub.recover()
+    except JournalCorrupt as err:
+        log.critical("cannot start: %s", err)
+        sys.exit(2)
+    log.info("OffloadMQ %s on http://%s:%d (data in %s, fsync %s)", __version__,
+             config.host, config.port, config.data_path, config.fsync)
+    web.run_app(create_app(config, hub), host=config.host, port=config.port,
+                access_log=None, print=None, shutdown_timeout=3.0)
+
+
+if __name__ == "__main__":
+    main()
