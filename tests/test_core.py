@@ -1,0 +1,466 @@
+"""The pure broker, driven with explicit `now`: no event loop, no HTTP, no sleeping."""
+import pytest
+
+from offloadmq import (
+    ASSIGNED, COMPLETED, FAILED, MAX_ATTEMPTS, ONLINE_S, PENDING, RUNNING, TRANSITIONS,
+    URGENT_KEEP_S, URGENT_TAKE_S, Broker, Conflict, Forbidden, NotFound, SchedulingImpossible,
+    Unauthenticated, base_capability, parse_submission, pattern_allows,
+)
+
+T0 = 1_800_000_000.0
+
+
+def agent(broker, caps=("debug.echo",), tier=0, capacity=1, now=T0):
+    info = {"capabilities": list(caps), "tier": tier, "capacity": capacity, "systemInfo": {}}
+    return broker.register_agent(info, now).uid
+
+
+def submit(broker, cap="debug.echo", now=T0, owner="o1", **fields):
+    return broker.submit(parse_submission({"capability": cap, **fields}), owner, now)
+
+
+def poll_take(broker, uid, now=T0):
+    task = broker.offer(uid, now)
+    assert task is not None
+    return broker.take(uid, task.cap, task.id, now)
+
+
+# ---------------------------------------------------------------- state machine
+
+def test_every_legal_transition_is_in_the_table_and_ended_states_are_final():
+    assert TRANSITIONS[PENDING] == {ASSIGNED, FAILED, "canceled"}
+    assert TRANSITIONS[ASSIGNED] >= {RUNNING, COMPLETED, FAILED, PENDING}
+    for ended in (COMPLETED, FAILED, "canceled"):
+        assert TRANSITIONS[ended] == frozenset()
+
+
+def test_full_lifecycle_pending_assigned_running_completed():
+    b = Broker()
+    uid = agent(b)
+    task = submit(b)
+    assert task.status == PENDING
+    poll_take(b, uid, T0 + 1)
+    assert task.status == ASSIGNED and task.agent_id == uid and task.assigned_at == pytest.approx(T0 + 1)
+    b.progress(uid, task.cap, task.id, "working", "line 1\n", T0 + 2)
+    assert task.status == RUNNING and task.stage == "working" and task.log == "line 1\n"
+    b.progress(uid, task.cap, task.id, None, "line 2\n", T0 + 3)
+    assert task.log == "line 1\nline 2\n" and task.stage == "working"
+    b.resolve(uid, task.cap, task.id, "success", None, {"out": 1}, T0 + 4)
+    assert task.status == COMPLETED and task.result == {"out": 1}
+    assert [d for _, d in task.history] == ["submitted", f"assigned to agent {uid}", "completed"]
+
+
+def test_illegal_move_raises_and_changes_nothing():
+    b = Broker()
+    uid = agent(b)
+    task = submit(b)
+    poll_take(b, uid)
+    b.resolve(uid, task.cap, task.id, "success", None, 1, T0)
+    before = (task.status, task.result, list(task.history))
+    with pytest.raises(Conflict):
+        b.resolve(uid, task.cap, task.id, "failure", "late", None, T0 + 1)
+    with pytest.raises(Conflict):
+        b.progress(uid, task.cap, task.id, "x", "y", T0 + 1)
+    with pytest.raises(Conflict):
+        b.take(uid, task.cap, task.id, T0 + 1)
+    assert (task.status, task.result, list(task.history)) == before
+    assert b.take_records()[-1]["op"] == "task.completed"
+
+
+def test_illegal_move_from_pending_raises():
+    b = Broker()
+    uid = agent(b)
+    task = submit(b)
+    with pytest.raises(Forbidden):
+        b.resolve(uid, task.cap, task.id, "success", None, 1, T0)
+    with pytest.raises(Forbidden):
+        b.progress(uid, task.cap, task.id, "x", None, T0)
+    assert task.status == PENDING
+
+
+def test_direct_set_status_rejects_illegal_transition():
+    b = Broker()
+    task = submit(b)
+    with pytest.raises(Conflict):
+        b._set_status(task, COMPLETED)
+    assert task.status == PENDING
+
+
+# ---------------------------------------------------------------- matching
+
+def test_bracketed_capability_serves_its_base_name():
+    b = Broker()
+    uid = agent(b, caps=["vision[gpu;cuda12]"])
+    task = submit(b, cap="vision")
+    assert base_capability("vision[gpu;cuda12]") == "vision"
+    assert b.offer(uid, T0) is task
+
+
+def test_agent_gets_nothing_it_does_not_serve_and_cannot_take_it():
+    b = Broker()
+    uid = agent(b, caps=["shell.bash"])
+    task = submit(b, cap="debug.echo")
+    assert b.offer(uid, T0) is None
+    with pytest.raises(Forbidden):
+        b.take(uid, task.cap, task.id, T0)
+
+
+def test_urgent_before_regular_then_oldest_first_across_capabilities():
+    b = Broker()
+    uid = agent(b, caps=["a", "b"], capacity=10)
+    r1 = submit(b, cap="b", now=T0)
+    r2 = submit(b, cap="a", now=T0 + 1)
+    u1 = submit(b, cap="a", urgent=True, now=T0 + 2)
+    order = [b.offer(uid, T0 + 3) for _ in range(3)]
+    assert order == [u1, r1, r2]
+    assert b.offer(uid, T0 + 3) is None
+
+
+def test_concurrent_pollers_are_offered_different_tasks():
+    b = Broker()
+    a1, a2 = agent(b), agent(b)
+    t1, t2 = submit(b), submit(b, now=T0 + 0.001)
+    assert b.offer(a1, T0) is t1
+    assert b.offer(a2, T0) is t2
+    with pytest.raises(Conflict):
+        b.take(a2, t1.cap, t1.id, T0)  # offered to a1
+
+
+def test_unclaimed_offer_lapses_back_to_the_queue():
+    b = Broker()
+    a1, a2 = agent(b), agent(b)
+    task = submit(b)
+    assert b.offer(a1, T0) is task
+    assert b.offer(a2, T0 + 1) is None
+    b.expire(T0 + 16)
+    assert b.offer(a2, T0 + 16) is task
+    b.take(a2, task.cap, task.id, T0 + 16)
+    assert task.agent_id == a2
+
+
+def test_released_offer_is_offered_again_at_once():
+    b = Broker()
+    a1, a2 = agent(b), agent(b)
+    task = submit(b)
+    b.offer(a1, T0)
+    b.release_offer(task.key, T0)
+    assert b.offer(a2, T0) is task
+
+
+def test_poll_only_urgent_skips_regular_tasks():
+    b = Broker()
+    uid = agent(b)
+    submit(b)
+    assert b.offer(uid, T0, urgent_only=True) is None
+    urgent = submit(b, urgent=True)
+    assert b.offer(uid, T0, urgent_only=True) is urgent
+
+
+def test_requeued_task_keeps_its_place_before_younger_tasks():
+    b = Broker()
+    uid = agent(b, capacity=2)
+    old = submit(b, restartable=True)
+    young = submit(b, now=T0 + 1)
+    poll_take(b, uid)
+    b.resolve(uid, old.cap, old.id, "failure", "boom", None, T0 + 2)
+    assert old.status == PENDING
+    assert b.offer(uid, T0 + 3) is old
+    assert b.offer(uid, T0 + 3) is young
+
+
+# ---------------------------------------------------------------- tiers
+
+def test_lower_tier_waits_while_a_higher_tier_agent_has_room():
+    b = Broker()
+    low, high = agent(b, tier=1), agent(b, tier=5)
+    task = submit(b)
+    assert b.offer(low, T0) is None
+    assert b.offer(high, T0) is task
+
+
+def test_lower_tier_gets_the_spill_over_when_higher_tiers_are_full():
+    b = Broker()
+    low, high = agent(b, tier=1), agent(b, tier=5)
+    first, second = submit(b), submit(b, now=T0 + 1)
+    poll_take(b, high)
+    assert b.offer(low, T0 + 2) is second
+
+
+def test_offline_higher_tier_agent_does_not_block_lower_tiers():
+    b = Broker()
+    high = agent(b, tier=5, now=T0)
+    low = agent(b, tier=1, now=T0 + ONLINE_S)
+    b.expire(T0 + ONLINE_S + 1)  # high's last contact is now too old
+    task = submit(b, now=T0 + ONLINE_S + 1)
+    assert high not in b.online
+    assert b.offer(low, T0 + ONLINE_S + 1) is task
+
+
+def test_tiers_do_not_hold_back_urgent_tasks():
+    b = Broker()
+    low, _high = agent(b, tier=1), agent(b, tier=5)
+    task = submit(b, urgent=True)
+    assert b.offer(low, T0) is task
+
+
+# ---------------------------------------------------------------- capacity
+
+def test_agent_at_capacity_is_offered_nothing_and_cannot_take():
+    b = Broker()
+    uid = agent(b, capacity=1)
+    submit(b)
+    other = submit(b, now=T0 + 1)
+    poll_take(b, uid)
+    assert b.offer(uid, T0) is None
+    with pytest.raises(Conflict):
+        b.take(uid, other.cap, other.id, T0)
+
+
+def test_offers_count_against_capacity():
+    b = Broker()
+    uid = agent(b, capacity=2)
+    t1, t2, _t3 = submit(b), submit(b, now=T0 + 1), submit(b, now=T0 + 2)
+    assert b.offer(uid, T0) is t1
+    assert b.offer(uid, T0) is t2
+    assert b.offer(uid, T0) is None
+    b.take(uid, t1.cap, t1.id, T0)
+    b.take(uid, t2.cap, t2.id, T0)
+    assert b.agents[uid].load == 2
+
+
+def test_resolving_frees_capacity():
+    b = Broker()
+    uid = agent(b, capacity=1)
+    task = submit(b)
+    nxt = submit(b, now=T0 + 1)
+    poll_take(b, uid)
+    b.resolve(uid, task.cap, task.id, "success", None, None, T0)
+    assert b.offer(uid, T0) is nxt
+
+
+def test_only_the_holder_may_report():
+    b = Broker()
+    a1, a2 = agent(b), agent(b)
+    task = submit(b)
+    poll_take(b, a1)
+    with pytest.raises(Forbidden):
+        b.progress(a2, task.cap, task.id, "x", None, T0)
+    with pytest.raises(Forbidden):
+        b.resolve(a2, task.cap, task.id, "success", None, None, T0)
+    assert task.status == ASSIGNED
+
+
+# ---------------------------------------------------------------- outcomes and lost agents
+
+def test_failure_of_a_plain_task_fails_it():
+    b = Broker()
+    uid = agent(b)
+    task = submit(b)
+    poll_take(b, uid)
+    b.resolve(uid, task.cap, task.id, "failure", "exit 2", {"stderr": "x"}, T0)
+    assert task.status == FAILED and task.result == {"stderr": "x"}
+    assert "exit 2" in task.history[-1][1]
+
+
+def test_restartable_task_is_retried_until_attempts_run_out():
+    b = Broker()
+    uid = agent(b)
+    task = submit(b, restartable=True)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        poll_take(b, uid, T0 + attempt)
+        assert task.attempts == attempt
+        b.resolve(uid, task.cap, task.id, "failure", f"try {attempt}", None, T0 + attempt)
+    assert task.status == FAILED
+
+
+def test_not_executed_requeues_restartable_and_fails_others():
+    b = Broker()
+    uid = agent(b, capacity=2)
+    keep = submit(b, restartable=True)
+    plain = submit(b, now=T0 + 1)
+    poll_take(b, uid)
+    poll_take(b, uid)
+    b.resolve(uid, keep.cap, keep.id, "notExecuted", "busy", None, T0 + 2)
+    b.resolve(uid, plain.cap, plain.id, "notExecuted", "busy", None, T0 + 2)
+    assert keep.status == PENDING and keep.agent_id is None
+    assert plain.status == FAILED
+
+
+def test_lost_agent_requeues_restartable_and_fails_the_rest_with_reason():
+    b = Broker()
+    uid = agent(b, capacity=2)
+    keep = submit(b, restartable=True)
+    plain = submit(b, now=T0 + 1)
+    poll_take(b, uid)
+    poll_take(b, uid)
+    b.expire(T0 + ONLINE_S + 1)
+    assert uid not in b.online
+    assert keep.status == PENDING and "went offline" in keep.history[-1][1]
+    assert plain.status == FAILED and "went offline" in plain.history[-1][1]
+    assert b.agents[uid].load == 0
+
+
+def test_deleted_agent_is_gone_and_its_tasks_handled_as_lost():
+    b = Broker()
+    uid = agent(b)
+    task = submit(b)
+    poll_take(b, uid)
+    b.delete_agent(uid, T0 + 1)
+    assert uid not in b.agents and uid not in b.online
+    assert task.status == FAILED and "deleted" in task.history[-1][1]
+    with pytest.raises(NotFound):
+        b.delete_agent(uid, T0 + 2)
+    with pytest.raises(Unauthenticated):
+        b.touch(uid, T0 + 2)
+
+
+def test_reset_tasks_clears_queues_and_capacity():
+    b = Broker()
+    uid = agent(b)
+    submit(b)
+    poll_take(b, uid)
+    submit(b, urgent=True)
+    b.reset_tasks(T0)
+    assert not b.tasks and b.agents[uid].load == 0 and b.offer(uid, T0) is None
+    assert b.stats(T0)["tasks"] == {"urgent": {}, "regular": {}}
+
+
+# ---------------------------------------------------------------- urgent tasks
+
+def test_urgent_task_needs_an_online_agent():
+    b = Broker()
+    with pytest.raises(SchedulingImpossible):
+        submit(b, urgent=True)
+    assert not b.tasks and not b.records
+
+
+def test_urgent_task_nobody_takes_expires_then_is_dropped_later():
+    b = Broker()
+    agent(b, caps=["other"])
+    agent(b, caps=["debug.echo"], now=T0)
+    task = submit(b, urgent=True, now=T0)
+    b.expire(T0 + URGENT_TAKE_S - 1)
+    assert task.status == PENDING
+    b.expire(T0 + URGENT_TAKE_S)
+    assert task.status == FAILED and "expired" in task.history[-1][1]
+    b.expire(T0 + URGENT_TAKE_S + URGENT_KEEP_S - 1)
+    assert task.key in b.tasks
+    b.expire(T0 + URGENT_TAKE_S + URGENT_KEEP_S)
+    assert task.key not in b.tasks
+
+
+def test_urgent_tasks_are_never_durable_records():
+    b = Broker()
+    uid = agent(b)
+    b.take_records()
+    task = submit(b, urgent=True)
+    poll_take(b, uid)
+    b.progress(uid, task.cap, task.id, "s", "l", T0)
+    b.resolve(uid, task.cap, task.id, "success", None, 1, T0)
+    assert b.take_records() == []
+    submit(b)
+    assert [r["op"] for r in b.take_records()] == ["task.submitted"]
+
+
+def test_taken_urgent_task_does_not_expire():
+    b = Broker()
+    uid = agent(b)
+    task = submit(b, urgent=True)
+    poll_take(b, uid, T0 + 1)
+    b.touch(uid, T0 + URGENT_TAKE_S + 5)
+    b.expire(T0 + URGENT_TAKE_S + 5)
+    assert task.status == ASSIGNED
+
+
+# ---------------------------------------------------------------- LRU of agents
+
+def test_online_agents_are_ordered_by_last_contact():
+    b = Broker()
+    a1, a2, a3 = agent(b, now=T0), agent(b, now=T0 + 1), agent(b, now=T0 + 2)
+    assert list(b.online) == [a1, a2, a3]
+    b.touch(a1, T0 + 3)
+    assert list(b.online) == [a2, a3, a1]
+
+
+def test_expiry_stops_at_the_first_recent_agent():
+    b = Broker()
+    old, recent = agent(b, now=T0), agent(b, now=T0 + 100)
+    b.expire(T0 + ONLINE_S + 1)
+    assert list(b.online) == [recent]
+    assert {a["uid"]: a["online"] for a in b.agents_json(T0 + ONLINE_S + 1)} == {old: False, recent: True}
+    b.touch(old, T0 + 200)
+    assert list(b.online) == [recent, old]
+
+
+def test_agent_update_changes_what_it_serves():
+    b = Broker()
+    uid = agent(b, caps=["a"])
+    task = submit(b, cap="b")
+    assert b.offer(uid, T0) is None
+    b.update_agent(uid, {"capabilities": ["b"], "tier": 0, "capacity": 1, "systemInfo": {}}, T0)
+    assert b.online_capabilities() == ["b"]
+    assert b.offer(uid, T0) is task
+
+
+# ---------------------------------------------------------------- keys, ids, patterns
+
+def test_capability_patterns():
+    assert pattern_allows(["*"], "anything")
+    assert pattern_allows(["llm.*"], "llm.mistral")
+    assert not pattern_allows(["llm.*"], "shell.bash")
+    assert pattern_allows(["shell.bash"], "shell.bash")
+    assert not pattern_allows(["shell.bash"], "shell.bash2")
+
+
+def test_client_keys_update_and_revoke():
+    b = Broker(predefined_keys=("pre",))
+    assert b.client_key("pre").is_predefined
+    b.update_key("new", ["llm.*"], T0)
+    assert b.client_key("new").capabilities == ["llm.*"]
+    assert b.client_key("nope") is None
+    b.revoke_key("new", T0)
+    assert b.client_key("new").is_revoked
+    with pytest.raises(NotFound):
+        b.revoke_key("nope", T0)
+
+
+def test_task_of_another_owner_is_not_found():
+    b = Broker()
+    task = submit(b, owner="alice")
+    assert b.task(task.cap, task.id, "alice") is task
+    with pytest.raises(NotFound):
+        b.task(task.cap, task.id, "bob")
+
+
+def test_ids_sort_in_creation_order_within_one_millisecond():
+    b = Broker()
+    ids = [submit(b, now=T0).id for _ in range(50)]
+    assert ids == sorted(ids) and len(set(ids)) == 50 and all(len(i) == 26 for i in ids)
+
+
+def test_replaying_records_rebuilds_the_same_state():
+    live = Broker()
+    uid = agent(live, capacity=3)
+    t1 = submit(live, restartable=True)
+    t2 = submit(live, now=T0 + 1)
+    poll_take(live, uid, T0 + 2)
+    live.progress(uid, t1.cap, t1.id, "s", "log", T0 + 3)
+    live.resolve(uid, t1.cap, t1.id, "failure", "x", None, T0 + 4)
+    poll_take(live, uid, T0 + 5)
+    live.update_key("k", ["*"], T0)
+    replayed = Broker()
+    for record in live.take_records():
+        replayed.apply(record)
+    assert replayed.snapshot() == live.snapshot()
+    assert replayed.agents[uid].held == live.agents[uid].held == {t1.key}
+    assert replayed.offer(uid, T0 + 6) is replayed.tasks[t2.key]
+
+
+def test_claim_takes_the_oldest_task_of_its_capability_among_many():
+    b = Broker()
+    for i in range(20_000):
+        submit(b, cap=f"cap{i % 1000}", now=T0 + i * 1e-3)
+    uid = agent(b, caps=["cap7"])
+    first = b.offer(uid, T0 + 100)
+    assert first.cap == "cap7" and first is min(
+        (t for t in b.tasks.values() if t.cap == "cap7"), key=lambda t: t.id)
