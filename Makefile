@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run dev-mq test test-unit browser clean
 
-$(STAMP): setup.cfg
+$(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
