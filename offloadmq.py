@@ -1384,8 +1384,9 @@ class Hub:
     # ---------------------------------------------------------------- waiting
 
     async def next_task(self, uid: str, wait_s: float, urgent_only: bool,
-                        gone: Callable[[], bool]) -> Task | None:
-        """Long poll: the next task this agent may take (held for it), or None."""
+                        gone: Callable[[], bool], take: bool = False) -> Task | None:
+        """Long poll: the next task this agent may take (held for it), or None.
+        With `take` it is also assigned to the agent (saves the agent a round trip)."""
         task = None
 
         def ready() -> bool:
@@ -1403,6 +1404,8 @@ class Hub:
             self.broker.release_offer(task.key, self.clock())
             await self.notify()
             return None
+        if task is not None and take:
+            task = await self.change(self.broker.take, uid, task.cap, task.id)
         return task
 
     async def wait_for_end(self, task: Task, wait_s: float) -> None:
@@ -1450,12 +1453,20 @@ def bearer(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def client_caller(hub: Hub, request: web.Request, body: Any) -> tuple[str, list[str]]:
-    """(owner digest, capability patterns) of the client calling /api/*."""
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Who calls /api/*: the owner digest of its key, its capability patterns, and the
+    request body already parsed (the key may have come in it)."""
+    owner: str
+    patterns: list
+    body: Any
+
+
+def client_caller(hub: Hub, request: web.Request, body: Any) -> Client:
     token = request.headers.get("X-Mgmt-Token")
     if token is not None:
         if secret_equal(token, hub.config.mgmt_token):
-            return MGMT_OWNER, ["*"]
+            return Client(MGMT_OWNER, ["*"], body)
         raise Unauthenticated("wrong management token")
     key = request.headers.get("X-API-Key")
     if key is None and isinstance(body, dict):
@@ -1465,7 +1476,7 @@ def client_caller(hub: Hub, request: web.Request, body: Any) -> tuple[str, list[
     found = hub.broker.client_key(key)
     if found is None or found.is_revoked:
         raise Unauthenticated("unknown or revoked API key")
-    return owner_of(key), found.capabilities
+    return Client(owner_of(key), found.capabilities, body)
 
 
 def check_agent_registration_key(hub: Hub, key: Any) -> None:
@@ -1541,8 +1552,12 @@ async def read_json(request: web.Request, required: bool = True) -> Any:
 
 
 def path_task(request: web.Request) -> tuple[str, str]:
-    """(capability, id) from the path; the capability arrives percent-encoded."""
-    raw_cap, raw_id = request.match_info["cap"], request.match_info["id"]
+    """(capability, id) from the path; the capability arrives percent-encoded. Decoded
+    once, from the raw path: match_info is already decoded, and decoding it again would
+    turn a capability's literal `%41` into `A`."""
+    fixed = request.match_info.route.resource.canonical.split("{", 1)[0].strip("/").count("/") + 1
+    segments = request.rel_url.raw_path.split("/")[1 + fixed:]
+    raw_cap, raw_id = "/".join(segments[:-1]), segments[-1]
     try:
         cap = unquote(raw_cap, errors="strict")
         task_id = unquote(raw_id, errors="strict")
@@ -1551,17 +1566,28 @@ def path_task(request: web.Request) -> tuple[str, str]:
     return check_capability(cap), task_id
 
 
-def wait_param(request: web.Request, default: float) -> float:
-    raw = request.query.get("wait")
+def wait_param(request: web.Request, default: float | None, name: str = "wait") -> float | None:
+    raw = request.query.get(name)
     if raw is None:
         return default
     try:
         wait_s = float(raw)
     except ValueError:
-        raise BadRequest("wait must be a number of seconds") from None
+        raise BadRequest(f"{name} must be a number of seconds") from None
     if not 0 <= wait_s <= MAX_WAIT_S:
-        raise BadRequest(f"wait must be between 0 and {MAX_WAIT_S:.0f} seconds")
+        raise BadRequest(f"{name} must be between 0 and {MAX_WAIT_S:.0f} seconds")
     return wait_s
+
+
+def flag_param(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "0").lower()
+    if raw not in ("0", "1", "true", "false"):
+        raise BadRequest(f"{name} must be 1/true or 0/false")
+    return raw in ("1", "true")
+
+
+def connection_gone(request: web.Request) -> Callable[[], bool]:
+    return lambda: request.transport is None or request.transport.is_closing()
 
 
 def check_body_id(body: Any, cap: str, task_id: str) -> dict:
@@ -1607,38 +1633,39 @@ def parse_outcome(status: Any) -> tuple[str, str | None]:
 
 # ---------------------------------------------------------------- client API
 
-async def handle_task_submit(request: web.Request) -> web.Response:
-    hub, (owner, patterns), body = request.app[HUB], request["client"], request["body"]
-    data = parse_submission(body)
-    if not pattern_allows(patterns, data["capability"]):
+async def handle_task_submit(request: web.Request, client: Client) -> web.Response:
+    hub = request.app[HUB]
+    data = parse_submission(client.body)
+    if not pattern_allows(client.patterns, data["capability"]):
         raise Forbidden(f"this key may not submit {data['capability']}")
-    task = await hub.change(hub.broker.submit, data, owner)
+    task = await hub.change(hub.broker.submit, data, client.owner)
     return json_response({"id": task.task_id(), "capability": task.cap, "status": task.status,
                           "message": "Added to tasks queue"}, 202 if task.urgent else 201)
 
 
-async def handle_task_submit_blocking(request: web.Request) -> web.Response:
-    hub, (owner, patterns), body = request.app[HUB], request["client"], request["body"]
-    data = parse_submission(body)
+async def handle_task_submit_blocking(request: web.Request, client: Client) -> web.Response:
+    hub = request.app[HUB]
+    data = parse_submission(client.body)
     if not data["urgent"]:
         raise BadRequest("submit_blocking takes urgent tasks only: set \"urgent\": true")
-    if not pattern_allows(patterns, data["capability"]):
+    if not pattern_allows(client.patterns, data["capability"]):
         raise Forbidden(f"this key may not submit {data['capability']}")
-    task = await hub.submit_and_wait(data, owner)
+    task = await hub.submit_and_wait(data, client.owner)
     return json_response(task.assigned_json())
 
 
-async def handle_task_poll(request: web.Request) -> web.Response:
-    hub, (owner, _) = request.app[HUB], request["client"]
+async def handle_task_poll(request: web.Request, client: Client) -> web.Response:
+    hub = request.app[HUB]
     cap, task_id = path_task(request)
-    task = hub.broker.task(cap, task_id, owner)
+    task = hub.broker.task(cap, task_id, client.owner)
     await hub.wait_for_end(task, wait_param(request, 0.0))
     return json_response(task.status_json())
 
 
-async def handle_capabilities_online(request: web.Request) -> web.Response:
-    hub, (_, patterns) = request.app[HUB], request["client"]
-    return json_response([c for c in hub.broker.online_capabilities() if pattern_allows(patterns, c)])
+async def handle_capabilities_online(request: web.Request, client: Client) -> web.Response:
+    hub = request.app[HUB]
+    return json_response([c for c in hub.broker.online_capabilities()
+                          if pattern_allows(client.patterns, c)])
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -1671,47 +1698,47 @@ async def handle_agent_auth(request: web.Request) -> web.Response:
     return json_response(issue_token(hub, agent))
 
 
-async def handle_agent_ping(request: web.Request) -> web.Response:
+async def handle_agent_ping(request: web.Request, agent: Agent) -> web.Response:
     hub = request.app[HUB]
-    hub.broker.touch(request["agent"].uid, hub.clock())
+    hub.broker.touch(agent.uid, hub.clock())
     return json_response(hub.health())
 
 
-async def handle_agent_info_update(request: web.Request) -> web.Response:
-    hub, agent = request.app[HUB], request["agent"]
+async def handle_agent_info_update(request: web.Request, agent: Agent) -> web.Response:
+    hub = request.app[HUB]
     info = parse_agent_info(await read_json(request))
     await hub.change(hub.broker.update_agent, agent.uid, info)
     return json_response({"agentId": agent.uid, "key": agent.key, "message": "Updated"})
 
 
-async def _agent_poll(request: web.Request, urgent_only: bool) -> web.Response:
-    hub, agent = request.app[HUB], request["agent"]
-
-    def gone() -> bool:
-        return request.transport is None or request.transport.is_closing()
-
-    task = await hub.next_task(agent.uid, wait_param(request, DEFAULT_AGENT_WAIT_S), urgent_only, gone)
-    return json_response(None if task is None else task.unassigned_json())
-
-
-async def handle_agent_task_poll(request: web.Request) -> web.Response:
-    return await _agent_poll(request, urgent_only=False)
+async def _agent_poll(request: web.Request, agent: Agent, urgent_only: bool) -> web.Response:
+    """Extension: `?take=1` also takes the task and answers the AssignedTask."""
+    hub, take = request.app[HUB], flag_param(request, "take")
+    task = await hub.next_task(agent.uid, wait_param(request, DEFAULT_AGENT_WAIT_S), urgent_only,
+                               connection_gone(request), take)
+    if task is None:
+        return json_response(None)
+    return json_response(task.assigned_json() if take else task.unassigned_json())
 
 
-async def handle_agent_task_poll_urgent(request: web.Request) -> web.Response:
-    return await _agent_poll(request, urgent_only=True)
+async def handle_agent_task_poll(request: web.Request, agent: Agent) -> web.Response:
+    return await _agent_poll(request, agent, urgent_only=False)
 
 
-async def handle_agent_take(request: web.Request) -> web.Response:
-    hub, agent = request.app[HUB], request["agent"]
+async def handle_agent_task_poll_urgent(request: web.Request, agent: Agent) -> web.Response:
+    return await _agent_poll(request, agent, urgent_only=True)
+
+
+async def handle_agent_take(request: web.Request, agent: Agent) -> web.Response:
+    hub = request.app[HUB]
     cap, task_id = path_task(request)
     task = await hub.change(hub.broker.take, agent.uid, cap, task_id)
-    log.info("task %s assigned to %s", task_id, agent.uid)
+    log.debug("task %s assigned to %s", task_id, agent.uid)
     return json_response(task.assigned_json())
 
 
-async def handle_agent_progress(request: web.Request) -> web.Response:
-    hub, agent = request.app[HUB], request["agent"]
+async def handle_agent_progress(request: web.Request, agent: Agent) -> web.Response:
+    hub = request.app[HUB]
     cap, task_id = path_task(request)
     body = check_body_id(await read_json(request), cap, task_id)
     stage, log_update = optional_text(body, "stage"), optional_text(body, "logUpdate")
@@ -1719,15 +1746,22 @@ async def handle_agent_progress(request: web.Request) -> web.Response:
     return json_response({"message": "task update confirmed"})
 
 
-async def handle_agent_resolve(request: web.Request) -> web.Response:
-    hub, agent = request.app[HUB], request["agent"]
+async def handle_agent_resolve(request: web.Request, agent: Agent) -> web.Response:
+    """Extension: `?next=<seconds>` then long-polls and takes the agent's next task,
+    answered as `"next": AssignedTask | null` (one round trip per task)."""
+    hub = request.app[HUB]
     cap, task_id = path_task(request)
     body = check_body_id(await read_json(request), cap, task_id)
     outcome, message = parse_outcome(body.get("status"))
+    next_wait_s = wait_param(request, None, "next")
     task = await hub.change(hub.broker.resolve, agent.uid, cap, task_id, outcome, message,
                             body.get("output"))
-    log.info("task %s resolved by %s: %s", task_id, agent.uid, task.status)
-    return json_response({"message": "task report confirmed"})
+    log.debug("task %s resolved by %s: %s", task_id, agent.uid, task.status)
+    if next_wait_s is None:
+        return json_response({"message": "task report confirmed"})
+    nxt = await hub.next_task(agent.uid, next_wait_s, False, connection_gone(request), take=True)
+    return json_response({"message": "task report confirmed",
+                          "next": None if nxt is None else nxt.assigned_json()})
 
 
 # ---------------------------------------------------------------- management API
@@ -1838,16 +1872,16 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
 
 
 def guarded(kind: str, handler: Callable) -> Callable:
-    """Wrap a handler with the auth its route needs (see ROUTES)."""
+    """Wrap a handler with the auth its route needs (see ROUTES); client and agent
+    handlers get the caller as their second argument."""
     async def wrapper(request: web.Request) -> web.StreamResponse:
         hub = request.app[HUB]
         if kind == "client":
             body = await read_json(request, required=False) if request.method == "POST" else {}
-            request["body"] = body
-            request["client"] = client_caller(hub, request, body)
-        elif kind == "agent":
-            request["agent"] = agent_caller(hub, request)
-        elif kind == "mgmt":
+            return await handler(request, client_caller(hub, request, body))
+        if kind == "agent":
+            return await handler(request, agent_caller(hub, request))
+        if kind == "mgmt":
             check_management(hub, request)
         return await handler(request)
     wrapper.__name__ = handler.__name__
