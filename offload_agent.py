@@ -1,0 +1,1152 @@
+"""OffloadMQ agent: runs on a worker machine and serves tasks from an OffloadMQ server.
+
+One file, aiohttp its only dependency. It speaks the wire contract of API.md: registers
+with an agent key, logs in for a JWT, long-polls for tasks, takes them, runs up to
+`capacity` at once, streams progress and reports each result.
+
+    python offload_agent.py register --server http://HOST:3069 --key AGENT_KEY \\
+        --caps debug.echo shell.bash [--tier 0] [--capacity 1]
+    python offload_agent.py serve            # until SIGINT/SIGTERM
+    python offload_agent.py sysinfo          # what it reports about this machine
+
+The identity (agent id and its login secret) is kept in `.offload-agent.json` in the
+working directory (`--config PATH` moves it), written with mode 0600.
+
+Sections (`grep '^# ===' offload_agent.py`):
+  1. imports, version, logger
+  2. config        — the saved identity, runtime settings, system info
+  3. server client — one ClientSession, re-auth on 401, backoff doubling to 30 s
+  4. executors     — a table from capability to coroutine, file fetching, artifacts
+  5. serve loop    — long poll, take, run up to `capacity` tasks, graceful stop
+  6. CLI           — register, serve, sysinfo; `main()`
+"""
+
+# ============================================================================ imports, version, logger
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import codecs
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("offload_agent")
+
+# ============================================================================ config
+
+DEFAULT_CONFIG_PATH = ".offload-agent.json"
+DEFAULT_CAPABILITIES = ["debug.echo"]
+DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
+
+POLL_WAIT_S = 20                  # long-poll hold asked of the server
+REQUEST_TIMEOUT_S = 30.0          # any other call to the server
+BACKOFF_START_S = 0.5
+BACKOFF_CAP_S = 30.0
+PROGRESS_INTERVAL_S = 0.5         # log updates are batched at most this often
+HEARTBEAT_S = 30.0                # ping when nothing else reached the server for this long
+GRACE_S = 30.0                    # SIGTERM: how long running tasks may still finish
+FINAL_REPORT_S = 10.0             # after the grace: time left to deliver the last reports
+ARTIFACT_MAX_BYTES = 10 * 1024 * 1024
+OUTPUT_MAX_BYTES = 1024 * 1024    # captured stdout/stderr per stream; the tail is kept
+LOG_BUFFER_MAX_CHARS = 1024 * 1024  # unsent log kept while the server is unreachable
+
+
+@dataclass
+class AgentIdentity:
+    """What `register` saves and `serve` loads: who this agent is and what it serves."""
+
+    server: str
+    agent_id: str
+    key: str
+    capabilities: list[str]
+    tier: int = 0
+    capacity: int = 1
+
+    def to_json(self) -> dict:
+        return {"server": self.server, "agentId": self.agent_id, "key": self.key,
+                "capabilities": self.capabilities, "tier": self.tier,
+                "capacity": self.capacity}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> AgentIdentity:
+        return cls(server=raw["server"], agent_id=raw["agentId"], key=raw["key"],
+                   capabilities=list(raw["capabilities"]), tier=int(raw.get("tier", 0)),
+                   capacity=int(raw.get("capacity", 1)))
+
+
+def save_identity(path: Path, identity: AgentIdentity) -> None:
+    """Write the identity atomically with mode 0600: it holds the agent's login secret."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(identity.to_json(), out, indent=2)
+        out.write("\n")
+    os.chmod(temp, 0o600)  # O_CREAT's mode does not apply to a leftover temp file
+    os.replace(temp, path)
+
+
+def load_identity(path: Path) -> AgentIdentity:
+    return AgentIdentity.from_json(json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime knobs of `serve`, from argv and the environment; nothing else reads either."""
+
+    work_root: Path
+    ollama_url: str = DEFAULT_OLLAMA_URL
+    grace_s: float = GRACE_S
+    poll_wait_s: int = POLL_WAIT_S
+    artifact_max_bytes: int = ARTIFACT_MAX_BYTES
+    progress_interval_s: float = PROGRESS_INTERVAL_S
+    # file:// clones let a task read any local repository the agent can, so they are opt-in.
+    allow_local_git: bool = False
+
+
+def base_capability(capability: str) -> str:
+    """`vision[gpu;cuda12]` is registered with attributes but served as `vision`."""
+    return capability.split("[", 1)[0]
+
+
+def _total_memory_mb() -> int:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
+        # macOS has no SC_PHYS_PAGES.
+        out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True,
+                             text=True, timeout=5).stdout
+        return int(out.strip()) // (1024 * 1024)
+    return 0
+
+
+def _gpu_info() -> dict | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    with contextlib.suppress(OSError, ValueError, IndexError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True).stdout
+        name, vram = out.strip().splitlines()[0].rsplit(",", 1)
+        return {"vendor": "NVIDIA", "model": name.strip(), "vramMb": int(float(vram))}
+    return None
+
+
+def system_info() -> dict:
+    """The `systemInfo` of register and info/update, read from the OS (no psutil)."""
+    return {
+        "os": f"{platform.system()} {platform.release()}".strip(),
+        "client": f"offload-agent/{__version__}",
+        "runtime": f"{platform.python_implementation()} {platform.python_version()}",
+        "cpuArch": platform.machine(),
+        "totalMemoryMb": _total_memory_mb(),
+        "gpu": _gpu_info(),
+    }
+
+
+# ============================================================================ server client
+
+class ServerUnavailable(Exception):
+    """The server could not be reached or failed (connection error, timeout, 5xx): retry later."""
+
+
+class ServerRefused(Exception):
+    """The server answered with a 4xx error body: retrying the same call will not help."""
+
+    def __init__(self, status: int, type_: str, message: str):
+        super().__init__(f"{status} {type_}: {message}")
+        self.status = status
+        self.type = type_
+        self.message = message
+
+
+class Backoff:
+    """Delays between failed attempts: doubling from `start_s` up to `cap_s`, reset on success."""
+
+    def __init__(self, start_s: float = BACKOFF_START_S, cap_s: float = BACKOFF_CAP_S):
+        self.start_s = start_s
+        self.cap_s = cap_s
+        self.delay_s = start_s
+
+    def next_delay(self) -> float:
+        delay = self.delay_s
+        self.delay_s = min(self.delay_s * 2, self.cap_s)
+        return delay
+
+    def reset(self) -> None:
+        self.delay_s = self.start_s
+
+
+def task_path(task_id: dict) -> str:
+    """`{cap}/{id}` for a URL; a capability may hold `/`, so it is percent-encoded."""
+    return f"{quote(task_id['cap'], safe='')}/{quote(task_id['id'], safe='')}"
+
+
+class ServerClient:
+    """The agent side of API.md over one aiohttp session.
+
+    Every private call carries the JWT; a 401 logs in again with the saved identity and
+    retries once, so an expired token or a server with a new secret costs one round trip.
+    """
+
+    def __init__(self, server_url: str, session: aiohttp.ClientSession,
+                 identity: AgentIdentity | None = None):
+        self.base_url = server_url.rstrip("/")
+        self.session = session
+        self.identity = identity
+        self.token: str | None = None
+        self.last_contact_at = time.monotonic()  # last exchange the server answered
+
+    async def _send(self, method: str, path: str, body: Any = None, *,
+                    token: str | None = None, timeout_s: float = REQUEST_TIMEOUT_S):
+        """One HTTP exchange; returns (status, parsed body) or raises ServerUnavailable."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            async with self.session.request(
+                    method, self.base_url + path, json=body, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            raise ServerUnavailable(f"{method} {path}: {type(err).__name__}: {err}") from err
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = None
+        if status >= 500:
+            raise ServerUnavailable(f"{method} {path}: HTTP {status} {_error_message(parsed)}")
+        self.last_contact_at = time.monotonic()
+        return status, parsed
+
+    async def _call_public(self, method: str, path: str, body: Any = None) -> Any:
+        status, parsed = await self._send(method, path, body)
+        if status >= 400:
+            raise _refusal(status, parsed)
+        return parsed
+
+    async def _call_private(self, method: str, path: str, body: Any = None,
+                            timeout_s: float = REQUEST_TIMEOUT_S) -> Any:
+        if self.token is None:
+            await self.authenticate()
+        status, parsed = await self._send(method, path, body, token=self.token,
+                                          timeout_s=timeout_s)
+        if status == 401:
+            log.info("token refused, logging in again")
+            await self.authenticate()
+            status, parsed = await self._send(method, path, body, token=self.token,
+                                              timeout_s=timeout_s)
+        if status >= 400:
+            raise _refusal(status, parsed)
+        return parsed
+
+    # -- public agent routes --------------------------------------------------
+
+    async def register(self, api_key: str, capabilities: list[str], tier: int,
+                       capacity: int, info: dict) -> dict:
+        return await self._call_public("POST", "/agent/register", {
+            "capabilities": capabilities, "tier": tier, "capacity": capacity,
+            "systemInfo": info, "apiKey": api_key})
+
+    async def authenticate(self) -> None:
+        if self.identity is None:
+            raise RuntimeError("authenticate needs a registered identity")
+        answer = await self._call_public("POST", "/agent/auth", {
+            "agentId": self.identity.agent_id, "key": self.identity.key})
+        self.token = answer["token"]
+
+    # -- private agent routes -------------------------------------------------
+
+    async def ping(self) -> dict:
+        return await self._call_private("GET", "/private/agent/ping")
+
+    async def update_info(self, info: dict) -> dict:
+        ident = self.identity
+        return await self._call_private("POST", "/private/agent/info/update", {
+            "capabilities": ident.capabilities, "tier": ident.tier,
+            "capacity": ident.capacity, "systemInfo": info})
+
+    async def poll_task(self, wait_s: int) -> dict | None:
+        # The server may hold the request for wait_s; allow that plus a margin.
+        return await self._call_private("GET", f"/private/agent/task/poll?wait={wait_s}",
+                                        timeout_s=wait_s + REQUEST_TIMEOUT_S)
+
+    async def take_task(self, task_id: dict) -> dict | None:
+        """The AssignedTask, or None when another agent got it first (409)."""
+        try:
+            return await self._call_private("POST", f"/private/agent/take/{task_path(task_id)}")
+        except ServerRefused as err:
+            if err.status == 409:
+                return None
+            raise
+
+    async def report_progress(self, task_id: dict, stage: str | None = None,
+                              log_update: str | None = None) -> None:
+        body: dict[str, Any] = {"id": task_id}
+        if stage is not None:
+            body["stage"] = stage
+        if log_update is not None:
+            body["logUpdate"] = log_update
+        await self._call_private("POST", f"/private/agent/task/progress/{task_path(task_id)}",
+                                 body)
+
+    async def resolve_task(self, task_id: dict, status: dict, output: Any) -> None:
+        await self._call_private(
+            "POST", f"/private/agent/task/resolve/{task_path(task_id)}",
+            {"id": task_id, "capability": task_id["cap"], "status": status, "output": output},
+            timeout_s=REQUEST_TIMEOUT_S * 4)  # artifacts can make this body large
+
+
+def _error_message(parsed: Any) -> str:
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return str(parsed["error"].get("message", ""))
+    return ""
+
+
+def _refusal(status: int, parsed: Any) -> ServerRefused:
+    err = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(err, dict):
+        return ServerRefused(status, str(err.get("type", "")), str(err.get("message", "")))
+    return ServerRefused(status, "", "")
+
+
+# ============================================================================ executors
+
+class TaskFailed(Exception):
+    """Raised by executors: the task ran and failed; `output` still goes back to the client."""
+
+    def __init__(self, message: str, output: Any = None):
+        super().__init__(message)
+        self.message = message
+        self.output = output
+
+
+class NotExecuted(Exception):
+    """The task was never started here (no executor); the server may give it to another agent."""
+
+
+SendProgress = Callable[[str | None, str | None], Awaitable[None]]
+
+
+class ProgressReporter:
+    """Collects a task's log text and stage, sending them at most every `interval_s`.
+
+    Sending is best effort: a failed send keeps the text for the next one (bounded), and
+    never fails the task.
+    """
+
+    def __init__(self, send: SendProgress, interval_s: float = PROGRESS_INTERVAL_S):
+        self._send = send
+        self._interval_s = interval_s
+        self._pending_log: list[str] = []
+        self._pending_chars = 0
+        self._pending_stage: str | None = None
+        self._wakeup = asyncio.Event()
+        self._flusher: asyncio.Task | None = None
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        self._pending_log.append(text)
+        self._pending_chars += len(text)
+        if self._pending_chars > LOG_BUFFER_MAX_CHARS:
+            joined = "".join(self._pending_log)[-LOG_BUFFER_MAX_CHARS:]
+            self._pending_log, self._pending_chars = [joined], len(joined)
+        self._kick()
+
+    def set_stage(self, stage: str) -> None:
+        self._pending_stage = stage
+        self._kick()
+
+    def _kick(self) -> None:
+        self._wakeup.set()
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await self.flush()
+            await asyncio.sleep(self._interval_s)
+
+    async def flush(self) -> None:
+        if not self._pending_log and self._pending_stage is None:
+            return
+        text = "".join(self._pending_log) or None
+        stage = self._pending_stage
+        self._pending_log, self._pending_chars, self._pending_stage = [], 0, None
+        try:
+            await self._send(stage, text)
+        except (ServerUnavailable, ServerRefused) as err:
+            log.warning("progress not delivered: %s", err)
+            if text:
+                self._pending_log.insert(0, text)
+                self._pending_chars += len(text)
+            if self._pending_stage is None:
+                self._pending_stage = stage
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending_log) or self._pending_stage is not None
+
+    async def close(self) -> None:
+        """Stops the batching and sends whatever is left, so the log is complete before the result."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        await self.flush()
+
+
+@dataclass
+class TaskRun:
+    """Everything an executor gets: the task, its private folder, and a way to report progress."""
+
+    task_id: dict
+    data: dict
+    folder: Path
+    settings: Settings
+    http: aiohttp.ClientSession
+    progress: ProgressReporter
+    executor_started: bool = False
+
+    @property
+    def capability(self) -> str:
+        return self.task_id["cap"]
+
+    @property
+    def payload(self) -> Any:
+        return self.data.get("payload")
+
+    def log(self, text: str) -> None:
+        self.progress.write(text)
+
+
+# -- shell.bash / shellcmd.bash ----------------------------------------------
+
+def _shell_command(payload: Any) -> tuple[str, float | None]:
+    if isinstance(payload, str):
+        return payload, None
+    if isinstance(payload, dict) and isinstance(payload.get("command"), str):
+        timeout = payload.get("timeoutSecs")
+        if timeout is not None and (not isinstance(timeout, (int, float))
+                                    or isinstance(timeout, bool) or timeout <= 0):
+            raise TaskFailed("payload.timeoutSecs must be a positive number")
+        return payload["command"], timeout
+    raise TaskFailed('payload must be a command string or {"command": "...", "timeoutSecs"?: N}')
+
+
+class _CapturedStream:
+    """Keeps the last OUTPUT_MAX_BYTES of a stream and hands complete lines to `on_line`."""
+
+    def __init__(self, on_line: Callable[[str], None] | None):
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.dropped = 0
+        self._on_line = on_line
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = ""
+
+    def feed(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        while self.size - len(self.chunks[0]) >= OUTPUT_MAX_BYTES:
+            first = self.chunks.pop(0)
+            self.size -= len(first)
+            self.dropped += len(first)
+        if self._on_line:
+            text = self._partial + self._decoder.decode(chunk)
+            complete, newline, self._partial = text.rpartition("\n")
+            if newline:
+                self._on_line(complete + newline)
+
+    def finish(self) -> str:
+        if self._on_line:
+            rest = self._partial + self._decoder.decode(b"", final=True)
+            if rest:
+                self._on_line(rest)
+        text = b"".join(self.chunks).decode(errors="replace")
+        if self.dropped:
+            text = f"[... {self.dropped} earlier bytes dropped ...]\n" + text
+        return text
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def _run_bash(run: TaskRun, stream: bool) -> dict:
+    command, timeout_s = _shell_command(run.payload)
+    on_line = run.log if stream else None
+    stdout, stderr = _CapturedStream(on_line), _CapturedStream(on_line)
+    # A session of its own makes the process group killable as a whole: children
+    # started by the command die with it on timeout or shutdown.
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", command, cwd=run.folder, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True)
+
+    async def pump(reader: asyncio.StreamReader, sink: _CapturedStream) -> None:
+        while chunk := await reader.read(65536):
+            sink.feed(chunk)
+
+    pumps = asyncio.gather(pump(proc.stdout, stdout), pump(proc.stderr, stderr))
+    timed_out = False
+    try:
+        try:
+            await asyncio.wait_for(proc.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            timed_out = True
+            _kill_group(proc.pid)
+            await proc.wait()
+        # Leftover background children would hold the pipes open; the task is over.
+        _kill_group(proc.pid)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(pumps), 5)
+    finally:
+        if proc.returncode is None:  # cancelled (agent shutdown): leave nothing behind
+            _kill_group(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        pumps.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await pumps
+
+    output: dict[str, Any] = {"stdout": stdout.finish(), "stderr": stderr.finish()}
+    if timed_out:
+        output["return_code"] = proc.returncode
+        raise TaskFailed(f"command timed out after {timeout_s} s; its process group was killed",
+                         output)
+    if proc.returncode != 0:
+        output["return_code"] = proc.returncode
+        raise TaskFailed(f"command exited with code {proc.returncode}", output)
+    return output
+
+
+async def run_shell_streaming(run: TaskRun) -> dict:
+    """`shell.bash`: stdout/stderr lines stream to the task log while the command runs."""
+    return await _run_bash(run, stream=True)
+
+
+async def run_shell_quiet(run: TaskRun) -> dict:
+    """`shellcmd.bash`: the same command semantics, output only at the end."""
+    return await _run_bash(run, stream=False)
+
+
+async def run_echo(run: TaskRun) -> Any:
+    """`debug.echo`: the payload comes back as the output."""
+    return run.payload
+
+
+# -- llm.<model> (Ollama) ------------------------------------------------------
+
+def ollama_chat_request(model: str, payload: Any) -> dict:
+    """Turns a task payload into an Ollama /api/chat body: a prompt string, a
+    `{"prompt", "system"?}` object, or a chat body with `messages` are all accepted."""
+    if isinstance(payload, str):
+        payload = {"prompt": payload}
+    if not isinstance(payload, dict):
+        raise TaskFailed('payload must be a prompt string or an object with "messages" or "prompt"')
+    body = {k: v for k, v in payload.items() if k not in ("prompt", "system")}
+    if "messages" not in body:
+        if not payload.get("prompt"):
+            raise TaskFailed('payload needs "messages" or "prompt"')
+        messages = []
+        if payload.get("system"):
+            messages.append({"role": "system", "content": payload["system"]})
+        messages.append({"role": "user", "content": payload["prompt"]})
+        body["messages"] = messages
+    body["model"] = model
+    body["stream"] = bool(payload.get("stream", False))
+    return body
+
+
+async def run_llm(run: TaskRun) -> dict:
+    """`llm.<model>`: one chat completion from the local Ollama.
+
+    The output has the shape of Ollama's non-streaming answer either way; when the payload
+    asks for `stream`, the text also streams into the task log as it is generated.
+    """
+    model = run.capability.removeprefix("llm.")
+    request = ollama_chat_request(model, run.payload)
+    base = run.settings.ollama_url.rstrip("/")
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
+    try:
+        async with run.http.post(base + "/api/chat", json=request, timeout=timeout) as resp:
+            if resp.status != 200:
+                text = await resp.text()
+                raise TaskFailed(f"Ollama answered HTTP {resp.status}: {_ollama_error(text)}",
+                                 {"error": _ollama_error(text)})
+            if not request["stream"]:
+                return await resp.json(content_type=None)
+            pieces: list[str] = []
+            final: dict | None = None
+            buffer = b""
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    final = _ollama_stream_line(line, pieces, run) or final
+                if final:
+                    break
+            if not final and buffer.strip():
+                final = _ollama_stream_line(buffer, pieces, run)
+    except aiohttp.ClientError as err:
+        raise TaskFailed(f"Ollama is not reachable at {base}: {err}") from err
+    if final is None:
+        raise TaskFailed("Ollama's stream ended before it was done", {"partial": "".join(pieces)})
+    final["message"] = {"role": "assistant", "content": "".join(pieces)}
+    return final
+
+
+def _ollama_stream_line(line: bytes, pieces: list[str], run: TaskRun) -> dict | None:
+    """Handles one NDJSON line; returns it when it is the last (`done`)."""
+    if not line.strip():
+        return None
+    try:
+        chunk = json.loads(line)
+    except ValueError:
+        raise TaskFailed(f"Ollama sent a line that is not JSON: {line[:200]!r}") from None
+    if "error" in chunk:
+        raise TaskFailed(f"Ollama: {chunk['error']}", {"error": chunk["error"], "partial": "".join(pieces)})
+    text = (chunk.get("message") or {}).get("content") or ""
+    if text:
+        pieces.append(text)
+        run.log(text)
+    return chunk if chunk.get("done") else None
+
+
+def _ollama_error(text: str) -> str:
+    with contextlib.suppress(ValueError, AttributeError):
+        return str(json.loads(text)["error"])
+    return text[:500]
+
+
+# -- the executor table --------------------------------------------------------
+
+Executor = Callable[[TaskRun], Awaitable[Any]]
+
+EXECUTORS: dict[str, Executor] = {
+    "debug.echo": run_echo,
+    "shell.bash": run_shell_streaming,
+    "shellcmd.bash": run_shell_quiet,
+}
+PREFIX_EXECUTORS: dict[str, Executor] = {
+    "llm.": run_llm,
+}
+
+
+def find_executor(capability: str) -> Executor | None:
+    capability = base_capability(capability)
+    if capability in EXECUTORS:
+        return EXECUTORS[capability]
+    for prefix, executor in PREFIX_EXECUTORS.items():
+        if capability.startswith(prefix) and len(capability) > len(prefix):
+            return executor
+    return None
+
+
+# -- files in and out ------------------------------------------------------------
+
+def path_inside(folder: Path, relative: Any) -> Path:
+    """The absolute path of `relative` inside `folder`; refuses absolute paths and escapes
+    (`..`, or a symlink pointing out), so a task can only touch its own folder."""
+    if not isinstance(relative, str) or not relative.strip():
+        raise TaskFailed(f"file path {relative!r} must be a non-empty relative path")
+    if os.path.isabs(relative) or re.match(r"^[A-Za-z]:[\\/]", relative) or "\x00" in relative:
+        raise TaskFailed(f"file path {relative!r} is absolute; paths are relative to the task folder")
+    root = folder.resolve()
+    target = (root / relative).resolve()
+    if target != root and not target.is_relative_to(root):
+        raise TaskFailed(f"file path {relative!r} escapes the task folder")
+    return target
+
+
+def _git_url_allowed(url: str, settings: Settings) -> bool:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in ("https", "http", "ssh", "git"):
+        return True
+    if scheme == "file":
+        return settings.allow_local_git
+    # scp-like `git@host:owner/repo.git`
+    return bool(re.match(r"^[\w.-]+@[\w.-]+:[^/]", url))
+
+
+def _request_headers(ref: dict) -> dict[str, str]:
+    """Headers a FileReference asks for: `customHeader`, then `httpAuthHeader` as the
+    Authorization value, else HTTP basic auth from `httpLogin`/`httpPassword`."""
+    headers = {str(k): str(v) for k, v in (ref.get("customHeader") or {}).items()}
+    if ref.get("httpAuthHeader"):
+        headers["Authorization"] = str(ref["httpAuthHeader"])
+    elif ref.get("httpLogin") is not None:
+        pair = f"{ref['httpLogin']}:{ref.get('httpPassword') or ''}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+    return headers
+
+
+async def _fetch_http(run: TaskRun, ref: dict, target: Path) -> None:
+    url = ref["get"]
+    if urlsplit(url).scheme.lower() not in ("http", "https"):
+        raise TaskFailed(f"fetchFiles {ref['path']!r}: only http(s) URLs can be fetched with get")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+    try:
+        async with run.http.get(url, headers=_request_headers(ref), timeout=timeout) as resp:
+            if resp.status >= 400:
+                raise TaskFailed(f"fetchFiles {ref['path']!r}: HTTP {resp.status} from {_safe_url(url)}")
+            with open(target, "wb") as out:
+                async for chunk in resp.content.iter_chunked(65536):
+                    out.write(chunk)
+    except aiohttp.ClientError as err:
+        raise TaskFailed(f"fetchFiles {ref['path']!r}: {_safe_url(url)}: {err}") from err
+
+
+async def _fetch_git(run: TaskRun, ref: dict, target: Path) -> None:
+    url = ref["gitClone"]
+    if not _git_url_allowed(url, run.settings):
+        raise TaskFailed(f"fetchFiles {ref['path']!r}: git URL scheme not allowed: {_safe_url(url)}")
+    # Credentials go to git through GIT_CONFIG_* variables, not argv: argv is public in ps.
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    extra_headers = [f"{k}: {v}" for k, v in _request_headers(ref).items()]
+    for index, header in enumerate(extra_headers):
+        env[f"GIT_CONFIG_KEY_{index}"] = "http.extraHeader"
+        env[f"GIT_CONFIG_VALUE_{index}"] = header
+    env["GIT_CONFIG_COUNT"] = str(len(extra_headers))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        "git", "clone", "--quiet", "--depth", "1", "--", url, str(target),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            _kill_group(proc.pid)
+    if proc.returncode != 0:
+        raise TaskFailed(f"fetchFiles {ref['path']!r}: git clone failed: "
+                         f"{err.decode(errors='replace').strip()[-500:]}")
+
+
+def _safe_url(url: str) -> str:
+    """The URL without inline credentials, for messages."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+    return url
+
+
+async def fetch_files(run: TaskRun) -> None:
+    """Downloads `fetchFiles` into the task folder; every path is checked before any fetch."""
+    refs = run.data.get("fetchFiles") or []
+    if not refs:
+        return
+    targets = []
+    for ref in refs:
+        if not isinstance(ref, dict):
+            raise TaskFailed("fetchFiles entries must be objects with a path")
+        targets.append((ref, path_inside(run.folder, ref.get("path"))))
+    run.progress.set_stage("fetching files")
+    for ref, target in targets:
+        if ref.get("gitClone"):
+            await _fetch_git(run, ref, target)
+        elif ref.get("get"):
+            await _fetch_http(run, ref, target)
+        else:
+            raise TaskFailed(f"fetchFiles {ref['path']!r} has neither get nor gitClone")
+
+
+def _read_artifact(folder: Path, ref: Any, max_bytes: int) -> dict:
+    relative = ref.get("path") if isinstance(ref, dict) else None
+    target = path_inside(folder, relative)
+    if not target.is_file():
+        raise TaskFailed(f"artifact {relative!r} was not produced")
+    size = target.stat().st_size
+    if size > max_bytes:
+        raise TaskFailed(f"artifact {relative!r} is {size} bytes, over the limit of {max_bytes} bytes")
+    content = target.read_bytes()
+    return {"path": relative, "size": len(content),
+            "sha256": hashlib.sha256(content).hexdigest(),
+            "contentBase64": base64.b64encode(content).decode("ascii")}
+
+
+async def collect_artifacts(run: TaskRun) -> list[dict]:
+    refs = run.data.get("artifacts") or []
+    if not refs:
+        return []
+    run.progress.set_stage("collecting artifacts")
+    return await asyncio.to_thread(
+        lambda: [_read_artifact(run.folder, ref, run.settings.artifact_max_bytes) for ref in refs])
+
+
+def _with_artifacts(output: Any, artifacts: list[dict]) -> Any:
+    """Artifacts go in `output.artifacts`; an output that is not an object is kept under `result`."""
+    if not artifacts:
+        return output
+    if not isinstance(output, dict):
+        output = {"result": output}
+    return {**output, "artifacts": artifacts}
+
+
+@dataclass
+class Outcome:
+    """A finished task as the resolve call wants it: the wire `status` and the `output`."""
+
+    status: dict
+    output: Any = None
+
+    @property
+    def kind(self) -> str:
+        return next(iter(self.status))
+
+
+async def execute_task(run: TaskRun, executor: Executor | None) -> Outcome:
+    """Runs one task to an Outcome. This is the one place where exceptions become results,
+    so a task can fail in any way without the agent noticing beyond a log line."""
+    started = time.monotonic()
+    try:
+        if executor is None:
+            raise NotExecuted(f"this agent has no executor for {run.capability!r}")
+        await fetch_files(run)
+        run.progress.set_stage("running")
+        run.executor_started = True
+        output = await executor(run)
+        artifacts = await collect_artifacts(run)
+        return Outcome({"success": time.monotonic() - started}, _with_artifacts(output, artifacts))
+    except NotExecuted as err:
+        return Outcome({"notExecuted": str(err)})
+    except TaskFailed as err:
+        return Outcome({"failure": [err.message, time.monotonic() - started]}, err.output)
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:  # an executor bug must not take the agent down
+        log.exception("task %s/%s: executor raised", run.capability, run.task_id["id"])
+        return Outcome({"failure": [f"{type(err).__name__}: {err}", time.monotonic() - started]})
+    finally:
+        await run.progress.close()
+
+
+# ============================================================================ serve loop
+
+class Agent:
+    """Serves tasks until told to stop: long-polls while a slot is free, takes what comes,
+    runs each task as an asyncio task, and reports it."""
+
+    def __init__(self, client: ServerClient, identity: AgentIdentity, settings: Settings,
+                 session: aiohttp.ClientSession):
+        self.client = client
+        self.identity = identity
+        self.settings = settings
+        self.session = session
+        self.served = {base_capability(c) for c in identity.capabilities}
+        self.slots = asyncio.Semaphore(identity.capacity)
+        self.handlers: set[asyncio.Task] = set()
+        self.executions: dict[str, asyncio.Task] = {}
+        self.stopping = asyncio.Event()
+        self.forced = asyncio.Event()
+        self.report_deadline: float | None = None   # set once the grace period is over
+
+    def request_stop(self) -> None:
+        """First call: stop taking work and let tasks finish. Second call: do not wait."""
+        if self.stopping.is_set():
+            log.info("second stop signal: not waiting for running tasks")
+            self.forced.set()
+        else:
+            log.info("stop signal: taking no new tasks")
+        self.stopping.set()
+
+    async def _until_stopped(self, awaitable: Awaitable) -> tuple[bool, Any]:
+        """Awaits `awaitable` unless a stop comes first; returns (finished, result)."""
+        work = asyncio.ensure_future(awaitable)
+        stopper = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if work.done():
+            return True, work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        return False, None
+
+    async def serve(self) -> None:
+        backoff = Backoff()
+        await self._announce(backoff)
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._poll_loop(backoff)
+        finally:
+            heartbeat.cancel()
+        await self._drain()
+
+    async def _heartbeat(self) -> None:
+        """The server counts an agent online while it heard from it in the last 120 s; with
+        every slot busy there is no long poll, so a long quiet task needs these pings."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S / 3)
+            if time.monotonic() - self.client.last_contact_at >= HEARTBEAT_S:
+                with contextlib.suppress(ServerUnavailable, ServerRefused):
+                    await self.client.ping()
+
+    async def _poll_loop(self, backoff: Backoff) -> None:
+        while not self.stopping.is_set():
+            finished, _ = await self._until_stopped(self.slots.acquire())
+            if not finished:
+                break
+            try:
+                finished, task = await self._until_stopped(self.client.poll_task(self.settings.poll_wait_s))
+                if finished and task and not self.stopping.is_set():
+                    task = await self.client.take_task(task["id"])
+                else:
+                    task = None
+            except (ServerUnavailable, ServerRefused) as err:
+                self.slots.release()
+                delay = backoff.next_delay()
+                log.warning("server: %s; retrying in %.1f s", err, delay)
+                await self._until_stopped(asyncio.sleep(delay))
+                continue
+            backoff.reset()
+            if task is None:
+                self.slots.release()
+                continue
+            handler = asyncio.create_task(self._handle(task))
+            self.handlers.add(handler)
+            handler.add_done_callback(self._handler_done)
+
+    def _handler_done(self, handler: asyncio.Task) -> None:
+        self.handlers.discard(handler)
+        self.slots.release()
+
+    async def _announce(self, backoff: Backoff) -> None:
+        """Refreshes capabilities and systemInfo on the server; also proves the login works."""
+        while not self.stopping.is_set():
+            try:
+                await self.client.update_info(system_info())
+                log.info("agent %s serving %s (capacity %d)", self.identity.agent_id,
+                         ", ".join(sorted(self.served)), self.identity.capacity)
+                backoff.reset()
+                return
+            except (ServerUnavailable, ServerRefused) as err:
+                delay = backoff.next_delay()
+                log.warning("server: %s; retrying in %.1f s", err, delay)
+                await self._until_stopped(asyncio.sleep(delay))
+
+    async def _handle(self, assigned: dict) -> None:
+        task_id = assigned["id"]
+        label = f"{task_id['cap']}/{task_id['id']}"
+        log.info("task %s taken", label)
+        folder = self.settings.work_root / task_id["id"]
+        started = time.monotonic()
+        progress = ProgressReporter(
+            lambda stage, text: self.client.report_progress(task_id, stage, text),
+            self.settings.progress_interval_s)
+        run = TaskRun(task_id=task_id, data=assigned.get("data") or {}, folder=folder,
+                      settings=self.settings, http=self.session, progress=progress)
+        try:
+            shutil.rmtree(folder, ignore_errors=True)  # a retried task starts afresh
+            folder.mkdir(parents=True)
+        except OSError as err:
+            await self._report(task_id, Outcome({"failure": [f"cannot create the task folder: {err}", 0.0]}))
+            return
+        executor = find_executor(task_id["cap"]) if task_id["cap"] in self.served else None
+        execution = asyncio.create_task(execute_task(run, executor))
+        self.executions[task_id["id"]] = execution
+        try:
+            outcome = await execution
+        except asyncio.CancelledError:
+            # Only the drain cancels executions: the grace period ran out.
+            elapsed = time.monotonic() - started
+            if run.executor_started:
+                outcome = Outcome({"failure": ["agent shut down before the task finished", elapsed]})
+            else:
+                outcome = Outcome({"notExecuted": "agent shut down before the task started"})
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(progress.close(), 2)
+        finally:
+            self.executions.pop(task_id["id"], None)
+        await self._report(task_id, outcome, progress)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    async def _report(self, task_id: dict, outcome: Outcome,
+                      progress: ProgressReporter | None = None) -> None:
+        """Delivers a result, retrying through server outages until the shutdown deadline.
+        Log text the outage held back goes first: the server refuses progress after a result."""
+        label = f"{task_id['cap']}/{task_id['id']}"
+        backoff = Backoff()
+        while True:
+            try:
+                if progress is not None and progress.pending:
+                    await progress.flush()
+                await self.client.resolve_task(task_id, outcome.status, outcome.output)
+                log.info("task %s resolved: %s", label, outcome.kind)
+                return
+            except ServerRefused as err:
+                if err.status == 413 and outcome.kind == "success":
+                    message = "the output is larger than the server accepts"
+                    outcome = Outcome({"failure": [message, outcome.status["success"]]},
+                                      {"error": message})
+                    continue
+                log.warning("task %s: result refused: %s", label, err)
+                return
+            except ServerUnavailable as err:
+                delay = backoff.next_delay()
+                if self.report_deadline is not None and time.monotonic() + delay > self.report_deadline:
+                    log.error("task %s: result not delivered before shutdown: %s", label, err)
+                    return
+                log.warning("task %s: result not delivered (%s); retrying in %.1f s", label, err, delay)
+                await asyncio.sleep(delay)
+
+    async def _drain(self) -> None:
+        """After a stop: running tasks get the grace period, then are cancelled and reported."""
+        if self.handlers:
+            log.info("waiting up to %.0f s for %d running task(s)", self.settings.grace_s,
+                     len(self.handlers))
+            all_done = asyncio.ensure_future(asyncio.wait(set(self.handlers)))
+            forced = asyncio.ensure_future(self.forced.wait())
+            await asyncio.wait({all_done, forced}, timeout=self.settings.grace_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            all_done.cancel()
+            forced.cancel()
+        self.report_deadline = time.monotonic() + FINAL_REPORT_S
+        for execution in list(self.executions.values()):
+            execution.cancel()
+        if self.handlers:
+            await asyncio.wait(set(self.handlers), timeout=FINAL_REPORT_S + 1)
+        log.info("agent stopped")
+
+
+# ============================================================================ CLI
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="offload-agent", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default=DEFAULT_CONFIG_PATH,
+                       help=f"identity file (default {DEFAULT_CONFIG_PATH})")
+
+    register = commands.add_parser("register", help="register this machine with a server")
+    register.add_argument("--server", required=True, help="server URL, e.g. http://host:3069")
+    register.add_argument("--key", default=os.environ.get("OFFLOAD_AGENT_KEY"),
+                          help="agent registration key (or env OFFLOAD_AGENT_KEY)")
+    register.add_argument("--caps", nargs="+", action="extend", metavar="CAP",
+                          help=f"capabilities to serve (default: {' '.join(DEFAULT_CAPABILITIES)})")
+    register.add_argument("--tier", type=int, default=0, help="0-255; higher tiers are preferred")
+    register.add_argument("--capacity", type=int, default=1, help="tasks run at once")
+    add_config(register)
+
+    serve = commands.add_parser("serve", help="serve tasks until SIGINT/SIGTERM")
+    serve.add_argument("--server", help="override the saved server URL")
+    serve.add_argument("--work-dir", help="where per-task folders go (default: a temp folder)")
+    serve.add_argument("--grace", type=float, default=GRACE_S,
+                       help=f"seconds running tasks may finish after SIGTERM (default {GRACE_S:.0f})")
+    serve.add_argument("--poll-wait", type=int, default=POLL_WAIT_S,
+                       help=f"long-poll seconds asked of the server (default {POLL_WAIT_S})")
+    serve.add_argument("--artifact-max-bytes", type=int, default=ARTIFACT_MAX_BYTES)
+    serve.add_argument("--allow-local-git", action="store_true",
+                       help="let gitClone use file:// URLs (tasks could read local repositories)")
+    add_config(serve)
+
+    commands.add_parser("sysinfo", help="print the system info this agent reports")
+    return parser.parse_args(argv)
+
+
+async def _register(args: argparse.Namespace) -> int:
+    if not args.key:
+        print("register needs --key or OFFLOAD_AGENT_KEY", file=sys.stderr)
+        return 2
+    if not 0 <= args.tier <= 255 or args.capacity < 1:
+        print("--tier must be 0-255 and --capacity at least 1", file=sys.stderr)
+        return 2
+    capabilities = list(dict.fromkeys(args.caps or DEFAULT_CAPABILITIES))
+    for capability in capabilities:
+        if find_executor(capability) is None:
+            log.warning("no executor for %s: its tasks will be reported notExecuted", capability)
+    async with aiohttp.ClientSession() as session:
+        client = ServerClient(args.server, session)
+        try:
+            answer = await client.register(args.key, capabilities, args.tier, args.capacity,
+                                           system_info())
+            identity = AgentIdentity(server=args.server, agent_id=answer["agentId"],
+                                     key=answer["key"], capabilities=capabilities,
+                                     tier=args.tier, capacity=args.capacity)
+            client.identity = identity
+            await client.authenticate()
+            await client.ping()
+        except (ServerUnavailable, ServerRefused) as err:
+            print(f"registration failed: {err}", file=sys.stderr)
+            return 1
+    save_identity(Path(args.config), identity)
+    print(f"registered agent {identity.agent_id} serving {', '.join(capabilities)}; "
+          f"identity saved to {args.config}")
+    return 0
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    try:
+        identity = load_identity(Path(args.config))
+    except (OSError, ValueError, KeyError) as err:
+        print(f"cannot read {args.config} ({err}); run `register` first", file=sys.stderr)
+        return 2
+    if args.server:
+        identity = dataclasses.replace(identity, server=args.server)
+    temp_root = None if args.work_dir else Path(tempfile.mkdtemp(prefix="offload-agent-"))
+    work_root = Path(args.work_dir).resolve() if args.work_dir else temp_root
+    work_root.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        work_root=work_root, ollama_url=os.environ.get("OLLAMA_URL", DEFAULT_OLLAMA_URL),
+        grace_s=args.grace, poll_wait_s=args.poll_wait,
+        artifact_max_bytes=args.artifact_max_bytes, allow_local_git=args.allow_local_git)
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = ServerClient(identity.server, session, identity)
+            agent = Agent(client, identity, settings, session)
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, agent.request_stop)
+            await agent.serve()
+    finally:
+        if temp_root is not None:
+            shutil.rmtree(temp_root, ignore_errors=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if args.command == "sysinfo":
+        print(json.dumps(system_info(), indent=2))
+        return 0
+    if args.command == "register":
+        return asyncio.run(_register(args))
+    return asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
