@@ -20,8 +20,10 @@ import binascii
 import hashlib
 import heapq
 import hmac
+import itertools
 import logging
 import os
+import random
 import secrets
 import signal
 import sys
@@ -202,6 +204,10 @@ class WaitTimeout(OffloadError):
     status, type = 504, "timeout"
 
 
+class TooManyRequests(OffloadError):
+    status, type = 429, "too_many_requests"
+
+
 # ============================================================================ models
 
 PENDING, ASSIGNED, RUNNING = "pending", "assigned", "running"
@@ -210,20 +216,25 @@ ENDED = frozenset({COMPLETED, FAILED, CANCELED})
 
 # Legal moves of the task state machine; anything else raises and changes nothing.
 # (`queued` and `starting` exist in the original's vocabulary but are never entered.)
+# Failed and canceled tasks go back to pending only by a management requeue.
 TRANSITIONS: dict[str, frozenset[str]] = {
     PENDING: frozenset({ASSIGNED, FAILED, CANCELED}),
-    ASSIGNED: frozenset({RUNNING, COMPLETED, FAILED, PENDING}),
-    RUNNING: frozenset({RUNNING, COMPLETED, FAILED, PENDING}),
+    ASSIGNED: frozenset({RUNNING, COMPLETED, FAILED, CANCELED, PENDING}),
+    RUNNING: frozenset({RUNNING, COMPLETED, FAILED, CANCELED, PENDING}),
     COMPLETED: frozenset(),
-    FAILED: frozenset(),
-    CANCELED: frozenset(),
+    FAILED: frozenset({PENDING}),
+    CANCELED: frozenset({PENDING}),
 }
 
 ONLINE_S = 120.0          # an agent is online while its last contact is this recent
 URGENT_TAKE_S = 60.0      # an urgent task nobody takes within this fails as expired
 URGENT_KEEP_S = 600.0     # an ended urgent task stays pollable this long
 OFFER_S = 15.0            # a polled task is held for its agent this long before `take`
-MAX_ATTEMPTS = 3          # a restartable task is handed out at most this often
+CANCEL_GRACE_S = 60.0     # a task whose agent does not confirm a cancel ends anyway then
+DEFAULT_PRIORITY = 5
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_RETRY_DELAY_S = 5.0
+MAX_RETRY_DELAY_S = 600.0
 LOG_KEEP_CHARS = 1 << 20  # the server keeps the last 1 MiB of a task's log
 CAP_MAX_CHARS = 256
 
@@ -318,11 +329,34 @@ def _flag(body: dict, name: str) -> bool:
     return value
 
 
+def _number(body: dict, name: str, low: float, high: float, integer: bool = False) -> Any:
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+            or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise BadRequest(f"{name} must be {kind} from {low:g} to {high:g}")
+    return value
+
+
+# Lifecycle extensions of a submission: name -> (low, high, integer).
+SUBMIT_LIMITS = {
+    "priority": (0, 9, True),
+    "maxRetries": (0, 100, True),
+    "retryDelaySecs": (0, MAX_RETRY_DELAY_S, False),
+    "maxWaitSecs": (0.001, 366 * 86400, False),
+    "timeoutSecs": (0.001, 366 * 86400, False),
+    "runtimeSecs": (0.001, 366 * 86400, False),
+    "delaySecs": (0, 366 * 86400, False),
+}
+
+
 def parse_submission(body: Any) -> dict:
-    """A TaskSubmissionRequest as stored and handed to agents (never with its apiKey)."""
+    """A TaskSubmissionRequest as stored and handed to agents (never with its apiKey).
+    Extension fields appear only when the client sent them, so original agents see the
+    original shape."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
-    return {
+    data = {
         "capability": check_capability(body.get("capability")),
         "urgent": _flag(body, "urgent"),
         "restartable": _flag(body, "restartable"),
@@ -330,6 +364,22 @@ def parse_submission(body: Any) -> dict:
         "fetchFiles": _file_refs(body.get("fetchFiles"), "fetchFiles"),
         "artifacts": _file_refs(body.get("artifacts"), "artifacts"),
     }
+    for name, (low, high, integer) in SUBMIT_LIMITS.items():
+        if body.get(name) is not None:
+            data[name] = _number(body, name, low, high, integer)
+    if body.get("retryOnSameNode") is not None:
+        data["retryOnSameNode"] = _flag(body, "retryOnSameNode")
+    if body.get("runAt") is not None:
+        if "delaySecs" in data:
+            raise BadRequest("give runAt or delaySecs, not both")
+        try:
+            parse_iso(body["runAt"])
+        except (TypeError, ValueError):
+            raise BadRequest("runAt must be an RFC 3339 time like 2026-11-28T10:00:00Z") from None
+        data["runAt"] = body["runAt"]
+    if data["urgent"] and ("runAt" in data or "delaySecs" in data or "priority" in data):
+        raise BadRequest("urgent tasks run now: runAt, delaySecs and priority are for regular tasks")
+    return data
 
 
 def parse_agent_info(body: Any) -> dict:
@@ -364,12 +414,24 @@ class Task:
     assigned_at: float | None = None
     ended_at: float | None = None
     queued_at: float = 0.0  # when it last became pending (urgent expiry counts from here)
+    not_before: float | None = None  # pending but not handed out before this (delay, retry)
+    cancel_requested_at: float | None = None
+    cancel_reason: str | None = None  # "canceled" or "timeout"
+    last_agent: str | None = None
     result: Any = None
     log: str = ""
     stage: str | None = None
     attempts: int = 0
     history: list = field(default_factory=list)  # [(at, description)]
-    in_heap: bool = False   # has a live entry in its queue heap (see Broker)
+    in_heap: bool = False   # has a live entry in its ready queue (see Broker)
+
+    @property
+    def priority(self) -> int:
+        return self.data.get("priority", DEFAULT_PRIORITY)
+
+    @property
+    def retries_left(self) -> bool:
+        return self.attempts <= self.data.get("maxRetries", DEFAULT_MAX_RETRIES)
 
     @property
     def key(self) -> TaskKey:
@@ -383,7 +445,9 @@ class Task:
         return {"cap": self.cap, "id": self.id, "data": self.data, "owner": self.owner,
                 "createdAt": self.created_at, "status": self.status, "agentId": self.agent_id,
                 "assignedAt": self.assigned_at, "endedAt": self.ended_at,
-                "queuedAt": self.queued_at, "result": self.result, "log": self.log,
+                "queuedAt": self.queued_at, "notBefore": self.not_before,
+                "cancelRequestedAt": self.cancel_requested_at, "cancelReason": self.cancel_reason,
+                "lastAgent": self.last_agent, "result": self.result, "log": self.log,
                 "stage": self.stage, "attempts": self.attempts,
                 "history": [list(h) for h in self.history]}
 
@@ -392,7 +456,8 @@ class Task:
         return cls(cap=r["cap"], id=r["id"], data=r["data"], owner=r["owner"],
                    created_at=r["createdAt"], status=r["status"], agent_id=r["agentId"],
                    assigned_at=r["assignedAt"], ended_at=r["endedAt"], queued_at=r["queuedAt"],
-                   result=r["result"], log=r["log"], stage=r["stage"], attempts=r["attempts"],
+                   not_before=r["notBefore"], cancel_requested_at=r["cancelRequestedAt"],
+                   cancel_reason=r["cancelReason"], last_agent=r["lastAgent"], result=r["result"], log=r["log"], stage=r["stage"], attempts=r["attempts"],
                    history=[tuple(h) for h in r["history"]])
 
     # Wire shapes of API.md.
@@ -407,7 +472,8 @@ class Task:
                 "status": self.status,
                 "history": [{"timestamp": iso(at), "description": d} for at, d in self.history],
                 "createdAt": iso(self.created_at), "assignedAt": iso(self.assigned_at),
-                "result": self.result, "log": self.log, "stage": self.stage}
+                "result": self.result, "log": self.log, "stage": self.stage,
+                "attempt": self.attempts, "cancelRequested": self.cancel_requested_at is not None}
 
     def status_json(self) -> dict:
         body = {"id": self.task_id(), "status": self.status, "log": self.log,
@@ -430,6 +496,7 @@ class Agent:
     system_info: dict
     last_contact: float
     bases: frozenset = frozenset()
+    draining: bool = False                     # gets no new tasks, keeps its running ones
     held: set = field(default_factory=set)     # keys of tasks it holds (assigned/running)
     offered: set = field(default_factory=set)  # keys polled but not yet taken
 
@@ -440,13 +507,15 @@ class Agent:
     def to_record(self) -> dict:
         return {"uid": self.uid, "key": self.key, "registeredAt": self.registered_at,
                 "capabilities": self.capabilities, "tier": self.tier,
-                "capacity": self.capacity, "systemInfo": self.system_info}
+                "capacity": self.capacity, "systemInfo": self.system_info,
+                "draining": self.draining}
 
     def to_json(self, online: bool) -> dict:
         return {"uid": self.uid, "uidShort": self.uid[-6:],
                 "registeredAt": iso(self.registered_at), "lastContact": iso(self.last_contact),
                 "capabilities": self.capabilities, "tier": self.tier, "capacity": self.capacity,
-                "systemInfo": self.system_info, "online": online}
+                "systemInfo": self.system_info, "online": online, "draining": self.draining,
+                "tasksInFlight": len(self.held)}
 
 
 @dataclass(slots=True, eq=False)
@@ -456,11 +525,12 @@ class ClientKey:
     is_predefined: bool
     created_at: float
     is_revoked: bool = False
+    max_in_flight: int | None = None  # queued + running tasks allowed at once
 
     def to_record(self) -> dict:
         return {"key": self.key, "capabilities": self.capabilities,
                 "isPredefined": self.is_predefined, "created": self.created_at,
-                "isRevoked": self.is_revoked}
+                "isRevoked": self.is_revoked, "maxInFlight": self.max_in_flight}
 
     def to_json(self) -> dict:
         return {**self.to_record(), "created": iso(self.created_at)}
@@ -476,32 +546,82 @@ class ClientKey:
 # tasks are applied but not kept (urgent tasks live in memory only); the hub takes
 # the durable ones from `records` after each call and journals them.
 #
-# Queues: one heap per (urgency, base capability), ordered by task id (ULIDs sort by
-# creation), so oldest-first costs O(log n) and a requeued task regains its place.
-# Entries are removed lazily: an entry whose task is no longer pending is skipped
-# when it reaches the top. A poll *offers* the head task to the agent (popped from
-# the heap, held for OFFER_S) so concurrent pollers get different tasks; `take`
-# turns the offer into an assignment, and an offer not taken lapses back.
+# Queues: one ReadyQueue per (urgency, base capability) holds the tasks that may be
+# handed out now: higher priority first, client keys taking turns within a priority,
+# each key's tasks oldest first (ULIDs sort by creation) - O(log n) per claim, and a
+# requeued task regains its place. Entries are removed lazily: one whose task is no
+# longer pending is skipped when it reaches the top. A poll *offers* the head task to
+# the agent (popped, held for OFFER_S) so concurrent pollers get different tasks;
+# `take` turns the offer into an assignment, and an offer not taken lapses back.
+# Pending tasks that must wait (delayed, retry backoff) sit in `timers` until due.
+#
+# Timers: one heap of (due, seq, kind, task key, anchor) for everything that happens
+# because time passes: a delay ending, an urgent or maxWaitSecs expiry, a timeout, a
+# cancel's grace period, an ended urgent task being forgotten. A timer that no longer
+# applies when it comes due is dropped; `expire(now)` pops the due ones.
 #
 # Agents: `online` is an OrderedDict ordered by last contact, oldest first, holding
 # only online agents, so expiry pops from the front and never visits offline ones.
 # `serving` indexes online agents by base capability for matching and tier checks.
 
+class ReadyQueue:
+    """Ready tasks of one capability: higher priority first; within a priority the
+    submitting keys take turns; each key's tasks oldest first."""
+    __slots__ = ("levels",)
+
+    def __init__(self):
+        self.levels: dict[int, OrderedDict[str, list[tuple[str, str]]]] = {}
+
+    def push(self, task: Task) -> None:
+        turns = self.levels.setdefault(task.priority, OrderedDict())
+        heapq.heappush(turns.setdefault(task.owner, []), (task.id, task.cap))
+
+    def head(self, live: Callable[[tuple[str, str]], Task | None]) -> Task | None:
+        """The next task to hand out; entries `live` rejects are dropped on the way."""
+        for priority in sorted(self.levels, reverse=True):  # at most 10 levels
+            turns = self.levels[priority]
+            while turns:
+                owner, heap = next(iter(turns.items()))
+                while heap:
+                    task = live(heap[0])
+                    if task is not None:
+                        return task
+                    heapq.heappop(heap)
+                del turns[owner]
+            del self.levels[priority]
+        return None
+
+    def pop(self, task: Task) -> None:
+        """Remove `task` (the head just returned); its key's turn passes to the next."""
+        turns = self.levels[task.priority]
+        heap = turns[task.owner]
+        heapq.heappop(heap)
+        if heap:
+            turns.move_to_end(task.owner)
+        else:
+            del turns[task.owner]
+            if not turns:
+                del self.levels[task.priority]
+
+
 class Broker:
-    def __init__(self, predefined_keys: tuple[str, ...] = (), now: float = 0.0):
+    def __init__(self, predefined_keys: tuple[str, ...] = (), now: float = 0.0,
+                 rng: random.Random | None = None):
         self.tasks: dict[TaskKey, Task] = {}
-        self.queues: dict[tuple[bool, str], list[tuple[str, str]]] = {}
+        self.queues: dict[tuple[bool, str], ReadyQueue] = {}
         self.offers: dict[TaskKey, tuple[str, float]] = {}   # task -> (agent uid, lapses at)
+        self.timers: list[tuple[float, int, str, TaskKey, Any]] = []
+        self.timer_seq = itertools.count()
         self.agents: dict[str, Agent] = {}
         self.online: OrderedDict[str, Agent] = OrderedDict()
         self.serving: dict[str, set[str]] = {}               # base capability -> online uids
-        self.keys: dict[str, ClientKey] = {}                 # sha256(key) -> key
-        self.urgent_deadlines: deque[tuple[float, TaskKey]] = deque()  # (pending since, task)
-        self.urgent_ended: deque[tuple[float, TaskKey]] = deque()      # (ended at, task)
+        self.keys: dict[bytes, ClientKey] = {}               # sha256(key) -> key
         self.counts: dict[tuple[bool, str], int] = {}        # (urgent, status) -> tasks
         self.pending_by_cap: dict[str, int] = {}             # base capability -> pending tasks
+        self.in_flight_by_owner: dict[str, int] = {}         # owner -> tasks not ended
         self.records: list[dict] = []                        # durable records not yet journaled
         self.ids = UlidFactory()
+        self.rng = rng or random.Random()
         for key in predefined_keys:
             self.keys[key_digest(key)] = ClientKey(key, ["*"], True, now)
 
@@ -512,6 +632,9 @@ class Broker:
         self.apply(record)
         if durable:
             self.records.append(record)
+
+    def _emit_task(self, op: str, task: Task, now: float, **fields: Any) -> None:
+        self._emit(op, now, durable=not task.urgent, cap=task.cap, id=task.id, **fields)
 
     def take_records(self) -> list[dict]:
         records, self.records = self.records, []
@@ -535,39 +658,50 @@ class Broker:
         if task.status == PENDING:
             base = base_capability(task.cap)
             self.pending_by_cap[base] = self.pending_by_cap.get(base, 0) + delta
+        if task.status not in ENDED:
+            self.in_flight_by_owner[task.owner] = self.in_flight_by_owner.get(task.owner, 0) + delta
+
+    def _timer(self, due: float, kind: str, task: Task, anchor: Any = None) -> None:
+        heapq.heappush(self.timers, (due, next(self.timer_seq), kind, task.key, anchor))
 
     def _enqueue(self, task: Task, now: float) -> None:
+        """Make a pending task available: now, or when its not_before comes."""
         task.queued_at = now
-        if not task.in_heap:
-            heapq.heappush(self.queues.setdefault((task.urgent, base_capability(task.cap)), []),
-                           (task.id, task.cap))
-            task.in_heap = True
         if task.urgent:
-            self.urgent_deadlines.append((now, task.key))
+            self._timer(now + URGENT_TAKE_S, "expire", task, now)
+        if task.not_before is not None and task.not_before > now:
+            self._timer(task.not_before, "ready", task)
+        else:
+            task.not_before = None
+            self._push(task)
 
-    def _head(self, urgent: bool, base: str) -> Task | None:
-        heap = self.queues.get((urgent, base))
-        while heap:
-            task = self.tasks.get((heap[0][1], heap[0][0]))
-            if task is not None and task.status == PENDING and task.key not in self.offers:
-                return task
-            heapq.heappop(heap)
-            if task is not None:
-                task.in_heap = False
+    def _push(self, task: Task) -> None:
+        if not task.in_heap:
+            self.queues.setdefault((task.urgent, base_capability(task.cap)), ReadyQueue()).push(task)
+            task.in_heap = True
+
+    def _live(self, entry: tuple[str, str]) -> Task | None:
+        task = self.tasks.get((entry[1], entry[0]))
+        if task is not None and task.status == PENDING and task.in_heap:
+            return task
+        if task is not None:
+            task.in_heap = False
         return None
 
-    def _release(self, agent: Agent, task: Task) -> None:
-        agent.held.discard(task.key)
+    def _head(self, urgent: bool, base: str) -> Task | None:
+        queue = self.queues.get((urgent, base))
+        return queue.head(self._live) if queue else None
 
     def _end(self, task: Task, status: str, now: float, description: str) -> None:
         self._set_status(task, status)
         task.ended_at = now
+        task.not_before = None
         task.history.append((now, description))
         agent = self.agents.get(task.agent_id or "")
         if agent:
-            self._release(agent, task)
+            agent.held.discard(task.key)
         if task.urgent:
-            self.urgent_ended.append((now, task.key))
+            self._timer(now + URGENT_KEEP_S, "forget", task)
 
     def _drop_offer(self, key: TaskKey) -> None:
         offer = self.offers.pop(key, None)
@@ -599,6 +733,12 @@ class Broker:
                 if not uids:
                     del self.serving[base]
 
+    def _agent(self, uid: str) -> Agent:
+        agent = self.agents.get(uid)
+        if agent is None:
+            raise NotFound(f"no agent {uid}")
+        return agent
+
     def register_agent(self, info: dict, now: float) -> Agent:
         uid = self.ids.new(now)
         self._emit("agent.registered", now, agent={
@@ -610,10 +750,14 @@ class Broker:
         self._emit("agent.updated", now, uid=uid, **info)
         return self.agents[uid]
 
+    def drain_agent(self, uid: str, draining: bool, now: float) -> Agent:
+        """A draining agent gets no new tasks and keeps the ones it holds."""
+        agent = self._agent(uid)
+        self._emit("agent.drained" if draining else "agent.resumed", now, uid=uid)
+        return agent
+
     def delete_agent(self, uid: str, now: float) -> None:
-        agent = self.agents.get(uid)
-        if agent is None:
-            raise NotFound(f"no agent {uid}")
+        agent = self._agent(uid)
         self._lose_agent(agent, now, f"agent {uid} was deleted")
         self._emit("agent.deleted", now, uid=uid)
 
@@ -624,19 +768,29 @@ class Broker:
 
     def _lose_agent(self, agent: Agent, now: float, reason: str) -> None:
         """An agent is gone: its offers lapse, its restartable tasks go back to the queue
-        (while attempts are left), the others fail - each with the reason in history."""
+        (while retries are left), the others fail - each with the reason in history."""
         for key in list(agent.offered):
             self._lapse_offer(key, now)
         for key in sorted(agent.held):
             self._retry_or_fail(self.tasks[key], now, reason)
 
-    def _retry_or_fail(self, task: Task, now: float, reason: str, result: Any = None) -> None:
-        if task.data["restartable"] and task.attempts < MAX_ATTEMPTS:
-            self._emit("task.requeued", now, durable=not task.urgent, cap=task.cap, id=task.id,
-                       reason=f"{reason}; back in the queue (attempt {task.attempts} of {MAX_ATTEMPTS})")
+    def _retry_or_fail(self, task: Task, now: float, reason: str, result: Any = None,
+                       delay: bool = True) -> None:
+        """After a failed attempt: cancel if one was asked for, retry if allowed, else fail."""
+        if task.cancel_requested_at is not None:
+            self._finish_cancel(task, now, reason)
+        elif task.data["restartable"] and task.retries_left:
+            not_before = now + self._retry_delay(task) if delay else None
+            retries = task.data.get("maxRetries", DEFAULT_MAX_RETRIES)
+            self._emit_task("task.requeued", task, now, notBefore=not_before,
+                            reason=f"{reason}; retry {task.attempts} of {retries}")
         else:
-            self._emit("task.failed", now, durable=not task.urgent, cap=task.cap, id=task.id,
-                       reason=reason, result=result)
+            self._emit_task("task.failed", task, now, reason=reason, result=result)
+
+    def _retry_delay(self, task: Task) -> float:
+        """Exponential backoff with jitter: delay * 2^(attempt-1) * [0.5, 1.5), capped."""
+        base = task.data.get("retryDelaySecs", DEFAULT_RETRY_DELAY_S)
+        return min(MAX_RETRY_DELAY_S, base * 2 ** (task.attempts - 1) * (0.5 + self.rng.random()))
 
     def is_online(self, agent: Agent, now: float) -> bool:
         return agent.uid in self.online and now - agent.last_contact <= ONLINE_S
@@ -659,12 +813,14 @@ class Broker:
             return found
         return None
 
-    def update_key(self, key: str, capabilities: list[str], now: float) -> ClientKey:
+    def update_key(self, key: str, capabilities: list[str], max_in_flight: int | None,
+                   now: float) -> ClientKey:
         existing = self.client_key(key)
         self._emit("key.updated", now, key={
             "key": key, "capabilities": capabilities,
             "isPredefined": existing.is_predefined if existing else False,
-            "created": existing.created_at if existing else now, "isRevoked": False})
+            "created": existing.created_at if existing else now, "isRevoked": False,
+            "maxInFlight": max_in_flight})
         return self.client_key(key)
 
     def revoke_key(self, key: str, now: float) -> ClientKey:
@@ -675,10 +831,12 @@ class Broker:
 
     # ---------------------------------------------------------------- tasks
 
-    def submit(self, data: dict, owner: str, now: float) -> Task:
+    def submit(self, data: dict, owner: str, max_in_flight: int | None, now: float) -> Task:
         base = base_capability(data["capability"])
         if data["urgent"] and base not in self.serving:
             raise SchedulingImpossible(f"no online agent serves {base}")
+        if max_in_flight is not None and self.in_flight_by_owner.get(owner, 0) >= max_in_flight:
+            raise TooManyRequests(f"this key already has {max_in_flight} tasks queued or running")
         task_id = self.ids.new(now)
         self._emit("task.submitted", now, durable=not data["urgent"], task={
             "cap": data["capability"], "id": task_id, "data": data, "owner": owner,
@@ -694,39 +852,51 @@ class Broker:
 
     def offer(self, uid: str, now: float, urgent_only: bool = False) -> Task | None:
         """The task this agent should take next, held for it until it takes it, or None.
-        Urgent first, then regular; oldest first across the agent's capabilities."""
+        Urgent first, then regular; by priority, then oldest, across its capabilities."""
         agent = self.agents[uid]
-        if agent.load >= agent.capacity:
+        if agent.load >= agent.capacity or agent.draining:
             return None
-        best = None
-        for base in agent.bases:
-            task = self._head(True, base)
-            if task is not None and (best is None or task.id < best.id):
-                best = task
+        best = self._best_head(agent, True, now)
         if best is None and not urgent_only:
-            for base in agent.bases:
-                if not self._tier_allows(agent, base, now):
-                    continue
-                task = self._head(False, base)
-                if task is not None and (best is None or task.id < best.id):
-                    best = task
+            best = self._best_head(agent, False, now)
         if best is not None:
-            heap = self.queues[(best.urgent, base_capability(best.cap))]
-            heapq.heappop(heap)  # `best` came from _head, so it is this heap's top
+            self.queues[(best.urgent, base_capability(best.cap))].pop(best)
             best.in_heap = False
             self.offers[best.key] = (uid, now + OFFER_S)
             agent.offered.add(best.key)
         return best
+
+    def _best_head(self, agent: Agent, urgent: bool, now: float) -> Task | None:
+        best = None
+        for base in agent.bases:
+            if not urgent and not self._tier_allows(agent, base, now):
+                continue
+            task = self._head(urgent, base)
+            if task is None or (task.last_agent == agent.uid and self._another_could_retry(task, now)):
+                continue
+            if best is None or (-task.priority, task.id) < (-best.priority, best.id):
+                best = task
+        return best
+
+    def _has_room(self, agent: Agent, now: float) -> bool:
+        return (agent.load < agent.capacity and not agent.draining
+                and now - agent.last_contact <= ONLINE_S)
 
     def _tier_allows(self, agent: Agent, base: str, now: float) -> bool:
         """Spill-over: a lower tier gets a regular task only when no online agent of a
         higher tier that serves it has free capacity."""
         for uid in self.serving.get(base, ()):
             other = self.agents[uid]
-            if (other.tier > agent.tier and other.load < other.capacity
-                    and now - other.last_contact <= ONLINE_S):
+            if other.tier > agent.tier and self._has_room(other, now):
                 return False
         return True
+
+    def _another_could_retry(self, task: Task, now: float) -> bool:
+        """retryOnSameNode: false - leave the retry to another agent when one has room."""
+        if task.data.get("retryOnSameNode", True):
+            return False
+        return any(uid != task.last_agent and self._has_room(self.agents[uid], now)
+                   for uid in self.serving.get(base_capability(task.cap), ()))
 
     def release_offer(self, key: TaskKey, now: float) -> None:
         """The poller went away before it got the task: give it to the next one."""
@@ -736,10 +906,8 @@ class Broker:
     def _lapse_offer(self, key: TaskKey, now: float) -> None:
         self._drop_offer(key)
         task = self.tasks.get(key)
-        if task is not None and task.status == PENDING and not task.in_heap:
-            heapq.heappush(self.queues.setdefault((task.urgent, base_capability(task.cap)), []),
-                           (task.id, task.cap))
-            task.in_heap = True
+        if task is not None and task.status == PENDING and task.not_before is None:
+            self._push(task)
 
     def take(self, uid: str, cap: str, task_id: str, now: float) -> Task:
         agent = self.touch(uid, now)
@@ -748,13 +916,15 @@ class Broker:
             raise Forbidden(f"agent {uid} does not serve {base_capability(cap)}")
         if task.status != PENDING:
             raise Conflict(f"task {task_id} was already taken")
+        if task.not_before is not None:
+            raise Conflict(f"task {task_id} may not run before {iso(task.not_before)}")
         offer = self.offers.get(task.key)
         mine = offer is not None and offer[0] == uid
         if offer is not None and not mine and offer[1] > now:
             raise Conflict(f"task {task_id} is offered to another agent")
-        if not mine and agent.load >= agent.capacity:
-            raise Conflict(f"agent {uid} is at capacity ({agent.capacity})")
-        self._emit("task.assigned", now, durable=not task.urgent, cap=cap, id=task_id, agentId=uid)
+        if not mine and (agent.load >= agent.capacity or agent.draining):
+            raise Conflict(f"agent {uid} is at capacity ({agent.capacity}) or draining")
+        self._emit_task("task.assigned", task, now, agentId=uid)
         return task
 
     def _held_by(self, uid: str, cap: str, task_id: str) -> Task:
@@ -769,8 +939,7 @@ class Broker:
                  log_update: str | None, now: float) -> Task:
         self.touch(uid, now)
         task = self._held_by(uid, cap, task_id)
-        self._emit("task.progressed", now, durable=not task.urgent, cap=cap, id=task_id,
-                   stage=stage, log=log_update)
+        self._emit_task("task.progressed", task, now, stage=stage, log=log_update)
         return task
 
     def resolve(self, uid: str, cap: str, task_id: str, outcome: str, message: str | None,
@@ -778,17 +947,48 @@ class Broker:
         """outcome: success | failure | notExecuted (API.md's resolve statuses)."""
         self.touch(uid, now)
         task = self._held_by(uid, cap, task_id)
-        durable = not task.urgent
         if outcome == "success":
-            self._emit("task.completed", now, durable=durable, cap=cap, id=task_id, result=output)
+            self._emit_task("task.completed", task, now, result=output)
         elif outcome == "failure":
             self._retry_or_fail(task, now, f"failed on agent {uid}: {message}", output)
-        elif task.data["restartable"]:  # notExecuted: another agent may run it
-            self._emit("task.requeued", now, durable=durable, cap=cap, id=task_id,
-                       reason=f"not executed by agent {uid}: {message}")
+        else:  # notExecuted: another agent may run it, at once
+            self._retry_or_fail(task, now, f"not executed by agent {uid}: {message}", output,
+                                delay=False)
+        return task
+
+    def cancel(self, cap: str, task_id: str, owner: str, now: float) -> Task:
+        """A queued task is canceled at once; a running one is asked to stop (its agent
+        learns it from progress answers and the cancel long poll)."""
+        task = self.task(cap, task_id, owner)
+        if task.status in ENDED:
+            raise Conflict(f"task {task_id} has already ended ({task.status})")
+        if task.status == PENDING:
+            self._drop_offer(task.key)
+            self._emit_task("task.canceled", task, now, reason="canceled while queued")
+        elif task.cancel_requested_at is None:
+            self._emit_task("task.cancel_requested", task, now, reason="canceled")
+        return task
+
+    def _finish_cancel(self, task: Task, now: float, detail: str) -> None:
+        if task.cancel_reason == "timeout":
+            self._emit_task("task.failed", task, now, reason=f"timeout; {detail}")
         else:
-            self._emit("task.failed", now, durable=durable, cap=cap, id=task_id,
-                       reason=f"not executed by agent {uid}: {message}", result=output)
+            self._emit_task("task.canceled", task, now, reason=f"canceled; {detail}")
+
+    def cancel_requests(self, uid: str) -> list[dict]:
+        """Tasks this agent holds that it should stop."""
+        agent = self.agents.get(uid)
+        return [self.tasks[key].task_id() for key in sorted(agent.held)
+                if self.tasks[key].cancel_requested_at is not None] if agent else []
+
+    def requeue(self, cap: str, task_id: str, now: float) -> Task:
+        """Management: a failed or canceled task (a dead letter) gets a fresh set of attempts."""
+        task = self.task(cap, task_id)
+        if task.status not in (FAILED, CANCELED):
+            raise Conflict(f"only failed or canceled tasks can be requeued; this one is {task.status}")
+        if task.urgent:
+            raise Conflict("urgent tasks cannot be requeued: submit it again")
+        self._emit_task("task.revived", task, now)
         return task
 
     def reset_tasks(self, now: float) -> None:
@@ -807,18 +1007,40 @@ class Broker:
         for key, (_, lapses_at) in list(self.offers.items()):
             if lapses_at <= now:
                 self._lapse_offer(key, now)
-        while self.urgent_deadlines and self.urgent_deadlines[0][0] + URGENT_TAKE_S <= now:
-            since, key = self.urgent_deadlines.popleft()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, kind, key, anchor = heapq.heappop(self.timers)
             task = self.tasks.get(key)
-            if task is not None and task.status == PENDING and task.queued_at == since:
-                self._drop_offer(key)
-                self._emit("task.failed", now, durable=False, cap=key[0], id=key[1],
-                           reason=f"expired: no agent took it within {URGENT_TAKE_S:.0f} s")
-        while self.urgent_ended and self.urgent_ended[0][0] + URGENT_KEEP_S <= now:
-            _, key = self.urgent_ended.popleft()
-            task = self.tasks.get(key)
-            if task is not None and task.status in ENDED:
-                self._forget(task)
+            if task is not None:
+                TIMERS[kind](self, task, now, anchor)
+
+    def _on_ready_timer(self, task: Task, now: float, anchor: Any) -> None:
+        if task.status == PENDING and task.not_before is not None and task.not_before <= now:
+            task.not_before = None
+            self._push(task)
+
+    def _on_expire_timer(self, task: Task, now: float, anchor: Any) -> None:
+        if task.status == PENDING and task.queued_at == anchor:
+            self._drop_offer(task.key)
+            waited = now - anchor
+            self._emit_task("task.failed", task, now,
+                            reason=f"expired: no agent took it within {waited:.0f} s")
+
+    def _on_timeout_timer(self, task: Task, now: float, anchor: Any) -> None:
+        limit = task.data["timeoutSecs"]
+        if task.status == PENDING:
+            self._drop_offer(task.key)
+            self._emit_task("task.failed", task, now, reason=f"timeout: not done within {limit:g} s")
+        elif task.status in (ASSIGNED, RUNNING) and task.cancel_requested_at is None:
+            self._emit_task("task.cancel_requested", task, now, reason="timeout")
+
+    def _on_grace_timer(self, task: Task, now: float, anchor: Any) -> None:
+        if task.status in (ASSIGNED, RUNNING) and task.cancel_requested_at == anchor:
+            self._finish_cancel(task, now, f"agent {task.agent_id} did not confirm within "
+                                           f"{CANCEL_GRACE_S:.0f} s")
+
+    def _on_forget_timer(self, task: Task, now: float, anchor: Any) -> None:
+        if task.status in ENDED and task.ended_at is not None and task.ended_at + URGENT_KEEP_S <= now:
+            self._forget(task)
 
     def _forget(self, task: Task) -> None:
         self._count(task, -1)
@@ -854,10 +1076,12 @@ class Broker:
         for record in snap["tasks"]:
             self._add_task(Task.from_record(record))
 
-    def task_listing(self) -> dict:
+    def task_listing(self, status: str | None = None) -> dict:
         listing = {"urgent": {"assigned": [], "unassigned": []},
                    "regular": {"assigned": [], "unassigned": []}}
         for task in self.tasks.values():
+            if status is not None and task.status != status:
+                continue
             queue = listing["urgent" if task.urgent else "regular"]
             if task.status == PENDING:
                 queue["unassigned"].append(task.unassigned_json())
@@ -880,7 +1104,8 @@ class Broker:
         agent = Agent(uid=r["uid"], key=r["key"], registered_at=r["registeredAt"],
                       capabilities=r["capabilities"], tier=r["tier"], capacity=r["capacity"],
                       system_info=r["systemInfo"], last_contact=r["registeredAt"],
-                      bases=frozenset(map(base_capability, r["capabilities"])))
+                      bases=frozenset(map(base_capability, r["capabilities"])),
+                      draining=r.get("draining", False))
         self.agents[agent.uid] = agent
         return agent
 
@@ -888,16 +1113,24 @@ class Broker:
         digest = key_digest(r["key"])
         if r["isPredefined"] and digest not in self.keys:
             return  # no longer in the configuration: it must stop working
-        self.keys[digest] = ClientKey(
-            r["key"], r["capabilities"], r["isPredefined"], r["created"], r["isRevoked"])
+        self.keys[digest] = ClientKey(r["key"], r["capabilities"], r["isPredefined"],
+                                      r["created"], r["isRevoked"], r.get("maxInFlight"))
 
     def _add_task(self, task: Task) -> None:
+        """A task enters the state (submitted, or loaded from a snapshot)."""
         self.tasks[task.key] = task
         self._count(task, +1)
         if task.status == PENDING:
             self._enqueue(task, task.queued_at)
+            if "maxWaitSecs" in task.data and task.attempts == 0:
+                self._timer(task.created_at + task.data["maxWaitSecs"], "expire", task, task.queued_at)
         elif task.status in (ASSIGNED, RUNNING) and task.agent_id in self.agents:
             self.agents[task.agent_id].held.add(task.key)
+            if task.cancel_requested_at is not None:
+                self._timer(task.cancel_requested_at + CANCEL_GRACE_S, "grace", task,
+                            task.cancel_requested_at)
+        if "timeoutSecs" in task.data and task.status not in ENDED:
+            self._timer(task.created_at + task.data["timeoutSecs"], "timeout", task)
 
     def _on_agent_registered(self, r: dict, now: float) -> None:
         self._add_agent(r["agent"])
@@ -912,6 +1145,15 @@ class Broker:
         agent.bases = frozenset(map(base_capability, agent.capabilities))
         if was_online:
             self.touch(agent.uid, agent.last_contact)
+
+    def _on_agent_drained(self, r: dict, now: float) -> None:
+        agent = self.agents[r["uid"]]
+        agent.draining = True
+        for key in list(agent.offered):
+            self._lapse_offer(key, now)
+
+    def _on_agent_resumed(self, r: dict, now: float) -> None:
+        self.agents[r["uid"]].draining = False
 
     def _on_agent_deleted(self, r: dict, now: float) -> None:
         agent = self.agents.pop(r["uid"])
@@ -931,6 +1173,10 @@ class Broker:
         t = r["task"]
         task = Task(cap=t["cap"], id=t["id"], data=t["data"], owner=t["owner"],
                     created_at=t["createdAt"], queued_at=now)
+        if "runAt" in task.data:
+            task.not_before = parse_iso(task.data["runAt"])
+        elif "delaySecs" in task.data:
+            task.not_before = now + task.data["delaySecs"]
         task.history.append((now, "submitted"))
         self._add_task(task)
 
@@ -938,9 +1184,10 @@ class Broker:
         task = self.tasks[(r["cap"], r["id"])]
         self._set_status(task, ASSIGNED)
         self._drop_offer(task.key)
-        task.agent_id, task.assigned_at = r["agentId"], now
+        task.agent_id = task.last_agent = r["agentId"]
+        task.assigned_at = now
         task.attempts += 1
-        task.history.append((now, f"assigned to agent {r['agentId']}"))
+        task.history.append((now, f"attempt {task.attempts}: assigned to agent {r['agentId']}"))
         self.agents[r["agentId"]].held.add(task.key)
 
     def _on_task_progressed(self, r: dict, now: float) -> None:
@@ -964,24 +1211,44 @@ class Broker:
             task.result = {"error": r["reason"]}
         self._end(task, FAILED, now, f"failed: {r['reason']}")
 
+    def _on_task_canceled(self, r: dict, now: float) -> None:
+        self._end(self.tasks[(r["cap"], r["id"])], CANCELED, now, r["reason"])
+
+    def _on_task_cancel_requested(self, r: dict, now: float) -> None:
+        task = self.tasks[(r["cap"], r["id"])]
+        task.cancel_requested_at, task.cancel_reason = now, r["reason"]
+        task.history.append((now, f"cancel requested ({r['reason']})"))
+        self._timer(now + CANCEL_GRACE_S, "grace", task, now)
+
     def _on_task_requeued(self, r: dict, now: float) -> None:
         task = self.tasks[(r["cap"], r["id"])]
         agent = self.agents.get(task.agent_id or "")
         if agent:
-            self._release(agent, task)
+            agent.held.discard(task.key)
         self._set_status(task, PENDING)
         task.agent_id = None
-        task.history.append((now, r["reason"]))
+        task.not_before = r.get("notBefore")
+        after = f"; runs again from {iso(task.not_before)}" if task.not_before else ""
+        task.history.append((now, r["reason"] + after))
+        self._enqueue(task, now)
+
+    def _on_task_revived(self, r: dict, now: float) -> None:
+        task = self.tasks[(r["cap"], r["id"])]
+        self._set_status(task, PENDING)
+        task.agent_id = task.ended_at = task.result = None
+        task.cancel_requested_at = task.cancel_reason = None
+        task.attempts = 0
+        task.history.append((now, "requeued by management"))
         self._enqueue(task, now)
 
     def _on_tasks_reset(self, r: dict, now: float) -> None:
         self.tasks.clear()
         self.queues.clear()
         self.offers.clear()
+        self.timers.clear()
         self.counts.clear()
         self.pending_by_cap.clear()
-        self.urgent_deadlines.clear()
-        self.urgent_ended.clear()
+        self.in_flight_by_owner.clear()
         for agent in self.agents.values():
             agent.held.clear()
             agent.offered.clear()
@@ -995,6 +1262,8 @@ def key_digest(key: str) -> bytes:
 APPLY: dict[str, Callable[[Broker, dict, float], None]] = {
     "agent.registered": Broker._on_agent_registered,
     "agent.updated": Broker._on_agent_updated,
+    "agent.drained": Broker._on_agent_drained,
+    "agent.resumed": Broker._on_agent_resumed,
     "agent.deleted": Broker._on_agent_deleted,
     "agents.reset": Broker._on_agents_reset,
     "key.updated": Broker._on_key_updated,
@@ -1004,8 +1273,19 @@ APPLY: dict[str, Callable[[Broker, dict, float], None]] = {
     "task.progressed": Broker._on_task_progressed,
     "task.completed": Broker._on_task_completed,
     "task.failed": Broker._on_task_failed,
+    "task.canceled": Broker._on_task_canceled,
+    "task.cancel_requested": Broker._on_task_cancel_requested,
     "task.requeued": Broker._on_task_requeued,
+    "task.revived": Broker._on_task_revived,
     "tasks.reset": Broker._on_tasks_reset,
+}
+
+TIMERS: dict[str, Callable[[Broker, Task, float, Any], None]] = {
+    "ready": Broker._on_ready_timer,
+    "expire": Broker._on_expire_timer,
+    "timeout": Broker._on_timeout_timer,
+    "grace": Broker._on_grace_timer,
+    "forget": Broker._on_forget_timer,
 }
 
 
@@ -1415,9 +1695,23 @@ class Hub:
         if not ended() and wait_s > 0:
             await self._wait_until(ended, wait_s)
 
-    async def submit_and_wait(self, data: dict, owner: str) -> Task:
+    async def cancel_requests(self, uid: str, wait_s: float, gone: Callable[[], bool]) -> list[dict]:
+        """Long poll: the held tasks this agent should stop."""
+        found: list[dict] = []
+
+        def ready() -> bool:
+            nonlocal found
+            self.broker.touch(uid, self.clock())
+            found = self.broker.cancel_requests(uid)
+            return bool(found) or gone()
+
+        if not ready() and wait_s > 0:
+            await self._wait_until(ready, wait_s)
+        return found
+
+    async def submit_and_wait(self, data: dict, owner: str, max_in_flight: int | None) -> Task:
         """submit_blocking: the ended task, or the contract's 503/504."""
-        task = await self.change(self.broker.submit, data, owner)
+        task = await self.change(self.broker.submit, data, owner, max_in_flight)
         await self.wait_for_end(task, self.config.blocking_hold_s)
         if self.broker.tasks.get(task.key) is not task:
             raise NotFound(f"task {task.id} was removed by a reset", id=task.task_id())
@@ -1460,6 +1754,7 @@ class Client:
     owner: str
     patterns: list
     body: Any
+    max_in_flight: int | None = None
 
 
 def client_caller(hub: Hub, request: web.Request, body: Any) -> Client:
@@ -1476,7 +1771,7 @@ def client_caller(hub: Hub, request: web.Request, body: Any) -> Client:
     found = hub.broker.client_key(key)
     if found is None or found.is_revoked:
         raise Unauthenticated("unknown or revoked API key")
-    return Client(owner_of(key), found.capabilities, body)
+    return Client(owner_of(key), found.capabilities, body, found.max_in_flight)
 
 
 def check_agent_registration_key(hub: Hub, key: Any) -> None:
@@ -1638,7 +1933,7 @@ async def handle_task_submit(request: web.Request, client: Client) -> web.Respon
     data = parse_submission(client.body)
     if not pattern_allows(client.patterns, data["capability"]):
         raise Forbidden(f"this key may not submit {data['capability']}")
-    task = await hub.change(hub.broker.submit, data, client.owner)
+    task = await hub.change(hub.broker.submit, data, client.owner, client.max_in_flight)
     return json_response({"id": task.task_id(), "capability": task.cap, "status": task.status,
                           "message": "Added to tasks queue"}, 202 if task.urgent else 201)
 
@@ -1650,7 +1945,7 @@ async def handle_task_submit_blocking(request: web.Request, client: Client) -> w
         raise BadRequest("submit_blocking takes urgent tasks only: set \"urgent\": true")
     if not pattern_allows(client.patterns, data["capability"]):
         raise Forbidden(f"this key may not submit {data['capability']}")
-    task = await hub.submit_and_wait(data, client.owner)
+    task = await hub.submit_and_wait(data, client.owner, client.max_in_flight)
     return json_response(task.assigned_json())
 
 
@@ -1659,6 +1954,13 @@ async def handle_task_poll(request: web.Request, client: Client) -> web.Response
     cap, task_id = path_task(request)
     task = hub.broker.task(cap, task_id, client.owner)
     await hub.wait_for_end(task, wait_param(request, 0.0))
+    return json_response(task.status_json())
+
+
+async def handle_task_cancel(request: web.Request, client: Client) -> web.Response:
+    """Extension: cancel a task submitted with this key."""
+    hub = request.app[HUB]
+    task = await hub.change(hub.broker.cancel, *path_task(request), client.owner)
     return json_response(task.status_json())
 
 
@@ -1742,8 +2044,18 @@ async def handle_agent_progress(request: web.Request, agent: Agent) -> web.Respo
     cap, task_id = path_task(request)
     body = check_body_id(await read_json(request), cap, task_id)
     stage, log_update = optional_text(body, "stage"), optional_text(body, "logUpdate")
-    await hub.change(hub.broker.progress, agent.uid, cap, task_id, stage, log_update)
+    task = await hub.change(hub.broker.progress, agent.uid, cap, task_id, stage, log_update)
+    if task.cancel_requested_at is not None:  # extension: tell the agent to stop
+        return json_response({"message": "task update confirmed", "cancel": True})
     return json_response({"message": "task update confirmed"})
+
+
+async def handle_agent_cancels(request: web.Request, agent: Agent) -> web.Response:
+    """Extension: long poll for the held tasks this agent should stop (ids), or []."""
+    hub = request.app[HUB]
+    ids = await hub.cancel_requests(agent.uid, wait_param(request, DEFAULT_AGENT_WAIT_S),
+                                    connection_gone(request))
+    return json_response(ids)
 
 
 async def handle_agent_resolve(request: web.Request, agent: Agent) -> web.Response:
@@ -1793,8 +2105,39 @@ async def handle_mgmt_agents_reset(request: web.Request) -> web.Response:
     return json_response({"result": "Reset successful"})
 
 
+TASK_STATUSES = (PENDING, "queued", ASSIGNED, "starting", RUNNING, COMPLETED, FAILED, CANCELED)
+
+
 async def handle_mgmt_tasks_list(request: web.Request) -> web.Response:
-    return json_response(request.app[HUB].broker.task_listing())
+    """Extension: `?status=failed` lists only tasks in that status (dead letters)."""
+    status = request.query.get("status")
+    if status is not None and status not in TASK_STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(TASK_STATUSES)}")
+    return json_response(request.app[HUB].broker.task_listing(status))
+
+
+async def handle_mgmt_task_cancel(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    task = await hub.change(hub.broker.cancel, *path_task(request), MGMT_OWNER)
+    return json_response(task.assigned_json())
+
+
+async def handle_mgmt_task_requeue(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    task = await hub.change(hub.broker.requeue, *path_task(request))
+    return json_response(task.assigned_json())
+
+
+async def handle_mgmt_agent_drain(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    agent = await hub.change(hub.broker.drain_agent, request.match_info["agent_id"], True)
+    return json_response(agent.to_json(hub.broker.is_online(agent, hub.clock())))
+
+
+async def handle_mgmt_agent_resume(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    agent = await hub.change(hub.broker.drain_agent, request.match_info["agent_id"], False)
+    return json_response(agent.to_json(hub.broker.is_online(agent, hub.clock())))
 
 
 async def handle_mgmt_tasks_reset(request: web.Request) -> web.Response:
@@ -1816,7 +2159,10 @@ async def handle_mgmt_key_update(request: web.Request) -> web.Response:
         raise BadRequest("key must be a non-empty string of at most 512 characters")
     if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
         raise BadRequest("capabilities must be a list of non-empty strings (patterns like *, llm.*)")
-    found = await hub.change(hub.broker.update_key, key, patterns)
+    limit = body.get("maxInFlight")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise BadRequest("maxInFlight must be a positive integer or null")
+    found = await hub.change(hub.broker.update_key, key, patterns, limit)
     return json_response(found.to_json())
 
 
@@ -1837,8 +2183,12 @@ async def handle_static(request: web.Request) -> web.StreamResponse:
     """Files under static/ only: no `..`, no symlinks leading out of it."""
     root = request.app[HUB].config.static_path.resolve()
     relative = request.match_info.get("path") or "index.html"
-    target = (root / relative).resolve()
-    if target.is_relative_to(root) and target.is_file():
+    try:
+        target = (root / relative).resolve()
+        found = target.is_relative_to(root) and target.is_file()
+    except (OSError, ValueError):  # a NUL byte or an over-long name: no such file either
+        found = False
+    if found:
         return web.FileResponse(target)
     if relative == "index.html":
         return web.Response(body=PLACEHOLDER_PAGE, content_type="text/html")
@@ -1895,6 +2245,7 @@ ROUTES = [
     ("POST", "/api/task/submit_blocking", "client", handle_task_submit_blocking),
     ("POST", f"/api/task/poll/{TASK_PATH}", "client", handle_task_poll),
     ("GET", f"/api/task/poll/{TASK_PATH}", "client", handle_task_poll),
+    ("POST", f"/api/task/cancel/{TASK_PATH}", "client", handle_task_cancel),
     ("POST", "/api/capabilities/online", "client", handle_capabilities_online),
     ("GET", "/api/capabilities/online", "client", handle_capabilities_online),
     ("GET", "/api/ping", "open", handle_health),
@@ -1906,6 +2257,7 @@ ROUTES = [
     ("POST", "/private/agent/task/poll", "agent", handle_agent_task_poll),
     ("GET", "/private/agent/task/poll_urgent", "agent", handle_agent_task_poll_urgent),
     ("POST", "/private/agent/task/poll_urgent", "agent", handle_agent_task_poll_urgent),
+    ("GET", "/private/agent/task/cancels", "agent", handle_agent_cancels),
     ("POST", f"/private/agent/take/{TASK_PATH}", "agent", handle_agent_take),
     ("POST", f"/private/agent/task/progress/{TASK_PATH}", "agent", handle_agent_progress),
     ("POST", f"/private/agent/task/resolve/{TASK_PATH}", "agent", handle_agent_resolve),
@@ -1913,9 +2265,13 @@ ROUTES = [
     ("GET", "/management/agents/list", "mgmt", handle_mgmt_agents_list),
     ("GET", "/management/agents/list/online", "mgmt", handle_mgmt_agents_list_online),
     ("POST", "/management/agents/delete/{agent_id}", "mgmt", handle_mgmt_agent_delete),
+    ("POST", "/management/agents/drain/{agent_id}", "mgmt", handle_mgmt_agent_drain),
+    ("POST", "/management/agents/resume/{agent_id}", "mgmt", handle_mgmt_agent_resume),
     ("POST", "/management/agents/reset", "mgmt", handle_mgmt_agents_reset),
     ("GET", "/management/tasks/list", "mgmt", handle_mgmt_tasks_list),
     ("POST", "/management/tasks/reset", "mgmt", handle_mgmt_tasks_reset),
+    ("POST", f"/management/tasks/cancel/{TASK_PATH}", "mgmt", handle_mgmt_task_cancel),
+    ("POST", f"/management/tasks/requeue/{TASK_PATH}", "mgmt", handle_mgmt_task_requeue),
     ("GET", "/management/client_api_keys/list", "mgmt", handle_mgmt_keys_list),
     ("POST", "/management/client_api_keys/update", "mgmt", handle_mgmt_key_update),
     ("POST", "/management/client_api_keys/revoke/{key}", "mgmt", handle_mgmt_key_revoke),

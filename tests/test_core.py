@@ -2,7 +2,7 @@
 import pytest
 
 from offloadmq import (
-    ASSIGNED, COMPLETED, FAILED, MAX_ATTEMPTS, ONLINE_S, PENDING, RUNNING, TRANSITIONS,
+    ASSIGNED, COMPLETED, DEFAULT_MAX_RETRIES, FAILED, ONLINE_S, PENDING, RUNNING, TRANSITIONS,
     URGENT_KEEP_S, URGENT_TAKE_S, Broker, Conflict, Forbidden, NotFound, SchedulingImpossible,
     Unauthenticated, base_capability, parse_submission, pattern_allows,
 )
@@ -16,7 +16,7 @@ def agent(broker, caps=("debug.echo",), tier=0, capacity=1, now=T0):
 
 
 def submit(broker, cap="debug.echo", now=T0, owner="o1", **fields):
-    return broker.submit(parse_submission({"capability": cap, **fields}), owner, now)
+    return broker.submit(parse_submission({"capability": cap, **fields}), owner, None, now)
 
 
 def poll_take(broker, uid, now=T0):
@@ -30,8 +30,9 @@ def poll_take(broker, uid, now=T0):
 def test_every_legal_transition_is_in_the_table_and_ended_states_are_final():
     assert TRANSITIONS[PENDING] == {ASSIGNED, FAILED, "canceled"}
     assert TRANSITIONS[ASSIGNED] >= {RUNNING, COMPLETED, FAILED, PENDING}
-    for ended in (COMPLETED, FAILED, "canceled"):
-        assert TRANSITIONS[ended] == frozenset()
+    assert TRANSITIONS[COMPLETED] == frozenset()
+    for dead_letter in (FAILED, "canceled"):  # only a management requeue revives them
+        assert TRANSITIONS[dead_letter] == {PENDING}
 
 
 def test_full_lifecycle_pending_assigned_running_completed():
@@ -47,7 +48,7 @@ def test_full_lifecycle_pending_assigned_running_completed():
     assert task.log == "line 1\nline 2\n" and task.stage == "working"
     b.resolve(uid, task.cap, task.id, "success", None, {"out": 1}, T0 + 4)
     assert task.status == COMPLETED and task.result == {"out": 1}
-    assert [d for _, d in task.history] == ["submitted", f"assigned to agent {uid}", "completed"]
+    assert [d for _, d in task.history] == ["submitted", f"attempt 1: assigned to agent {uid}", "completed"]
 
 
 def test_illegal_move_raises_and_changes_nothing():
@@ -159,11 +160,12 @@ def test_poll_only_urgent_skips_regular_tasks():
 def test_requeued_task_keeps_its_place_before_younger_tasks():
     b = Broker()
     uid = agent(b, capacity=2)
-    old = submit(b, restartable=True)
+    old = submit(b, restartable=True, retryDelaySecs=0)
     young = submit(b, now=T0 + 1)
     poll_take(b, uid)
     b.resolve(uid, old.cap, old.id, "failure", "boom", None, T0 + 2)
     assert old.status == PENDING
+    b.expire(T0 + 2)
     assert b.offer(uid, T0 + 3) is old
     assert b.offer(uid, T0 + 3) is young
 
@@ -262,14 +264,18 @@ def test_failure_of_a_plain_task_fails_it():
     assert "exit 2" in task.history[-1][1]
 
 
-def test_restartable_task_is_retried_until_attempts_run_out():
+def test_restartable_task_is_retried_until_retries_run_out():
     b = Broker()
     uid = agent(b)
     task = submit(b, restartable=True)
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        poll_take(b, uid, T0 + attempt)
+    now = T0
+    for attempt in range(1, DEFAULT_MAX_RETRIES + 2):
+        now += 3600  # past any backoff
+        b.touch(uid, now)
+        b.expire(now)
+        poll_take(b, uid, now)
         assert task.attempts == attempt
-        b.resolve(uid, task.cap, task.id, "failure", f"try {attempt}", None, T0 + attempt)
+        b.resolve(uid, task.cap, task.id, "failure", f"try {attempt}", None, now)
     assert task.status == FAILED
 
 
@@ -415,7 +421,7 @@ def test_capability_patterns():
 def test_client_keys_update_and_revoke():
     b = Broker(predefined_keys=("pre",))
     assert b.client_key("pre").is_predefined
-    b.update_key("new", ["llm.*"], T0)
+    b.update_key("new", ["llm.*"], None, T0)
     assert b.client_key("new").capabilities == ["llm.*"]
     assert b.client_key("nope") is None
     b.revoke_key("new", T0)
@@ -447,13 +453,16 @@ def test_replaying_records_rebuilds_the_same_state():
     live.progress(uid, t1.cap, t1.id, "s", "log", T0 + 3)
     live.resolve(uid, t1.cap, t1.id, "failure", "x", None, T0 + 4)
     poll_take(live, uid, T0 + 5)
-    live.update_key("k", ["*"], T0)
+    live.update_key("k", ["*"], 2, T0)
     replayed = Broker()
     for record in live.take_records():
         replayed.apply(record)
     assert replayed.snapshot() == live.snapshot()
-    assert replayed.agents[uid].held == live.agents[uid].held == {t1.key}
-    assert replayed.offer(uid, T0 + 6) is replayed.tasks[t2.key]
+    # t1 failed and waits out its retry delay, so the second poll got t2.
+    assert replayed.agents[uid].held == live.agents[uid].held == {t2.key}
+    replayed.touch(uid, T0 + 60)
+    replayed.expire(T0 + 60)
+    assert replayed.offer(uid, T0 + 60) is replayed.tasks[t1.key]
 
 
 def test_claim_takes_the_oldest_task_of_its_capability_among_many():
