@@ -281,10 +281,10 @@ class ServerClient:
     async def ping(self) -> dict:
         return await self._call_private("GET", "/private/agent/ping")
 
-    async def update_info(self, info: dict) -> dict:
+    async def update_info(self, capabilities: list[str], info: dict) -> dict:
         ident = self.identity
         return await self._call_private("POST", "/private/agent/info/update", {
-            "capabilities": ident.capabilities, "tier": ident.tier,
+            "capabilities": capabilities, "tier": ident.tier,
             "capacity": ident.capacity, "systemInfo": info})
 
     async def poll_task(self, wait_s: int) -> dict | None:
@@ -488,9 +488,11 @@ class _CapturedStream:
             rest = self._partial + self._decoder.decode(b"", final=True)
             if rest:
                 self._on_line(rest)
-        text = b"".join(self.chunks).decode(errors="replace")
-        if self.dropped:
-            text = f"[... {self.dropped} earlier bytes dropped ...]\n" + text
+        kept = b"".join(self.chunks)
+        dropped = self.dropped + max(0, len(kept) - OUTPUT_MAX_BYTES)
+        text = kept[-OUTPUT_MAX_BYTES:].decode(errors="replace")
+        if dropped:
+            text = f"[... {dropped} earlier bytes dropped ...]\n" + text
         return text
 
 
@@ -861,7 +863,13 @@ class Agent:
         self.identity = identity
         self.settings = settings
         self.session = session
-        self.served = {base_capability(c) for c in identity.capabilities}
+        # Announcing a capability without an executor would draw its tasks here only to
+        # hand them back as notExecuted (and a restartable one could come straight back).
+        self.announced = [c for c in identity.capabilities if find_executor(c)]
+        for capability in identity.capabilities:
+            if capability not in self.announced:
+                log.warning("not serving %s: this agent has no executor for it", capability)
+        self.served = {base_capability(c) for c in self.announced}
         self.slots = asyncio.Semaphore(identity.capacity)
         self.handlers: set[asyncio.Task] = set()
         self.executions: dict[str, asyncio.Task] = {}
@@ -945,7 +953,7 @@ class Agent:
         """Refreshes capabilities and systemInfo on the server; also proves the login works."""
         while not self.stopping.is_set():
             try:
-                await self.client.update_info(system_info())
+                await self.client.update_info(self.announced, system_info())
                 log.info("agent %s serving %s (capacity %d)", self.identity.agent_id,
                          ", ".join(sorted(self.served)), self.identity.capacity)
                 backoff.reset()
@@ -1115,6 +1123,10 @@ async def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.server:
         identity = dataclasses.replace(identity, server=args.server)
+    if not any(find_executor(c) for c in identity.capabilities):
+        print(f"none of {', '.join(identity.capabilities)} has an executor here; "
+              f"register with some of: {', '.join([*EXECUTORS, 'llm.<model>'])}", file=sys.stderr)
+        return 2
     temp_root = None if args.work_dir else Path(tempfile.mkdtemp(prefix="offload-agent-"))
     work_root = Path(args.work_dir).resolve() if args.work_dir else temp_root
     work_root.mkdir(parents=True, exist_ok=True)

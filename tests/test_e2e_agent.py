@@ -203,11 +203,15 @@ def test_capacity_two_runs_two_sleeps_side_by_side(server, start_agent):
     assert elapsed < 2.0, f"two 1 s tasks took {elapsed:.2f} s: they did not run side by side"
 
 
-def test_unserved_capability_is_reported_not_executed(server, start_agent):
-    start_agent(caps=["debug.echo", "custom.render"])
-    task = run_blocking(server, "custom.render", {"scene": 1})
-    assert task["status"] == "failed"
-    assert "no executor for 'custom.render'" in history_text(task)
+def test_capability_without_executor_is_not_announced(server, start_agent):
+    agent = start_agent(caps=["debug.echo", "custom.render"])
+    assert "not serving custom.render" in agent.output()
+    status, online = http("GET", server.url + "/api/capabilities/online", None, server.client)
+    assert status == 200
+    assert "debug.echo" in online and "custom.render" not in online
+    status, body = http("POST", server.url + "/api/task/submit_blocking",
+                        {"capability": "custom.render", "payload": 1, "urgent": True}, server.client)
+    assert status == 503, body
 
 
 # -- files in and out ------------------------------------------------------------------
