@@ -1,0 +1,452 @@
+"""The management console (static/) in a real headless Chromium against a real server.
+
+Each test starts `python offloadmq.py` (the `server` fixture), opens the console in a
+fresh browser context and drives it like a person would. Agents are scripted over HTTP.
+Every test fails on a JavaScript error (an uncaught exception or a console error); the
+only console errors allowed are the browser's own lines for HTTP errors a test provokes
+on purpose. When a test fails, screenshots of every page land in its tmp folder.
+"""
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import urllib.parse
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from conftest import http
+
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+PAGES = ["overview", "agents", "tasks", "keys", "sandbox"]
+HTTP_ERROR_LINE = re.compile(r"Failed to load resource: the server responded with a status of (\d+)")
+SYSTEM_INFO = {
+    "os": "linux", "client": "scripted-agent", "runtime": "python", "cpuArch": "x86_64",
+    "totalMemoryMb": 16384, "gpu": {"vendor": "NVIDIA", "model": "RTX 4090", "vramMb": 24576},
+}
+
+expect.set_options(timeout=10_000)
+
+
+def chromium_path():
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(path):
+        pytest.fail(f"Chromium not found at {path}: run `make browser` (apt-get install chromium)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+# ----------------------------------------------------------------------------- agents
+
+def quoted(task_id):
+    return f"{urllib.parse.quote(task_id['cap'], safe='')}/{urllib.parse.quote(task_id['id'], safe='')}"
+
+
+class Agent:
+    """An agent spoken over HTTP, step by step, from the test itself."""
+
+    def __init__(self, server, capabilities, capacity=2, tier=1):
+        self.url = server.url
+        status, reg = http("POST", self.url + "/agent/register", {
+            "capabilities": capabilities, "tier": tier, "capacity": capacity,
+            "systemInfo": SYSTEM_INFO, "apiKey": server.agent_key,
+        })
+        assert status == 200, reg
+        self.id = reg["agentId"]
+        status, auth = http("POST", self.url + "/agent/auth", {"agentId": self.id, "key": reg["key"]})
+        assert status == 200, auth
+        self.headers = {"Authorization": f"Bearer {auth['token']}"}
+        assert http("GET", self.url + "/private/agent/ping", headers=self.headers)[0] == 200
+
+    def poll(self, wait=5):
+        status, task = http("GET", f"{self.url}/private/agent/task/poll?wait={wait}", headers=self.headers)
+        assert status == 200, task
+        return task
+
+    def take(self, task_id):
+        status, task = http("POST", f"{self.url}/private/agent/take/{quoted(task_id)}", headers=self.headers)
+        assert status == 200, task
+        return task
+
+    def progress(self, task_id, stage=None, log=None):
+        body = {"id": task_id, "stage": stage, "logUpdate": log}
+        status, answer = http("POST", f"{self.url}/private/agent/task/progress/{quoted(task_id)}", body, self.headers)
+        assert status == 200, answer
+
+    def resolve(self, task_id, output, seconds=0.1):
+        body = {"id": task_id, "capability": task_id["cap"], "status": {"success": seconds}, "output": output}
+        status, answer = http("POST", f"{self.url}/private/agent/task/resolve/{quoted(task_id)}", body, self.headers)
+        assert status == 200, answer
+
+
+class ScriptedAgent(Agent):
+    """An agent in a thread: takes every task it gets, reports two log lines, answers
+    shell.bash like bash, llm.* like Ollama, and anything else by echoing the payload."""
+
+    def __init__(self, server, capabilities):
+        super().__init__(server, capabilities)
+        self.stopping = threading.Event()
+        self.done = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while not self.stopping.is_set():
+            task = self.poll(wait=1)
+            if not task:
+                continue
+            task_id, payload = task["id"], task["data"].get("payload") or {}
+            self.take(task_id)
+            self.progress(task_id, stage="working", log="working: step 1\n")
+            self.progress(task_id, log="working: step 2\n")
+            if task_id["cap"] == "shell.bash":
+                output = {"stdout": f"ran {payload['command']}\n", "stderr": "", "exit_code": 0}
+            elif task_id["cap"].startswith("llm."):
+                said = payload["messages"][-1]["content"]
+                output = {"model": task_id["cap"], "message": {"role": "assistant", "content": f"pong: {said}"}}
+            else:
+                output = {"echo": payload}
+            self.resolve(task_id, output)
+            self.done.append(task_id)
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def scripted_agent(server):
+    agents = []
+
+    def start(capabilities):
+        agents.append(ScriptedAgent(server, capabilities))
+        return agents[-1]
+
+    yield start
+    for agent in agents:
+        agent.stop()
+
+
+def submit(server, capability, payload=None, urgent=False):
+    status, answer = http("POST", server.url + "/api/task/submit",
+                          {"capability": capability, "payload": payload, "urgent": urgent}, server.client)
+    assert status in (201, 202), answer
+    return answer["id"]
+
+
+# ----------------------------------------------------------------------------- the console
+
+class Console:
+    """One browser tab on the console, with the JavaScript errors it has seen."""
+
+    def __init__(self, context, server):
+        self.context = context
+        self.server = server
+        self.page = context.new_page()
+        self.errors = []
+        self.allowed_http = set()
+        self.page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+        self.page.on("console", self.on_console)
+
+    def on_console(self, message):
+        if message.type != "error":
+            return
+        http_error = HTTP_ERROR_LINE.search(message.text)
+        if http_error and int(http_error.group(1)) in self.allowed_http:
+            return
+        self.errors.append(f"console.error: {message.text}")
+
+    def expect_http_errors(self, *statuses):
+        """The browser logs a console error for every 4xx/5xx; allow the provoked ones."""
+        self.allowed_http.update(statuses)
+
+    def open(self, route=""):
+        self.page.goto(f"{self.server.url}/{route}")
+        return self.page
+
+    def sign_in(self, token=None):
+        page = self.open()
+        page.fill("#signin-token", token or self.server.mgmt_token)
+        page.press("#signin-token", "Enter")
+        expect(page.locator("#topbar")).to_be_visible()
+        return page
+
+    def go(self, route):
+        self.page.click(f"#nav a[data-page={route}]")
+        expect(self.page.locator("#view")).to_have_attribute("data-page", route)
+        return self.page
+
+    def screenshots(self, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(folder / "at-failure.png"), full_page=True)
+        for name in PAGES:
+            self.page.goto(f"{self.server.url}/#/{name}")
+            self.page.wait_for_timeout(600)
+            self.page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture
+def console_factory(browser, server, request, tmp_path):
+    consoles = []
+    failed_before = request.session.testsfailed
+
+    def make(**context_options):
+        context = browser.new_context(**{"viewport": {"width": 1280, "height": 800}, **context_options})
+        consoles.append(Console(context, server))
+        return consoles[-1]
+
+    yield make
+    # The call phase has been reported by now, so testsfailed tells whether it failed.
+    failed = request.session.testsfailed > failed_before
+    errors = [e for c in consoles for e in c.errors]
+    for i, c in enumerate(consoles):
+        if failed or errors:
+            try:
+                c.screenshots(tmp_path / "screenshots" / f"console-{i}")
+            except Exception as exc:  # a dead page must not hide the real failure
+                print(f"screenshots failed: {exc}")
+        c.context.close()
+    if failed or errors:
+        print(f"screenshots in {tmp_path / 'screenshots'}")
+    assert not errors, "JavaScript errors in the console:\n" + "\n".join(errors)
+
+
+@pytest.fixture
+def console(console_factory):
+    return console_factory()
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_sign_in_refuses_a_wrong_token_and_keeps_the_right_one(console, server):
+    console.expect_http_errors(401)
+    page = console.open()
+    expect(page.locator("#signin")).to_be_visible()
+    expect(page.locator("#topbar")).to_be_hidden()
+
+    page.fill("#signin-token", "not-the-token")
+    page.press("#signin-token", "Enter")
+    expect(page.locator("#signin-error")).to_contain_text("Wrong token")
+    expect(page.locator("#topbar")).to_be_hidden()
+    assert page.evaluate("localStorage.length") == 0
+
+    page.fill("#signin-token", server.mgmt_token)
+    page.press("#signin-token", "Enter")
+    expect(page.locator("#topbar")).to_be_visible()
+    expect(page.locator("#view h1")).to_have_text("Overview")
+    expect(page.locator("#nav a")).to_have_text(["Overview", "Agents", "Tasks", "API keys", "Sandbox"])
+
+    page.reload()  # the token is remembered
+    expect(page.locator("#topbar")).to_be_visible()
+    expect(page.locator("#health")).to_have_attribute("data-state", "up")
+
+    page.click("#sign-out")
+    expect(page.locator("#signin")).to_be_visible()
+    assert page.evaluate("localStorage.length") == 0
+
+
+def test_overview_shows_online_agents_capabilities_and_queue_depth(console, server):
+    Agent(server, ["echo.test", "vision[gpu;cuda12]"])
+    for n in range(2):
+        submit(server, "train/big", {"n": n})
+    page = console.sign_in()
+
+    view = page.locator("#view")
+    expect(view.locator("[data-ref=health]")).to_have_text("healthy")
+    expect(view.locator("[data-ref=agents-online]")).to_have_text("1")
+    expect(view.locator("[data-ref=capabilities] .chip")).to_have_text(["echo.test", "vision"])
+    expect(view.locator("[data-ref=queues] tr", has_text="train/big")).to_contain_text("2")
+    expect(view.locator("[data-ref=by-status] tr", has_text="pending")).to_contain_text("2")
+    expect(view.locator("[data-ref=waiting]")).to_have_text("2")
+
+
+def test_agents_page_shows_an_agent_and_deletes_it_after_confirmation(console, server):
+    agent = Agent(server, ["shell.bash", "llm.test"], capacity=2, tier=3)
+    task_id = submit(server, "shell.bash", {"command": "sleep 1"})
+    agent.take(agent.poll()["id"])
+    page = console.sign_in()
+    console.go("agents")
+
+    row = page.locator(f"tr[data-agent='{agent.id}']")
+    expect(row).to_contain_text(agent.id[-6:])
+    expect(row.locator(".badge")).to_have_text("online")
+    expect(row.locator("td[data-label=Tier]")).to_have_text("3")
+    expect(row.locator("td[data-label='In flight']")).to_have_text("1 / 2")
+    expect(row.locator(".chip")).to_have_text(["shell.bash", "llm.test"])
+    expect(row.locator("td[data-label=System]")).to_contain_text("linux · x86_64 · 16 GB")
+    expect(row.locator("td[data-label=System]")).to_contain_text("RTX 4090")
+    expect(row.locator("td[data-label='Last contact']")).to_contain_text(re.compile(r"just now|s ago"))
+
+    row.get_by_role("button", name="Delete").click()
+    expect(page.locator("#confirm")).to_be_visible()
+    page.click("#confirm-cancel")
+    expect(page.locator("#confirm")).to_be_hidden()
+    expect(row).to_be_visible()
+
+    row.get_by_role("button", name="Delete").click()
+    page.click("#confirm-ok")
+    expect(row).to_have_count(0)
+    expect(page.locator("[data-ref=empty]")).to_be_visible()
+    assert http("GET", server.url + "/management/agents/list", headers=server.mgmt)[1] == []
+    assert task_id  # its task is the server's business now (lost-agent rules)
+
+
+def test_tasks_page_filters_and_shows_a_task_growing_live(console, server):
+    agent = Agent(server, ["render.html"])
+    hostile = "<img src=x onerror='window.__pwned = 1'><b>bold</b>"
+    task_id = submit(server, "render.html", {"html": hostile})
+    submit(server, "other.cap", {"n": 1})
+    page = console.sign_in()
+    console.go("tasks")
+
+    rows = page.locator("#view tbody tr")
+    expect(rows).to_have_count(2)
+    page.select_option("[data-ref=f-capability]", "render.html")
+    expect(rows).to_have_count(1)
+    page.select_option("[data-ref=f-status]", "completed")
+    expect(rows).to_have_count(0)
+    expect(page.locator("[data-ref=empty]")).to_contain_text("No task matches")
+    page.select_option("[data-ref=f-status]", "")
+    expect(rows).to_have_count(1)
+
+    rows.first.click()
+    expect(page.locator("#view [data-ref=title]")).to_have_text(task_id["id"])
+    payload = page.locator("[data-ref=payload]")
+    expect(payload).to_contain_text(hostile)  # shown as text, not as markup
+    assert payload.locator("img, b").count() == 0
+
+    agent.take(agent.poll()["id"])
+    agent.progress(task_id, stage="rendering", log="first line\n")
+    expect(page.locator("[data-ref=log]")).to_have_text("first line\n")
+    expect(page.locator("[data-ref=status]")).to_have_text("running")
+    expect(page.locator("[data-ref=facts]")).to_contain_text("rendering")
+    agent.progress(task_id, log="second line\n")
+    expect(page.locator("[data-ref=log]")).to_have_text("first line\nsecond line\n")
+    agent.resolve(task_id, {"pixels": 42})
+    expect(page.locator("[data-ref=status]")).to_have_text("completed")
+    expect(page.locator("[data-ref=output]")).to_contain_text('"pixels": 42')
+    expect(page.locator("[data-ref=history] li").first).to_be_visible()
+    assert page.evaluate("window.__pwned") is None
+
+
+def test_api_keys_can_be_created_and_revoked(console, server):
+    page = console.sign_in()
+    console.go("keys")
+    expect(page.locator(f"tr[data-key='{server.client_key}']")).to_contain_text("predefined")
+
+    page.click("[data-ref=generate]")
+    expect(page.locator("[data-ref=key]")).to_have_value(re.compile(r"^ck-[0-9a-f]{32}$"))
+    page.fill("[data-ref=key]", "ck-console-test")
+    page.fill("[data-ref=capabilities]", "llm.*, shell.bash")
+    page.click("[data-ref=create]")
+    row = page.locator("tr[data-key='ck-console-test']")
+    expect(row.locator(".chip")).to_have_text(["llm.*", "shell.bash"])
+    expect(row.locator(".badge")).to_have_text("active")
+    keys = {k["key"]: k for k in http("GET", server.url + "/management/client_api_keys/list", headers=server.mgmt)[1]}
+    assert keys["ck-console-test"]["capabilities"] == ["llm.*", "shell.bash"]
+
+    row.get_by_role("button", name="Revoke").click()
+    expect(page.locator("#confirm-text")).to_contain_text("ck-console-test")
+    page.click("#confirm-ok")
+    expect(row.locator(".badge")).to_have_text("revoked")
+    expect(row.get_by_role("button", name="Revoke")).to_have_count(0)
+    keys = {k["key"]: k for k in http("GET", server.url + "/management/client_api_keys/list", headers=server.mgmt)[1]}
+    assert keys["ck-console-test"]["isRevoked"] is True
+
+
+def test_sandbox_submit_completes_with_a_scripted_agent(console, server, scripted_agent):
+    agent = scripted_agent(["echo"])
+    page = console.sign_in()
+    console.go("sandbox")
+    expect(page.locator("#sandbox-capabilities option")).to_have_count(1)
+
+    page.fill("[data-ref=capability]", "echo")
+    page.fill("[data-ref=payload]", '{"text": ')
+    expect(page.locator("[data-ref=payload-state]")).to_contain_text("Invalid JSON")
+    expect(page.locator("[data-ref=submit]")).to_be_disabled()
+    page.fill("[data-ref=payload]", '{"text": "<i>hello</i>"}')
+    expect(page.locator("[data-ref=submit]")).to_be_enabled()
+    page.click("[data-ref=submit]")
+
+    expect(page.locator("[data-ref=run-status]")).to_have_text("completed")
+    expect(page.locator("[data-ref=run-log]")).to_contain_text("working: step 2")
+    expect(page.locator("[data-ref=run-output]")).to_contain_text('"text": "<i>hello</i>"')
+    assert len(agent.done) == 1
+
+    # The same task blocking: one request held until the agent has answered.
+    page.check("[data-ref=blocking]")
+    expect(page.locator("[data-ref=urgent]")).to_be_checked()
+    page.click("[data-ref=submit]")
+    expect(page.locator("[data-ref=run-status]")).to_have_text("completed")
+    expect(page.locator("[data-ref=run-output]")).to_contain_text("hello")
+    assert len(agent.done) == 2
+
+    page.click("[data-ref=run-link]")
+    expect(page.locator("#view [data-ref=status]")).to_have_text("completed")
+
+
+def test_sandbox_bash_console_and_llm_chat_talk_to_agents(console, server, scripted_agent):
+    scripted_agent(["shell.bash", "llm.tiny"])
+    page = console.sign_in()
+    console.open("#/sandbox/bash")
+
+    terminal = page.locator("[data-ref=term-out]")
+    expect(terminal).to_contain_text("shell.bash is online")
+    page.fill("[data-ref=term-input]", "echo '<b>hi</b>'")
+    page.press("[data-ref=term-input]", "Enter")
+    expect(terminal.locator(".term-cmd")).to_have_text("echo '<b>hi</b>'")
+    expect(terminal).to_contain_text("ran echo '<b>hi</b>'")
+    expect(terminal.locator(".term-meta").last).to_have_text("completed · exit 0")
+    expect(page.locator("[data-ref=term-input]")).to_be_enabled()
+
+    page.click("[data-tab=chat]")
+    expect(page.locator("[data-ref=chat-model]")).to_have_value("llm.tiny")
+    page.fill("[data-ref=chat-input]", "ping")
+    page.press("[data-ref=chat-input]", "Enter")
+    expect(page.locator(".msg-user .msg-text")).to_have_text("ping")
+    expect(page.locator(".msg-assistant:not(.is-pending) .msg-text")).to_have_text("pong: ping")
+    page.fill("[data-ref=chat-input]", "again")
+    page.press("[data-ref=chat-input]", "Enter")
+    expect(page.locator(".msg-assistant:not(.is-pending) .msg-text")).to_have_text(["pong: ping", "pong: again"])
+
+
+def test_server_errors_show_the_servers_own_message(console, server):
+    console.expect_http_errors(503)
+    status, body = http("POST", server.url + "/api/task/submit",
+                        {"capability": "nobody.serves.this", "urgent": True}, server.mgmt)
+    assert status == 503, body
+    page = console.sign_in()
+    console.go("sandbox")
+    page.fill("[data-ref=capability]", "nobody.serves.this")
+    page.check("[data-ref=urgent]")
+    page.click("[data-ref=submit]")
+    error = page.locator("[data-ref=run-error]")
+    expect(error).to_have_text(body["error"]["message"])
+    expect(page.locator("#view")).not_to_contain_text("[object Object]")
+
+
+def test_console_fits_a_phone_screen(console_factory, server):
+    Agent(server, ["echo"])
+    console = console_factory(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = console.sign_in()
+    for link in page.locator("#nav a").all():
+        box = link.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, link.text_content()
+    console.go("agents")
+    expect(page.locator("#view thead")).to_be_hidden()  # rows become labelled cards
+    row = page.locator("#view tbody tr").first
+    expect(row).to_contain_text("online")
+    assert row.bounding_box()["width"] <= 390
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
