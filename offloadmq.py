@@ -292,6 +292,13 @@ def pattern_allows(patterns: list[str], cap: str) -> bool:
     return False
 
 
+IDEMPOTENCY_S = 24 * 3600  # an Idempotency-Key names the same task for this long
+
+
+def submission_digest(data: dict) -> str:
+    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
 def owner_of(key: str) -> str:
     """Tasks remember their client key only as a digest: the key itself is never stored."""
     return hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -418,6 +425,8 @@ class Task:
     cancel_requested_at: float | None = None
     cancel_reason: str | None = None  # "canceled" or "timeout"
     last_agent: str | None = None
+    idempotency_key: str | None = None  # the client's Idempotency-Key header, if it sent one
+    body_digest: str | None = None      # of the submission, to tell a retry from a reuse
     result: Any = None
     log: str = ""
     stage: str | None = None
@@ -447,7 +456,8 @@ class Task:
                 "assignedAt": self.assigned_at, "endedAt": self.ended_at,
                 "queuedAt": self.queued_at, "notBefore": self.not_before,
                 "cancelRequestedAt": self.cancel_requested_at, "cancelReason": self.cancel_reason,
-                "lastAgent": self.last_agent, "result": self.result, "log": self.log,
+                "lastAgent": self.last_agent, "idempotencyKey": self.idempotency_key,
+                "bodyDigest": self.body_digest, "result": self.result, "log": self.log,
                 "stage": self.stage, "attempts": self.attempts,
                 "history": [list(h) for h in self.history]}
 
@@ -457,7 +467,9 @@ class Task:
                    created_at=r["createdAt"], status=r["status"], agent_id=r["agentId"],
                    assigned_at=r["assignedAt"], ended_at=r["endedAt"], queued_at=r["queuedAt"],
                    not_before=r["notBefore"], cancel_requested_at=r["cancelRequestedAt"],
-                   cancel_reason=r["cancelReason"], last_agent=r["lastAgent"], result=r["result"], log=r["log"], stage=r["stage"], attempts=r["attempts"],
+                   cancel_reason=r["cancelReason"], last_agent=r["lastAgent"],
+                   idempotency_key=r.get("idempotencyKey"), body_digest=r.get("bodyDigest"),
+                   result=r["result"], log=r["log"], stage=r["stage"], attempts=r["attempts"],
                    history=[tuple(h) for h in r["history"]])
 
     # Wire shapes of API.md.
@@ -619,6 +631,7 @@ class Broker:
         self.counts: dict[tuple[bool, str], int] = {}        # (urgent, status) -> tasks
         self.pending_by_cap: dict[str, int] = {}             # base capability -> pending tasks
         self.in_flight_by_owner: dict[str, int] = {}         # owner -> tasks not ended
+        self.idempotent: dict[tuple[str, str], TaskKey] = {}  # (owner, Idempotency-Key) -> task
         self.records: list[dict] = []                        # durable records not yet journaled
         self.ids = UlidFactory()
         self.rng = rng or random.Random()
@@ -831,16 +844,29 @@ class Broker:
 
     # ---------------------------------------------------------------- tasks
 
-    def submit(self, data: dict, owner: str, max_in_flight: int | None, now: float) -> Task:
+    def find_idempotent(self, owner: str, idempotency_key: str, data: dict, now: float) -> Task | None:
+        """The task an earlier submit with this Idempotency-Key made (within 24 h), or None.
+        The same key with a different body is a conflict."""
+        task = self.tasks.get(self.idempotent.get((owner, idempotency_key)))
+        if task is None or task.created_at + IDEMPOTENCY_S <= now:
+            return None
+        if task.body_digest != submission_digest(data):
+            raise Conflict("this Idempotency-Key was used for a different submission")
+        return task
+
+    def submit(self, data: dict, owner: str, max_in_flight: int | None, now: float,
+               idempotency_key: str | None = None) -> Task:
         base = base_capability(data["capability"])
         if data["urgent"] and base not in self.serving:
             raise SchedulingImpossible(f"no online agent serves {base}")
         if max_in_flight is not None and self.in_flight_by_owner.get(owner, 0) >= max_in_flight:
             raise TooManyRequests(f"this key already has {max_in_flight} tasks queued or running")
         task_id = self.ids.new(now)
-        self._emit("task.submitted", now, durable=not data["urgent"], task={
-            "cap": data["capability"], "id": task_id, "data": data, "owner": owner,
-            "createdAt": now})
+        record = {"cap": data["capability"], "id": task_id, "data": data, "owner": owner,
+                  "createdAt": now}
+        if idempotency_key is not None:
+            record.update(idempotencyKey=idempotency_key, bodyDigest=submission_digest(data))
+        self._emit("task.submitted", now, durable=not data["urgent"], task=record)
         return self.tasks[(data["capability"], task_id)]
 
     def task(self, cap: str, task_id: str, owner: str | None = None) -> Task:
@@ -1045,6 +1071,8 @@ class Broker:
     def _forget(self, task: Task) -> None:
         self._count(task, -1)
         del self.tasks[task.key]
+        if task.idempotency_key is not None:
+            self.idempotent.pop((task.owner, task.idempotency_key), None)
 
     def drop_ended_before(self, cutoff: float) -> int:
         """Retention, applied at compaction: ended regular tasks older than cutoff go."""
@@ -1120,6 +1148,8 @@ class Broker:
         """A task enters the state (submitted, or loaded from a snapshot)."""
         self.tasks[task.key] = task
         self._count(task, +1)
+        if task.idempotency_key is not None:
+            self.idempotent[(task.owner, task.idempotency_key)] = task.key
         if task.status == PENDING:
             self._enqueue(task, task.queued_at)
             if "maxWaitSecs" in task.data and task.attempts == 0:
@@ -1172,7 +1202,8 @@ class Broker:
     def _on_task_submitted(self, r: dict, now: float) -> None:
         t = r["task"]
         task = Task(cap=t["cap"], id=t["id"], data=t["data"], owner=t["owner"],
-                    created_at=t["createdAt"], queued_at=now)
+                    created_at=t["createdAt"], queued_at=now,
+                    idempotency_key=t.get("idempotencyKey"), body_digest=t.get("bodyDigest"))
         if "runAt" in task.data:
             task.not_before = parse_iso(task.data["runAt"])
         elif "delaySecs" in task.data:
@@ -1249,6 +1280,7 @@ class Broker:
         self.counts.clear()
         self.pending_by_cap.clear()
         self.in_flight_by_owner.clear()
+        self.idempotent.clear()
         for agent in self.agents.values():
             agent.held.clear()
             agent.offered.clear()
@@ -1638,10 +1670,10 @@ class Hub:
 
     # ---------------------------------------------------------------- changing state
 
-    async def change(self, method: Callable, *args: Any) -> Any:
+    async def change(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
         """Run a broker method with the time now; journal what it produced; wake waiters."""
         try:
-            return method(*args, self.clock())
+            return method(*args, now=self.clock(), **kwargs)
         finally:
             records = self.broker.take_records()
             if records:
@@ -1709,6 +1741,17 @@ class Hub:
             await self._wait_until(ready, wait_s)
         return found
 
+    async def submit(self, data: dict, owner: str, max_in_flight: int | None,
+                     idempotency_key: str | None) -> tuple[Task, bool]:
+        """(task, created): with an Idempotency-Key seen before, the earlier task."""
+        if idempotency_key is not None:
+            earlier = self.broker.find_idempotent(owner, idempotency_key, data, self.clock())
+            if earlier is not None:
+                return earlier, False
+        task = await self.change(self.broker.submit, data, owner, max_in_flight,
+                                 idempotency_key=idempotency_key)
+        return task, True
+
     async def submit_and_wait(self, data: dict, owner: str, max_in_flight: int | None) -> Task:
         """submit_blocking: the ended task, or the contract's 503/504."""
         task = await self.change(self.broker.submit, data, owner, max_in_flight)
@@ -1763,12 +1806,14 @@ def client_caller(hub: Hub, request: web.Request, body: Any) -> Client:
         if secret_equal(token, hub.config.mgmt_token):
             return Client(MGMT_OWNER, ["*"], body)
         raise Unauthenticated("wrong management token")
-    key = request.headers.get("X-API-Key")
+    key = request.headers.get("X-API-Key") or bearer(request)
     if key is None and isinstance(body, dict):
         key = body.get("apiKey")
     if not isinstance(key, str) or not key:
-        raise Unauthenticated("missing API key: send the X-API-Key header or an apiKey field")
+        raise Unauthenticated("missing API key: send X-API-Key, Authorization: Bearer, or apiKey")
     found = hub.broker.client_key(key)
+    if found is None and secret_equal(key, hub.config.mgmt_token):
+        return Client(MGMT_OWNER, ["*"], body)
     if found is None or found.is_revoked:
         raise Unauthenticated("unknown or revoked API key")
     return Client(owner_of(key), found.capabilities, body, found.max_in_flight)
@@ -1933,9 +1978,13 @@ async def handle_task_submit(request: web.Request, client: Client) -> web.Respon
     data = parse_submission(client.body)
     if not pattern_allows(client.patterns, data["capability"]):
         raise Forbidden(f"this key may not submit {data['capability']}")
-    task = await hub.change(hub.broker.submit, data, client.owner, client.max_in_flight)
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= 255:
+        raise BadRequest("Idempotency-Key must be 1 to 255 characters")
+    task, created = await hub.submit(data, client.owner, client.max_in_flight, idempotency_key)
+    status = (202 if task.urgent else 201) if created else 200
     return json_response({"id": task.task_id(), "capability": task.cap, "status": task.status,
-                          "message": "Added to tasks queue"}, 202 if task.urgent else 201)
+                          "message": "Added to tasks queue"}, status)
 
 
 async def handle_task_submit_blocking(request: web.Request, client: Client) -> web.Response:
