@@ -868,7 +868,7 @@ class Agent:
         self.announced = [c for c in identity.capabilities if find_executor(c)]
         for capability in identity.capabilities:
             if capability not in self.announced:
-                log.warning("not serving %s: this agent has no executor for it", capability)
+                log.warning("no executor for %s: not announcing it", capability)
         self.served = {base_capability(c) for c in self.announced}
         self.slots = asyncio.Semaphore(identity.capacity)
         self.handlers: set[asyncio.Task] = set()
@@ -954,7 +954,7 @@ class Agent:
         while not self.stopping.is_set():
             try:
                 await self.client.update_info(self.announced, system_info())
-                log.info("agent %s serving %s (capacity %d)", self.identity.agent_id,
+                log.info("agent %s online, serving %s (capacity %d)", self.identity.agent_id,
                          ", ".join(sorted(self.served)), self.identity.capacity)
                 backoff.reset()
                 return

@@ -59,7 +59,7 @@ class AgentProcess:
              "--work-dir", str(self.work), *self.serve_args],
             cwd=self.folder, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.wait_for_log("serving", timeout)
+        self.wait_for_log("online, serving", timeout)
         return self
 
     def output(self):
@@ -205,7 +205,7 @@ def test_capacity_two_runs_two_sleeps_side_by_side(server, start_agent):
 
 def test_capability_without_executor_is_not_announced(server, start_agent):
     agent = start_agent(caps=["debug.echo", "custom.render"])
-    assert "not serving custom.render" in agent.output()
+    assert "no executor for custom.render: not announcing it" in agent.output()
     status, online = http("GET", server.url + "/api/capabilities/online", None, server.client)
     assert status == 200
     assert "debug.echo" in online and "custom.render" not in online
