@@ -1,0 +1,110 @@
+"""OffloadMQ client side of W1/W2 (run as its own process by run.py).
+
+    python -m bench.ours_client w1 --url URL --key KEY --n 5000
+    python -m bench.ours_client w2 --url URL --key KEY --n 1000 --mode blocking|poll
+Prints one JSON line. Plain aiohttp + orjson, one keep-alive connection, as a user's
+client would be written."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import aiohttp
+import orjson
+
+from bench.common import emit, percentiles
+
+CAP = "debug.echo"
+
+
+class Client:
+    def __init__(self, session: aiohttp.ClientSession, url: str, key: str):
+        self.session, self.url = session, url
+        self.headers = {"X-API-Key": key, "Content-Type": "application/json"}
+
+    async def post(self, path: str, body: dict | None = None, expect: tuple = (200,)) -> dict:
+        data = orjson.dumps(body) if body is not None else b"{}"
+        async with self.session.post(self.url + path, data=data, headers=self.headers) as r:
+            raw = await r.read()
+            if r.status not in expect:
+                raise RuntimeError(f"{path}: {r.status} {raw[:300]!r}")
+            return orjson.loads(raw)
+
+    async def submit(self, payload, urgent: bool = False) -> dict:
+        body = {"capability": CAP, "payload": payload}
+        if urgent:
+            body["urgent"] = True
+        return (await self.post("/api/task/submit", body, (201, 202)))["id"]
+
+    async def wait_result(self, task_id: dict, wait_s: int = 60):
+        # The capability is percent-encoded in the path; debug.echo needs no escaping.
+        path = f"/api/task/poll/{task_id['cap']}/{task_id['id']}?wait={wait_s}"
+        for _ in range(10):  # bounded: each round holds up to wait_s
+            status = await self.post(path)
+            if status["status"] in ("completed", "failed", "canceled"):
+                if status["status"] != "completed":
+                    raise RuntimeError(f"task {task_id['id']} {status['status']}: {status}")
+                return status.get("output")
+        raise RuntimeError(f"task {task_id['id']} did not end")
+
+    async def submit_blocking(self, payload):
+        task = await self.post("/api/task/submit_blocking",
+                               {"capability": CAP, "payload": payload, "urgent": True})
+        if task["status"] != "completed":
+            raise RuntimeError(f"blocking task ended {task['status']}")
+        return task["result"]
+
+
+async def w1(client: Client, n: int) -> dict:
+    started = time.perf_counter()
+    ids = [await client.submit({"n": i}) for i in range(n)]
+    submitted = time.perf_counter()
+    wrong = 0
+    for i, task_id in enumerate(ids):
+        if await client.wait_result(task_id) != {"n": i}:
+            wrong += 1
+    ended = time.perf_counter()
+    return {"tasks": n, "wall_s": ended - started, "submit_s": submitted - started,
+            "tasks_per_s": n / (ended - started), "wrong": wrong}
+
+
+async def w2(client: Client, n: int, mode: str, warmup: int) -> dict:
+    samples, wrong = [], 0
+    for i in range(-warmup, n):
+        t0 = time.perf_counter()
+        if mode == "blocking":
+            out = await client.submit_blocking({"n": i})
+        else:
+            out = await client.wait_result(await client.submit({"n": i}))
+        dt = time.perf_counter() - t0
+        if i >= 0:
+            samples.append(dt)
+            wrong += out != {"n": i}
+    return {**percentiles(samples), "wrong": wrong}
+
+
+async def main_async(args) -> dict:
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        client = Client(session, args.url, args.key)
+        if args.what == "w1":
+            await client.wait_result(await client.submit({"n": -1}))  # connection warm
+            return await w1(client, args.n)
+        return await w2(client, args.n, args.mode, args.warmup)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=("w1", "w2"))
+    p.add_argument("--url", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--mode", choices=("blocking", "poll"), default="blocking")
+    p.add_argument("--warmup", type=int, default=20)
+    args = p.parse_args()
+    emit(asyncio.run(main_async(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Celery peer: Redis broker and Redis result backend (results arrive by pub/sub).
+
+The worker runs `-P solo -c 1` (one task at a time, like our capacity-1 agent) with
+heartbeat, gossip and mingle off, the usual settings for a single-worker benchmark.
+
+    python -m bench.peer_celery w1 --n 5000 | w2 --n 1000
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from celery import Celery
+
+from bench.common import emit, percentiles
+
+REDIS = f"redis://127.0.0.1:{os.environ.get('BENCH_REDIS_PORT', '6379')}"
+app = Celery("bench", broker=REDIS + "/0", backend=REDIS + "/1")
+app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
+                result_expires=3600)
+
+
+@app.task(name="bench.echo")
+def echo(payload):
+    return payload
+
+
+def w1(n: int) -> dict:
+    echo.delay({"n": -1}).get(timeout=60)  # connections and worker warm
+    started = time.perf_counter()
+    results = [echo.delay({"n": i}) for i in range(n)]
+    submitted = time.perf_counter()
+    wrong = sum(r.get(timeout=60) != {"n": i} for i, r in enumerate(results))
+    ended = time.perf_counter()
+    return {"tasks": n, "wall_s": ended - started, "submit_s": submitted - started,
+            "tasks_per_s": n / (ended - started), "wrong": wrong}
+
+
+def w2(n: int, warmup: int) -> dict:
+    samples, wrong = [], 0
+    for i in range(-warmup, n):
+        t0 = time.perf_counter()
+        out = echo.delay({"n": i}).get(timeout=60)
+        dt = time.perf_counter() - t0
+        if i >= 0:
+            samples.append(dt)
+            wrong += out != {"n": i}
+    return {**percentiles(samples), "wrong": wrong}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=("w1", "w2"))
+    p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--warmup", type=int, default=20)
+    args = p.parse_args()
+    # Run as __main__, this file would register its task under another module name than
+    # the worker's import of it: use the imported module's task.
+    import bench.peer_celery as mod
+    emit(mod.w1(args.n) if args.what == "w1" else mod.w2(args.n, args.warmup))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Huey peer: the task module its consumer imports, and the client side of W1/W2.
+
+Configured from the environment so the consumer process builds the same instance:
+BENCH_HUEY=sqlite (BENCH_HUEY_DB=path) or BENCH_HUEY=redis (BENCH_REDIS_PORT=port).
+SQLite: fsync=True (synchronous=FULL, WAL), the durability of our fsync `always`.
+Redis: blocking BRPOP dequeue and notify_result=True (BLPOP result notification), the
+lowest-latency setup huey offers.
+
+    python -m bench.peer_huey w1 --n 5000 | w2 --n 1000
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from huey import RedisHuey, SqliteHuey
+
+from bench.common import emit, percentiles
+
+KIND = os.environ.get("BENCH_HUEY", "sqlite")
+if KIND == "redis":
+    huey = RedisHuey("bench", host="127.0.0.1", port=int(os.environ.get("BENCH_REDIS_PORT", "6379")),
+                     blocking=True, notify_result=True)
+else:
+    huey = SqliteHuey("bench", filename=os.environ.get("BENCH_HUEY_DB", "huey.db"), fsync=True)
+
+# Result polling for SQLite (no notification exists): poll every 1 ms instead of the
+# default 50 ms..1 s backoff, the best latency that storage can give.
+GET = {"blocking": True, "timeout": 60, "backoff": 1.0, "max_delay": 0.001}
+
+
+@huey.task()
+def echo(payload):
+    return payload
+
+
+def w1(n: int) -> dict:
+    echo({"n": -1}).get(**GET)  # connection and consumer warm
+    started = time.perf_counter()
+    results = [echo({"n": i}) for i in range(n)]
+    submitted = time.perf_counter()
+    wrong = sum(r.get(**GET) != {"n": i} for i, r in enumerate(results))
+    ended = time.perf_counter()
+    return {"tasks": n, "wall_s": ended - started, "submit_s": submitted - started,
+            "tasks_per_s": n / (ended - started), "wrong": wrong}
+
+
+def w2(n: int, warmup: int) -> dict:
+    samples, wrong = [], 0
+    for i in range(-warmup, n):
+        t0 = time.perf_counter()
+        out = echo({"n": i}).get(**GET)
+        dt = time.perf_counter() - t0
+        if i >= 0:
+            samples.append(dt)
+            wrong += out != {"n": i}
+    return {**percentiles(samples), "wrong": wrong}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=("w1", "w2"))
+    p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--warmup", type=int, default=20)
+    args = p.parse_args()
+    # Run as __main__, this file would register its task under another module name than
+    # the worker's import of it: use the imported module's task.
+    import bench.peer_huey as mod
+    emit(mod.w1(args.n) if args.what == "w1" else mod.w2(args.n, args.warmup))
+
+
+if __name__ == "__main__":
+    main()

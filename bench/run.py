@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""OffloadMQ benchmark: issue 6's workloads for us and for the peers, in one run, one table.
+
+    .venv/bin/python bench/run.py                 # the full run (about 8 minutes)
+    .venv/bin/python bench/run.py --quick         # a smoke run (about 2 minutes)
+    .venv/bin/python bench/run.py --only ours,l0 --profile /tmp/prof
+
+Workloads (definitions from the issue, kept exactly):
+  W1     one client process submits 5,000 echo tasks {"n": i} one request each, then
+         collects all results; wall time first submit -> last result. One agent process
+         (the real offload_agent.py, capacity 1, serving debug.echo); regular durable
+         tasks, fsync always.
+  W2     agent idle and waiting; 1,000 sequential submit-and-wait round trips; p50/p90/p99.
+         Ours twice: submit_blocking (urgent) and regular submit + poll?wait=.
+  L0     bare aiohttp + orjson POST echo app under wrk (keep-alive): the HTTP ceiling.
+  Scale  1,000 idle long-polling agents (server CPU and RSS), claim latency with 100,000
+         queued tasks over 1,000 capabilities vs an empty queue, replay of a 1,000,000-
+         record journal, memory per queued task.
+Peers, same W1/W2: Huey + SQLite (no server), Huey + Redis, Celery + Redis, with Debian's
+redis-server started here on 127.0.0.1 (free port, temp folder, appendfsync always to
+match our fsync always) and stopped by pid. Everything binds to 127.0.0.1 on free ports,
+in a temp folder removed at the end (--keep keeps it). Needs: pip install -e '.[bench]',
+apt-get install redis-server wrk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+# Child processes run `python -m bench.x`: they need the repository on their path too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+from bench import peers, profile  # noqa: E402
+from bench.common import PY, run_json  # noqa: E402
+from bench.l0 import run_l0  # noqa: E402
+from bench.ours import OursServer  # noqa: E402
+
+SECTIONS = ("ours", "huey-sqlite", "huey-redis", "celery", "l0", "idle", "claim", "replay")
+PEERS = (("huey-sqlite", "Huey-SQLite"), ("huey-redis", "Huey-Redis"), ("celery", "Celery+Redis"))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ============================================================================ sections
+
+def run_ours(tmp: Path, args, results: dict) -> None:
+    server = OursServer(tmp, fsync="always")
+    spies = []
+    try:
+        agent = server.start_agent("debug.echo", capacity=1)
+        log(f"ours: W2 submit_blocking x{args.w2}")
+        results["ours_w2_blocking"] = server.client("w2", "--n", str(args.w2), "--mode", "blocking")
+        log(f"ours: W2 submit + poll?wait x{args.w2}")
+        results["ours_w2_poll"] = server.client("w2", "--n", str(args.w2), "--mode", "poll")
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            spies = [profile.start(server.proc.pid, args.profile / "w1-server.txt", "server", tmp),
+                     profile.start(agent.pid, args.profile / "w1-agent.txt", "agent", tmp)]
+            time.sleep(1.0)  # py-spy attached
+        log(f"ours: W1 x{args.w1}")
+        results["ours_w1"] = server.client("w1", "--n", str(args.w1))
+    finally:
+        for spy in spies:
+            profile.stop(spy)
+        server.stop()
+
+
+def run_peer(tmp: Path, args, results: dict, which: str) -> None:
+    procs = []
+    try:
+        if which == "huey-sqlite":
+            worker, env = peers.start_huey(tmp, "sqlite")
+            module = "bench.peer_huey"
+        else:
+            redis, port = peers.start_redis(tmp, f"redis-{which}", args.redis_fsync)
+            procs.append(redis)
+            if which == "huey-redis":
+                worker, env = peers.start_huey(tmp, "redis", port)
+                module = "bench.peer_huey"
+            else:
+                worker, env = peers.start_celery(tmp, port)
+                module = "bench.peer_celery"
+        procs.append(worker)
+        log(f"{which}: W2 x{args.w2}")
+        results[f"{which}_w2"] = peers.client(module, env, "w2", "--n", str(args.w2))
+        log(f"{which}: W1 x{args.w1}")
+        results[f"{which}_w1"] = peers.client(module, env, "w1", "--n", str(args.w1))
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def run_idle(tmp: Path, args, results: dict) -> None:
+    server = OursServer(tmp, name="offloadmq-idle")
+    try:
+        log(f"idle: {args.agents} agents long-polling for {args.idle_duration:.0f} s")
+        results["idle"] = run_json(
+            [PY, "-m", "bench.scale", "idle", "--url", server.url, "--agent-key", server.agent_key,
+             "--server-pid", str(server.proc.pid), "--agents", str(args.agents),
+             "--duration", str(args.idle_duration), "--settle", str(args.settle)],
+            args.idle_duration + 600)
+    finally:
+        server.stop()
+
+
+def run_claim(tmp: Path, args, results: dict) -> None:
+    server = OursServer(tmp, name="offloadmq-claim")
+    try:
+        log(f"claim: empty queue, then {args.fill:,} queued over {args.caps} capabilities")
+        results["claim"] = run_json(
+            [PY, "-m", "bench.scale", "claim", "--url", server.url, "--agent-key", server.agent_key,
+             "--client-key", server.client_key, "--server-pid", str(server.proc.pid),
+             "--fill", str(args.fill), "--caps", str(args.caps), "--iters", str(args.claim_iters)],
+            1800)
+    finally:
+        server.stop()
+
+
+def run_replay(tmp: Path, args, results: dict) -> None:
+    log(f"replay: {args.records:,}-record journal")
+    results["replay"] = run_json([PY, "-m", "bench.replay", "--records", str(args.records),
+                                  "--dir", str(tmp / "replay")], 1800)
+
+
+def run_l0_section(tmp: Path, args, results: dict) -> None:
+    log(f"L0: wrk -t2 -c64 -d{args.l0_duration}s")
+    results["l0"] = run_l0(tmp, 2, 64, args.l0_duration)
+
+
+# ============================================================================ table
+
+def fmt(value, spec: str = ",.0f") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    return format(value, spec)
+
+
+def get(results: dict, key: str, *path):
+    value = results.get(key)
+    for p in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(p)
+    return value
+
+
+def build_table(results: dict, args) -> list[list[str]]:
+    names = [label for _, label in PEERS]
+    head = ["metric", "OffloadMQ", *names, "best peer", "ratio", "target", "met"]
+    rows = [head]
+
+    def verdict(ok):
+        return "—" if ok is None else ("yes" if ok else "NO")
+
+    def compare(label, ours, peer_vals, higher_better, spec, target_ratio, extra_ok=None):
+        known = [v for v in peer_vals if v is not None]
+        best = (max(known) if higher_better else min(known)) if known else None
+        ratio = ours / best if ours is not None and best else None
+        if ratio is None:
+            ok = None
+        else:
+            ok = ratio >= target_ratio if higher_better else ratio <= target_ratio
+        target = f"{'≥' if higher_better else '≤'}{target_ratio:.2f}×"
+        rows.append([label, fmt(ours, spec), *[fmt(v, spec) for v in peer_vals], fmt(best, spec),
+                     fmt(ratio, ".2f") + ("×" if ratio is not None else ""), target, verdict(ok)])
+
+    def single(label, value, spec, target="", ok=None):
+        rows.append([label, fmt(value, spec), *[""] * len(names), "", "", target, verdict(ok)])
+
+    def peer_vals(suffix, *path):
+        return [get(results, f"{key}_{suffix}", *path) for key, _ in PEERS]
+
+    n1 = args.w1
+    compare(f"W1 throughput, tasks/s ({n1:,}, durable)", get(results, "ours_w1", "tasks_per_s"),
+            peer_vals("w1", "tasks_per_s"), True, ",.0f", 1.2)
+    compare("W1 wall time, s", get(results, "ours_w1", "wall_s"), peer_vals("w1", "wall_s"),
+            False, ".2f", 1 / 1.2)
+    rows[-1][-2:] = ["(same)", ""]
+    for mode, label in (("blocking", "submit_blocking"), ("poll", "submit+poll?wait")):
+        compare(f"W2 p50 ms, ours {label}", get(results, f"ours_w2_{mode}", "p50"),
+                peer_vals("w2", "p50"), False, ".2f", 0.8)
+    for mode, label in (("blocking", "submit_blocking"), ("poll", "submit+poll?wait")):
+        for p in ("p90", "p99"):
+            ours = get(results, f"ours_w2_{mode}", p)
+            vals = peer_vals("w2", p)
+            known = [v for v in vals if v is not None]
+            best = min(known) if known else None
+            ok = (ours < 3.0) if (p == "p99" and ours is not None) else None
+            rows.append([f"W2 {p} ms, ours {label}", fmt(ours, ".2f"), *[fmt(v, ".2f") for v in vals],
+                         fmt(best, ".2f"), fmt(ours / best, ".2f") + "×" if ours and best else "—",
+                         "<3 ms" if p == "p99" else "", verdict(ok)])
+    single("L0 ceiling, req/s (bare aiohttp+orjson, wrk)", get(results, "l0", "req_per_s"), ",.0f",
+           "info")
+    l0 = get(results, "l0", "req_per_s")
+    w1 = get(results, "ours_w1", "tasks_per_s")
+    if l0 and w1:
+        single("W1 HTTP requests/s as % of L0 (≈4 req/task)", 100 * w1 * 4 / l0, ".0f", "info")
+    cpu = get(results, "idle", "cpu_pct")
+    single(f"{get(results, 'idle', 'agents') or args.agents:,} idle agents: server CPU % of a core "
+           f"({args.idle_duration:.0f} s)", cpu, ".2f", "<5%", None if cpu is None else cpu < 5)
+    rss = get(results, "idle", "rss_mb")
+    single("idle agents: server RSS MB", rss, ".1f", "<100 MB", None if rss is None else rss < 100)
+    claim = results.get("claim") or {}
+    for who, label in (("one", "agent with 1 cap"), ("every", f"agent with {args.caps:,} caps")):
+        e, f = get(claim, f"empty_{who}", "p50"), get(claim, f"full_{who}", "p50")
+        single(f"claim p50 ms, empty queue, {label}", e, ".2f")
+        ratio = f / e if e and f else None
+        rows.append([f"claim p50 ms, {args.fill:,} queued, {label}", fmt(f, ".2f"), *[""] * len(names),
+                     "", fmt(ratio, ".2f") + "× empty" if ratio else "—", "≤1.20×",
+                     verdict(None if ratio is None else ratio <= 1.2)])
+    single("queue fill, submits/s (64 concurrent)", claim.get("fill_per_s"), ",.0f", "info")
+    single("memory per queued task, bytes (RSS growth)", claim.get("bytes_per_task"), ",.0f", "info")
+    rps = get(results, "replay", "records_per_s")
+    single(f"replay {get(results, 'replay', 'records') or args.records:,} records, records/s", rps,
+           ",.0f", "≥200,000", None if rps is None else rps >= 200_000)
+    single("replay time, s", get(results, "replay", "replay_s"), ".2f")
+    return rows
+
+
+def render(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append(" | ".join(cells))
+        if n == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ============================================================================ main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="OffloadMQ benchmark (issue 6)")
+    p.add_argument("--quick", action="store_true", help="shorten everything for a smoke run")
+    p.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
+    p.add_argument("--w1", type=int, help="W1 tasks (default 5000)")
+    p.add_argument("--w2", type=int, help="W2 round trips (default 1000)")
+    p.add_argument("--agents", type=int, help="idle agents (default 1000)")
+    p.add_argument("--idle-duration", type=float, help="idle-agent sampling seconds (default 60)")
+    p.add_argument("--fill", type=int, help="queued tasks for claim latency (default 100000)")
+    p.add_argument("--caps", type=int, default=1000, help="capabilities the fill spreads over")
+    p.add_argument("--claim-iters", type=int, help="claims measured per case (default 300)")
+    p.add_argument("--records", type=int, help="journal records to replay (default 1000000)")
+    p.add_argument("--l0-duration", type=int, help="wrk seconds (default 5)")
+    p.add_argument("--redis-fsync", default="always", choices=("always", "everysec", "no"),
+                   help="redis appendfsync for the peers (default always, like our journal)")
+    p.add_argument("--profile", type=Path, help="py-spy our W1 (server and agent) into this folder")
+    p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
+    args = p.parse_args(argv)
+    quick = args.quick
+    defaults = {"w1": (5000, 500), "w2": (1000, 100), "agents": (1000, 200),
+                "idle_duration": (60.0, 5.0), "fill": (100_000, 5_000), "claim_iters": (300, 50),
+                "records": (1_000_000, 50_000), "l0_duration": (5, 2)}
+    for name, (full, short) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, short if quick else full)
+    args.settle = 3.0 if quick else 5.0
+    args.sections = SECTIONS if not args.only else tuple(s.strip() for s in args.only.split(","))
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="offloadmq-bench-"))
+    results: dict = {}
+    errors: dict = {}
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    runners = {"ours": run_ours, "l0": run_l0_section, "idle": run_idle, "claim": run_claim,
+               "replay": run_replay}
+    try:
+        for section in args.sections:
+            try:
+                if section in runners:
+                    runners[section](tmp, args, results)
+                else:
+                    run_peer(tmp, args, results, section)
+            except Exception as err:  # one broken section must not hide the others
+                errors[section] = f"{type(err).__name__}: {err}"
+                log(f"{section} FAILED: {err}")
+                traceback.print_exc()
+    finally:
+        if args.keep:
+            log(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"\nOffloadMQ benchmark — {when}; Python {platform.python_version()}, {os.cpu_count()} CPUs; "
+          f"load avg before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
+          f"{time.monotonic() - started:.0f} s{' (--quick)' if args.quick else ''}")
+    print(f"peers: Huey {_version('huey')}, Celery {_version('celery')}, redis-server appendfsync "
+          f"{args.redis_fsync}; ours: fsync always, 1 agent capacity 1\n")
+    print(render(build_table(results, args)))
+    wrong = {k: v.get("wrong") for k, v in results.items() if isinstance(v, dict) and v.get("wrong")}
+    if wrong:
+        print(f"\nWRONG RESULTS: {wrong}")
+    for section, err in errors.items():
+        print(f"\n{section}: FAILED: {err}")
+    if args.profile and (args.profile / "w1-server.txt").exists():
+        for name in ("w1-server.txt", "w1-agent.txt"):
+            path = args.profile / name
+            if path.exists():
+                print("\n" + profile.summarize(path, top=15))
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "errors": errors,
+                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    return 1 if errors or wrong else 0
+
+
+def _version(dist: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(dist)
+    except Exception:
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
