@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
+import bisect
 import hashlib
 import heapq
 import hmac
@@ -68,6 +67,7 @@ class Config:
     blocking_hold_s: float = 300.0
     repair: bool = False
     crash_at: str = ""  # test hook (OFFLOADMQ_CRASH_AT): die at this compaction step
+    metrics_public: bool = False  # /metrics without the management token
     static_path: Path = Path(__file__).resolve().parent / "static"
     # Names of secrets generated at this start, so main() can print them once.
     generated: tuple[str, ...] = ()
@@ -132,6 +132,8 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
     parser.add_argument("--data", help="data folder (DATABASE_ROOT_PATH)")
     parser.add_argument("--fsync", choices=FSYNC_POLICIES, help="journal fsync policy (OFFLOADMQ_FSYNC)")
     parser.add_argument("--compact-mb", type=float, help="compact the journal past this size")
+    parser.add_argument("--metrics-public", action="store_true",
+                        help="serve /metrics without the management token")
     parser.add_argument("--repair", action="store_true",
                         help="move a corrupt journal tail into a side file and start")
     args = parser.parse_args(argv)
@@ -155,6 +157,7 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         compact_bytes=int(compact_mb * 1024 * 1024),
         repair=args.repair,
         crash_at=settings.get("OFFLOADMQ_CRASH_AT", ""),
+        metrics_public=args.metrics_public or settings.get("OFFLOADMQ_METRICS_PUBLIC", "") in ("1", "true"),
         generated=generated,
     )
 
@@ -548,6 +551,29 @@ class ClientKey:
         return {**self.to_record(), "created": iso(self.created_at)}
 
 
+class Histogram:
+    """A Prometheus histogram: cumulative buckets of observed seconds."""
+    BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self):
+        self.counts = [0] * (len(self.BOUNDS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.sum += seconds
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        out, total = [], 0
+        sep = "," if labels else ""
+        for bound, n in zip((*map(str, self.BOUNDS), "+Inf"), self.counts):
+            total += n
+            out.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {total}')
+        braces = f"{{{labels}}}" if labels else ""
+        out += [f"{name}_sum{braces} {self.sum:.6f}", f"{name}_count{braces} {total}"]
+        return out
+
+
 # ============================================================================ core (pure)
 #
 # Theory of operation. The Broker holds every task, agent and client key and is the
@@ -633,6 +659,7 @@ class Broker:
         self.in_flight_by_owner: dict[str, int] = {}         # owner -> tasks not ended
         self.idempotent: dict[tuple[str, str], TaskKey] = {}  # (owner, Idempotency-Key) -> task
         self.records: list[dict] = []                        # durable records not yet journaled
+        self.changes: list[tuple[dict, str | None]] = []     # all records not yet published
         self.ids = UlidFactory()
         self.rng = rng or random.Random()
         for key in predefined_keys:
@@ -642,7 +669,10 @@ class Broker:
 
     def _emit(self, op: str, now: float, durable: bool = True, **fields: Any) -> None:
         record = {"op": op, "at": iso(now), **fields}
+        task = self.tasks.get((fields.get("cap"), fields.get("id")))
+        before = task.status if task is not None else None
         self.apply(record)
+        self.changes.append((record, before))
         if durable:
             self.records.append(record)
 
@@ -652,6 +682,12 @@ class Broker:
     def take_records(self) -> list[dict]:
         records, self.records = self.records, []
         return records
+
+    def take_changes(self) -> list[tuple[dict, str | None]]:
+        """(record, task status before it) for every record applied since the last call,
+        durable or not: the hub turns them into live events."""
+        changes, self.changes = self.changes, []
+        return changes
 
     def apply(self, record: dict) -> None:
         APPLY[record["op"]](self, record, parse_iso(record["at"]))
@@ -695,7 +731,9 @@ class Broker:
 
     def _live(self, entry: tuple[str, str]) -> Task | None:
         task = self.tasks.get((entry[1], entry[0]))
-        if task is not None and task.status == PENDING and task.in_heap:
+        # A task taken without a poll keeps a stale entry; after a requeue with a retry
+        # delay that entry must not hand it out before its time.
+        if task is not None and task.status == PENDING and task.in_heap and task.not_before is None:
             return task
         if task is not None:
             task.in_heap = False
@@ -793,7 +831,10 @@ class Broker:
         if task.cancel_requested_at is not None:
             self._finish_cancel(task, now, reason)
         elif task.data["restartable"] and task.retries_left:
-            not_before = now + self._retry_delay(task) if delay else None
+            wait_s = self._retry_delay(task) if delay else 0.0
+            # No delay means ready at once: `now + 0` would still be after the record's
+            # millisecond-truncated time and wait for the next timer round.
+            not_before = now + wait_s if wait_s > 0 else None
             retries = task.data.get("maxRetries", DEFAULT_MAX_RETRIES)
             self._emit_task("task.requeued", task, now, notBefore=not_before,
                             reason=f"{reason}; retry {task.attempts} of {retries}")
@@ -1117,6 +1158,21 @@ class Broker:
                 queue["assigned"].append(task.assigned_json())
         return listing
 
+    def queue_ages(self, now: float) -> dict[str, float]:
+        """Seconds the oldest ready task of each capability has waited since creation."""
+        ages = {}
+        for (_, base), queue in self.queues.items():
+            oldest = None
+            for turns in queue.levels.values():
+                for heap in turns.values():
+                    task = self.tasks.get((heap[0][1], heap[0][0])) if heap else None
+                    if task is not None and task.status == PENDING and (
+                            oldest is None or task.created_at < oldest):
+                        oldest = task.created_at
+            if oldest is not None:
+                ages[base] = max(ages.get(base, 0.0), now - oldest)
+        return ages
+
     def stats(self, now: float) -> dict:
         by_queue: dict[str, dict[str, int]] = {"urgent": {}, "regular": {}}
         for (urgent, status), n in self.counts.items():
@@ -1405,6 +1461,7 @@ class Journal:
         self.rotate_at: int | None = None  # cut offset of a compaction waiting to switch files
         self.rotated: asyncio.Future | None = None
         self.unsynced = False
+        self.fsync_seconds = Histogram()
 
     # ---------------------------------------------------------------- recovery
 
@@ -1459,7 +1516,13 @@ class Journal:
                         f"{self.path}:{lineno}: {problem}. Remedy: restart with --repair to move "
                         f"line {lineno} and everything after it into a side file, then inspect it")
                 side = self.folder / f"journal-rejected-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
-                side.write_bytes(data[pos:])
+                # The rejected bytes reach the disk before the journal lets go of them.
+                fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    write_all(fd, data[pos:])
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 os.truncate(self.path, pos)
                 log.warning("JOURNAL %s:%d: %s; moved %d bytes from there on into %s",
                             self.path, lineno, problem, len(data) - pos, side)
@@ -1516,7 +1579,9 @@ class Journal:
     def _write(self, data: bytes) -> None:
         write_all(self.fd, data)
         if self.fsync == "always":
+            started = time.perf_counter()
             os.fdatasync(self.fd)
+            self.fsync_seconds.observe(time.perf_counter() - started)
         else:
             self.unsynced = True
         self.size += len(data)
@@ -1548,7 +1613,9 @@ class Journal:
         self.rotated = loop.create_future()
         self.rotate_at = cut
         self._kick()
-        await self.rotated
+        # Shielded: a shutdown that cancels the compaction must not cancel the future the
+        # writer resolves after rotating (set_result on it would kill the writer).
+        await asyncio.shield(self.rotated)
         self.snapshot_seq, self.last_compaction_at = seq, now
         self.records_since_snapshot = self.seq - seq
 
@@ -1605,6 +1672,22 @@ class Journal:
 DEFAULT_AGENT_WAIT_S = 20.0
 MAX_WAIT_S = 60.0
 TOKEN_CACHE_SIZE = 10_000
+EVENT_RING_SIZE = 10_000  # live events kept for Last-Event-ID resumption
+OUTCOME_OPS = {"task.submitted": "submitted", "task.completed": "completed",
+               "task.failed": "failed", "task.canceled": "canceled"}
+
+
+@dataclass(slots=True)
+class Event:
+    """One server-sent event; `owner` None means every client may see it."""
+    id: int
+    owner: str | None
+    key: TaskKey | None
+    kind: str
+    data: bytes
+
+    def encode(self) -> bytes:
+        return b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.kind.encode(), self.data)
 
 
 class Hub:
@@ -1622,6 +1705,12 @@ class Hub:
         self.recovered = False
         self.ticker: asyncio.Task | None = None
         self.started_at = clock()
+        self.events: deque[Event] = deque(maxlen=EVENT_RING_SIZE)
+        # Event ids grow across restarts too, so a Last-Event-ID from an earlier run is
+        # recognised as too old rather than mistaken for a recent one.
+        self.event_seq = int(self.started_at * 1000) << 12
+        self.totals: dict[tuple[str, str], int] = {}  # (outcome, capability) -> since start
+        self.http_seconds: dict[tuple[str, str], Histogram] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -1676,9 +1765,125 @@ class Hub:
             return method(*args, now=self.clock(), **kwargs)
         finally:
             records = self.broker.take_records()
+            self._publish()
             if records:
                 await self.journal.append(records)
             await self.notify()
+
+    # ---------------------------------------------------------------- events
+
+    def _publish(self) -> None:
+        """Turn the broker's changes into events: `status` on every transition, `log`
+        with each log delta, `end` with the final task; management also sees agents."""
+        for record, before in self.broker.take_changes():
+            op = record["op"]
+            if op.startswith("agent") or op == "tasks.reset":
+                self._event(None, None, "agent" if op.startswith("agent") else "reset",
+                            {"op": op, "uid": record.get("uid") or record.get("agent", {}).get("uid")},
+                            management_only=op.startswith("agent"))
+                continue
+            named = record.get("task", record)  # task.submitted carries the whole task
+            task = self.broker.tasks.get((named.get("cap"), named.get("id")))
+            if task is None or not op.startswith("task."):
+                continue
+            if op in OUTCOME_OPS:
+                slot = (OUTCOME_OPS[op], base_capability(task.cap))
+                self.totals[slot] = self.totals.get(slot, 0) + 1
+            if task.status != before or op == "task.cancel_requested":
+                self._event(task.owner, task.key, "status", self._status_event(task, op))
+            if op == "task.progressed" and (record.get("log") or record.get("stage") is not None):
+                self._event(task.owner, task.key, "log",
+                            {"id": task.task_id(), "log": record.get("log") or "", "stage": task.stage})
+            if task.status in ENDED and before not in ENDED:
+                self._event(task.owner, task.key, "end", task.assigned_json())
+
+    @staticmethod
+    def _status_event(task: Task, op: str) -> dict:
+        return {"id": task.task_id(), "status": task.status, "stage": task.stage, "op": op,
+                "attempt": task.attempts, "cancelRequested": task.cancel_requested_at is not None}
+
+    def _event(self, owner: str | None, key: TaskKey | None, kind: str, data: dict,
+               management_only: bool = False) -> None:
+        self.event_seq += 1
+        self.events.append(Event(self.event_seq, MGMT_OWNER if management_only else owner,
+                                 key, kind, orjson.dumps(data)))
+
+    @staticmethod
+    def _visible(event: Event, owner: str, keys: set | None) -> bool:
+        if owner != MGMT_OWNER and event.owner not in (None, owner):
+            return False
+        return keys is None or event.key is None or event.key in keys
+
+    def events_after(self, last_id: int | None, owner: str, keys: set | None) -> list[Event] | None:
+        """Events after `last_id` visible to `owner`; None when `last_id` cannot be
+        resumed from (too old, from an earlier run, or absent)."""
+        first = self.events[0].id if self.events else self.event_seq + 1
+        if last_id is None or not first - 1 <= last_id <= self.event_seq:
+            return None
+        return [e for e in itertools.islice(self.events, last_id - first + 1, None)
+                if self._visible(e, owner, keys)]
+
+    def current_events(self, owner: str, keys: set | None) -> list[Event]:
+        """The present state as `status` events: where a stream starts without a usable
+        Last-Event-ID. Named tasks are all shown; otherwise those not yet ended."""
+        if keys is not None:
+            tasks = [self.broker.tasks[k] for k in keys if k in self.broker.tasks]
+        else:
+            tasks = [t for t in self.broker.tasks.values() if t.status not in ENDED
+                     and (owner == MGMT_OWNER or t.owner == owner)]
+        return [Event(self.event_seq, t.owner, t.key, "status",
+                      orjson.dumps(self._status_event(t, "current"))) for t in tasks]
+
+    async def wait_for_events(self, last_id: int, wait_s: float) -> bool:
+        await self._wait_until(lambda: self.event_seq > last_id, wait_s)
+        return self.event_seq > last_id
+
+    # ---------------------------------------------------------------- metrics
+
+    def observe_http(self, method: str, route: str, seconds: float) -> None:
+        histogram = self.http_seconds.get((method, route))
+        if histogram is None:
+            histogram = self.http_seconds[(method, route)] = Histogram()
+        histogram.observe(seconds)
+
+    def metrics(self) -> str:
+        """Prometheus text exposition."""
+        now, broker, lines = self.clock(), self.broker, []
+
+        def family(name: str, kind: str, text: str, samples: list[tuple[str, Any]]) -> None:
+            lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
+            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+        def cap_label(cap: str) -> str:
+            escaped = cap.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            return f'{{capability="{escaped}"}}'
+
+        for outcome in OUTCOME_OPS.values():
+            family(f"offloadmq_tasks_{outcome}_total", "counter", f"Tasks {outcome} since start.",
+                   [(cap_label(cap), n) for (o, cap), n in sorted(self.totals.items()) if o == outcome])
+        family("offloadmq_queue_depth", "gauge", "Pending tasks by capability.",
+               [(cap_label(cap), n) for cap, n in sorted(broker.pending_by_cap.items()) if n])
+        family("offloadmq_queue_oldest_age_seconds", "gauge",
+               "Age of the oldest task ready to run, by capability.",
+               [(cap_label(cap), round(age, 3)) for cap, age in sorted(broker.queue_ages(now).items())])
+        family("offloadmq_tasks_unservable", "gauge", "Pending tasks no online agent serves.",
+               [("", sum(n for cap, n in broker.pending_by_cap.items() if cap not in broker.serving))])
+        online = broker.online_agents(now)
+        family("offloadmq_agents_online", "gauge", "Agents in contact within 120 s.", [("", len(online))])
+        family("offloadmq_agents_capacity", "gauge", "Task slots of online agents.",
+               [("", sum(a.capacity for a in online))])
+        family("offloadmq_agents_in_flight", "gauge", "Tasks held by online agents.",
+               [("", sum(len(a.held) for a in online))])
+        family("offloadmq_journal_bytes", "gauge", "Size of the active journal.", [("", self.journal.size)])
+        lines += ["# HELP offloadmq_fsync_seconds Journal fdatasync latency.",
+                  "# TYPE offloadmq_fsync_seconds histogram",
+                  *self.journal.fsync_seconds.lines("offloadmq_fsync_seconds")]
+        lines += ["# HELP offloadmq_http_request_duration_seconds HTTP request time by route.",
+                  "# TYPE offloadmq_http_request_duration_seconds histogram"]
+        for (method, route), histogram in sorted(self.http_seconds.items()):
+            lines += histogram.lines("offloadmq_http_request_duration_seconds",
+                                     f'method="{method}",route="{route}"')
+        return "\n".join(lines) + "\n"
 
     async def notify(self) -> None:
         async with self.changed:
@@ -2013,6 +2218,59 @@ async def handle_task_cancel(request: web.Request, client: Client) -> web.Respon
     return json_response(task.status_json())
 
 
+SSE_HEARTBEAT_S = 15.0
+
+
+async def stream_events(request: web.Request, owner: str, keys: set | None) -> web.StreamResponse:
+    """Server-Sent Events until the client goes away. With a Last-Event-ID the stream
+    resumes after it; without one (or one too old) it starts with the current state."""
+    hub = request.app[HUB]
+    raw_last = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
+    try:
+        last_id = int(raw_last) if raw_last else None
+    except ValueError:
+        raise BadRequest("Last-Event-ID must be an event id from this stream") from None
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    try:
+        events = hub.events_after(last_id, owner, keys)
+        if events is None:
+            events, last_id = hub.current_events(owner, keys), hub.event_seq
+            await response.write(b"".join(e.encode() for e in events) or b": connected\n\n")
+            events = []
+        while True:
+            if events:
+                await response.write(b"".join(e.encode() for e in events))
+            last_id = hub.event_seq
+            if not await hub.wait_for_events(last_id, SSE_HEARTBEAT_S):
+                await response.write(b": heartbeat\n\n")
+            events = hub.events_after(last_id, owner, keys) or []
+    except (ConnectionResetError, ConnectionError):
+        pass
+    return response
+
+
+def task_filter(request: web.Request, hub: Hub, owner: str) -> set | None:
+    """Repeated `?task=<cap>/<id>`: the tasks a stream is limited to (the caller's own)."""
+    names = request.query.getall("task", [])
+    if not names:
+        return None
+    keys = set()
+    for name in names:
+        cap, _, task_id = name.rpartition("/")
+        if not cap or not task_id:
+            raise BadRequest("task must be given as <capability>/<id>")
+        keys.add(hub.broker.task(cap, task_id, owner).key)
+    return keys
+
+
+async def handle_task_events(request: web.Request, client: Client) -> web.StreamResponse:
+    """Extension: the key's tasks as Server-Sent Events."""
+    hub = request.app[HUB]
+    return await stream_events(request, client.owner, task_filter(request, hub, client.owner))
+
+
 async def handle_capabilities_online(request: web.Request, client: Client) -> web.Response:
     hub = request.app[HUB]
     return json_response([c for c in hub.broker.online_capabilities()
@@ -2126,6 +2384,20 @@ async def handle_agent_resolve(request: web.Request, agent: Agent) -> web.Respon
 
 
 # ---------------------------------------------------------------- management API
+
+async def handle_mgmt_events(request: web.Request) -> web.StreamResponse:
+    """Extension: every task and agent change as Server-Sent Events (for the console)."""
+    hub = request.app[HUB]
+    return await stream_events(request, MGMT_OWNER, task_filter(request, hub, MGMT_OWNER))
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    if not hub.config.metrics_public:
+        check_management(hub, request)
+    return web.Response(text=hub.metrics(), content_type="text/plain", charset="utf-8",
+                        headers={"X-Prometheus-Format": "0.0.4"})
+
 
 async def handle_mgmt_capabilities_online(request: web.Request) -> web.Response:
     return json_response(request.app[HUB].broker.online_capabilities())
@@ -2270,6 +2542,17 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
         return error_response(500, "internal_error", "internal error; the server log has details")
 
 
+@web.middleware
+async def timing_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    started = time.perf_counter()
+    try:
+        return await handler(request)
+    finally:
+        resource = request.match_info.route.resource
+        request.app[HUB].observe_http(request.method, resource.canonical if resource else "unmatched",
+                                      time.perf_counter() - started)
+
+
 def guarded(kind: str, handler: Callable) -> Callable:
     """Wrap a handler with the auth its route needs (see ROUTES); client and agent
     handlers get the caller as their second argument."""
@@ -2295,6 +2578,7 @@ ROUTES = [
     ("POST", f"/api/task/poll/{TASK_PATH}", "client", handle_task_poll),
     ("GET", f"/api/task/poll/{TASK_PATH}", "client", handle_task_poll),
     ("POST", f"/api/task/cancel/{TASK_PATH}", "client", handle_task_cancel),
+    ("GET", "/api/task/events", "client", handle_task_events),
     ("POST", "/api/capabilities/online", "client", handle_capabilities_online),
     ("GET", "/api/capabilities/online", "client", handle_capabilities_online),
     ("GET", "/api/ping", "open", handle_health),
@@ -2310,6 +2594,7 @@ ROUTES = [
     ("POST", f"/private/agent/take/{TASK_PATH}", "agent", handle_agent_take),
     ("POST", f"/private/agent/task/progress/{TASK_PATH}", "agent", handle_agent_progress),
     ("POST", f"/private/agent/task/resolve/{TASK_PATH}", "agent", handle_agent_resolve),
+    ("GET", "/management/events", "mgmt", handle_mgmt_events),
     ("GET", "/management/capabilities/list/online", "mgmt", handle_mgmt_capabilities_online),
     ("GET", "/management/agents/list", "mgmt", handle_mgmt_agents_list),
     ("GET", "/management/agents/list/online", "mgmt", handle_mgmt_agents_list_online),
@@ -2326,6 +2611,7 @@ ROUTES = [
     ("POST", "/management/client_api_keys/revoke/{key}", "mgmt", handle_mgmt_key_revoke),
     ("GET", "/health", "open", handle_health),
     ("GET", "/stats", "open", handle_stats),
+    ("GET", "/metrics", "open", handle_metrics),  # checks the token itself unless public
     ("GET", "/{path:.*}", "open", handle_static),  # last: everything else is the console
 ]
 
@@ -2333,7 +2619,7 @@ ROUTES = [
 def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Application:
     config = config or load_config([])
     hub = hub or Hub(config)
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[timing_middleware, error_middleware])
     app[HUB] = hub
     for method, path, kind, handler in ROUTES:
         app.router.add_route(method, path, guarded(kind, handler))
