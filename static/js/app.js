@@ -25,7 +25,7 @@ function parseHash() {
 }
 
 function route() {
-  if (!getToken()) return;
+  if ($("topbar").hidden) return; // signed out: the sign-in form owns the screen
   const { name, params } = parseHash();
   if (unmountPage) unmountPage();
   unmountPage = null;
@@ -121,6 +121,13 @@ window.addEventListener("hashchange", route);
 window.addEventListener(UNAUTHORIZED_EVENT, (event) => {
   clearToken();
   showSignIn(`The server no longer accepts the stored token (${event.detail.message}). Sign in again.`);
+});
+
+// Signing in or out in another tab of this console follows here.
+window.addEventListener("storage", () => {
+  const signedIn = !$("topbar").hidden;
+  if (getToken() && !signedIn) showApp();
+  else if (!getToken() && signedIn) showSignIn();
 });
 
 if (getToken()) showApp();

@@ -7,6 +7,8 @@ import { h, mountTemplate, fillTable, fillFacts, tr, showError, badge, mono, pre
 import { STATUSES, ENDED, flattenTasks, idOf, shortId, taskHref } from "./model.js";
 
 const LABELS = ["Task", "Capability", "Queue", "Status", "Stage", "Agent", "Created"];
+// Enough to scan; the filters narrow down the rest. Keeps each refresh cheap.
+const MAX_ROWS = 200;
 
 // The filters outlive the page so that coming back from a task's detail keeps them.
 const filters = { queue: "", status: "", capability: "" };
@@ -69,17 +71,20 @@ function render(refs, tasks) {
   refs.count.textContent = shown.length === tasks.length ? String(tasks.length) : `${shown.length} of ${tasks.length}`;
   refs.empty.hidden = shown.length > 0;
   refs.empty.textContent = tasks.length ? "No task matches these filters." : "No tasks yet. Submit one from the Sandbox.";
+  refs.more.hidden = shown.length <= MAX_ROWS;
+  refs.more.textContent = `Showing the newest ${MAX_ROWS} of ${shown.length} tasks; the filters narrow the list down.`;
+  const none = () => h("td", { class: "is-empty" }, h("span", { class: "muted" }, "—"));
   fillTable(
     refs.rows,
-    shown.map((t) =>
+    shown.slice(0, MAX_ROWS).map((t) =>
       tr(
         [
           h("a", { href: taskHref(t.id), class: "mono", title: idOf(t) }, shortId(idOf(t))),
           mono(t.capability),
           h("span", { class: `queue queue-${t.queue}` }, t.queue),
           badge(t.status),
-          t.stage || h("span", { class: "muted" }, "—"),
-          t.agentId ? mono(String(t.agentId).slice(-6), t.agentId) : h("span", { class: "muted" }, "—"),
+          t.stage || none(),
+          t.agentId ? mono(String(t.agentId).slice(-6), t.agentId) : none(),
           timeCell(t.createdAt),
         ],
         LABELS,
