@@ -114,7 +114,7 @@ def load_identity(path: Path) -> AgentIdentity:
 
 @dataclass(frozen=True)
 class Settings:
-    """Runtime knobs of `serve`, from argv and the environment; nothing else reads either."""
+    """Runtime knobs of `serve`; only the CLI section fills them from argv and the environment."""
 
     work_root: Path
     ollama_url: str = DEFAULT_OLLAMA_URL
@@ -364,9 +364,10 @@ class ProgressReporter:
         self._pending_stage: str | None = None
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task | None = None
+        self._refused = False
 
     def write(self, text: str) -> None:
-        if not text:
+        if not text or self._refused:
             return
         self._pending_log.append(text)
         self._pending_chars += len(text)
@@ -376,6 +377,8 @@ class ProgressReporter:
         self._kick()
 
     def set_stage(self, stage: str) -> None:
+        if self._refused:
+            return
         self._pending_stage = stage
         self._kick()
 
@@ -399,7 +402,12 @@ class ProgressReporter:
         self._pending_log, self._pending_chars, self._pending_stage = [], 0, None
         try:
             await self._send(stage, text)
-        except (ServerUnavailable, ServerRefused) as err:
+        except ServerRefused as err:
+            # The task is no longer this agent's to report on (it ended or was taken
+            # away); retrying would only repeat the refusal, so stop sending.
+            log.warning("progress refused, sending no more for this task: %s", err)
+            self._refused = True
+        except ServerUnavailable as err:
             log.warning("progress not delivered: %s", err)
             if text:
                 self._pending_log.insert(0, text)

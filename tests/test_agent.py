@@ -488,6 +488,23 @@ async def test_progress_kept_when_the_server_is_unreachable_and_sent_later():
     assert attempts == [("running", "one\n"), ("running", "one\ntwo\n")]
 
 
+async def test_progress_stops_after_the_server_refuses_it():
+    attempts = []
+
+    async def refusing_send(stage, text):
+        attempts.append(text)
+        raise agent.ServerRefused(409, "conflict", "task already ended")
+
+    reporter = ProgressReporter(refusing_send, interval_s=0.01)
+    reporter.write("one\n")
+    await asyncio.sleep(0.05)
+    reporter.write("two\n")
+    await asyncio.sleep(0.05)
+    await reporter.close()
+    assert attempts == ["one\n"]
+    assert not reporter.pending
+
+
 def test_identity_file_is_private_and_round_trips(tmp_path):
     path = tmp_path / "conf" / "agent.json"
     path.parent.mkdir()
