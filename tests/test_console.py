@@ -450,3 +450,24 @@ def test_console_fits_a_phone_screen(console_factory, server):
     expect(row).to_contain_text("online")
     assert row.bounding_box()["width"] <= 390
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+
+def test_live_data_pauses_while_the_tab_is_hidden(console, server):
+    page = console.sign_in()  # the overview refreshes /stats every 2 s
+    expect(page.locator("[data-ref=agents-online]")).to_have_text("0")
+    set_hidden = """hidden => {
+        Object.defineProperty(document, "hidden", {configurable: true, get: () => hidden});
+        document.dispatchEvent(new Event("visibilitychange"));
+    }"""
+    asked = []
+    page.on("request", lambda r: "/stats" in r.url and asked.append(r.url))
+    page.evaluate(set_hidden, True)
+    page.wait_for_timeout(300)  # a request already on its way may still land
+    asked.clear()
+    page.wait_for_timeout(4500)
+    assert asked == [], "the console kept polling in a hidden tab"
+
+    Agent(server, ["echo"])
+    with page.expect_request(lambda r: "/stats" in r.url, timeout=1500):
+        page.evaluate(set_hidden, False)  # shown again: refreshes at once, not after a delay
+    expect(page.locator("[data-ref=agents-online]")).to_have_text("1")
