@@ -1,0 +1,592 @@
+"""The journal: crafted files replayed into a fresh Broker, the Hub's compaction under
+load, and the real server process crashing at each compaction step.
+
+Most tests build a realistic run on a live Broker (explicit `now`), write its durable
+records with the real `encode_record`, damage the file the way a crash or a bad disk
+would, and compare what `Journal.recover` rebuilds against the live state.
+"""
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import orjson
+import pytest
+
+from conftest import http
+from offloadmq import (
+    Broker, Config, Hub, Journal, JournalCorrupt, decode_record, encode_record, iso,
+    owner_of, parse_submission,
+)
+
+T0 = 1_800_000_000.0
+END_T = T0 + 9  # the clock when realistic_run() ends
+PREDEFINED = ("ck-pre",)
+OWNER = owner_of("ck-new")
+
+
+# ---------------------------------------------------------------- helpers
+
+def submission(cap, restartable=False, urgent=False, payload=None):
+    return parse_submission({"capability": cap, "restartable": restartable, "urgent": urgent,
+                             "payload": payload})
+
+
+def agent_info(caps, tier=0, capacity=1):
+    return {"capabilities": caps, "tier": tier, "capacity": capacity,
+            "systemInfo": {"os": "linux", "cpuArch": "x86_64", "gpu": None}}
+
+
+def realistic_run() -> tuple[Broker, list[dict]]:
+    """Every kind of durable change: agents, keys, submit, take, progress, the three
+    resolve outcomes, requeue, an urgent task (never journaled), agent update and delete.
+    Returns the live broker and its records numbered as the journal numbers them."""
+    b = Broker(PREDEFINED, T0)
+    t = T0
+    a = b.register_agent(agent_info(["debug.echo", "vision[gpu;cuda12]"], tier=1, capacity=2), t)
+    bee = b.register_agent(agent_info(["debug.echo"], capacity=3), t + 0.1)
+    b.update_key("ck-new", ["debug.*"], None, t + 0.2)
+    b.update_key("ck-new", ["debug.*", "vision"], 50, t + 0.3)
+    b.update_key("ck-gone", ["*"], None, t + 0.4)
+    b.revoke_key("ck-gone", t + 0.5)
+    t += 1
+    t1 = b.submit(submission("debug.echo", payload={"n": 1}), OWNER, None, t)
+    t2 = b.submit(submission("debug.echo", restartable=True, payload="two"), OWNER, None, t + 0.01)
+    t3 = b.submit(submission("vision", payload=[3]), OWNER, None, t + 0.02)
+    t4 = b.submit(submission("debug.echo"), OWNER, None, t + 0.03)
+    t5 = b.submit(submission("debug.echo", restartable=True), OWNER, None, t + 0.04)
+    t6 = b.submit(submission("debug.echo", payload={"held": "across"}), OWNER, None, t + 0.05)
+    t += 1
+    b.take(a.uid, t1.cap, t1.id, t)
+    b.progress(a.uid, t1.cap, t1.id, "loading", "line one\n", t + 0.1)
+    b.progress(a.uid, t1.cap, t1.id, None, "line two\n", t + 0.2)
+    b.resolve(a.uid, t1.cap, t1.id, "success", None, {"echo": {"n": 1}}, t + 0.3)
+    b.take(a.uid, t2.cap, t2.id, t + 0.4)
+    b.resolve(a.uid, t2.cap, t2.id, "failure", "boom", None, t + 0.5)   # requeued, retried later
+    b.take(a.uid, t3.cap, t3.id, t + 0.7)
+    b.resolve(a.uid, t3.cap, t3.id, "notExecuted", "no gpu", None, t + 0.8)  # failed
+    b.take(bee.uid, t4.cap, t4.id, t + 0.9)
+    b.take(bee.uid, t5.cap, t5.id, t + 0.95)
+    t += 1
+    b.update_agent(a.uid, agent_info(["debug.echo", "vision[gpu;cuda12]"], tier=2, capacity=4), t)
+    urgent = b.submit(submission("debug.echo", urgent=True), OWNER, None, t + 0.1)
+    b.take(a.uid, urgent.cap, urgent.id, t + 0.2)
+    b.resolve(a.uid, urgent.cap, urgent.id, "success", None, "fast", t + 0.3)
+    b.delete_agent(bee.uid, t + 0.4)       # t5 back to the queue, t4 fails
+    b.take(a.uid, t6.cap, t6.id, t + 0.5)
+    b.progress(a.uid, t6.cap, t6.id, "half", "x" * 50, t + 0.6)
+    t += 1
+    # Cancel a queued task, ask a running one to stop, revive a dead letter, drain.
+    t7 = b.submit(submission("debug.echo"), OWNER, None, t)
+    t8 = b.submit(submission("debug.echo"), OWNER, None, t + 0.01)
+    b.cancel(t7.cap, t7.id, OWNER, t + 0.1)
+    b.take(a.uid, t8.cap, t8.id, t + 0.2)
+    b.cancel(t8.cap, t8.id, OWNER, t + 0.3)
+    b.requeue(t3.cap, t3.id, t + 0.4)
+    b.drain_agent(a.uid, True, t + 0.5)
+    b.drain_agent(a.uid, False, t + 0.6)
+    assert END_T > t
+    b.expire(END_T)  # a retry delay passes: in memory only, recomputed from the clock
+    records = [{"seq": i, **r} for i, r in enumerate(b.take_records(), 1)]
+    return b, records
+
+
+def view(b: Broker) -> dict:
+    """Everything durable, in a form that does not depend on dict insertion order."""
+    snap = b.snapshot()
+    return {
+        "tasks": sorted(snap["tasks"], key=lambda t: t["id"]),
+        "agents": sorted(snap["agents"], key=lambda a: a["uid"]),
+        "keys": sorted(snap["keys"], key=lambda k: k["key"]),
+        "held": {uid: sorted(a.held) for uid, a in b.agents.items()},
+        "counts": {s: n for (u, s), n in b.counts.items() if not u and n},
+        "pending_by_cap": {c: n for c, n in b.pending_by_cap.items() if n},
+    }
+
+
+def write_journal(folder: Path, records: list[dict], extra: bytes = b"") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "journal.jsonl"
+    path.write_bytes(b"".join(encode_record(r) for r in records) + extra)
+    return path
+
+
+def write_snapshot(folder: Path, broker: Broker, seq: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "snapshot.json").write_bytes(
+        orjson.dumps({"seq": seq, "at": iso(T0 + 100), **broker.snapshot()}))
+
+
+def replay(folder: Path, repair=False, now=END_T) -> tuple[Broker, Journal, int]:
+    """Recover into a fresh broker, then let the clock reach `now` as the live run did
+    (timers such as retry delays are not journaled: they follow from the clock)."""
+    b = Broker(PREDEFINED, T0)
+    j = Journal(folder, "always")
+    n = j.recover(b, repair)
+    os.close(j.fd)
+    b.expire(now)
+    return b, j, n
+
+
+def replay_records(folder: Path, records: list[dict]) -> dict:
+    """The state a clean journal of these records gives (the reference)."""
+    write_journal(folder, records)
+    return view(replay(folder)[0])
+
+
+async def append_one(journal: Journal, record: dict) -> None:
+    await journal.append([record])
+    await journal.close()
+
+
+# ---------------------------------------------------------------- replay equals live
+
+def test_replayed_state_equals_live_state_after_realistic_run(tmp_path):
+    live, records = realistic_run()
+    ops = {r["op"] for r in records}
+    assert ops >= {"agent.registered", "agent.updated", "agent.deleted", "agent.drained",
+                   "agent.resumed", "key.updated", "key.revoked", "task.submitted",
+                   "task.assigned", "task.progressed", "task.completed", "task.failed",
+                   "task.requeued", "task.canceled", "task.cancel_requested", "task.revived"}
+    write_journal(tmp_path, records)
+    replayed, journal, n = replay(tmp_path)
+    assert n == len(records) and journal.seq == len(records)
+    assert view(replayed) == view(live)
+    assert view(replayed)["tasks"], "the run must leave tasks behind"
+    # The urgent task lived in memory only.
+    assert len(live.tasks) == len(replayed.tasks) + 1
+
+
+def test_replay_after_task_and_agent_resets_matches_live(tmp_path):
+    live, records = realistic_run()
+    t = T0 + 10
+    live.reset_tasks(t)
+    kept = live.submit(submission("debug.echo"), OWNER, None, t + 1)
+    live.reset_agents(t + 2)
+    c = live.register_agent(agent_info(["debug.echo"]), t + 3)
+    live.take(c.uid, kept.cap, kept.id, t + 4)
+    records += [{"seq": i, **r} for i, r in enumerate(live.take_records(), len(records) + 1)]
+    write_journal(tmp_path, records)
+    assert view(replay(tmp_path, now=t + 4)[0]) == view(live)
+    assert [t["id"] for t in view(live)["tasks"]] == [kept.id]
+
+
+def test_records_are_crc_checked_lines(tmp_path):
+    _, records = realistic_run()
+    for record in records:
+        line = encode_record(record)
+        assert line.endswith(b"}\n") and line.count(b"\n") == 1
+        assert decode_record(line[:-1]) == record
+    assert decode_record(b'{"seq":1,"op":"x","crc":1}') is None
+
+
+# ---------------------------------------------------------------- torn tail
+
+def test_torn_tail_at_every_byte_offset_is_dropped_and_truncated(tmp_path, caplog):
+    live, records = realistic_run()
+    before, last = records[:-1], records[-1]
+    reference = replay_records(tmp_path / "ref", before)
+    assert reference != view(live), "the last record must change the state"
+    prefix = b"".join(encode_record(r) for r in before)
+    line = encode_record(last)
+    folder = tmp_path / "data"
+    for cut in range(1, len(line)):  # line[:len(line)-1] lacks only its newline
+        caplog.clear()
+        path = write_journal(folder, before, extra=line[:cut])
+        with caplog.at_level(logging.WARNING, logger="offloadmq"):
+            replayed, journal, n = replay(folder)
+        assert n == len(before), cut
+        assert view(replayed) == reference, cut
+        assert path.read_bytes() == prefix, cut
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(f"torn last record of {cut} bytes" in w for w in warnings), (cut, warnings)
+    # After the truncation, the next append lands on a clean line boundary and replays.
+    write_journal(folder, before, extra=line[:len(line) // 2])
+    b = Broker(PREDEFINED, T0)
+    j = Journal(folder, "always")
+    j.recover(b)
+    b.update_key("ck-after", ["*"], None, T0 + 50)
+    asyncio.run(append_one(j, b.take_records()[0]))
+    again, j2, n = replay(folder)
+    assert n == len(before) + 1 and j2.seq == len(before) + 1
+    assert "ck-after" in {k["key"] for k in view(again)["keys"]}
+
+
+def test_whole_last_record_is_kept(tmp_path, caplog):
+    live, records = realistic_run()
+    write_journal(tmp_path, records)
+    with caplog.at_level(logging.WARNING, logger="offloadmq"):
+        replayed, _, n = replay(tmp_path)
+    assert n == len(records) and view(replayed) == view(live)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# ---------------------------------------------------------------- corruption mid-file
+
+def test_garbage_mid_file_refuses_to_start_naming_file_line_and_remedy(tmp_path):
+    _, records = realistic_run()
+    lines = [encode_record(r) for r in records]
+    bad_line = 6
+    lines.insert(bad_line - 1, b"\x00\x00garbage that is not a record\n")
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(JournalCorrupt) as err:
+        replay(tmp_path)
+    message = str(err.value)
+    assert f"{path}:{bad_line}:" in message
+    assert "--repair" in message
+    assert path.read_bytes() == b"".join(lines), "a refused start must not change the file"
+
+
+def test_every_flipped_bit_of_a_mid_file_record_is_detected(tmp_path):
+    _, records = realistic_run()
+    lines = [encode_record(r) for r in records[:8]]
+    target = 4  # 1-based line number of the damaged record
+    path = tmp_path / "journal.jsonl"
+    good = lines[target - 1]
+    for bit in range(len(good) * 8):
+        damaged = bytearray(good)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(b"".join(lines[:target - 1]) + bytes(damaged) + b"".join(lines[target:]))
+        with pytest.raises(JournalCorrupt) as err:
+            replay(tmp_path)
+        assert f"{path}:{target}:" in str(err.value), bit
+        assert "--repair" in str(err.value)
+
+
+def test_record_that_does_not_apply_is_corruption(tmp_path):
+    """A well-formed record that contradicts the state before it (here: a task assigned
+    twice) is not silently applied."""
+    _, records = realistic_run()
+    assigned = next(i for i, r in enumerate(records) if r["op"] == "task.assigned")
+    dup = {**records[assigned], "seq": len(records) + 1}
+    path = write_journal(tmp_path, records + [dup, {**records[-1], "seq": len(records) + 2}])
+    with pytest.raises(JournalCorrupt) as err:
+        replay(tmp_path)
+    assert f"{path}:{len(records) + 1}:" in str(err.value)
+
+
+def test_repair_moves_the_rest_into_a_side_file_and_starts(tmp_path, caplog):
+    _, records = realistic_run()
+    good = records[:10]
+    reference = replay_records(tmp_path / "ref", good)
+    folder = tmp_path / "data"
+    rest = b"not json at all\n" + b"".join(encode_record(r) for r in records[10:])
+    path = write_journal(folder, good, extra=rest)
+    with caplog.at_level(logging.WARNING, logger="offloadmq"):
+        replayed, journal, n = replay(folder, repair=True)
+    assert n == len(good) and view(replayed) == reference
+    assert path.read_bytes() == b"".join(encode_record(r) for r in good)
+    sides = list(folder.glob("journal-rejected-*.jsonl"))
+    assert len(sides) == 1 and sides[0].read_bytes() == rest
+    assert any("moved" in r.getMessage() and str(sides[0]) in r.getMessage() for r in caplog.records)
+    # Appends continue with the next seq and the repaired journal replays cleanly.
+    b = Broker(PREDEFINED, T0)
+    j = Journal(folder)
+    j.recover(b)
+    b.update_key("ck-after", ["*"], None, T0 + 50)
+    asyncio.run(append_one(j, b.take_records()[0]))
+    again, j2, _ = replay(folder)
+    assert j2.seq == len(good) + 1
+    assert "ck-after" in {k["key"] for k in view(again)["keys"]}
+
+
+# ---------------------------------------------------------------- snapshot plus tail
+
+def test_snapshot_plus_journal_tail_equals_live(tmp_path):
+    live, records = realistic_run()
+    k = 15
+    partial, _, _ = replay(_journal_dir(tmp_path / "prefix", records[:k]))
+    folder = tmp_path / "data"
+    write_snapshot(folder, partial, k)
+    write_journal(folder, records[k:])
+    replayed, journal, n = replay(folder)
+    assert n == len(records) - k
+    assert journal.snapshot_seq == k and journal.seq == len(records)
+    assert view(replayed) == view(live)
+
+
+def test_replay_skips_records_at_or_below_the_snapshot_seq(tmp_path):
+    """A crash after the snapshot rename but before the journal was cut leaves the whole
+    old journal next to the new snapshot: re-applying would raise (a task assigned twice),
+    so recovery must skip every record the snapshot already holds."""
+    live, records = realistic_run()
+    k = 20
+    partial, _, _ = replay(_journal_dir(tmp_path / "prefix", records[:k]))
+    folder = tmp_path / "data"
+    write_snapshot(folder, partial, k)
+    write_journal(folder, records)
+    replayed, journal, n = replay(folder)
+    assert n == len(records) - k and journal.records_since_snapshot == len(records) - k
+    assert view(replayed) == view(live)
+
+
+def test_replay_skips_a_repeated_seq(tmp_path):
+    live, records = realistic_run()
+    doubled = records[:7] + [records[6]] + records[7:]
+    write_journal(tmp_path, doubled)
+    replayed, _, n = replay(tmp_path)
+    assert n == len(records) and view(replayed) == view(live)
+
+
+def test_leftover_temp_files_are_removed_at_start(tmp_path, caplog):
+    live, records = realistic_run()
+    write_journal(tmp_path, records)
+    (tmp_path / "snapshot.json.tmp").write_bytes(b'{"seq": 99999, "tasks": [')
+    (tmp_path / "journal.jsonl.tmp").write_bytes(b"half a jour")
+    with caplog.at_level(logging.WARNING, logger="offloadmq"):
+        replayed, journal, _ = replay(tmp_path)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert view(replayed) == view(live) and journal.snapshot_seq == 0
+    assert sum("interrupted write" in r.getMessage() for r in caplog.records) == 2
+
+
+def _journal_dir(folder: Path, records: list[dict]) -> Path:
+    write_journal(folder, records)
+    return folder
+
+
+# ---------------------------------------------------------------- hub: compaction
+
+def hub_config(folder: Path, **overrides) -> Config:
+    return Config(data_path=folder, jwt_secret="s" * 32, agent_api_keys=("ak",),
+                  client_api_keys=PREDEFINED, mgmt_token="mt", **overrides)
+
+
+async def drive(hub: Hub, n: int, caps=("debug.echo",)) -> list:
+    tasks = await asyncio.gather(*[
+        hub.change(hub.broker.submit, submission(caps[i % len(caps)], payload={"i": i}), OWNER, None)
+        for i in range(n)])
+    return tasks
+
+
+async def test_compaction_during_concurrent_appends_loses_nothing(tmp_path):
+    hub = Hub(hub_config(tmp_path))
+    hub.recover()
+    agent = await hub.change(hub.broker.register_agent, agent_info(["debug.echo"], capacity=1000))
+    first = await drive(hub, 50)
+    for task in first[:20]:
+        await hub.change(hub.broker.take, agent.uid, task.cap, task.id)
+    # Submits, takes and results keep arriving while the snapshot is written and cut,
+    # and some records still wait for the writer at the moment the snapshot is taken.
+    inflight = [asyncio.ensure_future(hub.change(hub.broker.submit, submission("debug.echo"), OWNER, None))
+                for _ in range(100)]
+    await asyncio.sleep(0)
+    assert hub.journal.buffer and hub.journal.end_offset > hub.journal.size
+    results = await asyncio.gather(
+        hub.compact(),
+        *[hub.change(hub.broker.resolve, agent.uid, t.cap, t.id, "success", None, {"r": t.id})
+          for t in first[:10]],
+        drive(hub, 100), *inflight)
+    assert hub.journal.snapshot_seq > 0
+    more = await drive(hub, 10)
+    await hub.journal.close()
+    live = view(hub.broker)
+    assert len(live["tasks"]) == 260 and live["counts"]["completed"] == 10
+
+    snap = orjson.loads((tmp_path / "snapshot.json").read_bytes())
+    seqs = [decode_record(line)["seq"] for line in (tmp_path / "journal.jsonl").read_bytes().splitlines()]
+    assert seqs == list(range(snap["seq"] + 1, snap["seq"] + 1 + len(seqs))), \
+        "the journal after compaction holds exactly the records after the snapshot"
+
+    again = Hub(hub_config(tmp_path))
+    again.recover()
+    await again.journal.close()
+    assert view(again.broker) == live
+    assert more[-1].key in again.broker.tasks and results
+
+
+async def test_compaction_drops_old_ended_tasks_and_replay_agrees(tmp_path):
+    clock = [T0]
+    hub = Hub(hub_config(tmp_path, retention_s=100.0), clock=lambda: clock[0])
+    hub.recover()
+    agent = await hub.change(hub.broker.register_agent, agent_info(["debug.echo"], capacity=10))
+    old = await drive(hub, 3)
+    for task in old:
+        await hub.change(hub.broker.take, agent.uid, task.cap, task.id)
+        await hub.change(hub.broker.resolve, agent.uid, task.cap, task.id, "success", None, 1)
+    clock[0] += 1000
+    fresh = await drive(hub, 2)
+    await hub.compact()
+    assert all(t.key not in hub.broker.tasks for t in old)
+    assert all(t.key in hub.broker.tasks for t in fresh)
+    clock[0] += 1
+    await drive(hub, 1)
+    await hub.journal.close()
+    again = Hub(hub_config(tmp_path, retention_s=100.0), clock=lambda: clock[0])
+    again.recover()
+    await again.journal.close()
+    assert view(again.broker) == view(hub.broker)
+    assert again.journal.records_since_snapshot == 1
+
+
+async def test_shutdown_while_a_compaction_rotates_closes_cleanly(tmp_path):
+    """Hub.stop cancels the background loop; if that loop is waiting for the rotation,
+    the writer must still finish it, and closing the journal must not raise."""
+    b = Broker(PREDEFINED, T0)
+    journal = Journal(tmp_path, "everysec")
+    journal.recover(b)
+    b.update_key("ck-new", ["*"], None, T0)
+    await journal.append(b.take_records())
+    rotate = journal._rotate
+    journal._rotate = lambda cut: (time.sleep(0.2), rotate(cut))
+    compaction = asyncio.ensure_future(journal.compact(b.snapshot(), T0 + 1))
+    while journal.rotated is None:
+        await asyncio.sleep(0.01)
+    compaction.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await compaction
+    await journal.close()
+    assert journal.fd == -1
+    assert (tmp_path / "journal.jsonl").read_bytes() == b""
+    again, j2, n = replay(tmp_path)
+    assert n == 0 and j2.snapshot_seq == 1 and view(again) == view(b)
+
+
+async def test_everysec_and_no_policies_replay_the_same(tmp_path):
+    for policy in ("everysec", "no"):
+        folder = tmp_path / policy
+        hub = Hub(hub_config(folder, fsync=policy), clock=lambda: T0)
+        hub.recover()
+        await drive(hub, 30)
+        await hub.journal.close()
+        again = Hub(hub_config(folder, fsync=policy), clock=lambda: T0)
+        again.recover()
+        await again.journal.close()
+        assert view(again.broker) == view(hub.broker) and len(again.broker.tasks) == 30
+
+
+# ---------------------------------------------------------------- real process
+
+CAP = "debug.echo"
+
+
+def register_agent(srv, capacity=1000):
+    status, reg = http("POST", srv.url + "/agent/register", {
+        "capabilities": [CAP], "tier": 0, "capacity": capacity, "apiKey": srv.agent_key,
+        "systemInfo": {"os": "linux"}})
+    assert status == 200, reg
+    status, auth = http("POST", srv.url + "/agent/auth", {"agentId": reg["agentId"], "key": reg["key"]})
+    assert status == 200, auth
+    return {"Authorization": "Bearer " + auth["token"]}
+
+
+def take_and_resolve(srv, bearer, task_id, output):
+    path = f"{quote(CAP, safe='')}/{task_id}"
+    status, body = http("POST", f"{srv.url}/private/agent/take/{path}", headers=bearer)
+    if status != 200:
+        return status
+    status, body = http("POST", f"{srv.url}/private/agent/task/resolve/{path}",
+                        {"id": {"cap": CAP, "id": task_id}, "capability": CAP,
+                         "status": {"success": 0.01}, "output": output}, headers=bearer)
+    return status
+
+
+def regular_tasks(srv) -> dict:
+    status, listing = http("GET", srv.url + "/management/tasks/list", headers=srv.mgmt)
+    assert status == 200, listing
+    regular = listing["regular"]
+    found = {t["id"]["id"]: t for t in regular["unassigned"]}
+    found.update({t["id"]["id"]: t for t in regular["assigned"]})
+    return found
+
+
+@pytest.mark.parametrize("step", ["snapshot-written", "snapshot-renamed",
+                                  "journal-written", "journal-renamed"])
+def test_crash_at_each_compaction_step_recovers_every_acknowledged_task(make_server, step):
+    srv = make_server(extra_env={"OFFLOADMQ_CRASH_AT": step, "OFFLOADMQ_COMPACT_MB": "0.005"})
+    srv.start()
+    bearer = register_agent(srv)
+    submitted, resolved = [], {}
+    deadline = time.monotonic() + 20
+    while srv.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            status, body = http("POST", srv.url + "/api/task/submit",
+                                {"capability": CAP, "payload": {"n": len(submitted)}},
+                                headers=srv.client, timeout=5)
+            if status == 201:
+                submitted.append(body["id"]["id"])
+            if len(submitted) % 3 == 0:
+                task_id = submitted[len(submitted) // 2]
+                if task_id not in resolved and take_and_resolve(srv, bearer, task_id, task_id) == 200:
+                    resolved[task_id] = task_id
+        except OSError:
+            break
+    srv.proc.wait(timeout=10)
+    assert srv.proc.returncode == 99, srv.output()[-3000:]
+    leftovers = {p.name for p in srv.data.glob("*.tmp")}
+    if step == "snapshot-written":
+        assert "snapshot.json.tmp" in leftovers
+    if step == "journal-written":
+        assert "journal.jsonl.tmp" in leftovers
+
+    srv.extra_env = {}
+    srv.start()
+    assert not list(srv.data.glob("*.tmp"))
+    found = regular_tasks(srv)
+    missing = [t for t in submitted if t not in found]
+    assert not missing, f"{len(missing)} of {len(submitted)} acknowledged submits lost"
+    for task_id, output in resolved.items():
+        assert found[task_id]["status"] == "completed" and found[task_id]["result"] == output
+    assert len(submitted) > 10 and resolved
+    # The agent's token from before the crash still works.
+    status, _ = http("GET", srv.url + "/private/agent/ping", headers=bearer)
+    assert status == 200
+    # The recovered folder compacts and restarts cleanly again.
+    srv.kill()
+    srv.start()
+    assert set(regular_tasks(srv)) >= set(submitted)
+
+
+def test_server_drops_torn_tail_and_keeps_serving(make_server):
+    srv = make_server()
+    srv.start()
+    ids = []
+    for i in range(5):
+        status, body = http("POST", srv.url + "/api/task/submit", {"capability": CAP, "payload": i},
+                            headers=srv.client)
+        assert status == 201
+        ids.append(body["id"]["id"])
+    srv.kill()
+    path = srv.data / "journal.jsonl"
+    whole = path.read_bytes()
+    lines = whole.splitlines(keepends=True)
+    torn = lines[-1][: len(lines[-1]) // 2]
+    path.write_bytes(b"".join(lines[:-1]) + torn)
+    srv.start()
+    assert f"torn last record of {len(torn)} bytes" in srv.output()
+    assert path.read_bytes() == b"".join(lines[:-1])
+    found = regular_tasks(srv)
+    assert set(ids[:-1]) <= set(found) and ids[-1] not in found
+    status, body = http("POST", srv.url + "/api/task/submit", {"capability": CAP}, headers=srv.client)
+    assert status == 201
+    srv.kill()
+    srv.start()
+    assert body["id"]["id"] in regular_tasks(srv)
+
+
+def test_server_refuses_corrupt_journal_then_starts_with_repair(make_server):
+    srv = make_server()
+    srv.start()
+    ids = []
+    for i in range(6):
+        status, body = http("POST", srv.url + "/api/task/submit", {"capability": CAP, "payload": i},
+                            headers=srv.client)
+        ids.append(body["id"]["id"])
+    srv.stop()
+    path = srv.data / "journal.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 6
+    damaged = bytearray(lines[2])
+    damaged[len(damaged) // 2] ^= 0x04
+    path.write_bytes(b"".join(lines[:2]) + bytes(damaged) + b"".join(lines[3:]))
+    with pytest.raises(RuntimeError) as err:
+        srv.start()
+    assert srv.proc.returncode == 2
+    assert f"{path}:3:" in str(err.value) and "--repair" in str(err.value)
+    srv.extra_args = ["--repair"]
+    srv.start()
+    assert set(regular_tasks(srv)) == set(ids[:2])
+    assert len(list(srv.data.glob("journal-rejected-*.jsonl"))) == 1
