@@ -2,7 +2,10 @@
 
 One file, aiohttp its only dependency. It speaks the wire contract of API.md: registers
 with an agent key, logs in for a JWT, long-polls for tasks, takes them, runs up to
-`capacity` at once, streams progress and reports each result.
+`capacity` at once, streams progress and reports each result. Our server's extensions
+(take on poll, the next task with a result, cancel requests, `runtimeSecs`) are used
+when the server answers them; any other server gets the original protocol
+(`serve --original-protocol` forces it).
 
     python offload_agent.py register --server http://HOST:3069 --key AGENT_KEY \\
         --caps debug.echo shell.bash [--tier 0] [--capacity 1]
@@ -124,6 +127,9 @@ class Settings:
     progress_interval_s: float = PROGRESS_INTERVAL_S
     # file:// clones let a task read any local repository the agent can, so they are opt-in.
     allow_local_git: bool = False
+    # Our server's extensions (take on poll, next task on resolve, cancel requests); each
+    # falls back to the original protocol on a server that does not know it.
+    use_extensions: bool = True
 
 
 def base_capability(capability: str) -> str:
@@ -287,9 +293,12 @@ class ServerClient:
             "capabilities": capabilities, "tier": ident.tier,
             "capacity": ident.capacity, "systemInfo": info})
 
-    async def poll_task(self, wait_s: int) -> dict | None:
+    async def poll_task(self, wait_s: int, take: bool = False) -> dict | None:
+        """An UnassignedTask or None. With `take` (extension) a server that knows it also
+        assigns the task and answers the AssignedTask; one that does not ignores it."""
+        query = f"wait={wait_s}" + ("&take=1" if take else "")
         # The server may hold the request for wait_s; allow that plus a margin.
-        return await self._call_private("GET", f"/private/agent/task/poll?wait={wait_s}",
+        return await self._call_private("GET", f"/private/agent/task/poll?{query}",
                                         timeout_s=wait_s + REQUEST_TIMEOUT_S)
 
     async def take_task(self, task_id: dict) -> dict | None:
@@ -302,20 +311,31 @@ class ServerClient:
             raise
 
     async def report_progress(self, task_id: dict, stage: str | None = None,
-                              log_update: str | None = None) -> None:
+                              log_update: str | None = None) -> dict | None:
         body: dict[str, Any] = {"id": task_id}
         if stage is not None:
             body["stage"] = stage
         if log_update is not None:
             body["logUpdate"] = log_update
-        await self._call_private("POST", f"/private/agent/task/progress/{task_path(task_id)}",
-                                 body)
+        return await self._call_private(
+            "POST", f"/private/agent/task/progress/{task_path(task_id)}", body)
 
-    async def resolve_task(self, task_id: dict, status: dict, output: Any) -> None:
-        await self._call_private(
-            "POST", f"/private/agent/task/resolve/{task_path(task_id)}",
+    async def resolve_task(self, task_id: dict, status: dict, output: Any,
+                           take_next: bool = False) -> dict | None:
+        """Reports a result. With `take_next` (extension) a server that knows it answers a
+        task it has already assigned to this agent, if one is waiting, in `next`."""
+        query = "?next=0" if take_next else ""
+        answer = await self._call_private(
+            "POST", f"/private/agent/task/resolve/{task_path(task_id)}{query}",
             {"id": task_id, "capability": task_id["cap"], "status": status, "output": output},
             timeout_s=REQUEST_TIMEOUT_S * 4)  # artifacts can make this body large
+        return answer.get("next") if isinstance(answer, dict) else None
+
+    async def cancel_requests(self, wait_s: int) -> list[dict]:
+        """Extension: ids of held tasks the server wants stopped (long poll)."""
+        answer = await self._call_private("GET", f"/private/agent/task/cancels?wait={wait_s}",
+                                          timeout_s=wait_s + REQUEST_TIMEOUT_S)
+        return answer if isinstance(answer, list) else []
 
 
 def _error_message(parsed: Any) -> str:
@@ -812,6 +832,12 @@ async def collect_artifacts(run: TaskRun) -> list[dict]:
         lambda: [_read_artifact(run.folder, ref, run.settings.artifact_max_bytes) for ref in refs])
 
 
+def _positive_number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
+
+
 def _with_artifacts(output: Any, artifacts: list[dict]) -> Any:
     """Artifacts go in `output.artifacts`; an output that is not an object is kept under `result`."""
     if not artifacts:
@@ -833,6 +859,18 @@ class Outcome:
         return next(iter(self.status))
 
 
+async def _run_within_runtime(run: TaskRun, executor: Executor) -> Any:
+    """`runtimeSecs` (extension) bounds the executor; cancelling it kills what it started."""
+    runtime_s = _positive_number(run.data.get("runtimeSecs"))
+    try:
+        async with asyncio.timeout(runtime_s) as deadline:
+            return await executor(run)
+    except TimeoutError:
+        if not deadline.expired():
+            raise  # the executor's own timeout, not ours
+        raise TaskFailed(f"ran past runtimeSecs ({runtime_s:g} s) and was stopped") from None
+
+
 async def execute_task(run: TaskRun, executor: Executor | None) -> Outcome:
     """Runs one task to an Outcome. This is the one place where exceptions become results,
     so a task can fail in any way without the agent noticing beyond a log line."""
@@ -843,7 +881,7 @@ async def execute_task(run: TaskRun, executor: Executor | None) -> Outcome:
         await fetch_files(run)
         run.progress.set_stage("running")
         run.executor_started = True
-        output = await executor(run)
+        output = await _run_within_runtime(run, executor)
         artifacts = await collect_artifacts(run)
         return Outcome({"success": time.monotonic() - started}, _with_artifacts(output, artifacts))
     except NotExecuted as err:
@@ -881,6 +919,8 @@ class Agent:
         self.slots = asyncio.Semaphore(identity.capacity)
         self.handlers: set[asyncio.Task] = set()
         self.executions: dict[str, asyncio.Task] = {}
+        self.cancel_reasons: dict[str, str] = {}   # task id -> why the server stopped it
+        self.busy = asyncio.Event()                # set while any task executes
         self.stopping = asyncio.Event()
         self.forced = asyncio.Event()
         self.report_deadline: float | None = None   # set once the grace period is over
@@ -912,12 +952,52 @@ class Agent:
     async def serve(self) -> None:
         backoff = Backoff()
         await self._announce(backoff)
-        heartbeat = asyncio.create_task(self._heartbeat())
+        helpers = [asyncio.create_task(self._heartbeat())]
+        if self.settings.use_extensions:
+            helpers.append(asyncio.create_task(self._watch_cancels()))
         try:
             await self._poll_loop(backoff)
+            await self._drain()
         finally:
-            heartbeat.cancel()
-        await self._drain()
+            for helper in helpers:
+                helper.cancel()
+
+    async def _watch_cancels(self) -> None:
+        """Extension: while tasks run, long-poll for the ones the server wants stopped (a
+        quiet task sends no progress, so the progress answers alone would not tell it)."""
+        backoff = Backoff()
+        while True:
+            await self.busy.wait()
+            try:
+                requested = await self.client.cancel_requests(self.settings.poll_wait_s)
+                backoff.reset()
+            except ServerRefused as err:
+                if err.status in (404, 405):
+                    log.info("server has no cancel requests route; relying on progress answers")
+                    return
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            except ServerUnavailable:
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            fresh = [t for t in requested if isinstance(t, dict) and t.get("id") in self.executions
+                     and t["id"] not in self.cancel_reasons]
+            for task_id in fresh:
+                self._cancel_execution(task_id["id"])
+            if requested and not fresh:
+                # Already stopping those; their reports end the requests. Do not spin.
+                await asyncio.sleep(PROGRESS_INTERVAL_S)
+
+    def _cancel_execution(self, task_id: str) -> None:
+        execution = self.executions.get(task_id)
+        # An execution that is already reporting (the progress answer can arrive during its
+        # final flush) has a result worth keeping.
+        if execution is None or execution.done() or execution is asyncio.current_task():
+            return
+        if task_id not in self.cancel_reasons:
+            log.info("task %s: the server asked to stop it", task_id)
+            self.cancel_reasons[task_id] = "stopped at the server's request (canceled or timed out)"
+            execution.cancel()
 
     async def _heartbeat(self) -> None:
         """The server counts an agent online while it heard from it in the last 120 s; with
@@ -934,11 +1014,12 @@ class Agent:
             if not finished:
                 break
             try:
-                finished, task = await self._until_stopped(self.client.poll_task(self.settings.poll_wait_s))
-                if finished and task and not self.stopping.is_set():
-                    task = await self.client.take_task(task["id"])
-                else:
+                finished, task = await self._until_stopped(
+                    self.client.poll_task(self.settings.poll_wait_s, take=self.settings.use_extensions))
+                if not finished or not task:
                     task = None
+                elif "agentId" not in task:  # unassigned: the original two-step protocol
+                    task = None if self.stopping.is_set() else await self.client.take_task(task["id"])
             except (ServerUnavailable, ServerRefused) as err:
                 self.slots.release()
                 delay = backoff.next_delay()
@@ -971,55 +1052,77 @@ class Agent:
                 log.warning("server: %s; retrying in %.1f s", err, delay)
                 await self._until_stopped(asyncio.sleep(delay))
 
-    async def _handle(self, assigned: dict) -> None:
+    async def _handle(self, assigned: dict | None) -> None:
+        """Runs a taken task and reports it; a report may bring the next task (extension),
+        which then runs in the same slot."""
+        while assigned is not None:
+            task_id = assigned["id"]
+            outcome, progress = await self._execute(assigned)
+            assigned = await self._report(task_id, outcome, progress)
+            shutil.rmtree(self.settings.work_root / task_id["id"], ignore_errors=True)
+
+    async def _execute(self, assigned: dict) -> tuple[Outcome, ProgressReporter]:
         task_id = assigned["id"]
-        label = f"{task_id['cap']}/{task_id['id']}"
-        log.info("task %s taken", label)
+        log.info("task %s/%s taken", task_id["cap"], task_id["id"])
         folder = self.settings.work_root / task_id["id"]
         started = time.monotonic()
-        progress = ProgressReporter(
-            lambda stage, text: self.client.report_progress(task_id, stage, text),
-            self.settings.progress_interval_s)
+        progress = ProgressReporter(self._progress_sender(task_id),
+                                    self.settings.progress_interval_s)
         run = TaskRun(task_id=task_id, data=assigned.get("data") or {}, folder=folder,
                       settings=self.settings, http=self.session, progress=progress)
         try:
             shutil.rmtree(folder, ignore_errors=True)  # a retried task starts afresh
             folder.mkdir(parents=True)
         except OSError as err:
-            await self._report(task_id, Outcome({"failure": [f"cannot create the task folder: {err}", 0.0]}))
-            return
+            return Outcome({"failure": [f"cannot create the task folder: {err}", 0.0]}), progress
         executor = find_executor(task_id["cap"]) if task_id["cap"] in self.served else None
         execution = asyncio.create_task(execute_task(run, executor))
         self.executions[task_id["id"]] = execution
+        self.busy.set()
         try:
-            outcome = await execution
+            return await execution, progress
         except asyncio.CancelledError:
-            # Only the drain cancels executions: the grace period ran out.
+            # Executions are cancelled by the drain (grace over) or at the server's request.
             elapsed = time.monotonic() - started
-            if run.executor_started:
+            reason = self.cancel_reasons.get(task_id["id"])
+            if reason:
+                outcome = Outcome({"failure": [reason, elapsed]})
+            elif run.executor_started:
                 outcome = Outcome({"failure": ["agent shut down before the task finished", elapsed]})
             else:
                 outcome = Outcome({"notExecuted": "agent shut down before the task started"})
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(progress.close(), 2)
+            return outcome, progress
         finally:
             self.executions.pop(task_id["id"], None)
-        await self._report(task_id, outcome, progress)
-        shutil.rmtree(folder, ignore_errors=True)
+            self.cancel_reasons.pop(task_id["id"], None)
+            if not self.executions:
+                self.busy.clear()
+
+    def _progress_sender(self, task_id: dict) -> SendProgress:
+        async def send(stage: str | None, text: str | None) -> None:
+            answer = await self.client.report_progress(task_id, stage, text)
+            if isinstance(answer, dict) and answer.get("cancel"):  # extension
+                self._cancel_execution(task_id["id"])
+        return send
 
     async def _report(self, task_id: dict, outcome: Outcome,
-                      progress: ProgressReporter | None = None) -> None:
+                      progress: ProgressReporter | None = None) -> dict | None:
         """Delivers a result, retrying through server outages until the shutdown deadline.
-        Log text the outage held back goes first: the server refuses progress after a result."""
+        Log text the outage held back goes first: the server refuses progress after a result.
+        Returns the next task when the server handed one over with the answer."""
         label = f"{task_id['cap']}/{task_id['id']}"
         backoff = Backoff()
         while True:
             try:
                 if progress is not None and progress.pending:
                     await progress.flush()
-                await self.client.resolve_task(task_id, outcome.status, outcome.output)
+                take_next = self.settings.use_extensions and not self.stopping.is_set()
+                following = await self.client.resolve_task(task_id, outcome.status,
+                                                            outcome.output, take_next)
                 log.info("task %s resolved: %s", label, outcome.kind)
-                return
+                return following if isinstance(following, dict) else None
             except ServerRefused as err:
                 if err.status == 413 and outcome.kind == "success":
                     message = "the output is larger than the server accepts"
@@ -1027,12 +1130,12 @@ class Agent:
                                       {"error": message})
                     continue
                 log.warning("task %s: result refused: %s", label, err)
-                return
+                return None
             except ServerUnavailable as err:
                 delay = backoff.next_delay()
                 if self.report_deadline is not None and time.monotonic() + delay > self.report_deadline:
                     log.error("task %s: result not delivered before shutdown: %s", label, err)
-                    return
+                    return None
                 log.warning("task %s: result not delivered (%s); retrying in %.1f s", label, err, delay)
                 await asyncio.sleep(delay)
 
@@ -1086,6 +1189,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--artifact-max-bytes", type=int, default=ARTIFACT_MAX_BYTES)
     serve.add_argument("--allow-local-git", action="store_true",
                        help="let gitClone use file:// URLs (tasks could read local repositories)")
+    serve.add_argument("--original-protocol", action="store_true",
+                       help="use only the original protocol: poll then take, no cancel requests")
     add_config(serve)
 
     commands.add_parser("sysinfo", help="print the system info this agent reports")
@@ -1141,7 +1246,8 @@ async def _serve(args: argparse.Namespace) -> int:
     settings = Settings(
         work_root=work_root, ollama_url=os.environ.get("OLLAMA_URL", DEFAULT_OLLAMA_URL),
         grace_s=args.grace, poll_wait_s=args.poll_wait,
-        artifact_max_bytes=args.artifact_max_bytes, allow_local_git=args.allow_local_git)
+        artifact_max_bytes=args.artifact_max_bytes, allow_local_git=args.allow_local_git,
+        use_extensions=not args.original_protocol)
     try:
         async with aiohttp.ClientSession() as session:
             client = ServerClient(identity.server, session, identity)

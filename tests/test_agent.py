@@ -189,6 +189,20 @@ async def test_shell_timeout_kills_the_whole_process_group(make_run):
     assert not process_alive(background_pid), "the background child outlived the timeout"
 
 
+async def test_runtime_secs_stops_any_executor_and_its_processes(make_run):
+    run, _ = make_run("shellcmd.bash", "sleep 30 & echo $! > bg.pid; wait")
+    run.data["runtimeSecs"] = 0.5
+    started = time.monotonic()
+    outcome = await run_task(run)
+    assert time.monotonic() - started < 5
+    assert failure_message(outcome) == "ran past runtimeSecs (0.5 s) and was stopped"
+    background_pid = int((run.folder / "bg.pid").read_text())
+    deadline = time.monotonic() + 2
+    while process_alive(background_pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not process_alive(background_pid)
+
+
 async def test_shell_refuses_payload_without_a_command(make_run):
     run, _ = make_run("shell.bash", {"cmd": "ls"})
     assert "payload must be a command string" in failure_message(await run_task(run))

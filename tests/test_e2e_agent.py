@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
@@ -143,6 +144,16 @@ def history_text(task):
     return " | ".join(entry["description"] for entry in task.get("history", []))
 
 
+def requests_served(server, method, route_prefix):
+    """How many requests the server answered on a route, from its Prometheus /metrics."""
+    req = urllib.request.Request(server.url + "/metrics", headers=server.mgmt)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("offloadmq_http_request_duration_seconds_count{")
+               and f'method="{method}"' in line and f'route="{route_prefix}' in line)
+
+
 # -- the executors through the whole system -----------------------------------------
 
 def test_echo_round_trip(server, start_agent):
@@ -192,8 +203,10 @@ def test_shell_multiline_command(server, start_agent):
     assert task["result"]["stdout"] == "got multi line\n6\n"
 
 
-def test_capacity_two_runs_two_sleeps_side_by_side(server, start_agent):
-    start_agent(capacity=2)
+@pytest.mark.parametrize("protocol", ["extensions", "original"])
+def test_capacity_two_runs_two_sleeps_side_by_side(server, start_agent, protocol):
+    serve_args = ["--original-protocol"] if protocol == "original" else []
+    start_agent(capacity=2, serve_args=serve_args)
     started = time.monotonic()
     ids = [submit(server, "shell.bash", {"command": f"sleep 1; echo {n}"}) for n in (1, 2)]
     results = [wait_done(server, task_id) for task_id in ids]
@@ -201,6 +214,19 @@ def test_capacity_two_runs_two_sleeps_side_by_side(server, start_agent):
     assert [r["status"] for r in results] == ["completed", "completed"]
     assert [r["output"]["stdout"] for r in results] == ["1\n", "2\n"]
     assert elapsed < 2.0, f"two 1 s tasks took {elapsed:.2f} s: they did not run side by side"
+    # The original protocol takes each polled task with its own call; the extensions
+    # (take on poll, next task on resolve) never need that call.
+    takes = requests_served(server, "POST", "/private/agent/take/")
+    assert takes == (2 if protocol == "original" else 0)
+
+
+def test_many_tasks_each_run_exactly_once_across_two_agents(server, start_agent):
+    first, second = start_agent(capacity=2), start_agent(capacity=1)
+    ids = [submit(server, "debug.echo", n) for n in range(12)]
+    assert [wait_done(server, task_id)["output"] for task_id in ids] == list(range(12))
+    resolved = [line for agent in (first, second) for line in agent.output().splitlines()
+                if "resolved: success" in line]
+    assert len(resolved) == 12, "a task ran twice or not at all"
 
 
 def test_capability_without_executor_is_not_announced(server, start_agent):
@@ -212,6 +238,32 @@ def test_capability_without_executor_is_not_announced(server, start_agent):
     status, body = http("POST", server.url + "/api/task/submit_blocking",
                         {"capability": "custom.render", "payload": 1, "urgent": True}, server.client)
     assert status == 503, body
+
+
+@pytest.mark.parametrize("protocol", ["extensions", "original"])
+def test_cancel_stops_the_running_work(server, start_agent, protocol):
+    """With extensions the agent long-polls for cancel requests, so even a quiet task stops;
+    on the original protocol it still learns it from the answer to a progress report."""
+    if protocol == "original":
+        agent = start_agent(serve_args=["--original-protocol"])
+        payload = {"command": "while true; do echo tick; sleep 0.2; done"}
+        task_id = submit(server, "shell.bash", payload)
+    else:
+        agent = start_agent(caps=["shellcmd.bash"])
+        task_id = submit(server, "shellcmd.bash", {"command": "sleep 30"})
+    deadline = time.monotonic() + 10
+    while task_status(server, task_id)["status"] != "running":
+        assert time.monotonic() < deadline, "task never started"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    url = f"{server.url}/api/task/cancel/{quote(task_id['cap'], safe='')}/{task_id['id']}"
+    status, body = http("POST", url, None, server.client)
+    assert status == 200, body
+    started = time.monotonic()
+    body = wait_done(server, task_id, timeout=10)
+    assert body["status"] == "canceled"
+    assert time.monotonic() - started < 5, "the agent did not stop the work promptly"
+    assert "the server asked to stop it" in agent.output()
 
 
 # -- files in and out ------------------------------------------------------------------
