@@ -23,7 +23,7 @@ from aiohttp import web
 import offload_agent as agent
 from conftest import free_port
 from offload_agent import (AgentIdentity, Backoff, ProgressReporter, ServerUnavailable,
-                           Settings, TaskFailed, TaskRun, execute_task, find_executor)
+                           Settings, TaskRun, execute_task, find_executor)
 
 ROOT = Path(__file__).resolve().parent.parent
 
