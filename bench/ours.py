@@ -11,7 +11,8 @@ from bench.common import HOST, PY, ROOT, Proc, free_port, http_ok, run_json, wai
 
 
 class OursServer:
-    def __init__(self, tmp: Path, fsync: str = "always", name: str = "offloadmq"):
+    def __init__(self, tmp: Path, fsync: str = "always", name: str = "offloadmq",
+                 trace_out: Path | None = None):
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
@@ -21,7 +22,12 @@ class OursServer:
         env = {"AGENT_API_KEYS": self.agent_key, "CLIENT_API_KEYS": self.client_key,
                "MGMT_TOKEN": self.mgmt_token, "JWT_SECRET": secrets.token_urlsafe(32)}
         data = tmp / f"{name}-data"
-        self.proc = Proc(name, [PY, str(ROOT / "offloadmq.py"), "--host", HOST, "--port",
+        # trace_out: run bench/trace_server.py (the same app plus timers) instead.
+        program = [PY, "-m", "bench.trace_server"] if trace_out else [PY, str(ROOT / "offloadmq.py")]
+        if trace_out:
+            env["BENCH_TRACE_OUT"] = str(trace_out)
+            env["PYTHONPATH"] = str(ROOT)
+        self.proc = Proc(name, [*program, "--host", HOST, "--port",
                                 str(self.port), "--data", str(data), "--fsync", fsync],
                          tmp, env=env, cwd=tmp)
         wait_for(lambda: http_ok(self.url + "/health"), 30, "the OffloadMQ server", self.proc)

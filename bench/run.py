@@ -48,6 +48,7 @@ from bench.l0 import run_l0  # noqa: E402
 from bench.ours import OursServer  # noqa: E402
 
 SECTIONS = ("ours", "huey-sqlite", "huey-redis", "celery", "l0", "idle", "claim", "replay")
+EXTRA_SECTIONS = ("trace",)  # only when asked for: W1 again on an instrumented server
 PEERS = (("huey-sqlite", "Huey-SQLite"), ("huey-redis", "Huey-Redis"), ("celery", "Celery+Redis"))
 
 
@@ -106,6 +107,7 @@ def run_peer(tmp: Path, args, results: dict, which: str) -> None:
 
 def run_idle(tmp: Path, args, results: dict) -> None:
     server = OursServer(tmp, name="offloadmq-idle")
+    spy = _spy(args, server.proc.pid, "idle-server", tmp)
     try:
         log(f"idle: {args.agents} agents long-polling for {args.idle_duration:.0f} s")
         results["idle"] = run_json(
@@ -114,11 +116,13 @@ def run_idle(tmp: Path, args, results: dict) -> None:
              "--duration", str(args.idle_duration), "--settle", str(args.settle)],
             args.idle_duration + 600)
     finally:
+        profile.stop(spy)
         server.stop()
 
 
 def run_claim(tmp: Path, args, results: dict) -> None:
     server = OursServer(tmp, name="offloadmq-claim")
+    spy = _spy(args, server.proc.pid, "claim-server", tmp)
     try:
         log(f"claim: empty queue, then {args.fill:,} queued over {args.caps} capabilities")
         results["claim"] = run_json(
@@ -127,13 +131,51 @@ def run_claim(tmp: Path, args, results: dict) -> None:
              "--fill", str(args.fill), "--caps", str(args.caps), "--iters", str(args.claim_iters)],
             1800)
     finally:
+        profile.stop(spy)
         server.stop()
+
+
+def _spy(args, pid: int, name: str, tmp: Path):
+    """With --profile, py-spy the process for the whole section."""
+    if not args.profile:
+        return None
+    args.profile.mkdir(parents=True, exist_ok=True)
+    return profile.start(pid, args.profile / f"{name}.txt", name, tmp)
 
 
 def run_replay(tmp: Path, args, results: dict) -> None:
     log(f"replay: {args.records:,}-record journal")
     results["replay"] = run_json([PY, "-m", "bench.replay", "--records", str(args.records),
                                   "--dir", str(tmp / "replay")], 1800)
+
+
+def run_trace(tmp: Path, args, results: dict) -> None:
+    """W1 on bench/trace_server.py: where the server's time goes, per route and per
+    journal write (the timers cost a little, so this is not the measured W1)."""
+    out = tmp / "trace.json"
+    server = OursServer(tmp, name="offloadmq-trace", trace_out=out)
+    try:
+        server.start_agent("debug.echo", capacity=1)
+        log(f"trace: W1 x{args.w1} on the instrumented server")
+        results["trace_w1"] = server.client("w1", "--n", str(args.w1))
+    finally:
+        server.stop()
+    results["trace"] = json.loads(out.read_text()) if out.exists() else None
+
+
+def render_trace(trace: dict, w1: dict | None) -> str:
+    lines = [f"W1 on the instrumented server: {fmt(get({'x': w1}, 'x', 'tasks_per_s'))} tasks/s; "
+             "server time per route (handler entry to response):"]
+    rows = [["route", "n", "p50 ms", "p90 ms", "p99 ms", "total s"]]
+    for name, r in sorted(trace["routes"].items(), key=lambda kv: -kv[1]["total_s"]):
+        rows.append([name, str(r["n"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
+                     f"{r['p99_ms']:.2f}", f"{r['total_s']:.2f}"])
+    j = trace["journal_writes"]
+    rows.append(["journal write+fdatasync (thread)", str(j["n"]), f"{j['p50_ms']:.2f}",
+                 f"{j['p90_ms']:.2f}", f"{j['p99_ms']:.2f}", f"{j['total_s']:.2f}"])
+    lines.append(render(rows))
+    lines.append(f"records per journal write (group commit): {j['records_per_write']:.2f}")
+    return "\n".join(lines)
 
 
 def run_l0_section(tmp: Path, args, results: dict) -> None:
@@ -249,7 +291,7 @@ def render(rows: list[list[str]]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="OffloadMQ benchmark (issue 6)")
     p.add_argument("--quick", action="store_true", help="shorten everything for a smoke run")
-    p.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
+    p.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS + EXTRA_SECTIONS)}")
     p.add_argument("--w1", type=int, help="W1 tasks (default 5000)")
     p.add_argument("--w2", type=int, help="W2 round trips (default 1000)")
     p.add_argument("--agents", type=int, help="idle agents (default 1000)")
@@ -262,6 +304,8 @@ def parse_args(argv=None):
     p.add_argument("--redis-fsync", default="always", choices=("always", "everysec", "no"),
                    help="redis appendfsync for the peers (default always, like our journal)")
     p.add_argument("--profile", type=Path, help="py-spy our W1 (server and agent) into this folder")
+    p.add_argument("--trace", action="store_true",
+                   help="also run W1 on an instrumented server and print time per route")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
     args = p.parse_args(argv)
@@ -274,7 +318,9 @@ def parse_args(argv=None):
             setattr(args, name, short if quick else full)
     args.settle = 3.0 if quick else 5.0
     args.sections = SECTIONS if not args.only else tuple(s.strip() for s in args.only.split(","))
-    unknown = set(args.sections) - set(SECTIONS)
+    if args.trace and "trace" not in args.sections:
+        args.sections = (*args.sections, "trace")
+    unknown = set(args.sections) - set(SECTIONS) - set(EXTRA_SECTIONS)
     if unknown:
         p.error(f"unknown sections: {', '.join(sorted(unknown))}")
     return args
@@ -287,7 +333,7 @@ def main(argv=None) -> int:
     errors: dict = {}
     started = time.monotonic()
     load_before = os.getloadavg()
-    runners = {"ours": run_ours, "l0": run_l0_section, "idle": run_idle, "claim": run_claim,
+    runners = {"ours": run_ours, "trace": run_trace, "l0": run_l0_section, "idle": run_idle, "claim": run_claim,
                "replay": run_replay}
     try:
         for section in args.sections:
@@ -317,11 +363,15 @@ def main(argv=None) -> int:
         print(f"\nWRONG RESULTS: {wrong}")
     for section, err in errors.items():
         print(f"\n{section}: FAILED: {err}")
-    if args.profile and (args.profile / "w1-server.txt").exists():
-        for name in ("w1-server.txt", "w1-agent.txt"):
+    if results.get("trace"):
+        print("\n" + render_trace(results["trace"], results.get("trace_w1")))
+    if args.profile:
+        for name in ("w1-server.txt", "w1-agent.txt", "idle-server.txt", "claim-server.txt"):
             path = args.profile / name
             if path.exists():
                 print("\n" + profile.summarize(path, top=15))
+        print(f"\nprofiles (py-spy collapsed stacks) in {args.profile}; "
+              f"python -m bench.profile summarize FILE --only offloadmq.py")
     if args.json:
         args.json.write_text(json.dumps({"results": results, "errors": errors,
                                          "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
