@@ -7,8 +7,11 @@ generates its secrets there once (printing the keys at first start).
 
 The wire contract is shared/API.md (compatible with the original OffloadMQ server).
 
+CLI for CI runners: python offloadmq.py submit CAP [--payload JSON|@file] [--wait] ...,
+status CAP ID, cancel CAP ID (OFFLOADMQ_URL, OFFLOADMQ_API_KEY; see the cli section).
+
 Sections (``grep '^# ===' offloadmq.py``), each using only what is above it:
-  imports · config · errors · models · core (pure) · journal · hub · auth · handlers · app
+  imports · config · errors · models · core (pure) · journal · hub · auth · handlers · cli · app
 """
 # ============================================================================ imports
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import functools
+import gc
 import hashlib
 import heapq
 import hmac
@@ -23,6 +28,7 @@ import itertools
 import logging
 import os
 import random
+import re
 import secrets
 import signal
 import sys
@@ -33,10 +39,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import jwt
 import orjson
+import aiohttp
 from aiohttp import web
 
 __version__ = "0.1.0"
@@ -162,6 +169,21 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
     )
 
 
+@dataclass(frozen=True)
+class ClientConfig:
+    """What the CLI (`submit`, `status`, `cancel`) needs: the server and a client key."""
+    url: str = "http://127.0.0.1:3069"
+    api_key: str = ""
+
+
+def load_client_config(environ: dict[str, str] | None = None, cwd: Path | None = None) -> ClientConfig:
+    """OFFLOADMQ_URL and OFFLOADMQ_API_KEY from the environment, then `.env` (environment wins)."""
+    environ = dict(os.environ if environ is None else environ)
+    settings = {**read_dotenv((cwd or Path.cwd()) / ".env"), **environ}
+    return ClientConfig(url=(settings.get("OFFLOADMQ_URL") or ClientConfig.url).rstrip("/"),
+                        api_key=settings.get("OFFLOADMQ_API_KEY", ""))
+
+
 # ============================================================================ errors
 
 class OffloadError(Exception):
@@ -270,10 +292,12 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+@functools.lru_cache(maxsize=4096)  # replay parses the same millisecond many times
 def parse_iso(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
+@functools.lru_cache(maxsize=65536)  # on every status change; capabilities are few
 def base_capability(cap: str) -> str:
     """`vision[gpu;cuda12]` serves `vision`."""
     return cap.split("[", 1)[0]
@@ -436,6 +460,15 @@ class Task:
     attempts: int = 0
     history: list = field(default_factory=list)  # [(at, description)]
     in_heap: bool = False   # has a live entry in its ready queue (see Broker)
+    # Derived once: the hot paths read them on every move.
+    key: TaskKey = field(init=False)
+    urgent: bool = field(init=False)
+    base: str = field(init=False)  # the base capability that agents serve
+
+    def __post_init__(self):
+        self.key = (self.cap, self.id)
+        self.urgent = self.data["urgent"]
+        self.base = base_capability(self.cap)
 
     @property
     def priority(self) -> int:
@@ -444,14 +477,6 @@ class Task:
     @property
     def retries_left(self) -> bool:
         return self.attempts <= self.data.get("maxRetries", DEFAULT_MAX_RETRIES)
-
-    @property
-    def key(self) -> TaskKey:
-        return (self.cap, self.id)
-
-    @property
-    def urgent(self) -> bool:
-        return self.data["urgent"]
 
     def to_record(self) -> dict:
         return {"cap": self.cap, "id": self.id, "data": self.data, "owner": self.owner,
@@ -705,7 +730,7 @@ class Broker:
         slot = (task.urgent, task.status)
         self.counts[slot] = self.counts.get(slot, 0) + delta
         if task.status == PENDING:
-            base = base_capability(task.cap)
+            base = task.base
             self.pending_by_cap[base] = self.pending_by_cap.get(base, 0) + delta
         if task.status not in ENDED:
             self.in_flight_by_owner[task.owner] = self.in_flight_by_owner.get(task.owner, 0) + delta
@@ -726,7 +751,11 @@ class Broker:
 
     def _push(self, task: Task) -> None:
         if not task.in_heap:
-            self.queues.setdefault((task.urgent, base_capability(task.cap)), ReadyQueue()).push(task)
+            slot = (task.urgent, task.base)
+            queue = self.queues.get(slot)
+            if queue is None:
+                queue = self.queues[slot] = ReadyQueue()
+            queue.push(task)
             task.in_heap = True
 
     def _live(self, entry: tuple[str, str]) -> Task | None:
@@ -963,7 +992,7 @@ class Broker:
         if task.data.get("retryOnSameNode", True):
             return False
         return any(uid != task.last_agent and self._has_room(self.agents[uid], now)
-                   for uid in self.serving.get(base_capability(task.cap), ()))
+                   for uid in self.serving.get(task.base, ()))
 
     def release_offer(self, key: TaskKey, now: float) -> None:
         """The poller went away before it got the task: give it to the next one."""
@@ -1409,13 +1438,14 @@ def decode_record(line: bytes) -> dict | None:
     mark = line.rfind(_CRC_MARK)
     if mark < 0 or not line.endswith(b"}"):
         return None
-    body = line[:mark] + b"}"
     try:
-        crc = int(line[mark + len(_CRC_MARK):-1])
-        record = orjson.loads(body)
+        record = orjson.loads(line)  # the line with its crc is itself valid JSON
     except ValueError:
         return None
-    if zlib.crc32(body) != crc or not isinstance(record, dict) or not isinstance(record.get("seq"), int):
+    if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
+        return None
+    # CRC32 of the record without its crc field: the bytes before the mark, then "}".
+    if record.pop("crc", None) != zlib.crc32(b"}", zlib.crc32(memoryview(line)[:mark])):
         return None
     return record
 
@@ -1481,7 +1511,16 @@ class Journal:
                     "a backup; the server will not guess which tasks existed") from err
             self.seq = self.snapshot_seq = snap["seq"]
             self.last_compaction_at = parse_iso(snap["at"])
-        replayed = self._replay(broker, repair)
+        # The cyclic GC would rescan the growing state again and again while replay
+        # only adds to it; collect once afterwards and freeze the survivors so later
+        # collections skip them too.
+        gc.disable()
+        try:
+            replayed = self._replay(broker, repair)
+        finally:
+            gc.enable()
+        gc.collect()
+        gc.freeze()
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.size = self.end_offset = os.fstat(self.fd).st_size
         fsync_folder(self.folder)
@@ -1491,16 +1530,11 @@ class Journal:
         if not self.path.exists():
             return 0
         data = self.path.read_bytes()
-        pos = lineno = replayed = 0
-        while pos < len(data):
-            end = data.find(b"\n", pos)
-            if end < 0:  # a crash mid-write: this record was never acknowledged
-                log.warning("JOURNAL %s: dropping a torn last record of %d bytes at line %d "
-                            "(a crash interrupted its write)", self.path, len(data) - pos, lineno + 1)
-                os.truncate(self.path, pos)
-                break
-            lineno += 1
-            record = decode_record(data[pos:end])
+        lines = data.split(b"\n")
+        torn = lines.pop()  # empty when the file ends with a whole record
+        pos = replayed = 0
+        for lineno, line in enumerate(lines, 1):
+            record = decode_record(line)
             problem = "bad checksum or JSON" if record is None else None
             if record is not None and record["seq"] > self.seq:
                 try:
@@ -1526,8 +1560,12 @@ class Journal:
                 os.truncate(self.path, pos)
                 log.warning("JOURNAL %s:%d: %s; moved %d bytes from there on into %s",
                             self.path, lineno, problem, len(data) - pos, side)
-                break
-            pos = end + 1
+                return replayed
+            pos += len(line) + 1
+        if torn:  # a crash mid-write: this record was never acknowledged
+            log.warning("JOURNAL %s: dropping a torn last record of %d bytes at line %d "
+                        "(a crash interrupted its write)", self.path, len(torn), len(lines) + 1)
+            os.truncate(self.path, pos)
         return replayed
 
     # ---------------------------------------------------------------- appending
@@ -1601,15 +1639,36 @@ class Journal:
         if self.crash_at == step:
             os._exit(99)
 
-    async def compact(self, state: dict, now: float) -> None:
-        """Write `state` (the broker's snapshot, taken just now) and start a fresh journal."""
+    async def compact(self, snapshot: Callable[[], dict], now: float) -> None:
+        """Write the state `snapshot()` returns and start a fresh journal. Like Redis'
+        BGSAVE, a forked child serializes and writes it: the child sees the state frozen
+        at this instant, while the server goes on answering instead of stalling."""
         loop = asyncio.get_running_loop()
         seq, cut = self.seq, self.end_offset
-        data = orjson.dumps({"seq": seq, "at": iso(now), **state})
-        try:
-            await loop.run_in_executor(None, self._write_snapshot, data)
-        except OSError as err:
-            fatal("writing snapshot %s failed: %s", self.snapshot_path, err)
+
+        def serialized() -> bytes:
+            return orjson.dumps({"seq": seq, "at": iso(now), **snapshot()})
+
+        if not hasattr(os, "fork"):
+            try:
+                await loop.run_in_executor(None, self._write_snapshot, serialized())
+            except OSError as err:
+                fatal("writing snapshot %s failed: %s", self.snapshot_path, err)
+        else:
+            pid = os.fork()
+            if pid == 0:  # the child: write, then leave without running any cleanup
+                code = 1
+                try:
+                    self._write_snapshot(serialized())
+                    code = 0
+                finally:
+                    os._exit(code)
+            _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            if code == 99:  # the test hook crashed the child mid-compaction: crash with it
+                os._exit(99)
+            if code != 0:
+                fatal("writing snapshot %s failed (writer exited with %d)", self.snapshot_path, code)
         self.rotated = loop.create_future()
         self.rotate_at = cut
         self._kick()
@@ -1753,7 +1812,7 @@ class Hub:
         now = self.clock()
         dropped = self.broker.drop_ended_before(now - self.config.retention_s)
         before = self.journal.size
-        await self.journal.compact(self.broker.snapshot(), now)
+        await self.journal.compact(self.broker.snapshot, now)
         log.info("journal compacted: %d -> %d bytes, %d old ended tasks dropped",
                  before, self.journal.size, dropped)
 
@@ -1787,7 +1846,7 @@ class Hub:
             if task is None or not op.startswith("task."):
                 continue
             if op in OUTCOME_OPS:
-                slot = (OUTCOME_OPS[op], base_capability(task.cap))
+                slot = (OUTCOME_OPS[op], task.base)
                 self.totals[slot] = self.totals.get(slot, 0) + 1
             if task.status != before or op == "task.cancel_requested":
                 self._event(task.owner, task.key, "status", self._status_event(task, op))
@@ -2234,18 +2293,20 @@ async def stream_events(request: web.Request, owner: str, keys: set | None) -> w
                                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)
     try:
-        events = hub.events_after(last_id, owner, keys)
+        # `seen` is read with no await since the events were taken: events published
+        # while a write is in flight come in the next round, never skipped.
+        events, seen = hub.events_after(last_id, owner, keys), hub.event_seq
         if events is None:
-            events, last_id = hub.current_events(owner, keys), hub.event_seq
+            events, seen = hub.current_events(owner, keys), hub.event_seq
             await response.write(b"".join(e.encode() for e in events) or b": connected\n\n")
             events = []
         while True:
             if events:
                 await response.write(b"".join(e.encode() for e in events))
-            last_id = hub.event_seq
+            last_id = seen
             if not await hub.wait_for_events(last_id, SSE_HEARTBEAT_S):
                 await response.write(b": heartbeat\n\n")
-            events = hub.events_after(last_id, owner, keys) or []
+            events, seen = hub.events_after(last_id, owner, keys) or [], hub.event_seq
     except (ConnectionResetError, ConnectionError):
         pass
     return response
@@ -2516,6 +2577,471 @@ async def handle_static(request: web.Request) -> web.StreamResponse:
     raise NotFound(f"no such page: /{relative}")
 
 
+# ---------------------------------------------------------------- OpenAPI (extension)
+#
+# `GET /openapi.json` describes every route of ROUTES (but the console's catch-all).
+# OPENAPI_OPS says what each path takes and answers; `openapi_document()` adds what
+# follows from the route's kind: its security scheme, 401 for guarded routes, 400/413
+# for routes that read a body, 400/404 for task paths. Building it is pure: the same
+# routes give the same document.
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required: str = "", **props: Any) -> dict:
+    """An object schema; `required` names its required properties, space-separated."""
+    return {"type": "object", "properties": props, "required": required.split()}
+
+
+def _opt(kind: str, **extra: Any) -> dict:
+    """A field the server also accepts as null (treated as absent)."""
+    return {"type": [kind, "null"], **extra}
+
+
+STR, INT, BOOL, TIME = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "string"}
+_STATUS = {"type": "string", "enum": list(TASK_STATUSES)}
+_CAP = {"type": "string", "minLength": 1, "maxLength": CAP_MAX_CHARS}
+_SECS = {"type": ["number", "null"], "minimum": 0.001, "maximum": 366 * 86400}
+_SUBMISSION_FIELDS = {
+    "capability": _CAP, "payload": {}, "urgent": _opt("boolean"), "restartable": _opt("boolean"),
+    "fetchFiles": _opt("array", items=_ref("FileReference")),
+    "artifacts": _opt("array", items=_ref("FileReference")),
+    **{name: {"type": ["integer" if integer else "number", "null"], "minimum": low, "maximum": high}
+       for name, (low, high, integer) in SUBMIT_LIMITS.items()},
+    "retryOnSameNode": _opt("boolean"), "runAt": _opt("string", format="date-time"),
+}
+_AGENT_INFO = _obj("capabilities", capabilities={"type": "array", "items": _CAP},
+                   tier=_opt("integer", minimum=0, maximum=255), capacity=_opt("integer", minimum=1),
+                   systemInfo=_opt("object"))
+
+OPENAPI_SCHEMAS = {
+    "Error": {**_obj("error", error=_obj("type message status", type=STR, message=STR, status=INT)),
+              "description": "Every error; a few carry the task's `id` beside `error`."},
+    "TaskId": _obj("cap id", cap=STR, id=STR),
+    "FileReference": _obj("path", path={"type": "string", "minLength": 1},
+                          **{k: _opt("string") for k in _FILE_REF_FIELDS[1:]},
+                          customHeader=_opt("object")),
+    "Submission": _obj("capability", **_SUBMISSION_FIELDS, apiKey=STR),
+    "UrgentSubmission": {"allOf": [_ref("Submission"), _obj("urgent", urgent={"const": True})],
+                         "description": "runAt, delaySecs and priority are for regular tasks"},
+    "TaskData": _obj("capability urgent restartable payload fetchFiles artifacts",
+                     **_SUBMISSION_FIELDS),
+    "SubmitAnswer": _obj("id capability status message", id=_ref("TaskId"), capability=STR,
+                         status=_STATUS, message=STR),
+    "TaskStatus": _obj("id status log createdAt", id=_ref("TaskId"), status=_STATUS,
+                       stage=STR, output={}, log=STR, createdAt=TIME),
+    "UnassignedTask": _obj("id data createdAt", id=_ref("TaskId"), data=_ref("TaskData"),
+                           createdAt=TIME),
+    "AssignedTask": _obj(
+        "id data agentId status history createdAt assignedAt result log stage",
+        id=_ref("TaskId"), data=_ref("TaskData"), agentId=_opt("string"), status=_STATUS,
+        history={"type": "array", "items": _obj("timestamp description", timestamp=TIME,
+                                                  description=STR)},
+        createdAt=TIME, assignedAt=_opt("string"), result={}, log=STR, stage=_opt("string"),
+        attempt=INT, cancelRequested=BOOL),
+    "AgentInfo": _AGENT_INFO,
+    "AgentRegistration": {**_AGENT_INFO, "required": ["capabilities", "apiKey"],
+                          "properties": {**_AGENT_INFO["properties"], "apiKey": STR}},
+    "AgentIdentity": _obj("agentId key message", agentId=STR, key=STR, message=STR),
+    "Agent": _obj("uid uidShort registeredAt lastContact capabilities tier capacity systemInfo online",
+                  uid=STR, uidShort=STR, registeredAt=TIME, lastContact=TIME,
+                  capabilities={"type": "array", "items": STR}, tier=INT, capacity=INT,
+                  systemInfo={"type": "object"}, online=BOOL, draining=BOOL, tasksInFlight=INT),
+    "ClientApiKey": _obj("key capabilities isPredefined created isRevoked", key=STR,
+                         capabilities={"type": "array", "items": STR}, isPredefined=BOOL,
+                         created=TIME, isRevoked=BOOL, maxInFlight=_opt("integer")),
+    "Health": _obj("status cached_agents cached_tokens timestamp", status=STR,
+                   cached_agents=INT, cached_tokens=INT, timestamp=TIME),
+    "Message": _obj("message", message=STR),
+    "Result": _obj("result", result=STR),
+    "Queue": _obj("assigned unassigned", assigned={"type": "array", "items": _ref("AssignedTask")},
+                  unassigned={"type": "array", "items": _ref("UnassignedTask")}),
+}
+
+_ERROR_TEXT = {400: "Malformed request", 401: "Missing or wrong credentials",
+               403: "Not allowed", 404: "No such task, agent or key", 409: "Conflicts with the state",
+               413: "Body over the limit", 429: "The key's maxInFlight is reached",
+               503: "No online agent serves the capability, or nobody took the task in time",
+               504: "The task outlived the hold; it goes on and stays pollable"}
+
+
+def _query(name: str, schema: dict, text: str) -> dict:
+    return {"name": name, "in": "query", "schema": schema, "description": text}
+
+
+def _wait(name: str = "wait", text: str = "seconds to hold the request") -> dict:
+    return _query(name, {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S}, text)
+
+
+_TAKE = _query("take", {"type": "boolean"}, "also take the task: answers an AssignedTask")
+_EVENT_PARAMS = [
+    {**_query("task", {"type": "array", "items": {"type": "string", "pattern": "^.+/.+$"}},
+              "only these tasks, as <capability>/<id> (repeatable)"), "explode": True},
+    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]+$"},
+     "description": "resume after this event id"},
+    _query("lastEventId", {"type": "string", "pattern": "^[0-9]+$"}, "the same, for clients that "
+           "cannot set headers"),
+]
+_SSE = {"text/event-stream": {"schema": STR}}
+
+
+def _op(summary: str, ok: Any, errors: str = "", body: str | dict | None = None,
+        params: tuple = (), status: tuple = (200,), media: dict | None = None) -> dict:
+    """One path's operation: `ok` is the success schema (a component name or a schema),
+    `errors` the error statuses it adds to those its route kind brings."""
+    schema = _ref(ok) if isinstance(ok, str) else ok
+    return {"summary": summary, "ok": {s: media or {"application/json": {"schema": schema}}
+                                       for s in status},
+            "errors": {int(e) for e in errors.split()}, "params": list(params),
+            "body": _ref(body) if isinstance(body, str) else body}
+
+
+_TASK_OR_NULL = {"anyOf": [_ref("UnassignedTask"), _ref("AssignedTask"), {"type": "null"}]}
+_STRINGS = {"type": "array", "items": STR}
+OPENAPI_OPS = {
+    "/api/task/submit": _op(
+        "Submit a task (200: an earlier task with the same Idempotency-Key)", "SubmitAnswer",
+        "403 409 429 503", "Submission", status=(200, 201, 202),
+        params=({"name": "Idempotency-Key", "in": "header",
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 255}},)),
+    "/api/task/submit_blocking": _op("Submit an urgent task and wait for its end", "AssignedTask",
+                                     "403 404 429 503 504", "UrgentSubmission"),
+    "/api/task/poll/{cap}/{id}": _op("A task's status; ?wait holds until it ends", "TaskStatus",
+                                     params=(_wait(text="hold until the task ends, at most this"),)),
+    "/api/task/cancel/{cap}/{id}": _op("Cancel a task of this key", "TaskStatus", "409"),
+    "/api/task/events": _op("The key's tasks as Server-Sent Events", STR, "400 404",
+                            params=tuple(_EVENT_PARAMS), media=_SSE),
+    "/api/capabilities/online": _op("Capabilities online agents serve, that the key may use", _STRINGS),
+    "/api/ping": _op("Health", "Health"),
+    "/agent/register": _op("Register an agent", "AgentIdentity", "401", "AgentRegistration"),
+    "/agent/auth": _op("Exchange an agent's id and key for a JWT", _obj(
+        "token expiresIn", token=STR, expiresIn=INT), "400 401",
+        _obj("agentId key", agentId=STR, key=STR)),
+    "/private/agent/ping": _op("Health (counts as contact)", "Health"),
+    "/private/agent/info/update": _op("Update the agent's self-description", "AgentIdentity",
+                                      "400", "AgentInfo"),
+    "/private/agent/task/poll": _op("Long poll for the next task", _TASK_OR_NULL, "400 409",
+                                    params=(_wait(), _TAKE)),
+    "/private/agent/task/poll_urgent": _op("Long poll for the next urgent task", _TASK_OR_NULL,
+                                           "400 409", params=(_wait(), _TAKE)),
+    "/private/agent/task/cancels": _op("Long poll for held tasks to stop", {
+        "type": "array", "items": _ref("TaskId")}, "400", params=(_wait(),)),
+    "/private/agent/take/{cap}/{id}": _op("Take a task", "AssignedTask", "403 409"),
+    "/private/agent/task/progress/{cap}/{id}": _op(
+        "Report progress: log lines and stage", _obj("message", message=STR, cancel=BOOL),
+        "400 403 409", _obj("id", id={"anyOf": [STR, _ref("TaskId")]}, stage=_opt("string"),
+                            logUpdate=_opt("string"))),
+    "/private/agent/task/resolve/{cap}/{id}": _op(
+        "Report the outcome; ?next also takes the next task",
+        _obj("message", message=STR, next={"anyOf": [_ref("AssignedTask"), {"type": "null"}]}),
+        "400 403 409", _obj("id status", id={"anyOf": [STR, _ref("TaskId")]}, capability=STR,
+                            output={}, status={"anyOf": [
+                                {"type": "string", "enum": list(RESOLVE_OUTCOMES)},
+                                _obj("success", success={}), _obj("failure", failure={}),
+                                _obj("notExecuted", notExecuted={})]}),
+        params=(_wait("next", "then long-poll this long for the next task"),)),
+    "/management/events": _op("Every change as Server-Sent Events", STR, "400 404",
+                              params=tuple(_EVENT_PARAMS), media=_SSE),
+    "/management/capabilities/list/online": _op("Capabilities online agents serve", _STRINGS),
+    "/management/agents/list": _op("All agents", {"type": "array", "items": _ref("Agent")}),
+    "/management/agents/list/online": _op("Online agents", {"type": "array", "items": _ref("Agent")}),
+    "/management/agents/delete/{agent_id}": _op("Delete an agent", {"const": "Agent deleted"}, "404"),
+    "/management/agents/drain/{agent_id}": _op("Give an agent no new tasks", "Agent", "404"),
+    "/management/agents/resume/{agent_id}": _op("Undo a drain", "Agent", "404"),
+    "/management/agents/reset": _op("Delete every agent", "Result"),
+    "/management/tasks/list": _op("Tasks by queue", _obj(
+        "urgent regular", urgent=_ref("Queue"), regular=_ref("Queue")), "400",
+        params=(_query("status", _STATUS, "only tasks in this status"),)),
+    "/management/tasks/reset": _op("Delete every task", "Result"),
+    "/management/tasks/cancel/{cap}/{id}": _op("Cancel any task", "AssignedTask", "409"),
+    "/management/tasks/requeue/{cap}/{id}": _op("Requeue a failed or canceled task",
+                                                "AssignedTask", "409"),
+    "/management/client_api_keys/list": _op("Client API keys", {
+        "type": "array", "items": _ref("ClientApiKey")}),
+    "/management/client_api_keys/update": _op("Create or replace a client API key", "ClientApiKey",
+                                              "400", _obj("key capabilities", key=STR,
+                                                          capabilities=_STRINGS,
+                                                          maxInFlight=_opt("integer", minimum=1))),
+    "/management/client_api_keys/revoke/{key}": _op("Revoke a client API key", "ClientApiKey", "404"),
+    "/health": _op("Health", "Health"),
+    "/stats": _op("Counts of agents and tasks", {"type": "object"}),
+    "/metrics": _op("Prometheus metrics", STR, media={"text/plain": {"schema": STR}}),
+    "/openapi.json": _op("This document", {"type": "object"}),
+}
+
+OPENAPI_SECURITY = {
+    "client": [{"ApiKey": []}, {"ClientBearer": []}, {"MgmtToken": []}],
+    "agent": [{"AgentJWT": []}],
+    "mgmt": [{"MgmtToken": []}, {"MgmtBearer": []}],
+    "open": [],
+}
+OPENAPI_SECURITY_SCHEMES = {
+    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+               "description": "A client API key (the body's `apiKey` field works too)."},
+    "ClientBearer": {"type": "http", "scheme": "bearer", "description": "A client API key."},
+    "MgmtToken": {"type": "apiKey", "in": "header", "name": "X-Mgmt-Token",
+                  "description": "The management token."},
+    "MgmtBearer": {"type": "http", "scheme": "bearer", "description": "The management token."},
+    "AgentJWT": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                 "description": "From POST /agent/auth."},
+}
+_PATH_PARAMS = {
+    "cap": "capability, percent-encoded (`/` as `%2F`)", "id": "task id (a ULID)",
+    "agent_id": "agent id", "key": "client API key",
+}
+
+
+def openapi_path(route_path: str) -> str:
+    """`/api/task/poll/{cap:.+}/{id:[^/]+}` -> `/api/task/poll/{cap}/{id}`."""
+    return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", route_path)
+
+
+def openapi_document(routes: list) -> dict:
+    """OpenAPI 3.1 document of `routes` (the ROUTES table)."""
+    paths: dict[str, dict] = {}
+    for method, route_path, kind, handler in routes:
+        path = openapi_path(route_path)
+        if path == "/{path}":  # the console's static files
+            continue
+        spec = OPENAPI_OPS[path]
+        names = re.findall(r"\{(\w+)\}", path)
+        errors = set(spec["errors"])
+        errors |= {401} if kind != "open" or path == "/metrics" else set()
+        errors |= {400, 413} if spec["body"] or (kind == "client" and method == "POST") else set()
+        errors |= {400, 404} if "cap" in names else set()
+        operation = {
+            "operationId": method.lower() + re.sub(r"\W+", "_", path).rstrip("_"),
+            "summary": spec["summary"], "tags": [kind],
+            "parameters": [{"name": n, "in": "path", "required": True, "description": _PATH_PARAMS[n],
+                            "schema": _CAP if n == "cap" else {"type": "string", "minLength": 1}}
+                           for n in names] + spec["params"],
+            "responses": {**{str(s): {"description": "OK", "content": c} for s, c in spec["ok"].items()},
+                          **{str(e): {"description": _ERROR_TEXT[e], "content": {
+                              "application/json": {"schema": _ref("Error")}}} for e in sorted(errors)}},
+            # /metrics takes the management token, unless the server runs --metrics-public
+            "security": [{"MgmtToken": []}, {}] if path == "/metrics" else OPENAPI_SECURITY[kind],
+        }
+        if spec["body"] is not None:
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": spec["body"]}}}
+        paths.setdefault(path, {})[method.lower()] = operation
+    return {"openapi": "3.1.0",
+            "info": {"title": "OffloadMQ", "version": __version__,
+                     "description": "Task queue that offloads work to remote agents. "
+                                    "`GET /` serves the web console (not described here)."},
+            "paths": paths,
+            "components": {"schemas": OPENAPI_SCHEMAS, "securitySchemes": OPENAPI_SECURITY_SCHEMES}}
+
+
+async def handle_openapi(request: web.Request) -> web.Response:
+    """Extension: the OpenAPI 3.1 document of every route."""
+    return json_response(openapi_document(ROUTES))
+
+
+# ============================================================================ cli
+#
+# `python offloadmq.py submit|status|cancel ...`: a client for CI runners, talking to a
+# server over HTTP like any other client (X-API-Key). It prints the task as JSON on
+# stdout and tells how the task ended by its exit status (below). While `--wait`ing it
+# follows the task's Server-Sent Events, copying log lines to stderr as they arrive:
+# the stream is opened before the submit, so no early line is missed.
+
+EXIT_COMPLETED, EXIT_NOT_COMPLETED, EXIT_USAGE, EXIT_HTTP, EXIT_TIMEOUT = 0, 1, 2, 3, 124
+CLI_REQUEST_S = 30.0  # a plain request; the event stream has its own read limit
+
+
+class CliError(Exception):
+    """A failure the CLI reports in one line on stderr and by its exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_HTTP):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class CliServer:
+    session: aiohttp.ClientSession
+    url: str
+
+
+def cli_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offloadmq", description="Submit and follow OffloadMQ tasks (OFFLOADMQ_URL, "
+        "OFFLOADMQ_API_KEY). Without a command it starts the server: see --help of that.",
+        epilog="Exit status: 0 the task completed (submit without --wait: accepted; cancel: "
+        "cancel accepted), 1 it failed, was canceled or has not ended, 2 usage, 3 HTTP or "
+        "connection error, 124 --timeout reached.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    submit = commands.add_parser("submit", help="submit a task")
+    submit.add_argument("capability")
+    submit.add_argument("--payload", default="null", help="JSON, or @file holding JSON")
+    submit.add_argument("--urgent", action="store_true", help="urgent queue (an agent must be online)")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait for the end, streaming the log to stderr")
+    submit.add_argument("--timeout", type=float, metavar="S", help="give up waiting after S seconds")
+    for name, text in (("status", "print a task's status"), ("cancel", "cancel a task")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("capability")
+        command.add_argument("id")
+    return parser
+
+
+def cli_payload(parser: argparse.ArgumentParser, text: str) -> Any:
+    source = "--payload"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = Path(source).read_text()
+        except OSError as err:
+            parser.error(f"--payload: cannot read {source}: {err.strerror}")
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as err:
+        parser.error(f"{source} is not valid JSON: {err}")
+
+
+def cli_task_path(cap: str, task_id: str) -> str:
+    return f"{quote(cap, safe='')}/{quote(task_id, safe='')}"
+
+
+async def cli_request(server: CliServer, method: str, path: str, body: Any = None) -> Any:
+    """One JSON request; an error answer becomes a CliError with the server's message."""
+    try:
+        async with server.session.request(method, server.url + path, json=body,
+                                   timeout=aiohttp.ClientTimeout(total=CLI_REQUEST_S)) as resp:
+            raw = await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise CliError(f"{method} {path}: {err or type(err).__name__}") from None
+    try:
+        answer = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        answer = None
+    if resp.status >= 400:
+        error = answer.get("error") if isinstance(answer, dict) else None
+        message = error.get("message") if isinstance(error, dict) else raw[:300].decode(errors="replace")
+        raise CliError(f"{method} {path}: HTTP {resp.status}: {message}")
+    return answer
+
+
+async def cli_events(server: CliServer, query: dict, last_id: str | None) -> Any:
+    """Open the event stream; the answer's headers have arrived when this returns."""
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CLI_REQUEST_S,
+                                    sock_read=3 * SSE_HEARTBEAT_S)
+    try:
+        resp = await server.session.get(server.url + "/api/task/events", params=query,
+                                        headers=headers, timeout=timeout)
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise CliError(f"GET /api/task/events: {err or type(err).__name__}") from None
+    if resp.status >= 400:
+        raw = await resp.read()
+        resp.release()
+        raise CliError(f"GET /api/task/events: HTTP {resp.status}: {raw[:300].decode(errors='replace')}")
+    return resp
+
+
+async def cli_sse(resp: Any) -> Any:
+    """(id, event, data) of each event of a stream; comments skipped."""
+    buffer, fields = b"", {}
+    async for chunk in resp.content.iter_any():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if not line:
+                if "data" in fields:
+                    yield fields.get("id"), fields.get("event", "message"), orjson.loads(fields["data"])
+                fields = {}
+            elif not line.startswith(b":"):
+                name, _, value = line.decode().partition(":")
+                fields[name] = value.removeprefix(" ")
+
+
+async def cli_follow(server: CliServer, task_id: dict, resp: Any) -> dict:
+    """Copy the task's log to stderr until it ends; answer its final form. A dropped
+    stream is reopened from the last event seen."""
+    last_id, wanted = None, {"cap": task_id["cap"], "id": task_id["id"]}
+    while True:
+        try:
+            async for event_id, kind, data in cli_sse(resp):
+                last_id = event_id or last_id
+                if not isinstance(data, dict) or data.get("id") != wanted:
+                    continue
+                if kind == "log" and data.get("log"):
+                    sys.stderr.write(data["log"])
+                    sys.stderr.flush()
+                elif kind == "end":
+                    return data
+                elif kind == "status" and data.get("op") == "current" and data.get("status") in ENDED:
+                    # A resumed stream that could not replay: the end event is gone.
+                    return await cli_request(server, "GET", "/api/task/poll/" + cli_task_path(
+                        wanted["cap"], wanted["id"]))
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        finally:
+            resp.release()
+        await asyncio.sleep(1.0)  # the server went away: reconnect, from where we were
+        resp = await cli_events(server, {"task": f"{wanted['cap']}/{wanted['id']}"}, last_id)
+
+
+async def cli_run(args: argparse.Namespace, payload: Any, config: ClientConfig) -> int:
+    async with aiohttp.ClientSession(headers={"X-API-Key": config.api_key}) as session:
+        server = CliServer(session, config.url)
+        if args.command in ("status", "cancel"):
+            path = cli_task_path(args.capability, args.id)
+            if args.command == "status":
+                task = await cli_request(server, "GET", "/api/task/poll/" + path)
+                print(orjson.dumps(task, option=orjson.OPT_INDENT_2).decode())
+                return EXIT_COMPLETED if task.get("status") == COMPLETED else EXIT_NOT_COMPLETED
+            print(orjson.dumps(await cli_request(server, "POST", "/api/task/cancel/" + path),
+                               option=orjson.OPT_INDENT_2).decode())
+            return EXIT_COMPLETED
+        body = {"capability": args.capability, "payload": payload, "urgent": args.urgent}
+        stream = await cli_events(server, {}, None) if args.wait else None
+        try:
+            answer = await cli_request(server, "POST", "/api/task/submit", body)
+        except CliError:
+            if stream is not None:
+                stream.release()
+            raise
+        if stream is None:
+            print(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode())
+            return EXIT_COMPLETED
+        print(f"task {answer['id']['cap']}/{answer['id']['id']} {answer['status']}", file=sys.stderr)
+        try:
+            task = await asyncio.wait_for(cli_follow(server, answer["id"], stream), args.timeout)
+        except TimeoutError:
+            task = await cli_request(server, "GET", "/api/task/poll/" + cli_task_path(
+                answer["id"]["cap"], answer["id"]["id"]))
+            print(orjson.dumps(task, option=orjson.OPT_INDENT_2).decode())
+            print(f"offloadmq: task still {task.get('status')} after {args.timeout:g} s "
+                  "(it goes on; cancel it with `offloadmq.py cancel`)", file=sys.stderr)
+            return EXIT_TIMEOUT
+        print(orjson.dumps(task, option=orjson.OPT_INDENT_2).decode())
+        return EXIT_COMPLETED if task.get("status") == COMPLETED else EXIT_NOT_COMPLETED
+
+
+def cli_main(argv: list[str], config: ClientConfig | None = None) -> int:
+    """Run one CLI command; answers the exit status."""
+    parser = cli_parser()
+    args = parser.parse_args(argv)
+    payload = cli_payload(parser, args.payload) if args.command == "submit" else None
+    if args.command == "submit" and args.timeout is not None and args.timeout <= 0:
+        parser.error("--timeout must be a positive number of seconds")
+    config = config or load_client_config()
+    if not config.api_key:
+        print("offloadmq: OFFLOADMQ_API_KEY is not set: export a client API key "
+              "(CLIENT_API_KEYS of the server)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(cli_run(args, payload, config))
+    except CliError as err:
+        print(f"offloadmq: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        return 130
+
+
 # ============================================================================ app
 
 ERROR_TYPES = {400: "bad_request", 401: "authentication_error", 403: "authorization_error",
@@ -2612,6 +3138,7 @@ ROUTES = [
     ("GET", "/health", "open", handle_health),
     ("GET", "/stats", "open", handle_stats),
     ("GET", "/metrics", "open", handle_metrics),  # checks the token itself unless public
+    ("GET", "/openapi.json", "open", handle_openapi),
     ("GET", "/{path:.*}", "open", handle_static),  # last: everything else is the console
 ]
 
@@ -2651,6 +3178,9 @@ def print_first_start(config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and not argv[0].startswith("-"):  # a CLI command (submit, status, cancel)
+        sys.exit(cli_main(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     config = load_config(argv)

@@ -432,7 +432,7 @@ async def test_shutdown_while_a_compaction_rotates_closes_cleanly(tmp_path):
     await journal.append(b.take_records())
     rotate = journal._rotate
     journal._rotate = lambda cut: (time.sleep(0.2), rotate(cut))
-    compaction = asyncio.ensure_future(journal.compact(b.snapshot(), T0 + 1))
+    compaction = asyncio.ensure_future(journal.compact(b.snapshot, T0 + 1))
     while journal.rotated is None:
         await asyncio.sleep(0.01)
     compaction.cancel()
