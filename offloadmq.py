@@ -452,6 +452,7 @@ class Task:
     cancel_requested_at: float | None = None
     cancel_reason: str | None = None  # "canceled" or "timeout"
     last_agent: str | None = None
+    declined: bool = False  # its last agent reported it notExecuted: prefer another
     idempotency_key: str | None = None  # the client's Idempotency-Key header, if it sent one
     body_digest: str | None = None      # of the submission, to tell a retry from a reuse
     result: Any = None
@@ -484,7 +485,8 @@ class Task:
                 "assignedAt": self.assigned_at, "endedAt": self.ended_at,
                 "queuedAt": self.queued_at, "notBefore": self.not_before,
                 "cancelRequestedAt": self.cancel_requested_at, "cancelReason": self.cancel_reason,
-                "lastAgent": self.last_agent, "idempotencyKey": self.idempotency_key,
+                "lastAgent": self.last_agent, "declined": self.declined,
+                "idempotencyKey": self.idempotency_key,
                 "bodyDigest": self.body_digest, "result": self.result, "log": self.log,
                 "stage": self.stage, "attempts": self.attempts,
                 "history": [list(h) for h in self.history]}
@@ -496,6 +498,7 @@ class Task:
                    assigned_at=r["assignedAt"], ended_at=r["endedAt"], queued_at=r["queuedAt"],
                    not_before=r["notBefore"], cancel_requested_at=r["cancelRequestedAt"],
                    cancel_reason=r["cancelReason"], last_agent=r["lastAgent"],
+                   declined=r.get("declined", False),
                    idempotency_key=r.get("idempotencyKey"), body_digest=r.get("bodyDigest"),
                    result=r["result"], log=r["log"], stage=r["stage"], attempts=r["attempts"],
                    history=[tuple(h) for h in r["history"]])
@@ -855,17 +858,18 @@ class Broker:
             self._retry_or_fail(self.tasks[key], now, reason)
 
     def _retry_or_fail(self, task: Task, now: float, reason: str, result: Any = None,
-                       delay: bool = True) -> None:
-        """After a failed attempt: cancel if one was asked for, retry if allowed, else fail."""
+                       declined: bool = False) -> None:
+        """After a failed attempt: cancel if one was asked for, retry if allowed, else fail.
+        A declined task (notExecuted) goes back at once, for another agent if one has room."""
         if task.cancel_requested_at is not None:
             self._finish_cancel(task, now, reason)
         elif task.data["restartable"] and task.retries_left:
-            wait_s = self._retry_delay(task) if delay else 0.0
+            wait_s = 0.0 if declined else self._retry_delay(task)
             # No delay means ready at once: `now + 0` would still be after the record's
             # millisecond-truncated time and wait for the next timer round.
             not_before = now + wait_s if wait_s > 0 else None
             retries = task.data.get("maxRetries", DEFAULT_MAX_RETRIES)
-            self._emit_task("task.requeued", task, now, notBefore=not_before,
+            self._emit_task("task.requeued", task, now, notBefore=not_before, declined=declined,
                             reason=f"{reason}; retry {task.attempts} of {retries}")
         else:
             self._emit_task("task.failed", task, now, reason=reason, result=result)
@@ -988,8 +992,9 @@ class Broker:
         return True
 
     def _another_could_retry(self, task: Task, now: float) -> bool:
-        """retryOnSameNode: false - leave the retry to another agent when one has room."""
-        if task.data.get("retryOnSameNode", True):
+        """A task its last agent declined (notExecuted), or one with retryOnSameNode:
+        false, goes to another agent when one has room."""
+        if task.data.get("retryOnSameNode", True) and not task.declined:
             return False
         return any(uid != task.last_agent and self._has_room(self.agents[uid], now)
                    for uid in self.serving.get(task.base, ()))
@@ -1049,7 +1054,7 @@ class Broker:
             self._retry_or_fail(task, now, f"failed on agent {uid}: {message}", output)
         else:  # notExecuted: another agent may run it, at once
             self._retry_or_fail(task, now, f"not executed by agent {uid}: {message}", output,
-                                delay=False)
+                                declined=True)
         return task
 
     def cancel(self, cap: str, task_id: str, owner: str, now: float) -> Task:
@@ -1301,6 +1306,7 @@ class Broker:
         self._set_status(task, ASSIGNED)
         self._drop_offer(task.key)
         task.agent_id = task.last_agent = r["agentId"]
+        task.declined = False
         task.assigned_at = now
         task.attempts += 1
         task.history.append((now, f"attempt {task.attempts}: assigned to agent {r['agentId']}"))
@@ -1343,6 +1349,7 @@ class Broker:
             agent.held.discard(task.key)
         self._set_status(task, PENDING)
         task.agent_id = None
+        task.declined = r.get("declined", False)
         task.not_before = r.get("notBefore")
         after = f"; runs again from {iso(task.not_before)}" if task.not_before else ""
         task.history.append((now, r["reason"] + after))

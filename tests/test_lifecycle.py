@@ -333,3 +333,23 @@ def test_lifecycle_state_survives_replay():
         broker.expire(T0 + 70)  # c's cancel grace ran out
         assert broker.tasks[c.key].status == CANCELED
         assert broker.tasks[a.key].not_before is None and broker.tasks[d.key].not_before is not None
+
+
+def test_declined_task_goes_to_another_agent_when_one_has_room():
+    b = Broker()
+    picky, other = agent(b), agent(b)
+    task = submit(b, restartable=True)
+    assert claim(b, picky, T0) is task
+    b.resolve(picky, task.cap, task.id, "notExecuted", "no GPU", None, T0)
+    assert task.status == PENDING and task.not_before is None  # back at once, no backoff
+    assert b.offer(picky, T0) is None
+    assert claim(b, other, T0) is task
+
+
+def test_declined_task_returns_to_the_same_agent_when_it_is_the_only_one():
+    b = Broker()
+    only = agent(b)
+    task = submit(b, restartable=True)
+    claim(b, only, T0)
+    b.resolve(only, task.cap, task.id, "notExecuted", "busy", None, T0)
+    assert claim(b, only, T0) is task
