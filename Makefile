@@ -32,3 +32,62 @@ test-unit: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# ---- a local server + agent pair for trying things by hand (state in test-run/, git-ignored)
+TEST_RUN := test-run
+TEST_PORT ?= 3169
+TEST_URL := http://127.0.0.1:$(TEST_PORT)
+AGENT_CAPS ?= debug.echo shell.bash shellcmd.bash
+SERVER_URL ?= http://127.0.0.1:3069
+
+.PHONY: test-full test-start test-stop test-logs dev-agent
+
+# Fresh random keys for the test pair, readable only by you; no secret lives in this file.
+$(TEST_RUN)/env: | $(STAMP)
+	@mkdir -p $(TEST_RUN)
+	@umask 077; $(PY) -c "import secrets; [print(f'{n}={p}-{secrets.token_hex(12)}') for n, p in (('AGENT_API_KEYS', 'ak'), ('CLIENT_API_KEYS', 'ck'), ('MGMT_TOKEN', 'mt'))]" > $@
+
+test-start: $(STAMP) $(TEST_RUN)/env
+	@test ! -f $(TEST_RUN)/server.pid || { echo "already running: make test-stop first"; exit 1; }
+	@set -a; . ./$(TEST_RUN)/env; set +a; \
+	$(PY) offloadmq.py --host 127.0.0.1 --port $(TEST_PORT) --data $(TEST_RUN)/data \
+	  >> $(TEST_RUN)/server.log 2>&1 & echo $$! > $(TEST_RUN)/server.pid; \
+	for i in $$(seq 100); do $(PY) -c "import urllib.request as u; u.urlopen('$(TEST_URL)/health', timeout=1)" 2>/dev/null && break; sleep 0.1; done; \
+	$(PY) offload_agent.py register --server $(TEST_URL) --key "$$AGENT_API_KEYS" \
+	  --caps $(AGENT_CAPS) --capacity 2 --config $(TEST_RUN)/agent.json; \
+	$(PY) offload_agent.py serve --config $(TEST_RUN)/agent.json --work-dir $(TEST_RUN)/work \
+	  >> $(TEST_RUN)/agent.log 2>&1 & echo $$! > $(TEST_RUN)/agent.pid
+	@echo "server $(TEST_URL) and an agent are running; keys in $(TEST_RUN)/env; make test-logs / test-stop"
+
+# The agent goes first: on SIGTERM it finishes running tasks (30 s grace) and reports them.
+test-stop:
+	@for name in agent server; do \
+	  pidfile=$(TEST_RUN)/$$name.pid; \
+	  if [ -f $$pidfile ]; then \
+	    pid=$$(cat $$pidfile); kill $$pid 2>/dev/null; \
+	    for i in $$(seq 400); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; \
+	    rm -f $$pidfile; echo "stopped $$name ($$pid)"; \
+	  fi; \
+	done
+
+test-logs:
+	@tail -n 40 $(TEST_RUN)/server.log $(TEST_RUN)/agent.log
+
+# Start the pair, send it a blocking shell.bash task, run the end-to-end suites, stop both.
+test-full: $(STAMP)
+	@$(MAKE) --no-print-directory test-start
+	@set -a; . ./$(TEST_RUN)/env; set +a; \
+	curl -fsS -H "X-API-Key: $$CLIENT_API_KEYS" -H 'Content-Type: application/json' \
+	  -d '{"capability": "shell.bash", "urgent": true, "payload": {"command": "echo hello from $$(hostname)"}}' \
+	  $(TEST_URL)/api/task/submit_blocking > $(TEST_RUN)/smoke.json \
+	&& $(PY) -c "import json, sys; t = json.load(open('$(TEST_RUN)/smoke.json')); print('smoke:', t['status'], t['result']); sys.exit(t['status'] != 'completed')" \
+	&& $(PY) -m pytest -q tests/test_e2e*.py; \
+	status=$$?; $(MAKE) --no-print-directory test-stop; exit $$status
+
+# Serve this machine to a `make run` server: registers once (OFFLOAD_AGENT_KEY = an agent
+# key it printed), then serves until Ctrl-C.
+dev-agent: $(STAMP)
+	@test -f .offload-agent.json || { \
+	  test -n "$$OFFLOAD_AGENT_KEY" || { echo "set OFFLOAD_AGENT_KEY to an agent key of the server"; exit 1; }; \
+	  $(PY) offload_agent.py register --server $(SERVER_URL) --caps $(AGENT_CAPS); }
+	$(PY) offload_agent.py serve
