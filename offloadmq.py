@@ -30,7 +30,6 @@ import os
 import random
 import re
 import secrets
-import signal
 import sys
 import time
 import zlib

@@ -183,7 +183,8 @@ def test_lower_tier_waits_while_a_higher_tier_agent_has_room():
 def test_lower_tier_gets_the_spill_over_when_higher_tiers_are_full():
     b = Broker()
     low, high = agent(b, tier=1), agent(b, tier=5)
-    first, second = submit(b), submit(b, now=T0 + 1)
+    submit(b)
+    second = submit(b, now=T0 + 1)
     poll_take(b, high)
     assert b.offer(low, T0 + 2) is second
 
