@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote, unquote
 
+import aiohttp
 import jwt
 import orjson
-import aiohttp
 from aiohttp import web
 
 __version__ = "0.1.0"
