@@ -1768,6 +1768,7 @@ class Hub:
         self.changed = asyncio.Condition()
         self.tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()  # JWT -> (uid, exp)
         self.recovered = False
+        self.stopping = False  # set at shutdown: every wait ends so handlers can finish
         self.ticker: asyncio.Task | None = None
         self.started_at = clock()
         self.events: deque[Event] = deque(maxlen=EVENT_RING_SIZE)
@@ -1792,6 +1793,11 @@ class Hub:
         if not self.recovered:
             self.recover()
         self.ticker = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def release_waiters(self) -> None:
+        """Shutdown: long polls and event streams answer now instead of holding it up."""
+        self.stopping = True
+        await self.notify()
 
     async def stop(self) -> None:
         if self.ticker is not None:
@@ -1959,7 +1965,8 @@ class Hub:
         between its check and what it does, so a check that claims cannot race."""
         async with self.changed:
             try:
-                await asyncio.wait_for(self.changed.wait_for(ready), timeout_s)
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.stopping or ready()),
+                                       timeout_s)
             except TimeoutError:
                 pass
 
@@ -2306,7 +2313,7 @@ async def stream_events(request: web.Request, owner: str, keys: set | None) -> w
             events, seen = hub.current_events(owner, keys), hub.event_seq
             await response.write(b"".join(e.encode() for e in events) or b": connected\n\n")
             events = []
-        while True:
+        while not hub.stopping:
             if events:
                 await response.write(b"".join(e.encode() for e in events))
             last_id = seen
@@ -3160,10 +3167,14 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
     async def start(app: web.Application) -> None:
         await hub.start()
 
+    async def shutdown(app: web.Application) -> None:
+        await hub.release_waiters()
+
     async def stop(app: web.Application) -> None:
         await hub.stop()
 
     app.on_startup.append(start)
+    app.on_shutdown.append(shutdown)
     app.on_cleanup.append(stop)
     return app
 
