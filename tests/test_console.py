@@ -91,6 +91,49 @@ class Agent:
         assert status == 200, answer
 
 
+class CancelAwareAgent(Agent):
+    """An agent in a thread that works until told to stop: it takes each task, reports a
+    log line every quarter second until a progress answer says "cancel": true, waits
+    `linger` seconds (as a process being killed would), then resolves with a failure."""
+
+    def __init__(self, server, capabilities, linger=1.0):
+        super().__init__(server, capabilities)
+        self.linger = linger
+        self.stopping = threading.Event()
+        self.canceled = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while not self.stopping.is_set():
+            task = self.poll(wait=1)
+            if not task:
+                continue
+            task_id = task["id"]
+            self.take(task_id)
+            tick = 0
+            while not self.stopping.is_set():
+                tick += 1
+                body = {"id": task_id, "stage": "ticking", "logUpdate": f"tick {tick}\n"}
+                status, answer = http("POST", f"{self.url}/private/agent/task/progress/{quoted(task_id)}",
+                                      body, self.headers)
+                assert status == 200, answer
+                if answer.get("cancel") is True:
+                    break
+                time.sleep(0.25)
+            self.canceled.append(task_id)
+            time.sleep(self.linger)
+            body = {"id": task_id, "capability": task_id["cap"], "status": {"failure": ["killed", 0.1]},
+                    "output": None}
+            status, answer = http("POST", f"{self.url}/private/agent/task/resolve/{quoted(task_id)}",
+                                  body, self.headers)
+            assert status == 200, answer
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+
 class ScriptedAgent(Agent):
     """An agent in a thread: takes every task it gets, reports two log lines, answers
     shell.bash like bash, llm.* like Ollama, and anything else by echoing the payload."""
@@ -130,8 +173,8 @@ class ScriptedAgent(Agent):
 def scripted_agent(server):
     agents = []
 
-    def start(capabilities):
-        agents.append(ScriptedAgent(server, capabilities))
+    def start(capabilities, cls=None, **options):
+        agents.append((cls or ScriptedAgent)(server, capabilities, **options))
         return agents[-1]
 
     yield start
@@ -139,9 +182,10 @@ def scripted_agent(server):
         agent.stop()
 
 
-def submit(server, capability, payload=None, urgent=False):
+def submit(server, capability, payload=None, urgent=False, **extensions):
     status, answer = http("POST", server.url + "/api/task/submit",
-                          {"capability": capability, "payload": payload, "urgent": urgent}, server.client)
+                          {"capability": capability, "payload": payload, "urgent": urgent, **extensions},
+                          server.client)
     assert status in (201, 202), answer
     return answer["id"]
 
@@ -157,6 +201,7 @@ class Console:
         self.page = context.new_page()
         self.errors = []
         self.allowed_http = set()
+        self.allow_blocked = False
         self.page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
         self.page.on("console", self.on_console)
 
@@ -166,11 +211,18 @@ class Console:
         http_error = HTTP_ERROR_LINE.search(message.text)
         if http_error and int(http_error.group(1)) in self.allowed_http:
             return
+        if self.allow_blocked and "net::ERR_FAILED" in message.text:
+            return
         self.errors.append(f"console.error: {message.text}")
 
     def expect_http_errors(self, *statuses):
         """The browser logs a console error for every 4xx/5xx; allow the provoked ones."""
         self.allowed_http.update(statuses)
+
+    def block(self, pattern):
+        """Fail the browser's requests to these URLs, as a proxy that drops them would."""
+        self.allow_blocked = True
+        self.page.route(pattern, lambda route: route.abort())
 
     def open(self, route=""):
         self.page.goto(f"{self.server.url}/{route}")
@@ -218,6 +270,12 @@ def console_factory(browser, server, request, tmp_path):
             except Exception as exc:  # a dead page must not hide the real failure
                 print(f"screenshots failed: {exc}")
         c.context.close()
+    # The server notices a closed event stream only when it next writes to it (a heartbeat
+    # every 15 s), and its shutdown waits 3 s for open streams: one event now lets the
+    # streams of the closed tabs end, so stopping the server is quick.
+    if consoles:
+        time.sleep(0.2)  # for the browser's sockets to close
+        http("POST", server.url + "/management/agents/reset", headers=server.mgmt)
     if failed or errors:
         print(f"screenshots in {tmp_path / 'screenshots'}")
     assert not errors, "JavaScript errors in the console:\n" + "\n".join(errors)
@@ -471,3 +529,171 @@ def test_live_data_pauses_while_the_tab_is_hidden(console, server):
     with page.expect_request(lambda r: "/stats" in r.url, timeout=1500):
         page.evaluate(set_hidden, False)  # shown again: refreshes at once, not after a delay
     expect(page.locator("[data-ref=agents-online]")).to_have_text("1")
+
+
+# ----------------------------------------------------------------------------- lifecycle and live updates
+
+def task_in_listing(server, task_id):
+    listing = http("GET", server.url + "/management/tasks/list", headers=server.mgmt)[1]
+    for queue in listing.values():
+        for task in queue["assigned"] + queue["unassigned"]:
+            if task["id"] == task_id:
+                return {"status": "pending", **task}
+    return None
+
+
+def test_a_running_task_is_canceled_from_its_page_while_its_log_streams_live(console, server, scripted_agent):
+    agent = scripted_agent(["job.long"], cls=CancelAwareAgent, linger=1.5)
+    page = console.sign_in()
+    expect(page.locator("#live")).to_have_text("live")
+    task_id = submit(server, "job.long", {"n": 1})
+    console.open(f"#/tasks/job.long/{task_id['id']}")
+
+    log = page.locator("[data-ref=log]")
+    expect(log).to_contain_text("tick 1")
+    # While the stream is live the page does not poll the listing for the log: it grows
+    # from the stream's `log` events.
+    listed = []
+    page.on("request", lambda r: "/management/tasks/list" in r.url and listed.append(r.url))
+    expect(log).to_contain_text("tick 5")
+    assert len(listed) <= 1, listed  # at most the slow safety refresh
+    expect(page.locator("[data-ref=status]")).to_have_text("running")
+    expect(page.locator("[data-ref=facts]")).to_contain_text("ticking")
+    expect(page.locator("[data-ref=facts]")).to_contain_text("Attempt")
+
+    cancel = page.locator("#view [data-ref=cancel]")
+    cancel.click()
+    expect(page.locator("#confirm-text")).to_contain_text("asked to stop")
+    page.click("#confirm-cancel")  # not yet: nothing happens
+    assert task_in_listing(server, task_id)["cancelRequested"] is False
+    cancel.click()
+    page.click("#confirm-ok")
+    expect(page.locator("[data-ref=cancel-note]")).to_be_visible()
+    expect(cancel).to_be_disabled()
+    expect(page.locator("[data-ref=status]")).to_have_text("canceled")
+    expect(cancel).to_be_hidden()
+    expect(page.locator("[data-ref=cancel-note]")).to_be_hidden()
+    expect(page.locator("[data-ref=history]")).to_contain_text("cancel requested")
+    assert agent.canceled == [task_id]
+    assert task_in_listing(server, task_id)["status"] == "canceled"
+
+
+def test_dead_letters_show_and_requeue_with_priority_and_delays(console, server):
+    agent = Agent(server, ["job.flaky"])
+    dead = submit(server, "job.flaky", {"n": 1}, priority=8)
+    agent.take(agent.poll()["id"])
+    body = {"id": dead, "capability": "job.flaky", "status": {"failure": ["boom", 0.1]}, "output": None}
+    assert http("POST", f"{server.url}/private/agent/task/resolve/{quoted(dead)}", body, agent.headers)[0] == 200
+    later = submit(server, "job.flaky", {"n": 2}, delaySecs=600)
+    page = console.sign_in()
+    console.go("tasks")
+
+    rows = page.locator("#view tbody tr")
+    expect(rows).to_have_count(2)
+    delayed = page.locator(f"tr[data-task='{later['id']}']")
+    expect(delayed).to_contain_text("waiting until")
+    expect(delayed).to_contain_text("p5")
+    expect(delayed.locator("[data-action=cancel]")).to_be_visible()
+    failed = page.locator(f"tr[data-task='{dead['id']}']")
+    expect(failed).to_contain_text("p8")
+    expect(failed.locator("td[data-label=Attempt]")).to_have_text("1")
+
+    page.click("[data-ref=dead]")
+    expect(page.locator("[data-ref=dead]")).to_have_attribute("aria-pressed", "true")
+    expect(rows).to_have_count(1)
+    expect(failed.locator(".badge")).to_have_text("failed")
+    failed.locator("[data-action=requeue]").click()
+    expect(page.locator(".toast")).to_contain_text("back in its queue")
+    expect(page.locator("[data-ref=empty]")).to_contain_text("No dead letters")
+    assert task_in_listing(server, dead)["status"] == "pending"
+
+    page.click("[data-ref=dead]")
+    expect(rows).to_have_count(2)
+    expect(failed.locator(".badge")).to_have_text("pending")
+    failed.locator("a").click()
+    expect(page.locator("[data-ref=facts]")).to_contain_text("8")
+    expect(page.locator("#view [data-ref=cancel]")).to_be_visible()
+    expect(page.locator("#view [data-ref=requeue]")).to_be_hidden()
+
+
+def test_agents_drain_and_resume_and_a_key_gets_a_limit(console, server):
+    agent = Agent(server, ["echo"])
+    page = console.sign_in()
+    console.go("agents")
+    row = page.locator(f"tr[data-agent='{agent.id}']")
+    expect(row.locator(".badge")).to_have_text(["online"])
+    row.get_by_role("button", name="Drain").click()
+    expect(row.locator(".badge")).to_have_text(["online", "draining"])
+    assert http("GET", server.url + "/management/agents/list", headers=server.mgmt)[1][0]["draining"] is True
+    row.get_by_role("button", name="Resume").click()
+    expect(row.locator(".badge")).to_have_text(["online"])
+    assert http("GET", server.url + "/management/agents/list", headers=server.mgmt)[1][0]["draining"] is False
+
+    console.go("keys")
+    key_row = page.locator(f"tr[data-key='{server.client_key}']")
+    limit = key_row.locator("td[data-label='Max in flight']")
+    expect(limit).to_contain_text("no limit")
+    key_row.locator("[data-action=limit]").click()
+    key_row.locator("input[name=limit]").fill("3")
+    key_row.get_by_role("button", name="Save").click()
+    expect(limit).to_contain_text("3")
+    keys = {k["key"]: k for k in http("GET", server.url + "/management/client_api_keys/list", headers=server.mgmt)[1]}
+    assert keys[server.client_key]["maxInFlight"] == 3
+    assert keys[server.client_key]["isRevoked"] is False
+
+    key_row.locator("[data-action=limit]").click()
+    key_row.locator("input[name=limit]").fill("")
+    key_row.locator("input[name=limit]").press("Enter")
+    expect(limit).to_contain_text("no limit")
+    keys = {k["key"]: k for k in http("GET", server.url + "/management/client_api_keys/list", headers=server.mgmt)[1]}
+    assert keys[server.client_key]["maxInFlight"] is None
+
+
+def test_pages_fall_back_to_polling_when_the_event_stream_is_blocked(console, server):
+    page = console.page
+    console.block("**/management/events")
+    console.sign_in()
+    expect(page.locator("#live")).to_have_text("polling")
+    console.go("tasks")
+    expect(page.locator("[data-ref=empty]")).to_be_visible()
+    task_id = submit(server, "job.quiet", {"n": 1})
+    expect(page.locator(f"tr[data-task='{task_id['id']}']")).to_be_visible(timeout=5000)
+
+    page.unroute("**/management/events")  # the stream comes back: retried with backoff
+    expect(page.locator("#live")).to_have_text("live")
+    other = submit(server, "job.quiet", {"n": 2})
+    expect(page.locator(f"tr[data-task='{other['id']}']")).to_be_visible(timeout=3000)
+
+
+def test_sandbox_sends_lifecycle_fields_and_stops_a_bash_command(console, server, scripted_agent):
+    agent = scripted_agent(["shell.bash"], cls=CancelAwareAgent, linger=0.3)
+    page = console.sign_in()
+    console.go("sandbox")
+    page.fill("[data-ref=capability]", "nobody.here")
+    page.select_option("[data-ref=priority]", "7")
+    page.fill("[data-ref=timeout]", "60")
+    page.fill("[data-ref=retries]", "2")
+    page.click("[data-ref=submit]")
+    expect(page.locator("[data-ref=run-status]")).to_have_text("pending")
+    task = task_in_listing(server, {"cap": "nobody.here", "id": page.locator("[data-ref=run]").get_attribute("data-task")})
+    assert {k: task["data"].get(k) for k in ("priority", "timeoutSecs", "maxRetries", "restartable")} == {
+        "priority": 7, "timeoutSecs": 60, "maxRetries": 2, "restartable": True}
+    page.click("[data-ref=run-cancel]")
+    expect(page.locator("[data-ref=run-status]")).to_have_text("canceled")
+    expect(page.locator("[data-ref=run-cancel]")).to_be_hidden()
+
+    page.check("[data-ref=urgent]")
+    expect(page.locator("[data-ref=priority]")).to_be_disabled()
+    expect(page.locator("[data-ref=delay]")).to_be_disabled()
+
+    page.click("[data-tab=bash]")
+    terminal = page.locator("[data-ref=term-out]")
+    page.fill("[data-ref=term-input]", "sleep 30")
+    page.press("[data-ref=term-input]", "Enter")
+    expect(terminal).to_contain_text("tick 2")
+    expect(page.locator("[data-ref=term-stop]")).to_be_visible()
+    page.press("[data-ref=term-input]", "Control+c")
+    expect(terminal).to_contain_text("^C · cancel requested")
+    expect(terminal.locator(".term-error").last).to_have_text("canceled")
+    expect(page.locator("[data-ref=term-stop]")).to_be_hidden()
+    assert len(agent.canceled) == 1

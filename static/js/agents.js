@@ -1,7 +1,9 @@
-// Agents: every registered agent with its state, load and machine; delete one, reset all.
+// Agents: every registered agent with its state, load and machine; drain one before
+// maintenance and resume it, delete one, reset all. Follows the event stream.
 
 import { api } from "./api.js";
 import { poll } from "./poll.js";
+import { follow, pace } from "./events.js";
 import { h, mountTemplate, fillTable, tr, numCell, showError, chips, timeCell, memory, confirmAction, act } from "./dom.js";
 import { flattenTasks, inFlightByAgent } from "./model.js";
 
@@ -12,12 +14,19 @@ export function mount(root) {
 
   const loop = poll(
     async () => {
-      const [agents, listing] = await Promise.all([api.agents(), api.tasks()]);
-      render(refs, agents || [], inFlightByAgent(flattenTasks(listing)), loop);
+      const agents = (await api.agents()) || [];
+      // Servers before tasksInFlight: count from the task listing.
+      const counted = agents.every((a) => typeof a.tasksInFlight === "number");
+      const inFlight = counted
+        ? new Map(agents.map((a) => [a.uid, a.tasksInFlight]))
+        : inFlightByAgent(flattenTasks(await api.tasks()));
+      render(refs, agents, inFlight, loop);
       showError(refs.error, null);
     },
-    { everyMs: 3000, onError: (err) => showError(refs.error, err) },
+    // Going offline is a matter of time, not an event: keep a slow pace while live.
+    { everyMs: pace(10000, 3000), onError: (err) => showError(refs.error, err) },
   );
+  const unfollow = follow(loop, (e) => e.type === "agent" || e.type === "status" || e.type === "end", 800);
 
   refs.reset.addEventListener("click", async () => {
     const ok = await confirmAction(
@@ -29,7 +38,10 @@ export function mount(root) {
     loop.now();
   });
 
-  return () => loop.stop();
+  return () => {
+    unfollow();
+    loop.stop();
+  };
 }
 
 function render(refs, agents, inFlight, loop) {
@@ -48,16 +60,19 @@ function render(refs, agents, inFlight, loop) {
             h("div", {}, h("strong", { class: "mono", title: agent.uid }, agent.uidShort || String(agent.uid).slice(-6))),
             h("div", { class: "small muted" }, "registered ", timeCell(agent.registeredAt)),
           ],
-          h("span", { class: "badge", dataset: { status: agent.online ? "online" : "offline" } }, agent.online ? "online" : "offline"),
+          [
+            h("span", { class: "badge", dataset: { status: agent.online ? "online" : "offline" } }, agent.online ? "online" : "offline"),
+            agent.draining ? h("span", { class: "badge", dataset: { status: "draining" }, title: "Gets no new tasks; keeps its running ones" }, "draining") : null,
+          ],
           numCell(agent.tier),
           numCell(`${inFlight.get(agent.uid) || 0} / ${agent.capacity ?? "—"}`),
           chips(agent.capabilities),
           system(agent.systemInfo),
           timeCell(agent.lastContact),
-          h("td", { class: "actions" }, deleteButton(agent, loop)),
+          h("td", { class: "actions" }, drainButton(agent, loop), deleteButton(agent, loop)),
         ],
         LABELS,
-        { dataset: { agent: agent.uid }, class: agent.online ? undefined : "is-offline" },
+        { dataset: { agent: agent.uid, draining: String(!!agent.draining) }, class: agent.online ? undefined : "is-offline" },
       ),
     ),
   );
@@ -74,6 +89,26 @@ function system(info) {
     h("div", {}, main || "—"),
     h("div", { class: "small muted" }, gpu),
   );
+}
+
+// Drain: no new tasks, running ones finish. Reversible, so no confirmation.
+function drainButton(agent, loop) {
+  const name = agent.uidShort || agent.uid;
+  const draining = !!agent.draining;
+  const button = h(
+    "button",
+    { type: "button", class: "btn btn-small", title: draining ? "Hand it new tasks again" : "Give it no new tasks; its running ones finish" },
+    draining ? "Resume" : "Drain",
+  );
+  button.addEventListener("click", async () => {
+    const done = await act(
+      button,
+      () => (draining ? api.resumeAgent(agent.uid) : api.drainAgent(agent.uid)),
+      draining ? `Agent ${name} gets tasks again.` : `Agent ${name} is draining: no new tasks.`,
+    );
+    if (done) loop.now();
+  });
+  return button;
 }
 
 function deleteButton(agent, loop) {

@@ -85,7 +85,32 @@ export async function request(method, path, { body, token, signal } = {}) {
   }
 }
 
+// The management event stream (Server-Sent Events read through fetch, because
+// EventSource cannot send the token header). Resolves once the server has answered with
+// the stream's headers, to a reader of its text chunks; errors as request() does.
+export async function openEventStream(path, { lastEventId, signal } = {}) {
+  const headers = { Accept: "text/event-stream" };
+  const auth = getToken();
+  if (auth) headers["X-Mgmt-Token"] = auth;
+  if (lastEventId) headers["Last-Event-ID"] = lastEventId;
+  let response;
+  try {
+    response = await fetch(path, { method: "GET", headers, signal, cache: "no-store" });
+  } catch (err) {
+    if (err && err.name === "AbortError") throw err;
+    throw new ApiError(0, "network_error", "Cannot reach the server's event stream.");
+  }
+  if (!response.ok) {
+    const error = await errorFrom(response);
+    if (response.status === 401) window.dispatchEvent(new CustomEvent(UNAUTHORIZED_EVENT, { detail: error }));
+    throw error;
+  }
+  if (!response.body) throw new ApiError(0, "no_stream", "This browser cannot read a streamed answer.");
+  return response.body.pipeThrough(new TextDecoderStream()).getReader();
+}
+
 const seg = encodeURIComponent;
+const taskPath = (id) => `${seg(id.cap)}/${seg(id.id)}`;
 
 // Every route the console uses, named after what it does.
 export const api = {
@@ -99,11 +124,20 @@ export const api = {
   deleteAgent: (uid) => request("POST", `/management/agents/delete/${seg(uid)}`),
   resetAgents: () => request("POST", "/management/agents/reset"),
 
-  tasks: () => request("GET", "/management/tasks/list"),
+  drainAgent: (uid) => request("POST", `/management/agents/drain/${seg(uid)}`),
+  resumeAgent: (uid) => request("POST", `/management/agents/resume/${seg(uid)}`),
+
+  // status: only tasks in that status ("failed" lists the dead letters).
+  tasks: (status) => request("GET", `/management/tasks/list${status ? `?status=${seg(status)}` : ""}`),
   resetTasks: () => request("POST", "/management/tasks/reset"),
+  cancelTask: (id) => request("POST", `/management/tasks/cancel/${taskPath(id)}`),
+  requeueTask: (id) => request("POST", `/management/tasks/requeue/${taskPath(id)}`),
+  events: (options) => openEventStream("/management/events", options),
 
   keys: () => request("GET", "/management/client_api_keys/list"),
-  saveKey: (key, capabilities) => request("POST", "/management/client_api_keys/update", { body: { key, capabilities } }),
+  // maxInFlight: a positive integer, or null for no limit (the server clears it when absent).
+  saveKey: (key, capabilities, maxInFlight = null) =>
+    request("POST", "/management/client_api_keys/update", { body: { key, capabilities, maxInFlight } }),
   revokeKey: (key) => request("POST", `/management/client_api_keys/revoke/${seg(key)}`),
 
   // The sandbox acts as a client; the server accepts the management token there too.
@@ -111,5 +145,6 @@ export const api = {
   submit: (task) => request("POST", "/api/task/submit", { body: task }),
   submitBlocking: (task, signal) => request("POST", "/api/task/submit_blocking", { body: task, signal }),
   pollTask: (id, waitS = 0, signal) =>
-    request("GET", `/api/task/poll/${seg(id.cap)}/${seg(id.id)}${waitS ? `?wait=${waitS}` : ""}`, { signal }),
+    request("GET", `/api/task/poll/${taskPath(id)}${waitS ? `?wait=${waitS}` : ""}`, { signal }),
+  cancelClientTask: (id) => request("POST", `/api/task/cancel/${taskPath(id)}`),
 };

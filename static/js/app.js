@@ -3,6 +3,7 @@
 
 import { api, getToken, setToken, clearToken, UNAUTHORIZED_EVENT } from "./api.js";
 import { poll } from "./poll.js";
+import * as live from "./events.js";
 import * as overview from "./overview.js";
 import * as agents from "./agents.js";
 import * as tasks from "./tasks.js";
@@ -43,14 +44,30 @@ function showApp() {
   $("topbar").hidden = false;
   view.hidden = false;
   startHealth();
+  live.start();
   route();
 }
+
+// The header says whether pages hear changes as they happen or poll for them.
+const LIVE_TEXT = {
+  live: ["live", "Live: changes arrive over the server's event stream as they happen."],
+  connecting: ["connecting…", "Opening the server's event stream."],
+  down: ["polling", "The event stream is unavailable: pages refresh every few seconds and the stream is retried."],
+  off: ["", ""],
+};
+live.onState((state) => {
+  const [text, title] = LIVE_TEXT[state] || LIVE_TEXT.off;
+  $("live").dataset.state = state;
+  $("live-text").textContent = text;
+  $("live").title = title;
+});
 
 function showSignIn(message) {
   if (unmountPage) unmountPage();
   unmountPage = null;
   if (healthLoop) healthLoop.stop();
   healthLoop = null;
+  live.stop();
   view.replaceChildren();
   view.hidden = true;
   $("topbar").hidden = true;

@@ -27,6 +27,18 @@ export function flattenTasks(listing) {
   return rows;
 }
 
+// One task as the listing would show it, from an AssignedTask (an `end` event, an action's
+// answer) and the queue it is in.
+export function rowOf(task) {
+  const data = task.data || {};
+  return {
+    ...task,
+    queue: data.urgent ? "urgent" : "regular",
+    status: task.status || "pending",
+    capability: data.capability || (task.id && task.id.cap) || "",
+  };
+}
+
 export function idOf(task) {
   return (task && task.id && task.id.id) || "";
 }
@@ -47,4 +59,44 @@ export function inFlightByAgent(tasks) {
     if (t.agentId && !ENDED.has(t.status)) counts.set(t.agentId, (counts.get(t.agentId) || 0) + 1);
   }
   return counts;
+}
+
+// Lifecycle extensions. An assigned task carries `attempt` and `cancelRequested`; what
+// was asked at submission (priority, delays, retries) is in its data.
+export const DEFAULT_PRIORITY = 5;
+export const DEFAULT_MAX_RETRIES = 3;
+
+export function priorityOf(task) {
+  if (task.queue === "urgent" || (task.data && task.data.urgent)) return null;
+  const p = task.data && task.data.priority;
+  return typeof p === "number" ? p : DEFAULT_PRIORITY;
+}
+
+// "2 of 4" for a restartable task, "1" otherwise; null before the first attempt.
+export function attemptText(task) {
+  const n = task.attempt;
+  if (typeof n !== "number" || n < 1) return null;
+  const data = task.data || {};
+  if (!data.restartable) return String(n);
+  const max = (typeof data.maxRetries === "number" ? data.maxRetries : DEFAULT_MAX_RETRIES) + 1;
+  return `${n} of ${max}`;
+}
+
+// When a waiting task may be handed out, if that is still ahead: runAt, or createdAt +
+// delaySecs. The listing does not carry a retry's backoff, so that cannot be shown.
+export function waitingUntil(task, now = Date.now()) {
+  if (task.status !== "pending") return null;
+  const data = task.data || {};
+  let at = null;
+  if (typeof data.runAt === "string") at = Date.parse(data.runAt);
+  else if (typeof data.delaySecs === "number" && task.createdAt) at = Date.parse(task.createdAt) + data.delaySecs * 1000;
+  return at && !Number.isNaN(at) && at > now ? new Date(at).toISOString() : null;
+}
+
+export function canCancel(task) {
+  return !ENDED.has(task.status);
+}
+
+export function canRequeue(task) {
+  return (task.status === "failed" || task.status === "canceled") && task.queue !== "urgent";
 }

@@ -2,6 +2,7 @@
 
 import { api } from "./api.js";
 import { poll } from "./poll.js";
+import { follow, pace } from "./events.js";
 import { h, mountTemplate, fillTable, fillFacts, showError, badge, absTime, numCell } from "./dom.js";
 import { STATUSES, IN_FLIGHT, WAITING } from "./model.js";
 
@@ -18,9 +19,14 @@ export function mount(root) {
       render(refs, health || {}, stats || {}, capabilities || []);
       showError(refs.error, null);
     },
-    { everyMs: 2000, onError: (err) => showError(refs.error, err) },
+    { everyMs: pace(10000, 2000), onError: (err) => showError(refs.error, err) },
   );
-  return () => loop.stop();
+  // Any change moves a count: refresh on events, at most once a second.
+  const unfollow = follow(loop, (e) => e.type !== "log", 1000);
+  return () => {
+    unfollow();
+    loop.stop();
+  };
 }
 
 function render(refs, health, stats, capabilities) {

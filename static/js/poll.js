@@ -6,9 +6,13 @@
 //   const loop = poll(async () => render(await api.stats()), { everyMs: 2000, onError });
 //   loop.now();   // refresh right away, e.g. after a user action
 //   loop.stop();  // when the page goes away
+//
+// everyMs may be a function, asked before each wait: pages poll slowly while the event
+// stream is live (it tells them when to refresh) and at their normal pace when it is not.
 
 export function poll(tick, { everyMs = 2000, maxMs = 30000, onError = () => {}, onOk = () => {} } = {}) {
-  let delay = everyMs;
+  const pace = () => (typeof everyMs === "function" ? everyMs() : everyMs);
+  let delay = pace();
   let timer = null;
   let running = false; // a tick is in progress
   let again = false; // now() was called during a tick
@@ -32,7 +36,7 @@ export function poll(tick, { everyMs = 2000, maxMs = 30000, onError = () => {}, 
     try {
       await tick();
       if (stopped) return;
-      delay = everyMs;
+      delay = pace();
       onOk();
     } catch (err) {
       if (stopped) return;

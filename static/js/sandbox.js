@@ -4,7 +4,8 @@
 
 import { api } from "./api.js";
 import { poll } from "./poll.js";
-import { h, mountTemplate, fillFacts, showError, errorText, mono, pretty, setLog } from "./dom.js";
+import { follow, pace, subscribe, taskOf, isLive } from "./events.js";
+import { h, mountTemplate, fillFacts, showError, errorText, mono, pretty, setLog, toast, act } from "./dom.js";
 import { ENDED, taskHref } from "./model.js";
 
 const TABS = ["submit", "bash", "chat"];
@@ -42,19 +43,53 @@ export function mount(root, params) {
   };
 }
 
-// Follows one task until it ends: long-polls ?wait=2 so the log refreshes at least every
-// two seconds and the end shows at once. onUpdate gets each TaskStatus.
+// Follows one task until it ends. With the event stream live, its log, status and end
+// arrive as events and a plain poll every few seconds settles the rest; without it,
+// long-polls ?wait=2 so the log refreshes at least every two seconds and the end shows at
+// once. onUpdate gets each TaskStatus ({status, stage, log, output}).
 function watchTask(id, onUpdate, onError) {
   const abort = new AbortController();
+  let state = null;
+  let deltas = 0; // log events applied so far
+  let stopped = false;
   const loop = poll(
     async () => {
-      const status = await api.pollTask(id, 2, abort.signal);
-      onUpdate(status);
-      if (status && ENDED.has(status.status)) stop();
+      const before = deltas;
+      const status = await api.pollTask(id, isLive() ? 0 : 2, abort.signal);
+      if (stopped || !status) return;
+      // Log deltas that came while this answer was on its way are newer than it.
+      if (state && deltas > before && !ENDED.has(status.status) && (state.log || "").startsWith(status.log || "")) {
+        status.log = state.log;
+      }
+      update(status);
     },
-    { everyMs: 250, maxMs: 10000, onError },
+    { everyMs: pace(5000, 250), maxMs: 10000, onError },
   );
+  const unfollow = follow(loop, () => false); // the pace changes with the stream
+  const unsubscribe = subscribe((e) => {
+    const t = taskOf(e);
+    if (stopped || !state || !t || t.cap !== id.cap || t.id !== id.id) return;
+    const d = e.data;
+    if (e.type === "log") {
+      deltas += 1;
+      update({ ...state, log: (state.log || "") + (d.log || ""), stage: d.stage ?? state.stage });
+    } else if (e.type === "status") {
+      if (ENDED.has(d.status)) return; // the `end` event that follows carries the output
+      update({ ...state, status: d.status, stage: d.stage ?? state.stage, cancelRequested: !!d.cancelRequested });
+    } else if (e.type === "end") {
+      update({ id: d.id, status: d.status, stage: d.stage, log: d.log || "", output: d.result });
+    }
+  });
+  function update(status) {
+    state = status;
+    onUpdate(status);
+    if (ENDED.has(status.status)) stop();
+  }
   function stop() {
+    if (stopped) return;
+    stopped = true;
+    unsubscribe();
+    unfollow();
     loop.stop();
     abort.abort();
   }
@@ -105,11 +140,41 @@ function setupSubmit(refs) {
     validate();
   });
 
+  // Priority and delays are for the regular queue; the server refuses them on urgent tasks.
   const syncBlocking = () => {
     if (refs.blocking.checked) refs.urgent.checked = true;
     refs.urgent.disabled = refs.blocking.checked;
+    refs.priority.disabled = refs.delay.disabled = refs.urgent.checked;
   };
   refs.blocking.addEventListener("change", syncBlocking);
+  refs.urgent.addEventListener("change", syncBlocking);
+
+  let running = null; // the id of the task the result card follows, until it ends
+  const syncCancel = (s) => {
+    const open = !!running && !!s && !ENDED.has(s.status);
+    refs["run-cancel"].hidden = !open;
+    refs["run-cancel"].disabled = !!(s && s.cancelRequested);
+    refs["run-cancel-note"].hidden = !(open && s.cancelRequested);
+  };
+  const followRun = (id) => {
+    running = id;
+    watch = watchTask(
+      id,
+      (s) => {
+        renderRun(refs, s);
+        syncCancel(s);
+      },
+      (e) => showError(refs["run-error"], e),
+    );
+  };
+  refs["run-cancel"].addEventListener("click", async () => {
+    if (!running) return;
+    const answer = await act(refs["run-cancel"], () => api.cancelClientTask(running), "Cancel sent.");
+    if (answer) {
+      renderRun(refs, { ...answer, cancelRequested: !ENDED.has(answer.status) });
+      syncCancel({ ...answer, cancelRequested: !ENDED.has(answer.status) });
+    }
+  });
 
   refs["submit-form"].addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -117,8 +182,10 @@ function setupSubmit(refs) {
     const capability = refs.capability.value.trim();
     if (!capability) return;
     const text = refs.payload.value.trim();
-    const task = { capability, payload: text ? JSON.parse(text) : null, urgent: refs.urgent.checked };
+    const task = { capability, payload: text ? JSON.parse(text) : null, urgent: refs.urgent.checked, ...lifecycle(refs) };
     if (watch) watch.stop();
+    running = null;
+    syncCancel(null);
     if (abort) abort.abort();
     watch = null;
     abort = null;
@@ -136,7 +203,7 @@ function setupSubmit(refs) {
           const id = err.status === 504 && err.body && (err.body.id || (err.body.error && err.body.error.id));
           if (!id) throw err;
           showRunId(refs, id);
-          watch = watchTask(id, (s) => renderRun(refs, s), (e) => showError(refs["run-error"], e));
+          followRun(id);
           return;
         }
         showRunId(refs, done.id);
@@ -145,7 +212,8 @@ function setupSubmit(refs) {
         const accepted = await api.submit(task);
         showRunId(refs, accepted.id);
         setStatus(refs, accepted.status || "pending");
-        watch = watchTask(accepted.id, (s) => renderRun(refs, s), (e) => showError(refs["run-error"], e));
+        syncCancel({ status: accepted.status || "pending" });
+        followRun(accepted.id);
       }
     } catch (err) {
       if (err.name === "AbortError") return;
@@ -172,6 +240,24 @@ function setupSubmit(refs) {
       if (abort) abort.abort();
     },
   };
+}
+
+// The optional lifecycle fields, as the submission's extension fields.
+function lifecycle(refs) {
+  const fields = {};
+  const number = (el) => (el.disabled || el.value.trim() === "" ? null : Number(el.value));
+  const priority = refs.priority.disabled || refs.priority.value === "" ? null : Number(refs.priority.value);
+  if (priority !== null) fields.priority = priority;
+  const delay = number(refs.delay);
+  if (delay !== null) fields.delaySecs = delay;
+  const timeout = number(refs.timeout);
+  if (timeout !== null) fields.timeoutSecs = timeout;
+  const retries = number(refs.retries);
+  if (retries !== null) {
+    fields.restartable = true;
+    fields.maxRetries = retries;
+  }
+  return fields;
 }
 
 function resetRun(refs, capability, urgent) {
@@ -233,17 +319,46 @@ function setupBash(refs) {
   };
   line("meta", `Commands run as urgent ${BASH_CAP} tasks. Type clear to clear the screen.`);
 
+  let running = null; // the id of the command's task while it runs
+  let stopping = false;
+  // While a command runs the line stays focusable (read-only) so that Ctrl-C reaches it.
+  const busy = (on) => {
+    input.readOnly = on;
+    refs.term.classList.toggle("is-busy", on);
+    refs["term-stop"].hidden = !on;
+    refs["term-stop"].disabled = false;
+  };
   const finish = () => {
     watch = null;
-    input.disabled = false;
-    refs.term.classList.remove("is-busy");
+    running = null;
+    stopping = false;
+    busy(false);
     input.focus();
   };
+  // Ctrl-C: cancel the running command's task (the agent kills its process).
+  const interrupt = async () => {
+    if (!running || stopping) return;
+    stopping = true;
+    refs["term-stop"].disabled = true;
+    line("meta", "^C · cancel requested");
+    try {
+      await api.cancelClientTask(running);
+    } catch (err) {
+      stopping = false;
+      refs["term-stop"].disabled = false;
+      line("error", errorText(err));
+    }
+  };
+  refs["term-stop"].addEventListener("click", (event) => {
+    event.stopPropagation();
+    interrupt();
+    input.focus();
+  });
 
   refs["term-form"].addEventListener("submit", async (event) => {
     event.preventDefault();
     const command = input.value;
-    if (!command.trim() || watch) return;
+    if (!command.trim() || watch || input.readOnly) return;
     if (history[history.length - 1] !== command) history.push(command);
     cursor = history.length;
     input.value = "";
@@ -252,8 +367,7 @@ function setupBash(refs) {
       return;
     }
     line("cmd", command);
-    input.disabled = true;
-    refs.term.classList.add("is-busy");
+    busy(true);
     let accepted;
     try {
       accepted = await api.submit({ capability: BASH_CAP, payload: { command }, urgent: true });
@@ -262,6 +376,7 @@ function setupBash(refs) {
       finish();
       return;
     }
+    running = accepted.id;
     const stream = line("stream", "");
     watch = watchTask(
       accepted.id,
@@ -288,6 +403,15 @@ function setupBash(refs) {
     } else if (event.key === "l" && event.ctrlKey) {
       out.replaceChildren();
       event.preventDefault();
+    } else if (event.key === "c" && event.ctrlKey && !event.shiftKey && input.selectionStart === input.selectionEnd) {
+      // Without a selection to copy, Ctrl-C interrupts, as in a terminal.
+      event.preventDefault();
+      if (running) interrupt();
+      else if (!input.readOnly) {
+        line("cmd", `${input.value}^C`);
+        input.value = "";
+        cursor = history.length;
+      }
     }
   });
   refs.term.addEventListener("click", () => {
