@@ -270,12 +270,6 @@ def console_factory(browser, server, request, tmp_path):
             except Exception as exc:  # a dead page must not hide the real failure
                 print(f"screenshots failed: {exc}")
         c.context.close()
-    # The server notices a closed event stream only when it next writes to it (a heartbeat
-    # every 15 s), and its shutdown waits 3 s for open streams: one event now lets the
-    # streams of the closed tabs end, so stopping the server is quick.
-    if consoles:
-        time.sleep(0.2)  # for the browser's sockets to close
-        http("POST", server.url + "/management/agents/reset", headers=server.mgmt)
     if failed or errors:
         print(f"screenshots in {tmp_path / 'screenshots'}")
     assert not errors, "JavaScript errors in the console:\n" + "\n".join(errors)
