@@ -39,7 +39,7 @@ class OursServer:
         with urllib.request.urlopen(req, timeout=5) as r:
             return json.loads(r.read())
 
-    def start_agent(self, caps: str = "debug.echo", capacity: int = 1) -> Proc:
+    def start_agent(self, caps: str = "debug.echo", capacity: int = 1, serve_args: tuple = ()) -> Proc:
         n = len(self.agents)
         config = self.tmp / f"agent{n}.json"
         register = Proc(f"agent{n}-register",
@@ -50,7 +50,7 @@ class OursServer:
             raise RuntimeError(f"agent register failed:\n{register.tail()}")
         register.stop()
         agent = Proc(f"agent{n}", [PY, str(ROOT / "offload_agent.py"), "serve", "--config",
-                                   str(config)], self.tmp, cwd=self.tmp)
+                                   str(config), *serve_args], self.tmp, cwd=self.tmp)
         self.agents.append(agent)
         wait_for(lambda: caps.split()[0] in self.online_caps(), 30, "the agent online", agent)
         return agent

@@ -47,7 +47,7 @@ from bench.common import PY, run_json  # noqa: E402
 from bench.l0 import run_l0  # noqa: E402
 from bench.ours import OursServer  # noqa: E402
 
-SECTIONS = ("ours", "huey-sqlite", "huey-redis", "celery", "l0", "idle", "claim", "replay")
+SECTIONS = ("ours", "ours-original", "huey-sqlite", "huey-redis", "celery", "l0", "idle", "claim", "replay")
 EXTRA_SECTIONS = ("trace",)  # only when asked for: W1 again on an instrumented server
 PEERS = (("huey-sqlite", "Huey-SQLite"), ("huey-redis", "Huey-Redis"), ("celery", "Celery+Redis"))
 
@@ -77,6 +77,24 @@ def run_ours(tmp: Path, args, results: dict) -> None:
     finally:
         for spy in spies:
             profile.stop(spy)
+        server.stop()
+
+
+def run_ours_original(tmp: Path, args, results: dict) -> None:
+    """W1 again with the agent limited to the original two-step protocol (poll, then take),
+    to show what the extensions buy. Skipped when the agent has no such switch."""
+    import subprocess
+    helptext = subprocess.run([PY, str(ROOT / "offload_agent.py"), "serve", "--help"],
+                              capture_output=True, text=True, timeout=60).stdout
+    if "--original-protocol" not in helptext:
+        log("ours-original: the agent has no --original-protocol; skipped")
+        return
+    server = OursServer(tmp, fsync="always", name="offloadmq-original")
+    try:
+        server.start_agent("debug.echo", capacity=1, serve_args=("--original-protocol",))
+        log(f"ours-original: W1 x{args.w1}, agent --original-protocol")
+        results["ours-original_w1"] = server.client("w1", "--n", str(args.w1))
+    finally:
         server.stop()
 
 
@@ -150,31 +168,47 @@ def run_replay(tmp: Path, args, results: dict) -> None:
 
 
 def run_trace(tmp: Path, args, results: dict) -> None:
-    """W1 on bench/trace_server.py: where the server's time goes, per route and per
-    journal write (the timers cost a little, so this is not the measured W1)."""
-    out = tmp / "trace.json"
-    server = OursServer(tmp, name="offloadmq-trace", trace_out=out)
-    try:
-        server.start_agent("debug.echo", capacity=1)
-        log(f"trace: W1 x{args.w1} on the instrumented server")
-        results["trace_w1"] = server.client("w1", "--n", str(args.w1))
-    finally:
-        server.stop()
-    results["trace"] = json.loads(out.read_text()) if out.exists() else None
+    """W2 (both modes) and W1 on bench/trace_server.py, a fresh server each: where the
+    server's time goes, per route and per journal write (the timers cost a little, so
+    these are not the measured figures)."""
+    n2 = str(min(args.w2, 300))
+    results["trace"] = {}
+    for label, client_args in (("W2 submit_blocking", ("w2", "--n", n2, "--mode", "blocking")),
+                               ("W2 submit+poll?wait", ("w2", "--n", n2, "--mode", "poll")),
+                               ("W1", ("w1", "--n", str(args.w1)))):
+        out = tmp / f"trace-{len(results['trace'])}.json"
+        server = OursServer(tmp, name=f"offloadmq-trace{len(results['trace'])}", trace_out=out)
+        try:
+            server.start_agent("debug.echo", capacity=1)
+            log(f"trace: {label} on the instrumented server")
+            client = server.client(*client_args)
+        finally:
+            server.stop()
+        results["trace"][label] = {"client": client,
+                                   "server": json.loads(out.read_text()) if out.exists() else None}
 
 
-def render_trace(trace: dict, w1: dict | None) -> str:
-    lines = [f"W1 on the instrumented server: {fmt(get({'x': w1}, 'x', 'tasks_per_s'))} tasks/s; "
-             "server time per route (handler entry to response):"]
-    rows = [["route", "n", "p50 ms", "p90 ms", "p99 ms", "total s"]]
-    for name, r in sorted(trace["routes"].items(), key=lambda kv: -kv[1]["total_s"]):
-        rows.append([name, str(r["n"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
-                     f"{r['p99_ms']:.2f}", f"{r['total_s']:.2f}"])
-    j = trace["journal_writes"]
-    rows.append(["journal write+fdatasync (thread)", str(j["n"]), f"{j['p50_ms']:.2f}",
-                 f"{j['p90_ms']:.2f}", f"{j['p99_ms']:.2f}", f"{j['total_s']:.2f}"])
+def render_trace(traces: dict) -> str:
+    lines = ["Where the time goes (instrumented server, bench/trace_server.py): server time per "
+             "route, handler entry to response"]
+    rows = [["workload / route", "n", "p50 ms", "p90 ms", "p99 ms", "total s"]]
+    for label, t in traces.items():
+        c, srv = t["client"], t["server"]
+        head = (f"{c['tasks_per_s']:,.0f} tasks/s" if "tasks_per_s" in c
+                else f"round trip p50 {c['p50']:.2f} ms, p90 {c['p90']:.2f} ms")
+        rows.append([f"{label}: {head}", "", "", "", "", ""])
+        if not srv:
+            continue
+        for name, r in sorted(srv["routes"].items(), key=lambda kv: -kv[1]["total_s"]):
+            if r["n"] < 10:
+                continue  # setup calls and the held cancel long-poll
+            rows.append([f"  {name}", str(r["n"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
+                         f"{r['p99_ms']:.2f}", f"{r['total_s']:.2f}"])
+        j = srv["journal_writes"]
+        rows.append([f"  journal write+fdatasync ({j['records_per_write']:.2f} records/write)",
+                     str(j["n"]), f"{j['p50_ms']:.2f}", f"{j['p90_ms']:.2f}", f"{j['p99_ms']:.2f}",
+                     f"{j['total_s']:.2f}"])
     lines.append(render(rows))
-    lines.append(f"records per journal write (group commit): {j['records_per_write']:.2f}")
     return "\n".join(lines)
 
 
@@ -231,6 +265,10 @@ def build_table(results: dict, args) -> list[list[str]]:
     n1 = args.w1
     compare(f"W1 throughput, tasks/s ({n1:,}, durable)", get(results, "ours_w1", "tasks_per_s"),
             peer_vals("w1", "tasks_per_s"), True, ",.0f", 1.2)
+    orig = get(results, "ours-original_w1", "tasks_per_s")
+    if orig is not None:
+        compare("W1 tasks/s, agent --original-protocol", orig, peer_vals("w1", "tasks_per_s"),
+                True, ",.0f", 1.2)
     compare("W1 wall time, s", get(results, "ours_w1", "wall_s"), peer_vals("w1", "wall_s"),
             False, ".2f", 1 / 1.2)
     rows[-1][-2:] = ["(same)", ""]
@@ -333,7 +371,7 @@ def main(argv=None) -> int:
     errors: dict = {}
     started = time.monotonic()
     load_before = os.getloadavg()
-    runners = {"ours": run_ours, "trace": run_trace, "l0": run_l0_section, "idle": run_idle, "claim": run_claim,
+    runners = {"ours": run_ours, "ours-original": run_ours_original, "trace": run_trace, "l0": run_l0_section, "idle": run_idle, "claim": run_claim,
                "replay": run_replay}
     try:
         for section in args.sections:
@@ -364,7 +402,7 @@ def main(argv=None) -> int:
     for section, err in errors.items():
         print(f"\n{section}: FAILED: {err}")
     if results.get("trace"):
-        print("\n" + render_trace(results["trace"], results.get("trace_w1")))
+        print("\n" + render_trace(results["trace"]))
     if args.profile:
         for name in ("w1-server.txt", "w1-agent.txt", "idle-server.txt", "claim-server.txt"):
             path = args.profile / name
