@@ -1185,8 +1185,10 @@ class Broker:
             if status is not None and task.status != status:
                 continue
             queue = listing["urgent" if task.urgent else "regular"]
-            if task.status == PENDING:
-                queue["unassigned"].append(task.unassigned_json())
+            if task.status == PENDING:  # the original shape, plus what a waiting task shows
+                queue["unassigned"].append({
+                    **task.unassigned_json(), "status": task.status, "attempt": task.attempts,
+                    "notBefore": iso(task.not_before), "history": task.assigned_json()["history"]})
             else:
                 queue["assigned"].append(task.assigned_json())
         return listing
