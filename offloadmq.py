@@ -1739,7 +1739,8 @@ class Journal:
 DEFAULT_AGENT_WAIT_S = 20.0
 MAX_WAIT_S = 60.0
 TOKEN_CACHE_SIZE = 10_000
-EVENT_RING_SIZE = 10_000  # live events kept for Last-Event-ID resumption
+EVENT_RING_SIZE = 10_000  # live events kept for Last-Event-ID resumption...
+EVENT_RING_BYTES = 64 << 20  # ...unless they hold more than this (big logs)
 OUTCOME_OPS = {"task.submitted": "submitted", "task.completed": "completed",
                "task.failed": "failed", "task.canceled": "canceled"}
 
@@ -1773,7 +1774,8 @@ class Hub:
         self.stopping = False  # set at shutdown: every wait ends so handlers can finish
         self.ticker: asyncio.Task | None = None
         self.started_at = clock()
-        self.events: deque[Event] = deque(maxlen=EVENT_RING_SIZE)
+        self.events: deque[Event] = deque()
+        self.event_bytes = 0
         # Event ids grow across restarts too, so a Last-Event-ID from an earlier run is
         # recognised as too old rather than mistaken for a recent one.
         self.event_seq = int(self.started_at * 1000) << 12
@@ -1878,8 +1880,12 @@ class Hub:
     def _event(self, owner: str | None, key: TaskKey | None, kind: str, data: dict,
                management_only: bool = False) -> None:
         self.event_seq += 1
-        self.events.append(Event(self.event_seq, MGMT_OWNER if management_only else owner,
-                                 key, kind, orjson.dumps(data)))
+        event = Event(self.event_seq, MGMT_OWNER if management_only else owner, key, kind,
+                      orjson.dumps(data))
+        self.events.append(event)
+        self.event_bytes += len(event.data)
+        while len(self.events) > EVENT_RING_SIZE or self.event_bytes > EVENT_RING_BYTES:
+            self.event_bytes -= len(self.events.popleft().data)
 
     @staticmethod
     def _visible(event: Event, owner: str, keys: set | None) -> bool:

@@ -195,3 +195,16 @@ async def test_metrics_can_be_public(aiohttp_client, tmp_path):
     client = await aiohttp_client(create_app(config_for(tmp_path, metrics_public=True)))
     resp = await client.get("/metrics")
     assert resp.status == 200 and "offloadmq_agents_online 0" in await resp.text()
+
+
+async def test_event_ring_forgets_oldest_events_past_its_byte_budget(client, monkeypatch):
+    import offloadmq
+    monkeypatch.setattr(offloadmq, "EVENT_RING_BYTES", 2000)
+    for n in range(30):
+        await client.post("/api/task/submit", json={"capability": "job", "payload": "x" * 100},
+                          headers=CLIENT)
+    hub = client.app[offloadmq.HUB]
+    assert hub.event_bytes <= 2000 and sum(len(e.data) for e in hub.events) == hub.event_bytes
+    assert len(hub.events) < 30
+    # A Last-Event-ID older than what is kept cannot resume: the stream starts over.
+    assert hub.events_after(hub.events[0].id - 2, "x", None) is None
