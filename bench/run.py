@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """OffloadMQ benchmark: issue 6's workloads for us and for the peers, in one run, one table.
 
-    .venv/bin/python bench/run.py                 # the full run (about 8 minutes)
-    .venv/bin/python bench/run.py --quick         # a smoke run (about 2 minutes)
-    .venv/bin/python bench/run.py --only ours,l0 --profile /tmp/prof
+    .venv/bin/python bench/run.py                 # the full run (5-8 minutes)
+    .venv/bin/python bench/run.py --quick         # a smoke run (about 1 minute)
+    .venv/bin/python bench/run.py --only ours,l0 --profile /tmp/prof --trace
+
+--profile DIR  py-spy (raw collapsed stacks) of our server and agent during W1, and of the
+               server during the idle and claim sections; a summary is printed.
+--trace        W2 and W1 again on bench/trace_server.py: server time per route, journal
+               fdatasync latency and records per write.
 
 Workloads (definitions from the issue, kept exactly):
   W1     one client process submits 5,000 echo tasks {"n": i} one request each, then
@@ -12,6 +17,7 @@ Workloads (definitions from the issue, kept exactly):
          tasks, fsync always.
   W2     agent idle and waiting; 1,000 sequential submit-and-wait round trips; p50/p90/p99.
          Ours twice: submit_blocking (urgent) and regular submit + poll?wait=.
+         W1 also runs with the agent's --original-protocol (poll, then take).
   L0     bare aiohttp + orjson POST echo app under wrk (keep-alive): the HTTP ceiling.
   Scale  1,000 idle long-polling agents (server CPU and RSS), claim latency with 100,000
          queued tasks over 1,000 capabilities vs an empty queue, replay of a 1,000,000-
@@ -343,7 +349,7 @@ def parse_args(argv=None):
                    help="redis appendfsync for the peers (default always, like our journal)")
     p.add_argument("--profile", type=Path, help="py-spy our W1 (server and agent) into this folder")
     p.add_argument("--trace", action="store_true",
-                   help="also run W1 on an instrumented server and print time per route")
+                   help="also run W2 and W1 on an instrumented server: time per route")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
     args = p.parse_args(argv)
