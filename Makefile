@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run dev-mq test test-unit browser clean
+.PHONY: run dev-mq test test-unit browser clean bench bench-tools
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,22 @@ test-unit: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) setup.cfg
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# The peers need Debian's redis-server and the L0 ceiling needs Debian's wrk.
+bench-tools:
+	@command -v redis-server >/dev/null 2>&1 && command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server wrk >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server wrk >/dev/null; fi; }
+
+# `make bench BENCH_ARGS=--quick` for a smoke run; bench/run.py --help lists the options.
+bench: $(BENCH_STAMP) bench-tools
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # ---- a local server + agent pair for trying things by hand (state in test-run/, git-ignored)
 TEST_RUN := test-run
