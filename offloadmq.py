@@ -643,7 +643,8 @@ class ReadyQueue:
 
     def head(self, live: Callable[[tuple[str, str]], Task | None]) -> Task | None:
         """The next task to hand out; entries `live` rejects are dropped on the way."""
-        for priority in sorted(self.levels, reverse=True):  # at most 10 levels
+        while self.levels:  # at most 10 priority levels
+            priority = max(self.levels)
             turns = self.levels[priority]
             while turns:
                 owner, heap = next(iter(turns.items()))
@@ -687,6 +688,7 @@ class Broker:
         self.idempotent: dict[tuple[str, str], TaskKey] = {}  # (owner, Idempotency-Key) -> task
         self.records: list[dict] = []                        # durable records not yet journaled
         self.changes: list[tuple[dict, str | None]] = []     # all records not yet published
+        self.version = 0  # counts changes a waiting poll may care about (see Hub.change)
         self.ids = UlidFactory()
         self.rng = rng or random.Random()
         for key in predefined_keys:
@@ -698,6 +700,7 @@ class Broker:
         record = {"op": op, "at": iso(now), **fields}
         task = self.tasks.get((fields.get("cap"), fields.get("id")))
         before = task.status if task is not None else None
+        self.version += 1
         self.apply(record)
         self.changes.append((record, before))
         if durable:
@@ -759,6 +762,7 @@ class Broker:
                 queue = self.queues[slot] = ReadyQueue()
             queue.push(task)
             task.in_heap = True
+            self.version += 1
 
     def _live(self, entry: tuple[str, str]) -> Task | None:
         task = self.tasks.get((entry[1], entry[0]))
@@ -807,6 +811,7 @@ class Broker:
         return agent
 
     def _go_offline(self, agent: Agent) -> None:
+        self.version += 1  # lower tiers may now get what it would have
         self.online.pop(agent.uid, None)
         for base in agent.bases:
             uids = self.serving.get(base)
@@ -968,10 +973,9 @@ class Broker:
     def _best_head(self, agent: Agent, urgent: bool, now: float) -> Task | None:
         best = None
         for base in agent.bases:
-            if not urgent and not self._tier_allows(agent, base, now):
-                continue
             task = self._head(urgent, base)
-            if task is None or (task.last_agent == agent.uid and self._another_could_retry(task, now)):
+            if task is None or (not urgent and not self._tier_allows(agent, base, now)) or (
+                    task.last_agent == agent.uid and self._another_could_retry(task, now)):
                 continue
             if best is None or (-task.priority, task.id) < (-best.priority, best.id):
                 best = task
@@ -1055,6 +1059,16 @@ class Broker:
             self._retry_or_fail(task, now, f"not executed by agent {uid}: {message}", output,
                                 declined=True)
         return task
+
+    def resolve_and_take_next(self, uid: str, cap: str, task_id: str, outcome: str,
+                              message: str | None, output: Any, now: float) -> tuple[Task, Task | None]:
+        """Resolve, then take the agent's next task if one is ready now: both changes
+        reach the journal in one write (one fsync per task for a busy agent)."""
+        task = self.resolve(uid, cap, task_id, outcome, message, output, now)
+        nxt = self.offer(uid, now)
+        if nxt is not None:
+            self.take(uid, nxt.cap, nxt.id, now)
+        return task, nxt
 
     def cancel(self, cap: str, task_id: str, owner: str, now: float) -> Task:
         """A queued task is canceled at once; a running one is asked to stop (its agent
@@ -1578,10 +1592,10 @@ class Journal:
 
     # ---------------------------------------------------------------- appending
 
-    async def append(self, records: list[dict]) -> None:
-        """Queue records for the writer; with fsync `always`, return once they are on disk.
-        One writer gathers whatever arrives while the previous write is in flight
-        (group commit): one write and one fdatasync for the whole batch."""
+    async def append(self, records: list[dict], on_disk: bool = True) -> None:
+        """Queue records for the writer; with fsync `always` (and `on_disk`), return once
+        they are on disk. One writer gathers whatever arrives while the previous write is
+        in flight (group commit): one write and one fdatasync for the whole batch."""
         for record in records:
             self.seq += 1
             line = encode_record({"seq": self.seq, **record})
@@ -1589,7 +1603,7 @@ class Journal:
             self.end_offset += len(line)
         self.records_since_snapshot += len(records)
         waiter = None
-        if self.fsync == "always":
+        if self.fsync == "always" and on_disk:
             waiter = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
         self._kick()
@@ -1834,16 +1848,20 @@ class Hub:
 
     # ---------------------------------------------------------------- changing state
 
-    async def change(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
-        """Run a broker method with the time now; journal what it produced; wake waiters."""
+    async def change(self, method: Callable, *args: Any, on_disk: bool = True, **kwargs: Any) -> Any:
+        """Run a broker method with the time now; journal what it produced; wake waiters.
+        With `on_disk` False the answer does not wait for the fsync (progress logs: a
+        crash may lose the last moment of log text, never a result)."""
+        version = self.broker.version
         try:
             return method(*args, now=self.clock(), **kwargs)
         finally:
             records = self.broker.take_records()
             self._publish()
             if records:
-                await self.journal.append(records)
-            await self.notify()
+                await self.journal.append(records, on_disk)
+            if self.broker.version != version:
+                await self.notify()
 
     # ---------------------------------------------------------------- events
 
@@ -2011,6 +2029,17 @@ class Hub:
 
         if not ended() and wait_s > 0:
             await self._wait_until(ended, wait_s)
+
+    async def resolve_and_next(self, uid: str, cap: str, task_id: str, outcome: str,
+                               message: str | None, output: Any, wait_s: float,
+                               gone: Callable[[], bool]) -> Task | None:
+        """Resolve, and hand the agent its next task: at once if one is ready, else by a
+        long poll of up to `wait_s`."""
+        _, nxt = await self.change(self.broker.resolve_and_take_next, uid, cap, task_id,
+                                   outcome, message, output)
+        if nxt is None and wait_s > 0:
+            nxt = await self.next_task(uid, wait_s, False, gone, take=True)
+        return nxt
 
     async def cancel_requests(self, uid: str, wait_s: float, gone: Callable[[], bool]) -> list[dict]:
         """Long poll: the held tasks this agent should stop."""
@@ -2433,7 +2462,8 @@ async def handle_agent_progress(request: web.Request, agent: Agent) -> web.Respo
     cap, task_id = path_task(request)
     body = check_body_id(await read_json(request), cap, task_id)
     stage, log_update = optional_text(body, "stage"), optional_text(body, "logUpdate")
-    task = await hub.change(hub.broker.progress, agent.uid, cap, task_id, stage, log_update)
+    task = await hub.change(hub.broker.progress, agent.uid, cap, task_id, stage, log_update,
+                            on_disk=False)
     if task.cancel_requested_at is not None:  # extension: tell the agent to stop
         return json_response({"message": "task update confirmed", "cancel": True})
     return json_response({"message": "task update confirmed"})
@@ -2455,12 +2485,12 @@ async def handle_agent_resolve(request: web.Request, agent: Agent) -> web.Respon
     body = check_body_id(await read_json(request), cap, task_id)
     outcome, message = parse_outcome(body.get("status"))
     next_wait_s = wait_param(request, None, "next")
-    task = await hub.change(hub.broker.resolve, agent.uid, cap, task_id, outcome, message,
-                            body.get("output"))
-    log.debug("task %s resolved by %s: %s", task_id, agent.uid, task.status)
     if next_wait_s is None:
+        await hub.change(hub.broker.resolve, agent.uid, cap, task_id, outcome, message,
+                         body.get("output"))
         return json_response({"message": "task report confirmed"})
-    nxt = await hub.next_task(agent.uid, next_wait_s, False, connection_gone(request), take=True)
+    nxt = await hub.resolve_and_next(agent.uid, cap, task_id, outcome, message, body.get("output"),
+                                     next_wait_s, connection_gone(request))
     return json_response({"message": "task report confirmed",
                           "next": None if nxt is None else nxt.assigned_json()})
 
