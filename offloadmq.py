@@ -1457,17 +1457,14 @@ def encode_record(record: dict) -> bytes:
 
 def decode_record(line: bytes) -> dict | None:
     """The record, or None when the line is not one we wrote (bad JSON or checksum)."""
-    mark = line.rfind(_CRC_MARK)
-    if mark < 0 or not line.endswith(b"}"):
-        return None
     try:
         record = orjson.loads(line)  # the line with its crc is itself valid JSON
-    except ValueError:
-        return None
-    if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
+        crc = record.pop("crc")
+    except (ValueError, KeyError, AttributeError, TypeError):  # not JSON, an object, or ours
         return None
     # CRC32 of the record without its crc field: the bytes before the mark, then "}".
-    if record.pop("crc", None) != zlib.crc32(b"}", zlib.crc32(memoryview(line)[:mark])):
+    if crc != zlib.crc32(b"}", zlib.crc32(line[:line.rfind(_CRC_MARK)])) \
+            or type(record.get("seq")) is not int:
         return None
     return record
 
@@ -1534,15 +1531,14 @@ class Journal:
             self.seq = self.snapshot_seq = snap["seq"]
             self.last_compaction_at = parse_iso(snap["at"])
         # The cyclic GC would rescan the growing state again and again while replay
-        # only adds to it; collect once afterwards and freeze the survivors so later
-        # collections skip them too.
+        # only adds to it (and makes next to no cyclic garbage): keep it off, then
+        # freeze the survivors so later collections skip them too.
         gc.disable()
         try:
             replayed = self._replay(broker, repair)
         finally:
+            gc.freeze()
             gc.enable()
-        gc.collect()
-        gc.freeze()
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.size = self.end_offset = os.fstat(self.fd).st_size
         fsync_folder(self.folder)
