@@ -1987,8 +1987,8 @@ class Hub:
         between its check and what it does, so a check that claims cannot race."""
         async with self.changed:
             try:
-                await asyncio.wait_for(self.changed.wait_for(lambda: self.stopping or ready()),
-                                       timeout_s)
+                async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for
+                    await self.changed.wait_for(lambda: self.stopping or ready())
             except TimeoutError:
                 pass
 
