@@ -67,6 +67,7 @@ REQUEST_TIMEOUT_S = 30.0          # any other call to the server
 BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
 PROGRESS_INTERVAL_S = 0.5         # log updates are batched at most this often
+RUNNING_AFTER_S = 0.5             # a task running this long is reported running, watched for cancels
 HEARTBEAT_S = 30.0                # ping when nothing else reached the server for this long
 GRACE_S = 30.0                    # SIGTERM: how long running tasks may still finish
 FINAL_REPORT_S = 10.0             # after the grace: time left to deliver the last reports
@@ -125,6 +126,9 @@ class Settings:
     poll_wait_s: int = POLL_WAIT_S
     artifact_max_bytes: int = ARTIFACT_MAX_BYTES
     progress_interval_s: float = PROGRESS_INTERVAL_S
+    # A task done sooner sends no "running" stage (a round trip and a journal record that
+    # tell nobody anything) and is not watched for cancel requests.
+    running_after_s: float = RUNNING_AFTER_S
     # file:// clones let a task read any local repository the agent can, so they are opt-in.
     allow_local_git: bool = False
     # Our server's extensions (take on poll, next task on resolve, cancel requests); each
@@ -372,17 +376,23 @@ SendProgress = Callable[[str | None, str | None], Awaitable[None]]
 class ProgressReporter:
     """Collects a task's log text and stage, sending them at most every `interval_s`.
 
-    Sending is best effort: a failed send keeps the text for the next one (bounded), and
-    never fails the task.
+    A deferred stage (`set_stage(..., deferred=True)`) waits `stage_delay_s`: it goes out
+    then, or earlier with any log text or other stage, and is dropped if the task ends
+    first. Sending is best effort: a failed send keeps the text for the next one
+    (bounded), and never fails the task.
     """
 
-    def __init__(self, send: SendProgress, interval_s: float = PROGRESS_INTERVAL_S):
+    def __init__(self, send: SendProgress, interval_s: float = PROGRESS_INTERVAL_S,
+                 stage_delay_s: float = 0.0):
         self._send = send
         self._interval_s = interval_s
+        self._stage_delay_s = stage_delay_s
         self._pending_log: list[str] = []
         self._pending_chars = 0
         self._pending_stage: str | None = None
-        self._wakeup = asyncio.Event()
+        self._deferred_stage: str | None = None   # pending, not yet due
+        self._deferral: asyncio.TimerHandle | None = None
+        self._wakeup: asyncio.Event | None = None  # made on first use: most tasks send nothing
         self._flusher: asyncio.Task | None = None
         self._refused = False
 
@@ -396,13 +406,22 @@ class ProgressReporter:
             self._pending_log, self._pending_chars = [joined], len(joined)
         self._kick()
 
-    def set_stage(self, stage: str) -> None:
+    def set_stage(self, stage: str, deferred: bool = False) -> None:
         if self._refused:
             return
         self._pending_stage = stage
+        if deferred and self._stage_delay_s > 0:
+            self._deferred_stage = stage
+            if self._deferral is None:
+                self._deferral = asyncio.get_running_loop().call_later(
+                    self._stage_delay_s, self._kick)
+            return
+        self._deferred_stage = None
         self._kick()
 
     def _kick(self) -> None:
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
         self._wakeup.set()
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
@@ -420,6 +439,7 @@ class ProgressReporter:
         text = "".join(self._pending_log) or None
         stage = self._pending_stage
         self._pending_log, self._pending_chars, self._pending_stage = [], 0, None
+        self._deferred_stage = None
         try:
             await self._send(stage, text)
         except ServerRefused as err:
@@ -440,7 +460,14 @@ class ProgressReporter:
         return bool(self._pending_log) or self._pending_stage is not None
 
     async def close(self) -> None:
-        """Stops the batching and sends whatever is left, so the log is complete before the result."""
+        """Stops the batching and sends whatever is left, so the log is complete before the
+        result. A deferred stage not yet due is dropped: the result says more."""
+        if self._deferral is not None:
+            self._deferral.cancel()
+            self._deferral = None
+        if self._deferred_stage is not None and self._pending_stage == self._deferred_stage:
+            self._pending_stage = None
+        self._deferred_stage = None
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -690,6 +717,23 @@ PREFIX_EXECUTORS: dict[str, Executor] = {
 }
 
 
+# Executors that run in the task folder; fetchFiles and artifacts need one with any executor.
+FOLDER_EXECUTORS: frozenset[Executor] = frozenset({run_shell_streaming, run_shell_quiet})
+
+
+def needs_folder(executor: Executor | None, data: dict) -> bool:
+    """Most tasks (echo, llm) never touch a folder: making and removing one per task cost
+    more than running them."""
+    if executor is None:
+        return False
+    return executor in FOLDER_EXECUTORS or bool(data.get("fetchFiles") or data.get("artifacts"))
+
+
+def _fresh_folder(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)  # a retried task starts afresh
+    folder.mkdir(parents=True)
+
+
 def find_executor(capability: str) -> Executor | None:
     capability = base_capability(capability)
     if capability in EXECUTORS:
@@ -862,6 +906,8 @@ class Outcome:
 async def _run_within_runtime(run: TaskRun, executor: Executor) -> Any:
     """`runtimeSecs` (extension) bounds the executor; cancelling it kills what it started."""
     runtime_s = _positive_number(run.data.get("runtimeSecs"))
+    if runtime_s is None:
+        return await executor(run)
     try:
         async with asyncio.timeout(runtime_s) as deadline:
             return await executor(run)
@@ -879,7 +925,7 @@ async def execute_task(run: TaskRun, executor: Executor | None) -> Outcome:
         if executor is None:
             raise NotExecuted(f"this agent has no executor for {run.capability!r}")
         await fetch_files(run)
-        run.progress.set_stage("running")
+        run.progress.set_stage("running", deferred=True)
         run.executor_started = True
         output = await _run_within_runtime(run, executor)
         artifacts = await collect_artifacts(run)
@@ -920,7 +966,12 @@ class Agent:
         self.handlers: set[asyncio.Task] = set()
         self.executions: dict[str, asyncio.Task] = {}
         self.cancel_reasons: dict[str, str] = {}   # task id -> why the server stopped it
-        self.busy = asyncio.Event()                # set while any task executes
+        self.long_running: set[str] = set()        # executing for over running_after_s
+        self.busy = asyncio.Event()                # set while long_running has any: watch cancels
+        # Task folders are removed in a thread, off the path to the next task; `folders`
+        # holds those not yet gone, so a stop can finish the job.
+        self.folders: set[Path] = set()
+        self.cleanups: dict[str, asyncio.Future] = {}  # task id -> its folder's removal
         self.stopping = asyncio.Event()
         self.forced = asyncio.Event()
         self.report_deadline: float | None = None   # set once the grace period is over
@@ -958,9 +1009,14 @@ class Agent:
         try:
             await self._poll_loop(backoff)
             await self._drain()
+            if self.cleanups:
+                await asyncio.wait(set(self.cleanups.values()), timeout=FINAL_REPORT_S)
         finally:
             for helper in helpers:
                 helper.cancel()
+            for folder in list(self.folders):  # cleanups cut short by the stop: finish them here
+                shutil.rmtree(folder, ignore_errors=True)
+            self.folders.clear()
 
     async def _watch_cancels(self) -> None:
         """Extension: while tasks run, long-poll for the ones the server wants stopped (a
@@ -1059,26 +1115,36 @@ class Agent:
             task_id = assigned["id"]
             outcome, progress = await self._execute(assigned)
             assigned = await self._report(task_id, outcome, progress)
-            shutil.rmtree(self.settings.work_root / task_id["id"], ignore_errors=True)
 
     async def _execute(self, assigned: dict) -> tuple[Outcome, ProgressReporter]:
         task_id = assigned["id"]
-        log.info("task %s/%s taken", task_id["cap"], task_id["id"])
-        folder = self.settings.work_root / task_id["id"]
+        uid = task_id["id"]
+        log.debug("task %s/%s taken", task_id["cap"], uid)
+        folder = self.settings.work_root / uid
         started = time.monotonic()
         progress = ProgressReporter(self._progress_sender(task_id),
-                                    self.settings.progress_interval_s)
-        run = TaskRun(task_id=task_id, data=assigned.get("data") or {}, folder=folder,
+                                    self.settings.progress_interval_s,
+                                    self.settings.running_after_s)
+        data = assigned.get("data") or {}
+        run = TaskRun(task_id=task_id, data=data, folder=folder,
                       settings=self.settings, http=self.session, progress=progress)
-        try:
-            shutil.rmtree(folder, ignore_errors=True)  # a retried task starts afresh
-            folder.mkdir(parents=True)
-        except OSError as err:
-            return Outcome({"failure": [f"cannot create the task folder: {err}", 0.0]}), progress
         executor = find_executor(task_id["cap"]) if task_id["cap"] in self.served else None
+        with_folder = needs_folder(executor, data)
+        if with_folder:
+            earlier = self.cleanups.get(uid)
+            if earlier is not None:  # the same task ran here before: let its removal finish
+                await asyncio.wait({earlier})
+            self.folders.add(folder)
+            try:
+                await asyncio.to_thread(_fresh_folder, folder)
+            except OSError as err:
+                self._remove_folder_later(uid, folder)
+                return Outcome({"failure": [f"cannot create the task folder: {err}", 0.0]}), progress
         execution = asyncio.create_task(execute_task(run, executor))
-        self.executions[task_id["id"]] = execution
-        self.busy.set()
+        self.executions[uid] = execution
+        # Only a task that runs for a while is worth watching for cancel requests.
+        watch = asyncio.get_running_loop().call_later(
+            self.settings.running_after_s, self._mark_long_running, uid)
         try:
             return await execution, progress
         except asyncio.CancelledError:
@@ -1095,10 +1161,31 @@ class Agent:
                 await asyncio.wait_for(progress.close(), 2)
             return outcome, progress
         finally:
-            self.executions.pop(task_id["id"], None)
-            self.cancel_reasons.pop(task_id["id"], None)
-            if not self.executions:
+            watch.cancel()
+            self.executions.pop(uid, None)
+            self.cancel_reasons.pop(uid, None)
+            self.long_running.discard(uid)
+            if not self.long_running:
                 self.busy.clear()
+            if with_folder:
+                self._remove_folder_later(uid, folder)
+
+    def _mark_long_running(self, uid: str) -> None:
+        if uid in self.executions:
+            self.long_running.add(uid)
+            self.busy.set()
+
+    def _remove_folder_later(self, uid: str, folder: Path) -> None:
+        """Removes a task folder in a thread: the next task need not wait for it."""
+        cleanup = asyncio.ensure_future(
+            asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True))
+        self.cleanups[uid] = cleanup
+
+        def removed(_: asyncio.Future) -> None:
+            self.folders.discard(folder)
+            if self.cleanups.get(uid) is cleanup:
+                del self.cleanups[uid]
+        cleanup.add_done_callback(removed)
 
     def _progress_sender(self, task_id: dict) -> SendProgress:
         async def send(stage: str | None, text: str | None) -> None:

@@ -57,7 +57,8 @@ def make_run(tmp_path, http_session):
     """Builds a TaskRun with its own folder and progress recorder, as the serve loop would."""
     count = 0
 
-    def factory(capability, payload=None, *, fetch=(), artifacts=(), interval_s=0.5, **settings):
+    def factory(capability, payload=None, *, fetch=(), artifacts=(), interval_s=0.5,
+                stage_delay_s=0.0, **settings):
         nonlocal count
         count += 1
         folder = tmp_path / "work" / f"task{count}"
@@ -70,7 +71,7 @@ def make_run(tmp_path, http_session):
             folder=folder,
             settings=Settings(work_root=tmp_path / "work", **settings),
             http=http_session,
-            progress=ProgressReporter(recorder, interval_s),
+            progress=ProgressReporter(recorder, interval_s, stage_delay_s),
         )
         return run, recorder
 
@@ -103,6 +104,16 @@ def test_find_executor_serves_base_capability_and_llm_prefix():
     assert find_executor("llm.qwen3:8b") is agent.run_llm
     assert find_executor("llm.") is None
     assert find_executor("vision") is None
+
+
+def test_only_tasks_that_use_files_get_a_folder():
+    assert not agent.needs_folder(agent.run_echo, {"payload": 1})
+    assert not agent.needs_folder(agent.run_llm, {"payload": "hi", "fetchFiles": [], "artifacts": []})
+    assert agent.needs_folder(agent.run_shell_streaming, {"payload": "ls"})
+    assert agent.needs_folder(agent.run_shell_quiet, {"payload": "ls"})
+    assert agent.needs_folder(agent.run_echo, {"artifacts": [{"path": "a"}]})
+    assert agent.needs_folder(agent.run_llm, {"fetchFiles": [{"path": "a", "get": "http://x"}]})
+    assert not agent.needs_folder(None, {"artifacts": [{"path": "a"}]})  # never runs
 
 
 async def test_echo_returns_payload_as_output(make_run):
@@ -225,6 +236,47 @@ async def test_shell_keeps_only_the_tail_of_huge_output(make_run, monkeypatch):
     header, kept = outcome.output["stdout"].split("\n", 1)
     assert header == "[... 99004 earlier bytes dropped ...]"
     assert kept == "a" * 996 + "END\n"
+
+
+# -- the deferred "running" stage ---------------------------------------------------
+
+async def test_quick_task_sends_no_running_stage(make_run):
+    run, recorder = make_run("debug.echo", {"n": 1}, stage_delay_s=0.5)
+    outcome = await run_task(run)
+    await asyncio.sleep(0.6)  # past the delay: nothing left to fire either
+    assert outcome.kind == "success"
+    assert recorder.sent == []
+
+
+async def test_quiet_task_still_running_after_the_delay_reports_running(make_run):
+    run, recorder = make_run("shellcmd.bash", "sleep 1; echo done", stage_delay_s=0.3)
+    started = time.monotonic()
+    outcome = await run_task(run)
+    assert outcome.output["stdout"] == "done\n"
+    assert recorder.stages == ["running"]
+    sent_after = recorder.sent[0][0] - started
+    assert 0.25 <= sent_after < 0.8, sent_after
+
+
+async def test_first_log_line_carries_the_running_stage_without_waiting(make_run):
+    run, recorder = make_run("shell.bash", "echo first; sleep 1; echo second",
+                             stage_delay_s=0.5)
+    started = time.monotonic()
+    outcome = await run_task(run)
+    assert outcome.kind == "success"
+    at, stage, text = recorder.sent[0]
+    assert (stage, text) == ("running", "first\n")
+    assert at - started < 0.4, "the first line waited for the stage delay"
+    assert recorder.stages == ["running"]
+    assert recorder.log == "first\nsecond\n"
+
+
+async def test_real_stages_are_not_deferred(make_run):
+    run, recorder = make_run("debug.echo", "x", artifacts=[{"path": "missing.txt"}],
+                             stage_delay_s=5)
+    outcome = await run_task(run)
+    assert failure_message(outcome) == "artifact 'missing.txt' was not produced"
+    assert recorder.stages == ["collecting artifacts"]
 
 
 # -- fetchFiles ------------------------------------------------------------------

@@ -229,6 +229,60 @@ def test_many_tasks_each_run_exactly_once_across_two_agents(server, start_agent)
     assert len(resolved) == 12, "a task ran twice or not at all"
 
 
+def wait_folder_empty(folder: Path, timeout=5):
+    """Task folders go in a thread after the result; give that a moment."""
+    deadline = time.monotonic() + timeout
+    while folder.exists() and any(folder.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_quick_tasks_send_no_progress_and_leave_no_folders(server, start_agent):
+    """A task done within the running delay costs one round trip: no "running" stage, no
+    cancel watch. Shell tasks get a folder, removed after the result; echo none at all."""
+    agent = start_agent(caps=["debug.echo", "shellcmd.bash"])
+    ids = [submit(server, "debug.echo", {"n": n}) for n in range(20)]
+    ids += [submit(server, "shellcmd.bash", "echo hi > out.txt; cat out.txt") for _ in range(5)]
+    results = [wait_done(server, task_id) for task_id in ids]
+    assert [r["output"] for r in results[:20]] == [{"n": n} for n in range(20)]
+    assert all(r["output"]["stdout"] == "hi\n" for r in results[20:])
+    assert requests_served(server, "POST", "/private/agent/task/progress/") == 0
+    assert requests_served(server, "GET", "/private/agent/task/cancels") == 0
+    assert wait_folder_empty(agent.work) == []
+
+
+def test_slow_quiet_task_is_still_reported_running(server, start_agent):
+    start_agent(caps=["shellcmd.bash"])
+    task_id = submit(server, "shellcmd.bash", "sleep 1.5; echo done")
+    deadline = time.monotonic() + 10
+    body = task_status(server, task_id)
+    while body["status"] != "running":
+        assert body["status"] not in DONE, "the task ended without being reported running"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        body = task_status(server, task_id)
+    assert body["stage"] == "running"
+    assert wait_done(server, task_id)["output"]["stdout"] == "done\n"
+    assert requests_served(server, "POST", "/private/agent/task/progress/") == 1
+
+
+def test_sigterm_leaves_no_task_folders(server, start_agent):
+    """Right after a task with a big folder, and with one cut short by the grace expiry."""
+    agent = start_agent(caps=["shellcmd.bash"], capacity=2, serve_args=["--grace", "0.5"])
+    big = submit(server, "shellcmd.bash", "mkdir d && cd d && seq 20000 | xargs touch")
+    cut = submit(server, "shellcmd.bash",
+                 "mkdir d && cd d && seq 20000 | xargs touch && touch ../started; sleep 60")
+    assert wait_done(server, big)["status"] == "completed"
+    deadline = time.monotonic() + 10
+    while not list(agent.work.glob("*/started")):
+        assert time.monotonic() < deadline, "the long task never started"
+        time.sleep(0.05)
+    agent.signal(signal.SIGTERM)
+    assert agent.wait_exit(timeout=15) == 0
+    assert wait_done(server, cut)["status"] == "failed"
+    assert sorted(p.name for p in agent.work.iterdir()) == []
+
+
 def test_capability_without_executor_is_not_announced(server, start_agent):
     agent = start_agent(caps=["debug.echo", "custom.render"])
     assert "no executor for custom.render: not announcing it" in agent.output()
