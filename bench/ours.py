@@ -55,6 +55,20 @@ class OursServer:
         wait_for(lambda: caps.split()[0] in self.online_caps(), 30, "the agent online", agent)
         return agent
 
+    def http_requests(self) -> int:
+        """Requests the server has answered so far: the sum of
+        offloadmq_http_request_duration_seconds_count over routes from /metrics (the
+        management token), leaving out the /metrics route itself."""
+        req = urllib.request.Request(self.url + "/metrics", headers={"X-Mgmt-Token": self.mgmt_token})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            text = r.read().decode()
+        total = 0
+        for line in text.splitlines():
+            if line.startswith("offloadmq_http_request_duration_seconds_count{") \
+                    and 'route="/metrics"' not in line:
+                total += int(float(line.rsplit(" ", 1)[1]))
+        return total
+
     def client(self, *args: str, timeout_s: float = 900) -> dict:
         return run_json([PY, "-m", "bench.ours_client", *args, "--url", self.url,
                          "--key", self.client_key], timeout_s)

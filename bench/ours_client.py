@@ -2,8 +2,11 @@
 
     python -m bench.ours_client w1 --url URL --key KEY --n 5000
     python -m bench.ours_client w2 --url URL --key KEY --n 1000 --mode blocking|poll
-Prints one JSON line. Plain aiohttp + orjson, one keep-alive connection, as a user's
-client would be written."""
+    python -m bench.ours_client w1c --url URL --key KEY --n 5000 --concurrency 32
+Prints one JSON line. Plain aiohttp + orjson, as a user's client would be written: W1 and
+W2 over one keep-alive connection, strictly sequential; W1c (not an issue-6 workload, an
+"info" variant) the same 5,000 tasks with a pool of 32 connections and a semaphore keeping
+32 requests in flight, first for the submits, then for the poll?wait= collection."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +72,28 @@ async def w1(client: Client, n: int) -> dict:
             "tasks_per_s": n / (ended - started), "wrong": wrong}
 
 
+async def w1c(client: Client, n: int, concurrency: int) -> dict:
+    """W1 with `concurrency` requests in flight (asyncio.Semaphore over a pool of as many
+    keep-alive connections): all submits, then all results."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def submit(i: int):
+        async with gate:
+            return await client.submit({"n": i})
+
+    async def collect(i: int, task_id: dict) -> bool:
+        async with gate:
+            return await client.wait_result(task_id) == {"n": i}
+
+    started = time.perf_counter()
+    ids = await asyncio.gather(*(submit(i) for i in range(n)))
+    submitted = time.perf_counter()
+    ok = await asyncio.gather(*(collect(i, t) for i, t in enumerate(ids)))
+    ended = time.perf_counter()
+    return {"tasks": n, "wall_s": ended - started, "submit_s": submitted - started,
+            "tasks_per_s": n / (ended - started), "wrong": n - sum(ok), "concurrency": concurrency}
+
+
 async def w2(client: Client, n: int, mode: str, warmup: int) -> dict:
     samples, wrong = [], 0
     for i in range(-warmup, n):
@@ -85,23 +110,27 @@ async def w2(client: Client, n: int, mode: str, warmup: int) -> dict:
 
 
 async def main_async(args) -> dict:
-    connector = aiohttp.TCPConnector(limit=1)
+    connector = aiohttp.TCPConnector(limit=args.concurrency if args.what == "w1c" else 1)
     async with aiohttp.ClientSession(connector=connector) as session:
         client = Client(session, args.url, args.key)
         if args.what == "w1":
             await client.wait_result(await client.submit({"n": -1}))  # connection warm
             return await w1(client, args.n)
+        if args.what == "w1c":
+            await client.wait_result(await client.submit({"n": -1}))  # connection warm
+            return await w1c(client, args.n, args.concurrency)
         return await w2(client, args.n, args.mode, args.warmup)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("w1", "w2"))
+    p.add_argument("what", choices=("w1", "w1c", "w2"))
     p.add_argument("--url", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--mode", choices=("blocking", "poll"), default="blocking")
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--concurrency", type=int, default=32, help="w1c: requests in flight")
     args = p.parse_args()
     emit(asyncio.run(main_async(args)))
 

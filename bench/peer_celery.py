@@ -3,7 +3,7 @@
 The worker runs `-P solo -c 1` (one task at a time, like our capacity-1 agent) with
 heartbeat, gossip and mingle off, the usual settings for a single-worker benchmark.
 
-    python -m bench.peer_celery w1 --n 5000 | w2 --n 1000
+    python -m bench.peer_celery w1 --n 5000 | w1c --n 5000 --concurrency 32 | w2 --n 1000
 """
 from __future__ import annotations
 
@@ -38,6 +38,22 @@ def w1(n: int) -> dict:
             "tasks_per_s": n / (ended - started), "wrong": wrong}
 
 
+def w1c(n: int, concurrency: int) -> dict:
+    """W1 with 32 threads (ThreadPoolExecutor) calling .delay(), then 32 threads
+    collecting .get() (results by pub/sub on the Redis backend)."""
+    from concurrent.futures import ThreadPoolExecutor
+    echo.delay({"n": -1}).get(timeout=60)  # warm
+    with ThreadPoolExecutor(concurrency) as pool:
+        started = time.perf_counter()
+        results = list(pool.map(lambda i: echo.delay({"n": i}), range(n)))
+        submitted = time.perf_counter()
+        outs = list(pool.map(lambda r: r.get(timeout=60), results))
+        ended = time.perf_counter()
+    wrong = sum(out != {"n": i} for i, out in enumerate(outs))
+    return {"tasks": n, "wall_s": ended - started, "submit_s": submitted - started,
+            "tasks_per_s": n / (ended - started), "wrong": wrong, "concurrency": concurrency}
+
+
 def w2(n: int, warmup: int) -> dict:
     samples, wrong = [], 0
     for i in range(-warmup, n):
@@ -52,14 +68,18 @@ def w2(n: int, warmup: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("w1", "w2"))
+    p.add_argument("what", choices=("w1", "w1c", "w2"))
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--concurrency", type=int, default=32, help="w1c: threads")
     args = p.parse_args()
     # Run as __main__, this file would register its task under another module name than
     # the worker's import of it: use the imported module's task.
     import bench.peer_celery as mod
-    emit(mod.w1(args.n) if args.what == "w1" else mod.w2(args.n, args.warmup))
+    if args.what == "w1c":
+        emit(mod.w1c(args.n, args.concurrency))
+    else:
+        emit(mod.w1(args.n) if args.what == "w1" else mod.w2(args.n, args.warmup))
 
 
 if __name__ == "__main__":

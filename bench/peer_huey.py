@@ -6,7 +6,7 @@ SQLite: fsync=True (synchronous=FULL, WAL), the durability of our fsync `always`
 Redis: blocking BRPOP dequeue and notify_result=True (BLPOP result notification), the
 lowest-latency setup huey offers.
 
-    python -m bench.peer_huey w1 --n 5000 | w2 --n 1000
+    python -m bench.peer_huey w1 --n 5000 | w1c --n 5000 --concurrency 32 | w2 --n 1000
 """
 from __future__ import annotations
 
@@ -46,6 +46,23 @@ def w1(n: int) -> dict:
             "tasks_per_s": n / (ended - started), "wrong": wrong}
 
 
+def w1c(n: int, concurrency: int) -> dict:
+    """W1 with 32 threads (ThreadPoolExecutor): each enqueues, then each waits on results.
+    Huey has no bulk enqueue: `echo.map(items)` is a loop of single enqueues (and SqliteHuey
+    serialises its one connection behind a lock), so threads are the way to overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+    echo({"n": -1}).get(**GET)  # warm
+    with ThreadPoolExecutor(concurrency) as pool:
+        started = time.perf_counter()
+        results = list(pool.map(lambda i: echo({"n": i}), range(n)))
+        submitted = time.perf_counter()
+        outs = list(pool.map(lambda r: r.get(**GET), results))
+        ended = time.perf_counter()
+    wrong = sum(out != {"n": i} for i, out in enumerate(outs))
+    return {"tasks": n, "wall_s": ended - started, "submit_s": submitted - started,
+            "tasks_per_s": n / (ended - started), "wrong": wrong, "concurrency": concurrency}
+
+
 def w2(n: int, warmup: int) -> dict:
     samples, wrong = [], 0
     for i in range(-warmup, n):
@@ -60,14 +77,18 @@ def w2(n: int, warmup: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("w1", "w2"))
+    p.add_argument("what", choices=("w1", "w1c", "w2"))
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--concurrency", type=int, default=32, help="w1c: threads")
     args = p.parse_args()
     # Run as __main__, this file would register its task under another module name than
     # the worker's import of it: use the imported module's task.
     import bench.peer_huey as mod
-    emit(mod.w1(args.n) if args.what == "w1" else mod.w2(args.n, args.warmup))
+    if args.what == "w1c":
+        emit(mod.w1c(args.n, args.concurrency))
+    else:
+        emit(mod.w1(args.n) if args.what == "w1" else mod.w2(args.n, args.warmup))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@
     .venv/bin/python bench/run.py --quick         # a smoke run (about 1 minute)
     .venv/bin/python bench/run.py --only ours,l0 --profile /tmp/prof --trace
 
---profile DIR  py-spy (raw collapsed stacks) of our server and agent during W1, and of the
+--profile DIR  py-spy (raw collapsed stacks) of our server and agent during W1 and W1c, and of the
                server during the idle and claim sections; a summary is printed.
---trace        W2 and W1 again on bench/trace_server.py: server time per route, journal
+--trace        W2, W1 and W1c again on bench/trace_server.py: server time per route, journal
                fdatasync latency and records per write.
 
 Workloads (definitions from the issue, kept exactly):
@@ -18,6 +18,12 @@ Workloads (definitions from the issue, kept exactly):
   W2     agent idle and waiting; 1,000 sequential submit-and-wait round trips; p50/p90/p99.
          Ours twice: submit_blocking (urgent) and regular submit + poll?wait=.
          W1 also runs with the agent's --original-protocol (poll, then take).
+  W1c    (not an issue workload; an "info" row) the same 5,000 tasks with the client keeping
+         32 requests in flight, written as a user of each system would: ours asyncio +
+         aiohttp, a semaphore over a 32-connection pool for the submits, then for the
+         poll?wait= collection; Huey and Celery 32 threads enqueuing / .delay(), then 32
+         threads on .get() (Huey has no bulk enqueue: Task.map() loops single enqueues).
+         Same worker (capacity 1) and durability as W1.
   L0     bare aiohttp + orjson POST echo app under wrk (keep-alive): the HTTP ceiling.
   Scale  1,000 idle long-polling agents (server CPU and RSS), claim latency with 100,000
          queued tasks over 1,000 capabilities vs an empty queue, replay of a 1,000,000-
@@ -79,7 +85,27 @@ def run_ours(tmp: Path, args, results: dict) -> None:
                      profile.start(agent.pid, args.profile / "w1-agent.txt", "agent", tmp)]
             time.sleep(1.0)  # py-spy attached
         log(f"ours: W1 x{args.w1}")
+        before = server.http_requests()
         results["ours_w1"] = server.client("w1", "--n", str(args.w1))
+        # +1: the client's warm-up task; the requests the agent and client made for it
+        # are in the count too, spread over the n + 1 tasks.
+        results["ours_w1"]["http_requests"] = server.http_requests() - before
+        results["ours_w1"]["req_per_task"] = results["ours_w1"]["http_requests"] / (args.w1 + 1)
+    finally:
+        for spy in spies:
+            profile.stop(spy)
+    spies = []
+    try:
+        if args.profile:
+            spies = [profile.start(server.proc.pid, args.profile / "w1c-server.txt", "server-w1c", tmp),
+                     profile.start(agent.pid, args.profile / "w1c-agent.txt", "agent-w1c", tmp)]
+            time.sleep(1.0)
+        log(f"ours: W1c x{args.w1}, {args.w1c_concurrency} requests in flight")
+        before = server.http_requests()
+        results["ours_w1c"] = server.client("w1c", "--n", str(args.w1),
+                                            "--concurrency", str(args.w1c_concurrency))
+        results["ours_w1c"]["http_requests"] = server.http_requests() - before
+        results["ours_w1c"]["req_per_task"] = results["ours_w1c"]["http_requests"] / (args.w1 + 1)
     finally:
         for spy in spies:
             profile.stop(spy)
@@ -124,6 +150,9 @@ def run_peer(tmp: Path, args, results: dict, which: str) -> None:
         results[f"{which}_w2"] = peers.client(module, env, "w2", "--n", str(args.w2))
         log(f"{which}: W1 x{args.w1}")
         results[f"{which}_w1"] = peers.client(module, env, "w1", "--n", str(args.w1))
+        log(f"{which}: W1c x{args.w1}, {args.w1c_concurrency} threads")
+        results[f"{which}_w1c"] = peers.client(module, env, "w1c", "--n", str(args.w1),
+                                                "--concurrency", str(args.w1c_concurrency))
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -174,14 +203,16 @@ def run_replay(tmp: Path, args, results: dict) -> None:
 
 
 def run_trace(tmp: Path, args, results: dict) -> None:
-    """W2 (both modes) and W1 on bench/trace_server.py, a fresh server each: where the
+    """W2 (both modes), W1 and W1c on bench/trace_server.py, a fresh server each: where the
     server's time goes, per route and per journal write (the timers cost a little, so
     these are not the measured figures)."""
     n2 = str(min(args.w2, 300))
     results["trace"] = {}
     for label, client_args in (("W2 submit_blocking", ("w2", "--n", n2, "--mode", "blocking")),
                                ("W2 submit+poll?wait", ("w2", "--n", n2, "--mode", "poll")),
-                               ("W1", ("w1", "--n", str(args.w1)))):
+                               ("W1", ("w1", "--n", str(args.w1))),
+                               (f"W1c ({args.w1c_concurrency} in flight)",
+                                ("w1c", "--n", str(args.w1), "--concurrency", str(args.w1c_concurrency)))):
         out = tmp / f"trace-{len(results['trace'])}.json"
         server = OursServer(tmp, name=f"offloadmq-trace{len(results['trace'])}", trace_out=out)
         try:
@@ -278,6 +309,14 @@ def build_table(results: dict, args) -> list[list[str]]:
     compare("W1 wall time, s", get(results, "ours_w1", "wall_s"), peer_vals("w1", "wall_s"),
             False, ".2f", 1 / 1.2)
     rows[-1][-2:] = ["(same)", ""]
+    c = args.w1c_concurrency
+    compare(f"W1c: same {n1:,} tasks, client keeps {c} requests in flight, tasks/s",
+            get(results, "ours_w1c", "tasks_per_s"), peer_vals("w1c", "tasks_per_s"), True,
+            ",.0f", 1.2)
+    rows[-1][-2:] = ["info", ""]
+    compare("W1c wall time, s", get(results, "ours_w1c", "wall_s"), peer_vals("w1c", "wall_s"),
+            False, ".2f", 1 / 1.2)
+    rows[-1][-2:] = ["info", ""]
     for mode, label in (("blocking", "submit_blocking"), ("poll", "submit+poll?wait")):
         compare(f"W2 p50 ms, ours {label}", get(results, f"ours_w2_{mode}", "p50"),
                 peer_vals("w2", "p50"), False, ".2f", 0.8)
@@ -295,8 +334,15 @@ def build_table(results: dict, args) -> list[list[str]]:
            "info")
     l0 = get(results, "l0", "req_per_s")
     w1 = get(results, "ours_w1", "tasks_per_s")
-    if l0 and w1:
-        single("W1 HTTP requests/s as % of L0 (≈4 req/task)", 100 * w1 * 4 / l0, ".0f", "info")
+    per_task = get(results, "ours_w1", "req_per_task")
+    if l0 and w1 and per_task:
+        single(f"W1 HTTP requests/s as % of L0 ({per_task:.2f} req/task, from /metrics)",
+               100 * w1 * per_task / l0, ".0f", "info")
+    w1c = get(results, "ours_w1c", "tasks_per_s")
+    per_task_c = get(results, "ours_w1c", "req_per_task")
+    if l0 and w1c and per_task_c:
+        single(f"W1c HTTP requests/s as % of L0 ({per_task_c:.2f} req/task, from /metrics)",
+               100 * w1c * per_task_c / l0, ".0f", "info")
     cpu = get(results, "idle", "cpu_pct")
     single(f"{get(results, 'idle', 'agents') or args.agents:,} idle agents: server CPU % of a core "
            f"({args.idle_duration:.0f} s)", cpu, ".2f", "<5%", None if cpu is None else cpu < 5)
@@ -337,6 +383,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="shorten everything for a smoke run")
     p.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS + EXTRA_SECTIONS)}")
     p.add_argument("--w1", type=int, help="W1 tasks (default 5000)")
+    p.add_argument("--w1c-concurrency", type=int, default=32,
+                   help="W1c (info variant of W1): requests/threads in flight (default 32)")
     p.add_argument("--w2", type=int, help="W2 round trips (default 1000)")
     p.add_argument("--agents", type=int, help="idle agents (default 1000)")
     p.add_argument("--idle-duration", type=float, help="idle-agent sampling seconds (default 60)")
@@ -410,7 +458,7 @@ def main(argv=None) -> int:
     if results.get("trace"):
         print("\n" + render_trace(results["trace"]))
     if args.profile:
-        for name in ("w1-server.txt", "w1-agent.txt", "idle-server.txt", "claim-server.txt"):
+        for name in ("w1-server.txt", "w1-agent.txt", "w1c-server.txt", "w1c-agent.txt", "idle-server.txt", "claim-server.txt"):
             path = args.profile / name
             if path.exists():
                 print("\n" + profile.summarize(path, top=15))
