@@ -28,7 +28,8 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q tests/test_core.py tests/test_journal.py tests/test_api.py
+	$(PY) -m pytest -q tests/test_core.py tests/test_lifecycle.py tests/test_journal.py tests/test_api.py \
+	  tests/test_extensions.py tests/test_lifecycle_api.py tests/test_interfaces.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
