@@ -122,6 +122,8 @@ def load_secrets(data_path: Path, settings: dict[str, str]) -> tuple[dict[str, s
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(orjson.dumps(stored, option=orjson.OPT_INDENT_2))
+            f.flush()
+            os.fsync(f.fileno())  # a lost secret would orphan every agent and key
         os.replace(tmp, path)
     return settings, tuple(generated)
 
@@ -1567,7 +1569,8 @@ class Journal:
                     raise JournalCorrupt(
                         f"{self.path}:{lineno}: {problem}. Remedy: restart with --repair to move "
                         f"line {lineno} and everything after it into a side file, then inspect it")
-                side = self.folder / f"journal-rejected-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+                side = self.folder / (f"journal-rejected-{time.strftime('%Y%m%dT%H%M%S')}"
+                                      f"-line{lineno}.jsonl")
                 # The rejected bytes reach the disk before the journal lets go of them.
                 fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
