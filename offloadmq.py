@@ -691,6 +691,7 @@ class Broker:
         self.records: list[dict] = []                        # durable records not yet journaled
         self.changes: list[tuple[dict, str | None]] = []     # all records not yet published
         self.version = 0  # counts changes a waiting poll may care about (see Hub.change)
+        self.deferred: set[TaskKey] | None = None  # while loading: tasks to queue at the end
         self.ids = UlidFactory()
         self.rng = rng or random.Random()
         for key in predefined_keys:
@@ -758,13 +759,29 @@ class Broker:
 
     def _push(self, task: Task) -> None:
         if not task.in_heap:
+            task.in_heap = True
+            self.version += 1
+            if self.deferred is not None:
+                self.deferred.add(task.key)
+                return
             slot = (task.urgent, task.base)
             queue = self.queues.get(slot)
             if queue is None:
                 queue = self.queues[slot] = ReadyQueue()
             queue.push(task)
-            task.in_heap = True
-            self.version += 1
+
+    def begin_loading(self) -> None:
+        """Replay queues nothing until `end_loading`: most tasks it sees also end in it."""
+        self.deferred = set()
+
+    def end_loading(self) -> None:
+        keys, self.deferred = self.deferred or set(), None
+        for key in keys:
+            task = self.tasks.get(key)
+            if task is not None:
+                task.in_heap = False
+                if task.status == PENDING and task.not_before is None:
+                    self._push(task)
 
     def _live(self, entry: tuple[str, str]) -> Task | None:
         task = self.tasks.get((entry[1], entry[0]))
@@ -1522,6 +1539,7 @@ class Journal:
         for leftover in self.folder.glob("*.tmp"):
             log.warning("removing %s left by an interrupted write", leftover)
             leftover.unlink()
+        broker.begin_loading()
         if self.snapshot_path.exists():
             try:
                 snap = orjson.loads(self.snapshot_path.read_bytes())
@@ -1538,6 +1556,7 @@ class Journal:
         gc.disable()
         try:
             replayed = self._replay(broker, repair)
+            broker.end_loading()
         finally:
             gc.freeze()
             gc.enable()
@@ -1553,12 +1572,13 @@ class Journal:
         lines = data.split(b"\n")
         torn = lines.pop()  # empty when the file ends with a whole record
         pos = replayed = 0
+        apply = broker.apply
         for lineno, line in enumerate(lines, 1):
             record = decode_record(line)
             problem = "bad checksum or JSON" if record is None else None
             if record is not None and record["seq"] > self.seq:
                 try:
-                    broker.apply(record)
+                    apply(record)
                     self.seq = record["seq"]
                     self.records_since_snapshot += 1
                     replayed += 1

@@ -590,3 +590,25 @@ def test_server_refuses_corrupt_journal_then_starts_with_repair(make_server):
     srv.start()
     assert set(regular_tasks(srv)) == set(ids[:2])
     assert len(list(srv.data.glob("journal-rejected-*.jsonl"))) == 1
+
+
+def test_replay_queues_only_the_tasks_still_waiting(tmp_path):
+    """Tasks that ended within the journal leave no queue entries behind, so the first
+    claim after a restart does not wade through them; waiting tasks keep their order."""
+    live = Broker(PREDEFINED, T0)
+    uid = live.register_agent(agent_info(["debug.echo"], capacity=1000), T0).uid
+    done = [live.submit(submission("debug.echo", payload=i), OWNER, None, T0 + i * 1e-3)
+            for i in range(300)]
+    for task in done:
+        live.offer(uid, T0 + 1)
+        live.take(uid, task.cap, task.id, T0 + 1)
+        live.resolve(uid, task.cap, task.id, "success", None, None, T0 + 1)
+    waiting = [live.submit(submission("debug.echo", payload=i), OWNER, None, T0 + 2 + i * 1e-3)
+               for i in range(5)]
+    write_journal(tmp_path, [{"seq": n, **r} for n, r in enumerate(live.take_records(), 1)])
+    b, _, _ = replay(tmp_path, now=T0 + 3)
+    entries = [e for q in b.queues.values() for turns in q.levels.values()
+               for heap in turns.values() for e in heap]
+    assert sorted(e[0] for e in entries) == [t.id for t in waiting]
+    b.touch(uid, T0 + 3)
+    assert [b.offer(uid, T0 + 3).id for _ in waiting] == [t.id for t in waiting]
