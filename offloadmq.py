@@ -730,18 +730,20 @@ class Broker:
     def _set_status(self, task: Task, status: str) -> None:
         if status not in TRANSITIONS[task.status]:
             raise Conflict(f"task {task.id} cannot go from {task.status} to {status}")
-        self._count(task, -1)
-        task.status = status
-        self._count(task, +1)
+        if status != task.status:  # every progress report after the first is running -> running
+            self._count(task, -1)
+            task.status = status
+            self._count(task, +1)
 
     def _count(self, task: Task, delta: int) -> None:
-        slot = (task.urgent, task.status)
-        self.counts[slot] = self.counts.get(slot, 0) + delta
-        if task.status == PENDING:
-            base = task.base
-            self.pending_by_cap[base] = self.pending_by_cap.get(base, 0) + delta
-        if task.status not in ENDED:
-            self.in_flight_by_owner[task.owner] = self.in_flight_by_owner.get(task.owner, 0) + delta
+        status, counts = task.status, self.counts
+        slot = (task.urgent, status)
+        counts[slot] = counts.get(slot, 0) + delta
+        if status == PENDING:
+            self.pending_by_cap[task.base] = self.pending_by_cap.get(task.base, 0) + delta
+        if status not in ENDED:
+            owners = self.in_flight_by_owner
+            owners[task.owner] = owners.get(task.owner, 0) + delta
 
     def _timer(self, due: float, kind: str, task: Task, anchor: Any = None) -> None:
         heapq.heappush(self.timers, (due, next(self.timer_seq), kind, task.key, anchor))
