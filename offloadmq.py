@@ -256,6 +256,7 @@ ONLINE_S = 120.0          # an agent is online while its last contact is this re
 URGENT_TAKE_S = 60.0      # an urgent task nobody takes within this fails as expired
 URGENT_KEEP_S = 600.0     # an ended urgent task stays pollable this long
 OFFER_S = 15.0            # a polled task is held for its agent this long before `take`
+FRONT_WALK_MIN_CAPS = 16  # an agent serving more capabilities finds work via the fronts
 CANCEL_GRACE_S = 60.0     # a task whose agent does not confirm a cancel ends anyway then
 DEFAULT_PRIORITY = 5
 DEFAULT_MAX_RETRIES = 3
@@ -692,6 +693,11 @@ class Broker:
         self.changes: list[tuple[dict, str | None]] = []     # all records not yet published
         self.version = 0  # counts changes a waiting poll may care about (see Hub.change)
         self.deferred: set[TaskKey] | None = None  # while loading: tasks to queue at the end
+        # The head of every non-empty queue, and per urgency a heap of those heads (with
+        # stale entries dropped lazily): how an agent serving many capabilities finds the
+        # best task without looking at each of them.
+        self.fronts: dict[tuple[bool, str], tuple[int, str]] = {}
+        self.front_heaps: dict[bool, list[tuple[tuple[int, str], str]]] = {}
         self.ids = UlidFactory()
         self.rng = rng or random.Random()
         for key in predefined_keys:
@@ -771,6 +777,7 @@ class Broker:
             if queue is None:
                 queue = self.queues[slot] = ReadyQueue()
             queue.push(task)
+            self._refresh_front(task.urgent, task.base)
 
     def begin_loading(self) -> None:
         """Replay queues nothing until `end_loading`: most tasks it sees also end in it."""
@@ -985,22 +992,73 @@ class Broker:
         if best is None and not urgent_only:
             best = self._best_head(agent, False, now)
         if best is not None:
-            self.queues[(best.urgent, base_capability(best.cap))].pop(best)
+            self.queues[(best.urgent, best.base)].pop(best)
             best.in_heap = False
+            self._refresh_front(best.urgent, best.base)
             self.offers[best.key] = (uid, now + OFFER_S)
             agent.offered.add(best.key)
         return best
 
     def _best_head(self, agent: Agent, urgent: bool, now: float) -> Task | None:
+        """The best ready task among the agent's capabilities: by looking at each of
+        them, or, for an agent that serves many, by walking the fronts in order."""
+        if len(agent.bases) > FRONT_WALK_MIN_CAPS:
+            return self._walk_fronts(agent, urgent, now)
+        return self._scan_heads(agent, urgent, now)
+
+    def _eligible(self, agent: Agent, task: Task, now: float) -> bool:
+        return (task.urgent or self._tier_allows(agent, task.base, now)) and not (
+            task.last_agent == agent.uid and self._another_could_retry(task, now))
+
+    def _scan_heads(self, agent: Agent, urgent: bool, now: float) -> Task | None:
         best = None
         for base in agent.bases:
             task = self._head(urgent, base)
-            if task is None or (not urgent and not self._tier_allows(agent, base, now)) or (
-                    task.last_agent == agent.uid and self._another_could_retry(task, now)):
-                continue
-            if best is None or (-task.priority, task.id) < (-best.priority, best.id):
+            if task is not None and (best is None or (-task.priority, task.id) < (-best.priority, best.id)) \
+                    and self._eligible(agent, task, now):
                 best = task
         return best
+
+    def _walk_fronts(self, agent: Agent, urgent: bool, now: float) -> Task | None:
+        """The first front, in (priority, age) order, that this agent serves and may take.
+        Entries for fronts that moved are dropped (or renewed) on the way; the ones this
+        agent passes over go back."""
+        heap, passed, seen, found = self.front_heaps.setdefault(urgent, []), [], set(), None
+        while heap:
+            key, base = heap[0]
+            if self.fronts.get((urgent, base)) != key or base in seen:
+                heapq.heappop(heap)  # stale, or a second entry for the same front
+                continue
+            task = self._head(urgent, base)
+            if task is None or (-task.priority, task.id) != key:
+                heapq.heappop(heap)  # the front moved (its task ended): look again
+                self._refresh_front(urgent, base)
+                continue
+            seen.add(base)
+            if base in agent.bases and self._eligible(agent, task, now):
+                found = task
+                break
+            passed.append(heapq.heappop(heap))
+        for entry in passed:
+            heapq.heappush(heap, entry)
+        return found
+
+    def _refresh_front(self, urgent: bool, base: str) -> None:
+        """Record the queue's current head in the fronts index (see _walk_fronts)."""
+        slot = (urgent, base)
+        queue = self.queues.get(slot)
+        task = queue.head(self._live) if queue else None
+        key = None if task is None else (-task.priority, task.id)
+        if key != self.fronts.get(slot):
+            if key is None:
+                del self.fronts[slot]
+            else:
+                self.fronts[slot] = key
+                heap = self.front_heaps.setdefault(urgent, [])
+                heapq.heappush(heap, (key, base))
+                if len(heap) > 2 * len(self.fronts) + 64:  # mostly stale: rebuild it
+                    heap[:] = [(k, b) for (u, b), k in self.fronts.items() if u == urgent]
+                    heapq.heapify(heap)
 
     def _has_room(self, agent: Agent, now: float) -> bool:
         return (agent.load < agent.capacity and not agent.draining
@@ -1403,6 +1461,8 @@ class Broker:
     def _on_tasks_reset(self, r: dict, now: float) -> None:
         self.tasks.clear()
         self.queues.clear()
+        self.fronts.clear()
+        self.front_heaps.clear()
         self.offers.clear()
         self.timers.clear()
         self.counts.clear()

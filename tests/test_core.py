@@ -474,3 +474,50 @@ def test_claim_takes_the_oldest_task_of_its_capability_among_many():
     first = b.offer(uid, T0 + 100)
     assert first.cap == "cap7" and first is min(
         (t for t in b.tasks.values() if t.cap == "cap7"), key=lambda t: t.id)
+
+
+def test_walking_the_fronts_finds_what_scanning_every_capability_finds():
+    """An agent serving many capabilities finds work through the fronts index; under a
+    random mix of submits, claims, ends, cancels and lapses it must pick exactly the task
+    a look at each of its capabilities picks."""
+    import random
+    rng = random.Random(11)
+    b = Broker(rng=random.Random(1))
+    caps = [f"c{i}" for i in range(40)]
+    wide = agent(b, caps=caps, capacity=1_000_000)
+    narrow = [agent(b, caps=rng.sample(caps, 3), capacity=1_000_000, tier=rng.choice([0, 9]))
+              for _ in range(4)]
+    now, taken = T0, []
+    for step in range(3000):
+        now += 0.01
+        for uid in (wide, *narrow):
+            b.touch(uid, now)
+        roll = rng.random()
+        if roll < 0.45:
+            submit(b, cap=rng.choice(caps), now=now, owner=rng.choice("abc"),
+                   priority=rng.randint(0, 9), restartable=rng.random() < 0.3, retryDelaySecs=0)
+        elif roll < 0.75:
+            who = rng.choice((wide, *narrow))
+            agent_ = b.agents[who]
+            for urgent in (True, False):
+                assert b._walk_fronts(agent_, urgent, now) is b._scan_heads(agent_, urgent, now)
+            task = b.offer(who, now)
+            if task is not None and rng.random() < 0.8:
+                b.take(who, task.cap, task.id, now)
+                taken.append((who, task))
+        elif roll < 0.9 and taken:
+            who, task = taken.pop(rng.randrange(len(taken)))
+            if task.status in ("assigned", "running"):
+                outcome = rng.choice(["success", "failure", "notExecuted"])
+                b.resolve(who, task.cap, task.id, outcome, "x", None, now)
+        elif roll < 0.95:
+            pending = [t for t in b.tasks.values() if t.status == PENDING]
+            if pending:
+                victim = rng.choice(pending)
+                b.cancel(victim.cap, victim.id, victim.owner, now)
+        else:
+            now += 16  # offers lapse, retry delays pass
+            for uid in (wide, *narrow):
+                b.touch(uid, now)
+            b.expire(now)
+    assert len(b.front_heaps.get(False, [])) <= 2 * len(b.fronts) + 65
