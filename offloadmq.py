@@ -622,6 +622,8 @@ class Histogram:
 # the agent (popped, held for OFFER_S) so concurrent pollers get different tasks;
 # `take` turns the offer into an assignment, and an offer not taken lapses back.
 # Pending tasks that must wait (delayed, retry backoff) sit in `timers` until due.
+# An agent serving many capabilities does not look at each queue: `fronts` keeps every
+# queue's head in one heap, walked in (priority, age) order until a head it serves.
 #
 # Timers: one heap of (due, seq, kind, task key, anchor) for everything that happens
 # because time passes: a delay ending, an urgent or maxWaitSecs expiry, a timeout, a
