@@ -170,6 +170,17 @@ def write_synthetic_journal(path: Path, n_records: int, with_lifecycle: bool = T
     return tasks
 
 
+def time_replay(folder: Path) -> tuple[int, float]:
+    """Recover folder's journal into a fresh Broker: (records replayed, seconds)."""
+    broker = Broker(("ck-bench",), time.time())
+    journal = Journal(folder, "always")
+    started = time.perf_counter()
+    replayed = journal.recover(broker)
+    elapsed = time.perf_counter() - started
+    os.close(journal.fd)
+    return replayed, elapsed
+
+
 def bench_replay(tmp: Path, n_records: int) -> None:
     print(f"== replay of a {n_records:,}-record journal")
     folder = tmp / "replay"
@@ -179,12 +190,7 @@ def bench_replay(tmp: Path, n_records: int) -> None:
     written = time.perf_counter() - started
     size = (folder / "journal.jsonl").stat().st_size
     print(f"  generated {tasks:,} tasks, {size / 2**20:.0f} MiB in {written:.1f} s")
-    broker = Broker(("ck-bench",), time.time())
-    journal = Journal(folder, "always")
-    started = time.perf_counter()
-    replayed = journal.recover(broker)
-    elapsed = time.perf_counter() - started
-    os.close(journal.fd)
+    replayed, elapsed = time_replay(folder)
     assert replayed == n_records, replayed  # a sanity check of the generator, not of speed
     print(f"  replayed {replayed:,} records in {elapsed:.2f} s = {replayed / elapsed:,.0f} records/s "
           f"({size / 2**20 / elapsed:.0f} MiB/s)")

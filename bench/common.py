@@ -2,6 +2,7 @@
 readiness waits, percentiles and /proc sampling. Everything binds to 127.0.0.1."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -125,3 +126,17 @@ def emit(result: dict) -> None:
     """Client subprocesses report with one JSON line on stdout."""
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
+
+
+def peer_main(module) -> None:
+    """Command line of a peer's client side: `w1`, `w1c` or `w2`, one JSON line out."""
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=("w1", "w1c", "w2"))
+    p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--concurrency", type=int, default=32, help="w1c: threads")
+    args = p.parse_args()
+    if args.what == "w1c":
+        emit(module.w1c(args.n, args.concurrency))
+    else:
+        emit(module.w1(args.n) if args.what == "w1" else module.w2(args.n, args.warmup))

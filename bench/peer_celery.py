@@ -7,13 +7,12 @@ heartbeat, gossip and mingle off, the usual settings for a single-worker benchma
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 from celery import Celery
 
-from bench.common import emit, percentiles
+from bench.common import peer_main, percentiles
 
 REDIS = f"redis://127.0.0.1:{os.environ.get('BENCH_REDIS_PORT', '6379')}"
 app = Celery("bench", broker=REDIS + "/0", backend=REDIS + "/1")
@@ -67,19 +66,10 @@ def w2(n: int, warmup: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("w1", "w1c", "w2"))
-    p.add_argument("--n", type=int, default=5000)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--concurrency", type=int, default=32, help="w1c: threads")
-    args = p.parse_args()
     # Run as __main__, this file would register its task under another module name than
     # the worker's import of it: use the imported module's task.
     import bench.peer_celery as mod
-    if args.what == "w1c":
-        emit(mod.w1c(args.n, args.concurrency))
-    else:
-        emit(mod.w1(args.n) if args.what == "w1" else mod.w2(args.n, args.warmup))
+    peer_main(mod)
 
 
 if __name__ == "__main__":

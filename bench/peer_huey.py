@@ -10,13 +10,12 @@ lowest-latency setup huey offers.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 from huey import RedisHuey, SqliteHuey
 
-from bench.common import emit, percentiles
+from bench.common import peer_main, percentiles
 
 KIND = os.environ.get("BENCH_HUEY", "sqlite")
 if KIND == "redis":
@@ -76,19 +75,10 @@ def w2(n: int, warmup: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("w1", "w1c", "w2"))
-    p.add_argument("--n", type=int, default=5000)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--concurrency", type=int, default=32, help="w1c: threads")
-    args = p.parse_args()
     # Run as __main__, this file would register its task under another module name than
     # the worker's import of it: use the imported module's task.
     import bench.peer_huey as mod
-    if args.what == "w1c":
-        emit(mod.w1c(args.n, args.concurrency))
-    else:
-        emit(mod.w1(args.n) if args.what == "w1" else mod.w2(args.n, args.warmup))
+    peer_main(mod)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from bench.bench_journal import write_synthetic_journal
+from bench.bench_journal import time_replay, write_synthetic_journal
 from bench.common import emit, rss_bytes
-from offloadmq import Broker, Journal
 
 
 def main() -> None:
@@ -29,12 +28,7 @@ def main() -> None:
     written_s = time.perf_counter() - started
     size = (folder / "journal.jsonl").stat().st_size
     rss0 = rss_bytes(os.getpid())
-    broker = Broker(("ck-bench",), time.time())
-    journal = Journal(folder, "always")
-    started = time.perf_counter()
-    replayed = journal.recover(broker)
-    elapsed = time.perf_counter() - started
-    os.close(journal.fd)
+    replayed, elapsed = time_replay(folder)
     emit({"records": replayed, "tasks": tasks, "bytes": size, "replay_s": elapsed,
           "records_per_s": replayed / elapsed, "generate_s": written_s,
           "rss_growth_mb": (rss_bytes(os.getpid()) - rss0) / 2**20})
