@@ -59,17 +59,47 @@ class Client:
         return task["result"]
 
 
-async def w1(client: Client, n: int) -> dict:
+async def w1(client: Client, n: int, collect: str) -> dict:
+    """All submits, one request each, then all results: `collect` "events" reads them
+    from the key's event stream (GET /api/task/events, opened before the first submit:
+    the `end` event carries the result), "poll" asks poll?wait= for each task in turn."""
+    stream = ends = None
+    if collect == "events":
+        stream = await client.session.get(client.url + "/api/task/events", headers=client.headers,
+                                          timeout=aiohttp.ClientTimeout(total=None))
+        await stream.content.readline()  # ": connected": the stream is live
+        ends = asyncio.ensure_future(read_ends(stream, n))
     started = time.perf_counter()
     ids = [await client.submit({"n": i}) for i in range(n)]
     submitted = time.perf_counter()
-    wrong = 0
-    for i, task_id in enumerate(ids):
-        if await client.wait_result(task_id) != {"n": i}:
-            wrong += 1
+    if ends is not None:
+        outputs = await asyncio.wait_for(ends, 600)
+        stream.close()
+        wrong = sum(outputs.get(t["id"]) != {"n": i} for i, t in enumerate(ids))
+    else:
+        wrong = 0
+        for i, task_id in enumerate(ids):
+            if await client.wait_result(task_id) != {"n": i}:
+                wrong += 1
     ended = time.perf_counter()
     return {"tasks": n, "wall_s": ended - started, "submit_s": submitted - started,
-            "tasks_per_s": n / (ended - started), "wrong": wrong}
+            "tasks_per_s": n / (ended - started), "wrong": wrong, "collect": collect}
+
+
+async def read_ends(stream: aiohttp.ClientResponse, n: int) -> dict:
+    """Task id -> result from the first n `end` events of an SSE stream."""
+    outputs, kind = {}, None
+    async for line in stream.content:
+        if line.startswith(b"event: "):
+            kind = line[7:].strip()
+        elif line.startswith(b"data: ") and kind == b"end":
+            task = orjson.loads(line[6:])
+            if task["status"] != "completed":
+                raise RuntimeError(f"task {task['id']} ended {task['status']}")
+            outputs[task["id"]["id"]] = task["result"]
+            if len(outputs) == n:
+                break
+    return outputs
 
 
 async def w1c(client: Client, n: int, concurrency: int) -> dict:
@@ -110,12 +140,14 @@ async def w2(client: Client, n: int, mode: str, warmup: int) -> dict:
 
 
 async def main_async(args) -> dict:
-    connector = aiohttp.TCPConnector(limit=args.concurrency if args.what == "w1c" else 1)
+    # W1 collecting from the event stream holds that stream on a second connection.
+    limit = args.concurrency if args.what == "w1c" else 2 if args.collect == "events" else 1
+    connector = aiohttp.TCPConnector(limit=limit)
     async with aiohttp.ClientSession(connector=connector) as session:
         client = Client(session, args.url, args.key)
         if args.what == "w1":
             await client.wait_result(await client.submit({"n": -1}))  # connection warm
-            return await w1(client, args.n)
+            return await w1(client, args.n, args.collect)
         if args.what == "w1c":
             await client.wait_result(await client.submit({"n": -1}))  # connection warm
             return await w1c(client, args.n, args.concurrency)
@@ -131,6 +163,8 @@ def main() -> None:
     p.add_argument("--mode", choices=("blocking", "poll"), default="blocking")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--concurrency", type=int, default=32, help="w1c: requests in flight")
+    p.add_argument("--collect", choices=("events", "poll"), default="events",
+                   help="w1: results from the event stream, or poll?wait= per task")
     args = p.parse_args()
     emit(asyncio.run(main_async(args)))
 

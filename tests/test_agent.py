@@ -613,3 +613,96 @@ def test_cli_serve_without_registration_explains_what_to_do(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "run `register` first" in proc.stderr
+
+
+# ---------------------------------------------------------------- the agent's HTTP client
+
+@pytest.fixture
+async def answering_server(aiohttp_server):
+    """Answers the shapes a server or a proxy in front of it may use: a plain body, a
+    chunked one, one that ends with the connection, and a slow one."""
+    seen = []
+
+    async def plain(request):
+        seen.append((request.method, request.path, await request.read(),
+                     request.headers.get("Authorization")))
+        return web.json_response({"ok": True, "n": len(seen)})
+
+    async def chunked(request):
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for part in (b'{"parts": ', b'[1, 2, ', b'3]}'):
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+    async def closing(request):
+        return web.Response(body=b'{"closed": true}', headers={"Connection": "close"})
+
+    async def slow(request):
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/base/plain", plain)
+    app.router.add_get("/base/chunked", chunked)
+    app.router.add_get("/base/closing", closing)
+    app.router.add_get("/base/slow", slow)
+    server = await aiohttp_server(app)
+    server.seen = seen
+    return server
+
+
+async def test_server_http_speaks_keep_alive_chunked_and_close(answering_server):
+    http = agent.ServerHttp(str(answering_server.make_url("/base/")))
+    try:
+        status, body = await http.request("POST", "/plain", b'{"a": 1}', {"Authorization": "Bearer t"}, 5)
+        assert status == 200 and json.loads(body) == {"ok": True, "n": 1}
+        assert answering_server.seen[0] == ("POST", "/base/plain", b'{"a": 1}', "Bearer t")
+        connection = http.idle[-1]
+        await http.request("POST", "/plain", b"{}", {}, 5)
+        assert http.idle == [connection], "the second request reused the connection"
+        assert json.loads((await http.request("GET", "/chunked", None, {}, 5))[1]) == {"parts": [1, 2, 3]}
+        assert (await http.request("GET", "/closing", None, {}, 5))[1] == b'{"closed": true}'
+        assert http.idle == [], "a connection the server closes is not kept"
+        assert (await http.request("GET", "/missing", None, {}, 5))[0] == 404
+    finally:
+        await http.close()
+
+
+async def test_server_http_retries_an_idle_connection_the_server_closed(aiohttp_server):
+    count = 0
+
+    async def plain(request):
+        nonlocal count
+        count += 1
+        return web.json_response({"n": count})
+
+    app = web.Application()
+    app.router.add_post("/plain", plain)
+    server = await aiohttp_server(app, keepalive_timeout=0.1)
+    http = agent.ServerHttp(str(server.make_url("")))
+    try:
+        await http.request("POST", "/plain", b"{}", {}, 5)
+        _, writer = http.idle[-1]
+        await asyncio.sleep(0.5)  # the server ends the idle keep-alive connection
+        status, body = await http.request("POST", "/plain", b"{}", {}, 5)
+        assert status == 200 and json.loads(body) == {"n": 2}, "sent once, on a new connection"
+        assert writer.is_closing() and len(http.idle) == 1
+    finally:
+        await http.close()
+
+
+async def test_server_http_times_out_and_drops_the_connection(answering_server):
+    http = agent.ServerHttp(str(answering_server.make_url("")))
+    try:
+        with pytest.raises(TimeoutError):
+            await http.request("GET", "/base/slow", None, {}, 0.2)
+        assert http.idle == []
+        with pytest.raises(OSError):
+            await agent.ServerHttp(f"http://127.0.0.1:{free_port()}").request("GET", "/", None, {}, 5)
+        with pytest.raises(ValueError):
+            agent.ServerHttp("localhost:3069")
+    finally:
+        await http.close()

@@ -1,10 +1,12 @@
 """The pure broker, driven with explicit `now`: no event loop, no HTTP, no sleeping."""
+import random
+
 import pytest
 
 from offloadmq import (
     ASSIGNED, COMPLETED, DEFAULT_MAX_RETRIES, FAILED, ONLINE_S, PENDING, RUNNING, TRANSITIONS,
     URGENT_KEEP_S, URGENT_TAKE_S, Broker, Conflict, Forbidden, NotFound, SchedulingImpossible,
-    Unauthenticated, base_capability, parse_submission, pattern_allows,
+    Unauthenticated, base_capability, iso, parse_iso, parse_submission, pattern_allows,
 )
 
 T0 = 1_800_000_000.0
@@ -521,3 +523,15 @@ def test_walking_the_fronts_finds_what_scanning_every_capability_finds():
                 b.touch(uid, now)
             b.expire(now)
     assert len(b.front_heaps.get(False, [])) <= 2 * len(b.fronts) + 65
+
+
+def test_iso_writes_what_datetime_writes_to_the_millisecond():
+    from datetime import datetime, timezone
+    rng = random.Random(7)
+    stamps = [0.0, 0.0005, 0.9999995, 1764627000.9995, 1764627000.0009995, 1790671559.4159994]
+    stamps += [rng.uniform(0, 4e9) for _ in range(20_000)]
+    stamps += [round(rng.uniform(1.7e9, 1.8e9), 3) + rng.choice((0.0, 0.0005, -5e-7)) for _ in range(20_000)]
+    for ts in stamps:
+        expected = datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        assert iso(ts) == expected, ts
+        assert abs(parse_iso(iso(ts)) - ts) < 0.001

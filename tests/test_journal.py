@@ -433,7 +433,7 @@ async def test_shutdown_while_a_compaction_rotates_closes_cleanly(tmp_path):
     rotate = journal._rotate
     journal._rotate = lambda cut: (time.sleep(0.2), rotate(cut))
     compaction = asyncio.ensure_future(journal.compact(b.snapshot, T0 + 1))
-    while journal.rotated is None:
+    while journal.rotation is None:
         await asyncio.sleep(0.01)
     compaction.cancel()
     with pytest.raises(asyncio.CancelledError):
