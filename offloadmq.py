@@ -1687,6 +1687,13 @@ class Journal:
     async def append(self, records: list[dict], on_disk: bool = True) -> None:
         """Queue records for the next flush; with fsync `always` (and `on_disk`), return
         once they are on disk."""
+        waiter = self.enqueue(records, on_disk)
+        if waiter is not None:
+            await waiter
+
+    def enqueue(self, records: list[dict], on_disk: bool = True) -> asyncio.Future | None:
+        """Queue records for the next flush, in order; with fsync `always` (and
+        `on_disk`), a future that is done once they are on disk."""
         for record in records:
             self.seq += 1
             line = encode_record({"seq": self.seq, **record})
@@ -1699,9 +1706,11 @@ class Journal:
             self.waiters.append(waiter)
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-        if waiter is not None:
-            await waiter
+            # One turn of the loop later than it could: the tasks this change wakes (an
+            # agent's long poll taking the task just submitted) run first and join the write.
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self.flush)
+        return waiter
 
     def flush(self) -> None:
         """Group commit: one write, and with fsync `always` one fdatasync, for whatever was
@@ -1876,7 +1885,10 @@ class Hub:
         self.clock = clock
         self.broker = Broker(config.client_api_keys, clock())
         self.journal = Journal(config.data_path, config.fsync, config.crash_at)
-        self.changed = asyncio.Condition()
+        self.changed = asyncio.Condition()  # something changed, and it is on disk
+        # Tasks agents may take changed: a poll that claims one writes its own record after
+        # these, so it need not wait for them to reach the disk (its fdatasync covers both).
+        self.offers_changed = asyncio.Condition()
         self.tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()  # JWT -> (uid, exp)
         self.recovered = False
         self.stopping = False  # set at shutdown: every wait ends so handlers can finish
@@ -1952,9 +1964,13 @@ class Hub:
         finally:
             records = self.broker.take_records()
             self._publish()
-            if records:
-                await self.journal.append(records, on_disk)
-            if self.broker.version != version:
+            on_disk_soon = self.journal.enqueue(records, on_disk) if records else None
+            changed = self.broker.version != version
+            if changed:  # after the enqueue: a take's record must follow these
+                await self.notify(self.offers_changed)
+            if on_disk_soon is not None:
+                await on_disk_soon
+            if changed:
                 await self.notify()
 
     # ---------------------------------------------------------------- events
@@ -2077,17 +2093,20 @@ class Hub:
                                      f'method="{method}",route="{route}"')
         return "\n".join(lines) + "\n"
 
-    async def notify(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
+    async def notify(self, condition: asyncio.Condition | None = None) -> None:
+        for cond in (condition,) if condition else (self.offers_changed, self.changed):
+            async with cond:
+                cond.notify_all()
 
-    async def _wait_until(self, ready: Callable[[], bool], timeout_s: float) -> None:
+    async def _wait_until(self, ready: Callable[[], bool], timeout_s: float,
+                          condition: asyncio.Condition | None = None) -> None:
         """Hold until `ready()` is true or the time is up. `ready` runs with no await
         between its check and what it does, so a check that claims cannot race."""
-        async with self.changed:
+        condition = condition or self.changed
+        async with condition:
             try:
                 async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for
-                    await self.changed.wait_for(lambda: self.stopping or ready())
+                    await condition.wait_for(lambda: self.stopping or ready())
             except TimeoutError:
                 pass
 
@@ -2109,7 +2128,7 @@ class Hub:
             return task is not None
 
         if not ready() and wait_s > 0:
-            await self._wait_until(ready, wait_s)
+            await self._wait_until(ready, wait_s, self.offers_changed)
         if task is not None and gone():  # nobody is left to hand it to
             self.broker.release_offer(task.key, self.clock())
             await self.notify()

@@ -4,7 +4,8 @@
     python -m bench.ours_client w2 --url URL --key KEY --n 1000 --mode blocking|poll
     python -m bench.ours_client w1c --url URL --key KEY --n 5000 --concurrency 32
 Prints one JSON line. Plain aiohttp + orjson, as a user's client would be written: W1 and
-W2 over one keep-alive connection, strictly sequential; W1c (not an issue-6 workload, an
+W2 over one keep-alive connection, strictly sequential (W1 collects the results from the
+event stream on a second connection, or with --collect poll by poll?wait= per task); W1c (not an issue-6 workload, an
 "info" variant) the same 5,000 tasks with a pool of 32 connections and a semaphore keeping
 32 requests in flight, first for the submits, then for the poll?wait= collection."""
 from __future__ import annotations
@@ -87,18 +88,20 @@ async def w1(client: Client, n: int, collect: str) -> dict:
 
 
 async def read_ends(stream: aiohttp.ClientResponse, n: int) -> dict:
-    """Task id -> result from the first n `end` events of an SSE stream."""
-    outputs, kind = {}, None
-    async for line in stream.content:
-        if line.startswith(b"event: "):
-            kind = line[7:].strip()
-        elif line.startswith(b"data: ") and kind == b"end":
-            task = orjson.loads(line[6:])
+    """Task id -> result from the first n `end` events of an SSE stream (read in chunks:
+    the server writes events that come close together at once)."""
+    outputs, pending = {}, b""
+    async for chunk in stream.content.iter_any():
+        *events, pending = (pending + chunk).split(b"\n\n")
+        for event in events:
+            if b"\nevent: end\n" not in event:
+                continue
+            task = orjson.loads(event[event.index(b"\ndata: ") + 7:])
             if task["status"] != "completed":
                 raise RuntimeError(f"task {task['id']} ended {task['status']}")
             outputs[task["id"]["id"]] = task["result"]
-            if len(outputs) == n:
-                break
+        if len(outputs) >= n:
+            break
     return outputs
 
 

@@ -100,3 +100,20 @@ async def test_bad_extension_parameters_are_rejected_before_any_change(client, q
     assert resp.status == 400 and body["error"]["type"] == "bad_request"
     status = await client.get(f"/api/task/poll/debug.echo/{task_id['id']}", headers={"X-API-Key": "ck"})
     assert (await status.json())["status"] == "assigned"
+
+
+async def test_a_waiting_take_shares_the_submits_fdatasync_and_follows_it_on_disk(client, tmp_path):
+    """The agent's long poll wakes before the submit reaches the disk, so its take joins
+    the same write; its answer still waits for that write, which holds both records."""
+    from offloadmq import HUB, decode_record
+    agent, uid = await new_agent(client)
+    journal = client.server.app[HUB].journal
+    poll = asyncio.ensure_future(client.get("/private/agent/task/poll?wait=5&take=1", headers=agent))
+    await asyncio.sleep(0.2)  # the poll is waiting
+    syncs_before = sum(journal.fsync_seconds.counts)
+    task_id = await submit(client, {"n": 1})
+    resp = await poll
+    assert (await resp.json())["id"] == task_id
+    assert sum(journal.fsync_seconds.counts) - syncs_before == 1, "one fdatasync for both records"
+    ops = [decode_record(line)["op"] for line in (tmp_path / "journal.jsonl").read_bytes().splitlines()]
+    assert ops[-2:] == ["task.submitted", "task.assigned"]
