@@ -2410,9 +2410,12 @@ async def handle_task_submit(request: web.Request, client: Client) -> web.Respon
     if idempotency_key is not None and not 0 < len(idempotency_key) <= 255:
         raise BadRequest("Idempotency-Key must be 1 to 255 characters")
     task, created = await hub.submit(data, client.owner, client.max_in_flight, idempotency_key)
-    status = (202 if task.urgent else 201) if created else 200
-    return json_response({"id": task.task_id(), "capability": task.cap, "status": task.status,
-                          "message": "Added to tasks queue"}, status)
+    code = (202 if task.urgent else 201) if created else 200
+    # A new task is answered as submitted: an agent's long poll may already have taken it
+    # while its record reached the disk.
+    return json_response({"id": task.task_id(), "capability": task.cap,
+                          "status": PENDING if created else task.status,
+                          "message": "Added to tasks queue"}, code)
 
 
 async def handle_task_submit_blocking(request: web.Request, client: Client) -> web.Response:
