@@ -111,7 +111,11 @@ async def test_a_waiting_take_shares_the_submits_fdatasync_and_follows_it_on_dis
     poll = asyncio.ensure_future(client.get("/private/agent/task/poll?wait=5&take=1", headers=agent))
     await asyncio.sleep(0.2)  # the poll is waiting
     syncs_before = sum(journal.fsync_seconds.counts)
-    task_id = await submit(client, {"n": 1})
+    submitted = await client.post("/api/task/submit", json={"capability": "debug.echo", "payload": 1},
+                                  headers={"X-API-Key": "ck"})
+    answer = await submitted.json()
+    task_id = answer["id"]
+    assert answer["status"] == "pending", "answered as submitted, though the agent has it already"
     resp = await poll
     assert (await resp.json())["id"] == task_id
     assert sum(journal.fsync_seconds.counts) - syncs_before == 1, "one fdatasync for both records"
