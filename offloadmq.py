@@ -694,7 +694,7 @@ class Broker:
         self.records: list[dict] = []                        # durable records not yet journaled
         self.changes: list[tuple[dict, str | None]] = []     # all records not yet published
         self.version = 0  # counts changes a waiting poll may care about (see Hub.change)
-        self.deferred: set[TaskKey] | None = None  # while loading: tasks to queue at the end
+        self.loading = False  # replaying: queues and counts are built once, at the end
         # The head of every non-empty queue, and per urgency a heap of those heads (with
         # stale entries dropped lazily): how an agent serving many capabilities finds the
         # best task without looking at each of them.
@@ -738,7 +738,9 @@ class Broker:
     def _set_status(self, task: Task, status: str) -> None:
         if status not in TRANSITIONS[task.status]:
             raise Conflict(f"task {task.id} cannot go from {task.status} to {status}")
-        if status != task.status:  # every progress report after the first is running -> running
+        if self.loading:
+            task.status = status
+        elif status != task.status:  # every progress report after the first is running -> running
             self._count(task, -1)
             task.status = status
             self._count(task, +1)
@@ -771,8 +773,7 @@ class Broker:
         if not task.in_heap:
             task.in_heap = True
             self.version += 1
-            if self.deferred is not None:
-                self.deferred.add(task.key)
+            if self.loading:
                 return
             slot = (task.urgent, task.base)
             queue = self.queues.get(slot)
@@ -782,14 +783,18 @@ class Broker:
             self._refresh_front(task.urgent, task.base)
 
     def begin_loading(self) -> None:
-        """Replay queues nothing until `end_loading`: most tasks it sees also end in it."""
-        self.deferred = set()
+        """Replay counts and queues nothing until `end_loading`: most tasks it sees also
+        end in it, and counting each move of each of them costs more than counting once."""
+        self.loading = True
 
     def end_loading(self) -> None:
-        keys, self.deferred = self.deferred or set(), None
-        for key in keys:
-            task = self.tasks.get(key)
-            if task is not None:
+        self.loading = False
+        self.counts.clear()
+        self.pending_by_cap.clear()
+        self.in_flight_by_owner.clear()
+        for task in self.tasks.values():
+            self._count(task, +1)
+            if task.in_heap:  # pushed while loading, and not queued yet
                 task.in_heap = False
                 if task.status == PENDING and task.not_before is None:
                     self._push(task)
@@ -1333,7 +1338,8 @@ class Broker:
     def _add_task(self, task: Task) -> None:
         """A task enters the state (submitted, or loaded from a snapshot)."""
         self.tasks[task.key] = task
-        self._count(task, +1)
+        if not self.loading:
+            self._count(task, +1)
         if task.idempotency_key is not None:
             self.idempotent[(task.owner, task.idempotency_key)] = task.key
         if task.status == PENDING:
