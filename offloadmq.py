@@ -609,7 +609,7 @@ class Histogram:
 # Theory of operation. The Broker holds every task, agent and client key and is the
 # only thing that changes them. It never does I/O, never awaits and never reads the
 # clock: callers pass `now`. Every change is written as a journal record and applied
-# through `apply()` - the same function that replays the journal at start - so the
+# through `apply()` - the same handlers replay the journal at start - so the
 # state after a restart is the state before it by construction. Records of urgent
 # tasks are applied but not kept (urgent tasks live in memory only); the hub takes
 # the durable ones from `records` after each call and journals them.
@@ -1638,44 +1638,55 @@ class Journal:
     def _replay(self, broker: Broker, repair: bool) -> int:
         if not self.path.exists():
             return 0
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        torn = lines.pop()  # empty when the file ends with a whole record
-        pos = replayed = 0
-        apply = broker.apply
-        for lineno, line in enumerate(lines, 1):
-            record = decode_record(line)
-            problem = "bad checksum or JSON" if record is None else None
-            if record is not None and record["seq"] > self.seq:
-                try:
-                    apply(record)
-                    self.seq = record["seq"]
-                    self.records_since_snapshot += 1
+        seq, replayed, lineno, problem, torn = self.seq, 0, 0, None, False
+        # Broker.apply spelled out: a call less for each of up to millions of records.
+        handlers = APPLY
+        # Line by line, not the whole file split at once: a million lines alive together
+        # cost more in fresh memory than reading them in small pieces does.
+        with open(self.path, "rb", buffering=1 << 16) as f:
+            for line in f:
+                lineno += 1
+                if line[-1] != 10:  # no newline: the last line, cut short by a crash
+                    torn = True
+                    break
+                record = decode_record(line)
+                if record is None:
+                    problem = "bad checksum or JSON"
+                    break
+                if record["seq"] > seq:  # else the snapshot holds it already
+                    try:
+                        handlers[record["op"]](broker, record, parse_iso(record["at"]))
+                    except (KeyError, TypeError, ValueError, OffloadError) as err:
+                        problem = f"record does not apply to the state before it ({err!r})"
+                        break
+                    seq = record["seq"]
                     replayed += 1
-                except (KeyError, TypeError, ValueError, OffloadError) as err:
-                    problem = f"record does not apply to the state before it ({err!r})"
-            if problem:
-                if not repair:
-                    raise JournalCorrupt(
-                        f"{self.path}:{lineno}: {problem}. Remedy: restart with --repair to move "
-                        f"line {lineno} and everything after it into a side file, then inspect it")
-                side = self.folder / (f"journal-rejected-{time.strftime('%Y%m%dT%H%M%S')}"
-                                      f"-line{lineno}.jsonl")
-                # The rejected bytes reach the disk before the journal lets go of them.
-                fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    write_all(fd, data[pos:])
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.truncate(self.path, pos)
-                log.warning("JOURNAL %s:%d: %s; moved %d bytes from there on into %s",
-                            self.path, lineno, problem, len(data) - pos, side)
-                return replayed
-            pos += len(line) + 1
-        if torn:  # a crash mid-write: this record was never acknowledged
+            if problem or torn:
+                pos = f.tell() - len(line)  # where that line starts
+                f.seek(pos)
+                rest = f.read()
+        self.seq = seq
+        self.records_since_snapshot += replayed
+        if problem:
+            if not repair:
+                raise JournalCorrupt(
+                    f"{self.path}:{lineno}: {problem}. Remedy: restart with --repair to move "
+                    f"line {lineno} and everything after it into a side file, then inspect it")
+            side = self.folder / (f"journal-rejected-{time.strftime('%Y%m%dT%H%M%S')}"
+                                  f"-line{lineno}.jsonl")
+            # The rejected bytes reach the disk before the journal lets go of them.
+            fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                write_all(fd, rest)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.truncate(self.path, pos)
+            log.warning("JOURNAL %s:%d: %s; moved %d bytes from there on into %s",
+                        self.path, lineno, problem, len(rest), side)
+        elif torn:  # a crash mid-write: this record was never acknowledged
             log.warning("JOURNAL %s: dropping a torn last record of %d bytes at line %d "
-                        "(a crash interrupted its write)", self.path, len(torn), len(lines) + 1)
+                        "(a crash interrupted its write)", self.path, len(rest), lineno)
             os.truncate(self.path, pos)
         return replayed
 
