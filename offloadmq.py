@@ -1641,6 +1641,7 @@ class Journal:
         if not self.path.exists():
             return 0
         seq, replayed, lineno, problem, torn = self.seq, 0, 0, None, False
+        at, now = None, 0.0  # the last record's time: records come in bursts of one time
         # Broker.apply spelled out: a call less for each of up to millions of records.
         handlers = APPLY
         # Line by line, not the whole file split at once: a million lines alive together
@@ -1657,7 +1658,9 @@ class Journal:
                     break
                 if record["seq"] > seq:  # else the snapshot holds it already
                     try:
-                        handlers[record["op"]](broker, record, parse_iso(record["at"]))
+                        if record["at"] != at:
+                            at, now = record["at"], parse_iso(record["at"])
+                        handlers[record["op"]](broker, record, now)
                     except (KeyError, TypeError, ValueError, OffloadError) as err:
                         problem = f"record does not apply to the state before it ({err!r})"
                         break
