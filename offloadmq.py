@@ -738,7 +738,7 @@ class Broker:
     def _set_status(self, task: Task, status: str) -> None:
         if status not in TRANSITIONS[task.status]:
             raise Conflict(f"task {task.id} cannot go from {task.status} to {status}")
-        if self.loading:
+        if self.loading:  # end_loading counts
             task.status = status
         elif status != task.status:  # every progress report after the first is running -> running
             self._count(task, -1)
@@ -788,6 +788,7 @@ class Broker:
         self.loading = True
 
     def end_loading(self) -> None:
+        """Count every task and queue the waiting ones, as the records one by one would."""
         self.loading = False
         self.counts.clear()
         self.pending_by_cap.clear()
@@ -1666,17 +1667,17 @@ class Journal:
                         break
                     seq = record["seq"]
                     replayed += 1
+            self.seq = seq
+            self.records_since_snapshot += replayed
+            if problem and not repair:
+                raise JournalCorrupt(
+                    f"{self.path}:{lineno}: {problem}. Remedy: restart with --repair to move "
+                    f"line {lineno} and everything after it into a side file, then inspect it")
             if problem or torn:
                 pos = f.tell() - len(line)  # where that line starts
                 f.seek(pos)
                 rest = f.read()
-        self.seq = seq
-        self.records_since_snapshot += replayed
         if problem:
-            if not repair:
-                raise JournalCorrupt(
-                    f"{self.path}:{lineno}: {problem}. Remedy: restart with --repair to move "
-                    f"line {lineno} and everything after it into a side file, then inspect it")
             side = self.folder / (f"journal-rejected-{time.strftime('%Y%m%dT%H%M%S')}"
                                   f"-line{lineno}.jsonl")
             # The rejected bytes reach the disk before the journal lets go of them.

@@ -224,6 +224,27 @@ def test_whole_last_record_is_kept(tmp_path, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_records_longer_than_the_read_buffer_replay_whole_or_torn(tmp_path, caplog):
+    """Replay reads the journal in pieces: a record several pieces long (a big log
+    update) replays whole, and is dropped when torn, like any other."""
+    live = Broker(PREDEFINED, T0)
+    uid = live.register_agent(agent_info(["debug.echo"]), T0).uid
+    task = live.submit(submission("debug.echo"), OWNER, None, T0)
+    live.take(uid, task.cap, task.id, T0)
+    live.progress(uid, task.cap, task.id, None, "x" * 300_000, T0 + 1)
+    records = [{"seq": n, **r} for n, r in enumerate(live.take_records(), 1)]
+    write_journal(tmp_path, records)
+    replayed, _, n = replay(tmp_path, now=T0 + 1)
+    assert n == len(records) and view(replayed) == view(live)
+    assert len(replayed.tasks[task.key].log) == 300_000
+    path = write_journal(tmp_path, records[:-1], extra=encode_record(records[-1])[:-1])
+    with caplog.at_level(logging.WARNING, logger="offloadmq"):
+        _, _, n = replay(tmp_path, now=T0 + 1)
+    assert n == len(records) - 1
+    assert path.read_bytes() == b"".join(encode_record(r) for r in records[:-1])
+    assert any("torn last record" in r.getMessage() for r in caplog.records)
+
+
 # ---------------------------------------------------------------- corruption mid-file
 
 def test_garbage_mid_file_refuses_to_start_naming_file_line_and_remedy(tmp_path):
