@@ -28,9 +28,10 @@ def main() -> None:
     written_s = time.perf_counter() - started
     size = (folder / "journal.jsonl").stat().st_size
     rss0 = rss_bytes(os.getpid())
-    replayed, elapsed = time_replay(folder)
+    replayed, elapsed, cpu = time_replay(folder)
     emit({"records": replayed, "tasks": tasks, "bytes": size, "replay_s": elapsed,
-          "records_per_s": replayed / elapsed, "generate_s": written_s,
+          "records_per_s": replayed / elapsed, "replay_cpu_s": cpu,
+          "records_per_cpu_s": replayed / cpu, "generate_s": written_s,
           "rss_growth_mb": (rss_bytes(os.getpid()) - rss0) / 2**20})
     (folder / "journal.jsonl").unlink()
 

@@ -8,6 +8,7 @@ would, and compare what `Journal.recover` rebuilds against the live state.
 import asyncio
 import logging
 import os
+import random
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -17,8 +18,8 @@ import pytest
 
 from conftest import http
 from offloadmq import (
-    Broker, Config, Hub, Journal, JournalCorrupt, decode_record, encode_record, iso,
-    owner_of, parse_submission,
+    PENDING, Broker, Config, Hub, Journal, JournalCorrupt, OffloadError, decode_record,
+    encode_record, iso, owner_of, parse_submission,
 )
 
 T0 = 1_800_000_000.0
@@ -221,6 +222,27 @@ def test_whole_last_record_is_kept(tmp_path, caplog):
         replayed, _, n = replay(tmp_path)
     assert n == len(records) and view(replayed) == view(live)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_records_longer_than_the_read_buffer_replay_whole_or_torn(tmp_path, caplog):
+    """Replay reads the journal in pieces: a record several pieces long (a big log
+    update) replays whole, and is dropped when torn, like any other."""
+    live = Broker(PREDEFINED, T0)
+    uid = live.register_agent(agent_info(["debug.echo"]), T0).uid
+    task = live.submit(submission("debug.echo"), OWNER, None, T0)
+    live.take(uid, task.cap, task.id, T0)
+    live.progress(uid, task.cap, task.id, None, "x" * 300_000, T0 + 1)
+    records = [{"seq": n, **r} for n, r in enumerate(live.take_records(), 1)]
+    write_journal(tmp_path, records)
+    replayed, _, n = replay(tmp_path, now=T0 + 1)
+    assert n == len(records) and view(replayed) == view(live)
+    assert len(replayed.tasks[task.key].log) == 300_000
+    path = write_journal(tmp_path, records[:-1], extra=encode_record(records[-1])[:-1])
+    with caplog.at_level(logging.WARNING, logger="offloadmq"):
+        _, _, n = replay(tmp_path, now=T0 + 1)
+    assert n == len(records) - 1
+    assert path.read_bytes() == b"".join(encode_record(r) for r in records[:-1])
+    assert any("torn last record" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------- corruption mid-file
@@ -612,3 +634,108 @@ def test_replay_queues_only_the_tasks_still_waiting(tmp_path):
     assert sorted(e[0] for e in entries) == [t.id for t in waiting]
     b.touch(uid, T0 + 3)
     assert [b.offer(uid, T0 + 3).id for _ in waiting] == [t.id for t in waiting]
+
+
+# ---------------------------------------------------------------- replay equals apply
+
+def random_run(rng: random.Random, steps: int) -> list[dict]:
+    """A live broker driven by random calls - most tasks run to an end, some wait, fail,
+    retry, get canceled or requeued; agents and keys change too. Its journal records."""
+    b = Broker(PREDEFINED, T0, rng=random.Random(rng.random()))
+    caps = ["debug.echo", "vision[gpu]", "llm.chat"]
+    owners = [OWNER, owner_of("ck-pre")]
+    t = T0
+    for _ in range(3):
+        b.register_agent(agent_info(rng.sample(caps, rng.randint(1, 3)), capacity=5), t)
+    for _ in range(steps):
+        t += rng.choice((0.0, 0.001, 0.001, 0.5, 7.0))
+        agents, tasks = list(b.agents), list(b.tasks.values())
+        uid = rng.choice(agents) if agents else None
+        held = [key for a in b.agents.values() for key in sorted(a.held)]
+        task = b.tasks[rng.choice(held)] if held and rng.random() < 0.8 \
+            else rng.choice(tasks) if tasks else None
+        roll = rng.random()
+        try:
+            if roll < 0.25:
+                extras = rng.choice(({}, {}, {"priority": rng.randint(0, 9)},
+                                     {"restartable": True, "retryDelaySecs": rng.choice((0, 2))},
+                                     {"delaySecs": 3}, {"runAt": iso(t + 1)}, {"timeoutSecs": 20},
+                                     {"maxWaitSecs": 30}, {"maxRetries": 0, "restartable": True}))
+                data = parse_submission({"capability": rng.choice(caps),
+                                         "payload": {"n": rng.random()}, **extras})
+                b.submit(data, rng.choice(owners), None, t, rng.choice((None, None, "idem")))
+            elif roll < 0.45 and uid:
+                b.touch(uid, t)
+                offered = b.offer(uid, t)
+                if offered is not None and rng.random() < 0.9:
+                    b.take(uid, offered.cap, offered.id, t)
+            elif roll < 0.55 and task:
+                b.take(uid, task.cap, task.id, t)  # without a poll: leaves a stale queue entry
+            elif roll < 0.65 and task:
+                b.progress(task.agent_id or uid, task.cap, task.id, rng.choice((None, "s")),
+                           rng.choice((None, "", "line\n")), t)
+            elif roll < 0.85 and task:
+                b.resolve(task.agent_id or uid, task.cap, task.id,
+                          rng.choice(("success", "success", "failure", "notExecuted")),
+                          "why", rng.choice((None, {"out": 1})), t)
+            elif roll < 0.9 and task:
+                b.cancel(task.cap, task.id, task.owner, t)
+            elif roll < 0.93 and task:
+                b.requeue(task.cap, task.id, t)
+            elif roll < 0.95 and uid:
+                b.drain_agent(uid, rng.random() < 0.5, t)
+            elif roll < 0.96 and uid:
+                b.update_agent(uid, agent_info(rng.sample(caps, 2), capacity=3), t)
+            elif roll < 0.965 and uid:
+                b.delete_agent(uid, t)
+                b.register_agent(agent_info(caps, capacity=5), t)
+            elif roll < 0.975:
+                b.update_key(rng.choice(("ck-new", "ck-pre")), ["*"], rng.choice((None, 9)), t)
+            elif roll < 0.976:
+                b.reset_tasks(t)
+            else:
+                b.expire(t)
+        except OffloadError:
+            pass  # refused: changes nothing, journals nothing
+    return [{"seq": n, **r} for n, r in enumerate(b.take_records(), 1)]
+
+
+def full_state(b: Broker) -> dict:
+    """view() plus what replay rebuilds besides the durable records: in-flight counts,
+    idempotency index, timers and the tasks each ready queue would hand out."""
+    def live(entry: tuple[str, str]) -> bool:  # Broker._live without dropping stale entries
+        task = b.tasks.get((entry[1], entry[0]))
+        return task is not None and task.status == PENDING and task.in_heap \
+            and task.not_before is None
+
+    ready = {slot: sorted((prio, owner, entry) for prio, turns in q.levels.items()
+                          for owner, heap in turns.items() for entry in heap if live(entry))
+             for slot, q in b.queues.items()}
+    return {**view(b), "ready": {slot: entries for slot, entries in ready.items() if entries},
+            "in_flight": {o: n for o, n in b.in_flight_by_owner.items() if n},
+            "idempotent": b.idempotent, "timers": sorted(b.timers),
+            "offered": {uid: a.offered for uid, a in b.agents.items()}}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_replay_builds_the_state_that_applying_each_record_builds(tmp_path, seed):
+    """Replay takes shortcuts (counts and queues built once at the end); the state must
+    be the one that applying the records one by one, as the live broker did, gives."""
+    rng = random.Random(seed)
+    records = random_run(rng, 1500)
+    assert {"task.completed", "task.failed", "task.requeued", "task.revived"} <= {
+        r["op"] for r in records}
+    reference = Broker(PREDEFINED, T0)
+    for record in records:
+        reference.apply(record)
+    write_journal(tmp_path, records)
+    b = Broker(PREDEFINED, T0)
+    journal = Journal(tmp_path, "always")
+    assert journal.recover(b) == len(records)
+    os.close(journal.fd)
+    assert full_state(b) == full_state(reference)
+    assert any(b.queues.values()) and b.timers, "the run must leave work behind"
+    for now in (T0 + 3600, T0 + 7200):  # and time passing treats both alike
+        b.expire(now)
+        reference.expire(now)
+        assert full_state(b) == full_state(reference)
