@@ -460,6 +460,7 @@ class Task:
     assigned_at: float | None = None
     ended_at: float | None = None
     queued_at: float = 0.0  # when it last became pending (urgent expiry counts from here)
+    timeout_from: float | None = None  # timeoutSecs counts from here: creation, or a requeue
     not_before: float | None = None  # pending but not handed out before this (delay, retry)
     cancel_requested_at: float | None = None
     cancel_reason: str | None = None  # "canceled" or "timeout"
@@ -496,6 +497,7 @@ class Task:
                 "createdAt": self.created_at, "status": self.status, "agentId": self.agent_id,
                 "assignedAt": self.assigned_at, "endedAt": self.ended_at,
                 "queuedAt": self.queued_at, "notBefore": self.not_before,
+                "timeoutFrom": self.timeout_from,
                 "cancelRequestedAt": self.cancel_requested_at, "cancelReason": self.cancel_reason,
                 "lastAgent": self.last_agent, "declined": self.declined,
                 "idempotencyKey": self.idempotency_key,
@@ -508,7 +510,8 @@ class Task:
         return cls(cap=r["cap"], id=r["id"], data=r["data"], owner=r["owner"],
                    created_at=r["createdAt"], status=r["status"], agent_id=r["agentId"],
                    assigned_at=r["assignedAt"], ended_at=r["endedAt"], queued_at=r["queuedAt"],
-                   not_before=r["notBefore"], cancel_requested_at=r["cancelRequestedAt"],
+                   not_before=r["notBefore"], timeout_from=r.get("timeoutFrom"),
+                   cancel_requested_at=r["cancelRequestedAt"],
                    cancel_reason=r["cancelReason"], last_agent=r["lastAgent"],
                    declined=r.get("declined", False),
                    idempotency_key=r.get("idempotencyKey"), body_digest=r.get("bodyDigest"),
@@ -748,6 +751,8 @@ class Broker:
     def _set_status(self, task: Task, status: str) -> None:
         if status not in TRANSITIONS[task.status]:
             raise Conflict(f"task {task.id} cannot go from {task.status} to {status}")
+        if task.status == PENDING:  # live, a wait ends with a timer that replay does not run
+            task.not_before = None
         if self.loading:  # end_loading counts
             task.status = status
         elif status != task.status:  # every progress report after the first is running -> running
@@ -1238,6 +1243,8 @@ class Broker:
 
     def _on_timeout_timer(self, task: Task, now: float, anchor: Any) -> None:
         limit = task.data["timeoutSecs"]
+        if anchor != task.timeout_from:  # set before a requeue restarted the clock
+            return
         if task.status == PENDING:
             self._drop_offer(task.key)
             self._emit_task("task.failed", task, now, reason=f"timeout: not done within {limit:g} s")
@@ -1363,7 +1370,12 @@ class Broker:
                 self._timer(task.cancel_requested_at + CANCEL_GRACE_S, "grace", task,
                             task.cancel_requested_at)
         if "timeoutSecs" in task.data and task.status not in ENDED:
-            self._timer(task.created_at + task.data["timeoutSecs"], "timeout", task)
+            self._timeout_timer(task)
+
+    def _timeout_timer(self, task: Task) -> None:
+        if task.timeout_from is None:
+            task.timeout_from = task.created_at
+        self._timer(task.timeout_from + task.data["timeoutSecs"], "timeout", task, task.timeout_from)
 
     def _on_agent_registered(self, r: dict, now: float) -> None:
         self._add_agent(r["agent"])
@@ -1478,6 +1490,9 @@ class Broker:
         task.attempts = 0
         task.history.append((now, "requeued by management"))
         self._enqueue(task, now)
+        if "timeoutSecs" in task.data:  # a fresh allowance, or a timed-out task fails again at once
+            task.timeout_from = now
+            self._timeout_timer(task)
 
     def _on_tasks_reset(self, r: dict, now: float) -> None:
         self.tasks.clear()

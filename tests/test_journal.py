@@ -19,7 +19,7 @@ import pytest
 from conftest import http
 from offloadmq import (
     PENDING, Broker, Config, Hub, Journal, JournalCorrupt, OffloadError, decode_record,
-    encode_record, iso, owner_of, parse_submission,
+    encode_record, iso, owner_of, parse_iso, parse_submission,
 )
 
 T0 = 1_800_000_000.0
@@ -638,9 +638,10 @@ def test_replay_queues_only_the_tasks_still_waiting(tmp_path):
 
 # ---------------------------------------------------------------- replay equals apply
 
-def random_run(rng: random.Random, steps: int) -> list[dict]:
+def random_run(rng: random.Random, steps: int) -> tuple[list[dict], Broker]:
     """A live broker driven by random calls - most tasks run to an end, some wait, fail,
-    retry, get canceled or requeued; agents and keys change too. Its journal records."""
+    retry, get canceled or requeued; agents and keys change too. Its journal records,
+    and the broker."""
     b = Broker(PREDEFINED, T0, rng=random.Random(rng.random()))
     caps = ["debug.echo", "vision[gpu]", "llm.chat"]
     owners = [OWNER, owner_of("ck-pre")]
@@ -697,7 +698,33 @@ def random_run(rng: random.Random, steps: int) -> list[dict]:
                 b.expire(t)
         except OffloadError:
             pass  # refused: changes nothing, journals nothing
-    return [{"seq": n, **r} for n, r in enumerate(b.take_records(), 1)]
+    return [{"seq": n, **r} for n, r in enumerate(b.take_records(), 1)], b
+
+
+def settled(state: dict, now: float) -> dict:
+    """A view with the waits that are over by `now` dropped: live, a timer ended them;
+    after a restart, the first tick does (timers are not journaled)."""
+    for task in state["tasks"]:
+        if task["status"] == "pending" and task["notBefore"] is not None and task["notBefore"] <= now:
+            task["notBefore"] = None
+    return state
+
+
+def test_a_requeued_timed_out_task_gets_its_timeout_again_from_the_requeue(tmp_path):
+    b = Broker(PREDEFINED, T0)
+    task = b.submit(parse_submission({"capability": "debug.echo", "timeoutSecs": 20}), OWNER, None, T0)
+    b.expire(T0 + 21)
+    assert task.status == "failed"
+    b.requeue(task.cap, task.id, T0 + 100)
+    b.expire(T0 + 110)
+    assert task.status == "pending", "not failed again at once by the first timeout"
+    write_journal(tmp_path, [{"seq": n, **r} for n, r in enumerate(b.take_records(), 1)])
+    again, _, _ = replay(tmp_path, now=T0 + 110)
+    assert view(again) == view(b), "nor after a restart"
+    for broker in (b, again):
+        broker.expire(T0 + 121)
+    assert again.tasks[task.key].status == task.status == "failed"
+    assert view(again) == view(b)
 
 
 def full_state(b: Broker) -> dict:
@@ -722,7 +749,7 @@ def test_replay_builds_the_state_that_applying_each_record_builds(tmp_path, seed
     """Replay takes shortcuts (counts and queues built once at the end); the state must
     be the one that applying the records one by one, as the live broker did, gives."""
     rng = random.Random(seed)
-    records = random_run(rng, 1500)
+    records, live = random_run(rng, 1500)
     assert {"task.completed", "task.failed", "task.requeued", "task.revived"} <= {
         r["op"] for r in records}
     reference = Broker(PREDEFINED, T0)
@@ -734,8 +761,11 @@ def test_replay_builds_the_state_that_applying_each_record_builds(tmp_path, seed
     assert journal.recover(b) == len(records)
     os.close(journal.fd)
     assert full_state(b) == full_state(reference)
+    last = max(parse_iso(r["at"]) for r in records)
+    assert settled(view(b), last) == settled(view(live), last), \
+        "what was live before the restart is there after it"
     assert any(b.queues.values()) and b.timers, "the run must leave work behind"
     for now in (T0 + 3600, T0 + 7200):  # and time passing treats both alike
-        b.expire(now)
-        reference.expire(now)
+        for broker in (b, reference):
+            broker.expire(now)
         assert full_state(b) == full_state(reference)
