@@ -1927,6 +1927,9 @@ class Hub:
         # Tasks agents may take changed: a poll that claims one writes its own record after
         # these, so it need not wait for them to reach the disk (its fdatasync covers both).
         self.offers_changed = asyncio.Condition()
+        # Clients waiting for one task to end (poll?wait=, submit_blocking): woken by that
+        # task alone, not by every change (with many waiting, that costs each change dearly).
+        self.end_waiters: dict[TaskKey, list[asyncio.Future]] = {}
         self.tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()  # JWT -> (uid, exp)
         self.recovered = False
         self.stopping = False  # set at shutdown: every wait ends so handlers can finish
@@ -1959,6 +1962,7 @@ class Hub:
     async def release_waiters(self) -> None:
         """Shutdown: long polls and event streams answer now instead of holding it up."""
         self.stopping = True
+        self._wake_ended(list(self.end_waiters))
         await self.notify()
 
     async def stop(self) -> None:
@@ -2001,23 +2005,35 @@ class Hub:
             return method(*args, now=self.clock(), **kwargs)
         finally:
             records = self.broker.take_records()
-            self._publish()
+            ended = self._publish()
             on_disk_soon = self.journal.enqueue(records, on_disk) if records else None
             changed = self.broker.version != version
             if changed:  # after the enqueue: a take's record must follow these
                 await self.notify(self.offers_changed)
             if on_disk_soon is not None:
                 await on_disk_soon
+            if ended:
+                self._wake_ended(ended)
             if changed:
                 await self.notify()
 
+    def _wake_ended(self, keys: list[TaskKey]) -> None:
+        for key in keys:
+            for waiter in self.end_waiters.pop(key, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+
     # ---------------------------------------------------------------- events
 
-    def _publish(self) -> None:
+    def _publish(self) -> list[TaskKey]:
         """Turn the broker's changes into events: `status` on every transition, `log`
-        with each log delta, `end` with the final task; management also sees agents."""
+        with each log delta, `end` with the final task; management also sees agents.
+        Returns the tasks that ended or went away, for their waiters."""
+        ended: list[TaskKey] = []
         for record, before in self.broker.take_changes():
             op = record["op"]
+            if op == "tasks.reset":
+                ended += self.end_waiters
             if op.startswith("agent") or op == "tasks.reset":
                 self._event(None, None, "agent" if op.startswith("agent") else "reset",
                             {"op": op, "uid": record.get("uid") or record.get("agent", {}).get("uid")},
@@ -2037,6 +2053,8 @@ class Hub:
                             {"id": task.task_id(), "log": record.get("log") or "", "stage": task.stage})
             if task.status in ENDED and before not in ENDED:
                 self._event(task.owner, task.key, "end", task.assigned_json())
+                ended.append(task.key)
+        return ended
 
     @staticmethod
     def _status_event(task: Task, op: str) -> dict:
@@ -2176,11 +2194,22 @@ class Hub:
         return task
 
     async def wait_for_end(self, task: Task, wait_s: float) -> None:
-        def ended() -> bool:
-            return task.status in ENDED or self.broker.tasks.get(task.key) is not task
-
-        if not ended() and wait_s > 0:
-            await self._wait_until(ended, wait_s)
+        if task.status in ENDED or self.broker.tasks.get(task.key) is not task \
+                or wait_s <= 0 or self.stopping:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self.end_waiters.setdefault(task.key, []).append(waiter)
+        try:
+            async with asyncio.timeout(wait_s):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:  # timed out, or the client went away
+            waiters = self.end_waiters.get(task.key, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self.end_waiters[task.key]
 
     async def resolve_and_next(self, uid: str, cap: str, task_id: str, outcome: str,
                                message: str | None, output: Any, wait_s: float,
