@@ -1594,6 +1594,16 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """A new file with `data`, on disk before this returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -1705,12 +1715,7 @@ class Journal:
             side = self.folder / (f"journal-rejected-{time.strftime('%Y%m%dT%H%M%S')}"
                                   f"-line{lineno}.jsonl")
             # The rejected bytes reach the disk before the journal lets go of them.
-            fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                write_all(fd, rest)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_synced(side, rest)
             os.truncate(self.path, pos)
             log.warning("JOURNAL %s:%d: %s; moved %d bytes from there on into %s",
                         self.path, lineno, problem, len(rest), side)
@@ -1833,12 +1838,7 @@ class Journal:
 
     def _write_snapshot(self, data: bytes) -> None:
         tmp = self.snapshot_path.with_name(SNAPSHOT_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(tmp, data)
         self._crash_point("snapshot-written")
         os.replace(tmp, self.snapshot_path)
         fsync_folder(self.folder)
@@ -1859,12 +1859,7 @@ class Journal:
             f.seek(cut)
             tail = f.read()
         tmp = self.path.with_name(JOURNAL_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            write_all(fd, tail)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(tmp, tail)
         self._crash_point("journal-written")
         os.replace(tmp, self.path)
         fsync_folder(self.folder)
