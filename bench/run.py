@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """OffloadMQ benchmark: issue 6's workloads for us and for the peers, in one run, one table.
 
-    .venv/bin/python bench/run.py                 # the full run (10-14 minutes)
+    .venv/bin/python bench/run.py                 # the full run (about 8 minutes)
     .venv/bin/python bench/run.py --quick         # a smoke run (about 1 minute)
     .venv/bin/python bench/run.py --only ours,l0 --profile /tmp/prof --trace
 
