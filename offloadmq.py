@@ -2009,8 +2009,8 @@ class Hub:
                 await on_disk_soon
             if ended:
                 self._wake_ended(ended)
-            if changed:
-                await self.notify()
+            if changed:  # agents' polls heard of it above
+                await self.notify(self.changed)
 
     def _wake_ended(self, keys: list[TaskKey]) -> None:
         for key in keys:

@@ -706,3 +706,18 @@ async def test_server_http_times_out_and_drops_the_connection(answering_server):
             agent.ServerHttp("localhost:3069")
     finally:
         await http.close()
+
+
+@pytest.mark.parametrize("command", ["register", "serve"])
+def test_a_server_url_without_scheme_is_refused_clearly(tmp_path, command):
+    config = tmp_path / "agent.json"
+    if command == "serve":
+        config.write_text(json.dumps({"server": "localhost:3069", "agentId": "a", "key": "k",
+                                      "capabilities": ["debug.echo"], "tier": 0, "capacity": 1}))
+        argv = ["serve", "--config", str(config)]
+    else:
+        argv = ["register", "--server", "localhost:3069", "--key", "k", "--config", str(config)]
+    done = subprocess.run([sys.executable, str(ROOT / "offload_agent.py"), *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "http(s)://host[:port]" in done.stderr and "Traceback" not in done.stderr
