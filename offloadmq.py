@@ -73,7 +73,6 @@ class Config:
     jwt_lifetime_s: int = 7 * 24 * 3600
     blocking_hold_s: float = 300.0
     repair: bool = False
-    crash_at: str = ""  # test hook (OFFLOADMQ_CRASH_AT): die at this compaction step
     metrics_public: bool = False  # /metrics without the management token
     static_path: Path = Path(__file__).resolve().parent / "static"
     # Names of secrets generated at this start, so main() can print them once.
@@ -103,6 +102,30 @@ def split_keys(value: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in value.replace(":", ",").split(",") if k.strip())
 
 
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """A new file with `data`, on disk before this returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def load_secrets(data_path: Path, settings: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
     """Fill unset secrets from data/secrets.json, generating (and saving, mode 0600) the
     missing ones. There is no built-in default secret: each install gets its own."""
@@ -117,15 +140,12 @@ def load_secrets(data_path: Path, settings: dict[str, str]) -> tuple[dict[str, s
             stored[name] = prefix + secrets.token_urlsafe(32)
             generated.append(name)
         settings[name] = stored[name]
-    if generated:
+    if generated:  # on disk before use: a lost secret would orphan every agent and key
         data_path.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(orjson.dumps(stored, option=orjson.OPT_INDENT_2))
-            f.flush()
-            os.fsync(f.fileno())  # a lost secret would orphan every agent and key
+        write_synced(tmp, orjson.dumps(stored, option=orjson.OPT_INDENT_2))
         os.replace(tmp, path)
+        fsync_folder(data_path)
     return settings, tuple(generated)
 
 
@@ -165,7 +185,6 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         fsync=fsync,
         compact_bytes=int(compact_mb * 1024 * 1024),
         repair=args.repair,
-        crash_at=settings.get("OFFLOADMQ_CRASH_AT", ""),
         metrics_public=args.metrics_public or settings.get("OFFLOADMQ_METRICS_PUBLIC", "") in ("1", "true"),
         generated=generated,
     )
@@ -217,10 +236,6 @@ class NotFound(OffloadError):
 
 class Conflict(OffloadError):
     status, type = 409, "conflict"
-
-
-class PayloadTooLarge(OffloadError):
-    status, type = 413, "payload_too_large"
 
 
 class SchedulingImpossible(OffloadError):
@@ -1586,30 +1601,6 @@ def decode_record(line: bytes) -> dict | None:
     return record
 
 
-def fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    """A new file with `data`, on disk before this returns."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def fatal(message: str, *args: Any) -> None:
     """Never keep serving on a journal that may have lost acknowledged writes."""
     log.critical(message + "; stopping now", *args)
@@ -1618,12 +1609,11 @@ def fatal(message: str, *args: Any) -> None:
 
 
 class Journal:
-    def __init__(self, folder: Path, fsync: str = "always", crash_at: str = ""):
+    def __init__(self, folder: Path, fsync: str = "always"):
         self.folder = folder
         self.path = folder / JOURNAL_FILE
         self.snapshot_path = folder / SNAPSHOT_FILE
         self.fsync = fsync
-        self.crash_at = crash_at          # test hook: die at this compaction step
         self.seq = 0                      # last sequence number handed out
         self.snapshot_seq = 0
         self.fd = -1
@@ -1657,16 +1647,8 @@ class Journal:
                     "a backup; the server will not guess which tasks existed") from err
             self.seq = self.snapshot_seq = snap["seq"]
             self.last_compaction_at = parse_iso(snap["at"])
-        # The cyclic GC would rescan the growing state again and again while replay
-        # only adds to it (and makes next to no cyclic garbage): keep it off, then
-        # freeze the survivors so later collections skip them too.
-        gc.disable()
-        try:
-            replayed = self._replay(broker, repair)
-            broker.end_loading()
-        finally:
-            gc.freeze()
-            gc.enable()
+        replayed = self._replay(broker, repair)
+        broker.end_loading()
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.size = self.end_offset = os.fstat(self.fd).st_size
         fsync_folder(self.folder)
@@ -1794,9 +1776,9 @@ class Journal:
 
     # ---------------------------------------------------------------- compaction
 
-    def _crash_point(self, step: str) -> None:
-        if self.crash_at == step:
-            os._exit(99)
+    def step_done(self, step: str) -> None:
+        """Called after each step of a compaction (in the forked writer for the snapshot
+        steps): the crash tests run the server with this replaced by a `kill -9` there."""
 
     async def compact(self, snapshot: Callable[[], dict], now: float) -> None:
         """Write the state `snapshot()` returns and start a fresh journal. Like Redis'
@@ -1824,8 +1806,6 @@ class Journal:
                     os._exit(code)
             _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
             code = os.waitstatus_to_exitcode(status)
-            if code == 99:  # the test hook crashed the child mid-compaction: crash with it
-                os._exit(99)
             if code != 0:
                 fatal("writing snapshot %s failed (writer exited with %d)", self.snapshot_path, code)
         self.flush()  # records up to now go into the old file, and so into the tail copied
@@ -1839,10 +1819,10 @@ class Journal:
     def _write_snapshot(self, data: bytes) -> None:
         tmp = self.snapshot_path.with_name(SNAPSHOT_FILE + ".tmp")
         write_synced(tmp, data)
-        self._crash_point("snapshot-written")
+        self.step_done("snapshot-written")
         os.replace(tmp, self.snapshot_path)
         fsync_folder(self.folder)
-        self._crash_point("snapshot-renamed")
+        self.step_done("snapshot-renamed")
 
     async def _rotation(self, cut: int) -> None:
         try:
@@ -1860,10 +1840,10 @@ class Journal:
             tail = f.read()
         tmp = self.path.with_name(JOURNAL_FILE + ".tmp")
         write_synced(tmp, tail)
-        self._crash_point("journal-written")
+        self.step_done("journal-written")
         os.replace(tmp, self.path)
         fsync_folder(self.folder)
-        self._crash_point("journal-renamed")
+        self.step_done("journal-renamed")
         os.close(self.fd)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.size = len(tail)
@@ -1917,7 +1897,7 @@ class Hub:
         self.config = config
         self.clock = clock
         self.broker = Broker(config.client_api_keys, clock())
-        self.journal = Journal(config.data_path, config.fsync, config.crash_at)
+        self.journal = Journal(config.data_path, config.fsync)
         self.changed = asyncio.Condition()  # something changed, and it is on disk
         # Tasks agents may take changed: a poll that claims one writes its own record after
         # these, so it need not wait for them to reach the disk (its fdatasync covers both).
@@ -3423,11 +3403,18 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(argv)
     print_first_start(config)
     hub = Hub(config)
+    # The cyclic GC would rescan the growing state again and again while replay only
+    # adds to it (and makes next to no cyclic garbage): keep it off, then freeze the
+    # survivors so later collections skip them too.
+    gc.disable()
     try:
         hub.recover()
     except JournalCorrupt as err:
         log.critical("cannot start: %s", err)
         sys.exit(2)
+    finally:
+        gc.freeze()
+        gc.enable()
     log.info("OffloadMQ %s on http://%s:%d (data in %s, fsync %s)", __version__,
              config.host, config.port, config.data_path, config.fsync)
     web.run_app(create_app(config, hub), host=config.host, port=config.port,

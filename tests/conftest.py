@@ -44,8 +44,9 @@ def http(method, url, body=None, headers=None, timeout=30):
 class ServerProcess:
     """`python offloadmq.py` as a child process; stopped by its pid."""
 
-    def __init__(self, data_dir: Path, extra_env=None, extra_args=()):
+    def __init__(self, data_dir: Path, extra_env=None, extra_args=(), script=None):
         self.data = Path(data_dir)
+        self.script = script or ROOT / "offloadmq.py"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.agent_key = "ak-" + secrets.token_hex(8)
@@ -67,7 +68,7 @@ class ServerProcess:
         env.update(self.extra_env)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "offloadmq.py"), "--host", "127.0.0.1",
+            [sys.executable, str(self.script), "--host", "127.0.0.1",
              "--port", str(self.port), "--data", str(self.data), *self.extra_args],
             cwd=str(self.data.parent), env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
@@ -123,8 +124,8 @@ def make_server(tmp_path):
     """Factory for tests that need custom env/args or several restarts."""
     started = []
 
-    def factory(extra_env=None, extra_args=(), data_dir=None):
-        srv = ServerProcess(data_dir or tmp_path / "data", extra_env, extra_args)
+    def factory(extra_env=None, extra_args=(), data_dir=None, script=None):
+        srv = ServerProcess(data_dir or tmp_path / "data", extra_env, extra_args, script)
         started.append(srv)
         return srv
 
