@@ -256,19 +256,28 @@ PENDING, ASSIGNED, RUNNING = "pending", "assigned", "running"
 COMPLETED, FAILED, CANCELED = "completed", "failed", "canceled"
 ENDED = frozenset({COMPLETED, FAILED, CANCELED})
 
-# Legal moves of the task state machine; anything else raises and changes nothing.
-# (`queued` and `starting` exist in the original's vocabulary but are never entered.)
-# Failed and canceled tasks go back to pending only by a management requeue.
-TRANSITIONS: dict[str, frozenset[str]] = {
-    PENDING: frozenset({ASSIGNED, FAILED, CANCELED}),
-    ASSIGNED: frozenset({RUNNING, COMPLETED, FAILED, CANCELED, PENDING}),
-    RUNNING: frozenset({RUNNING, COMPLETED, FAILED, CANCELED, PENDING}),
-    COMPLETED: frozenset(),
-    FAILED: frozenset({PENDING}),
-    CANCELED: frozenset({PENDING}),
+# The task state machine, one row per operation on an existing task: the states it may
+# start from and the state it leaves the task in (None: the status stays). Every task
+# record goes through it, live and at replay; from any other state it raises and
+# changes nothing. (`queued` and `starting` exist in the original's vocabulary but are
+# never entered.) Failed and canceled tasks go back to pending only by a management requeue.
+_LIVE, _HELD = frozenset({PENDING, ASSIGNED, RUNNING}), frozenset({ASSIGNED, RUNNING})
+TASK_MOVES: dict[str, tuple[frozenset[str], str | None]] = {
+    "task.assigned": (frozenset({PENDING}), ASSIGNED),
+    "task.progressed": (_HELD, RUNNING),
+    "task.completed": (_HELD, COMPLETED),
+    "task.failed": (_LIVE, FAILED),
+    "task.canceled": (_LIVE, CANCELED),
+    "task.cancel_requested": (_HELD, None),
+    "task.retried": (_HELD, PENDING),                    # a failed attempt, tried again
+    "task.released": (frozenset({ASSIGNED}), PENDING),   # never started, and its agent lost it
+    "task.requeued": (frozenset({FAILED, CANCELED}), PENDING),  # by management
 }
 
-ONLINE_S = 120.0          # an agent is online while its last contact is this recent
+ONLINE_S = 120.0          # an agent is online while its last contact is this recent...
+HEARTBEATS_MISSED = 3     # ...or, if it declared heartbeatSecs, while it missed fewer beats
+MAX_HEARTBEAT_S = 60.0
+HOLD_GRACE_S = 5.0        # a ping's holding list releases only tasks assigned before this
 URGENT_TAKE_S = 60.0      # an urgent task nobody takes within this fails as expired
 URGENT_KEEP_S = 600.0     # an ended urgent task stays pollable this long
 OFFER_S = 15.0            # a polled task is held for its agent this long before `take`
@@ -280,6 +289,26 @@ DEFAULT_RETRY_DELAY_S = 5.0
 MAX_RETRY_DELAY_S = 600.0
 LOG_KEEP_CHARS = 1 << 20  # the server keeps the last 1 MiB of a task's log
 CAP_MAX_CHARS = 256
+# orjson writes at most 255 levels of nesting, and the server puts a body's values at
+# most this many levels down in what it writes (snapshot, listing, events): deeper bodies
+# are refused when read, so everything accepted can be written.
+MAX_NESTING = 255
+RECORD_WRAP = 5
+MAX_BODY_DEPTH = MAX_NESTING - RECORD_WRAP
+
+
+def nesting(value: Any) -> int:
+    """Levels of nesting of a JSON value: 0 for a scalar, 1 for [] or {}."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_NESTING:  # deeper is too deep anyway
+            level.extend((child, depth + 1) for child in children)
+    return deepest
 
 TaskKey = tuple[str, str]  # (capability, id)
 
@@ -287,9 +316,11 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 class UlidFactory:
-    """ULIDs whose string order is creation order, even within one millisecond."""
+    """ULIDs whose string order is creation order, even within one millisecond.
+    `randbits(n)` supplies the random part (tests pass a seeded one)."""
 
-    def __init__(self):
+    def __init__(self, randbits: Callable[[int], int] = random.SystemRandom().getrandbits):
+        self.randbits = randbits
         self.last_ms = -1
         self.last_rand = 0
 
@@ -298,7 +329,7 @@ class UlidFactory:
         if ms <= self.last_ms:  # same millisecond (or clock stepped back): count up
             ms, rand = self.last_ms, self.last_rand + 1
         else:
-            rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for counting up
+            rand = self.randbits(79)  # of 80 bits: headroom for counting up
         self.last_ms, self.last_rand = ms, rand
         value = (ms << 80) | rand
         return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -5, -5))
@@ -360,108 +391,6 @@ def owner_of(key: str) -> str:
 
 MGMT_OWNER = "management"
 
-_FILE_REF_FIELDS = ("path", "get", "gitClone", "httpLogin", "httpPassword", "httpAuthHeader")
-
-
-def _file_refs(value: Any, name: str) -> list[dict]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise BadRequest(f"{name} must be a list of file references")
-    refs = []
-    for i, ref in enumerate(value):
-        if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or not ref["path"]:
-            raise BadRequest(f"{name}[{i}] must be an object with a non-empty string 'path'")
-        for key in _FILE_REF_FIELDS:
-            if ref.get(key) is not None and not isinstance(ref[key], str):
-                raise BadRequest(f"{name}[{i}].{key} must be a string")
-        if ref.get("customHeader") is not None and not isinstance(ref["customHeader"], dict):
-            raise BadRequest(f"{name}[{i}].customHeader must be an object")
-        refs.append({k: v for k, v in ref.items() if v is not None})
-    return refs
-
-
-def _flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise BadRequest(f"{name} must be true or false")
-    return value
-
-
-def _number(body: dict, name: str, low: float, high: float, integer: bool = False) -> Any:
-    value = body[name]
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
-            or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise BadRequest(f"{name} must be {kind} from {low:g} to {high:g}")
-    return value
-
-
-# Lifecycle extensions of a submission: name -> (low, high, integer).
-SUBMIT_LIMITS = {
-    "priority": (0, 9, True),
-    "maxRetries": (0, 100, True),
-    "retryDelaySecs": (0, MAX_RETRY_DELAY_S, False),
-    "maxWaitSecs": (0.001, 366 * 86400, False),
-    "timeoutSecs": (0.001, 366 * 86400, False),
-    "runtimeSecs": (0.001, 366 * 86400, False),
-    "delaySecs": (0, 366 * 86400, False),
-}
-
-
-def parse_submission(body: Any) -> dict:
-    """A TaskSubmissionRequest as stored and handed to agents (never with its apiKey).
-    Extension fields appear only when the client sent them, so original agents see the
-    original shape."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    data = {
-        "capability": check_capability(body.get("capability")),
-        "urgent": _flag(body, "urgent"),
-        "restartable": _flag(body, "restartable"),
-        "payload": body.get("payload"),
-        "fetchFiles": _file_refs(body.get("fetchFiles"), "fetchFiles"),
-        "artifacts": _file_refs(body.get("artifacts"), "artifacts"),
-    }
-    for name, (low, high, integer) in SUBMIT_LIMITS.items():
-        if body.get(name) is not None:
-            data[name] = _number(body, name, low, high, integer)
-    if body.get("retryOnSameNode") is not None:
-        data["retryOnSameNode"] = _flag(body, "retryOnSameNode")
-    if body.get("runAt") is not None:
-        if "delaySecs" in data:
-            raise BadRequest("give runAt or delaySecs, not both")
-        try:
-            parse_iso(body["runAt"])
-        except (TypeError, ValueError):
-            raise BadRequest("runAt must be an RFC 3339 time like 2026-11-28T10:00:00Z") from None
-        data["runAt"] = body["runAt"]
-    if data["urgent"] and ("runAt" in data or "delaySecs" in data or "priority" in data):
-        raise BadRequest("urgent tasks run now: runAt, delaySecs and priority are for regular tasks")
-    return data
-
-
-def parse_agent_info(body: Any) -> dict:
-    """The agent's self-description from register and info/update."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    caps = body.get("capabilities")
-    if not isinstance(caps, list):
-        raise BadRequest("capabilities must be a list of strings")
-    caps = [check_capability(c, "each capability") for c in caps]
-    tier = body.get("tier", 0)
-    if not isinstance(tier, int) or isinstance(tier, bool) or not 0 <= tier <= 255:
-        raise BadRequest("tier must be an integer from 0 to 255")
-    capacity = body.get("capacity", 1)
-    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
-        raise BadRequest("capacity must be an integer of at least 1")
-    system_info = body.get("systemInfo") or {}
-    if not isinstance(system_info, dict):
-        raise BadRequest("systemInfo must be an object")
-    return {"capabilities": caps, "tier": tier, "capacity": capacity, "systemInfo": system_info}
-
 
 @dataclass(slots=True, eq=False)
 class Task:
@@ -491,21 +420,37 @@ class Task:
     in_heap: bool = False   # has a live entry in its ready queue (see Broker)
     # Derived once: the hot paths read them on every move.
     key: TaskKey = field(init=False)
-    urgent: bool = field(init=False)
     base: str = field(init=False)  # the base capability that agents serve
+    # The submission's options, typed: `data` itself only passes through to agents.
+    urgent: bool = field(init=False)
+    restartable: bool = field(init=False)
+    priority: int = field(init=False)
+    max_retries: int = field(init=False)
+    retry_delay_s: float = field(init=False)
+    retry_on_same_node: bool = field(init=False)
+    timeout_s: float | None = field(init=False)    # from creation (or a management requeue)
+    max_wait_s: float | None = field(init=False)   # pending at most this long from creation
+    run_at: float | None = field(init=False)       # not handed out before this...
+    delay_s: float | None = field(init=False)      # ...or this long after the submit
 
     def __post_init__(self):
         self.key = (self.cap, self.id)
-        self.urgent = self.data["urgent"]
         self.base = base_capability(self.cap)
-
-    @property
-    def priority(self) -> int:
-        return self.data.get("priority", DEFAULT_PRIORITY)
+        # The wire names are read here once: the journal keeps the submission as sent.
+        data = self.data
+        self.urgent, self.restartable = data["urgent"], data["restartable"]
+        self.priority = data.get("priority", DEFAULT_PRIORITY)
+        self.max_retries = data.get("maxRetries", DEFAULT_MAX_RETRIES)
+        self.retry_delay_s = data.get("retryDelaySecs", DEFAULT_RETRY_DELAY_S)
+        self.retry_on_same_node = data.get("retryOnSameNode", True)
+        self.timeout_s, self.max_wait_s = data.get("timeoutSecs"), data.get("maxWaitSecs")
+        run_at = data.get("runAt")
+        self.run_at = None if run_at is None else parse_iso(run_at)
+        self.delay_s = data.get("delaySecs")
 
     @property
     def retries_left(self) -> bool:
-        return self.attempts <= self.data.get("maxRetries", DEFAULT_MAX_RETRIES)
+        return self.attempts <= self.max_retries
 
     def to_record(self) -> dict:
         return {"cap": self.cap, "id": self.id, "data": self.data, "owner": self.owner,
@@ -533,30 +478,6 @@ class Task:
                    result=r["result"], log=r["log"], stage=r["stage"], attempts=r["attempts"],
                    history=[tuple(h) for h in r["history"]])
 
-    # Wire shapes of API.md.
-    def task_id(self) -> dict:
-        return {"cap": self.cap, "id": self.id}
-
-    def unassigned_json(self) -> dict:
-        return {"id": self.task_id(), "data": self.data, "createdAt": iso(self.created_at)}
-
-    def assigned_json(self) -> dict:
-        return {"id": self.task_id(), "data": self.data, "agentId": self.agent_id,
-                "status": self.status,
-                "history": [{"timestamp": iso(at), "description": d} for at, d in self.history],
-                "createdAt": iso(self.created_at), "assignedAt": iso(self.assigned_at),
-                "result": self.result, "log": self.log, "stage": self.stage,
-                "attempt": self.attempts, "cancelRequested": self.cancel_requested_at is not None}
-
-    def status_json(self) -> dict:
-        body = {"id": self.task_id(), "status": self.status, "log": self.log,
-                "createdAt": iso(self.created_at)}
-        if self.stage is not None:
-            body["stage"] = self.stage
-        if self.result is not None:
-            body["output"] = self.result
-        return body
-
 
 @dataclass(slots=True, eq=False)
 class Agent:
@@ -569,6 +490,8 @@ class Agent:
     system_info: dict
     last_contact: float
     bases: frozenset = frozenset()
+    heartbeat_s: float | None = None           # declared: offline after 3 missed beats
+    online_s: float = ONLINE_S                 # offline after this long without contact
     draining: bool = False                     # gets no new tasks, keeps its running ones
     held: set = field(default_factory=set)     # keys of tasks it holds (assigned/running)
     offered: set = field(default_factory=set)  # keys polled but not yet taken
@@ -581,14 +504,11 @@ class Agent:
         return {"uid": self.uid, "key": self.key, "registeredAt": self.registered_at,
                 "capabilities": self.capabilities, "tier": self.tier,
                 "capacity": self.capacity, "systemInfo": self.system_info,
-                "draining": self.draining}
+                "draining": self.draining, "heartbeatSecs": self.heartbeat_s}
 
-    def to_json(self, online: bool) -> dict:
-        return {"uid": self.uid, "uidShort": self.uid[-6:],
-                "registeredAt": iso(self.registered_at), "lastContact": iso(self.last_contact),
-                "capabilities": self.capabilities, "tier": self.tier, "capacity": self.capacity,
-                "systemInfo": self.system_info, "online": online, "draining": self.draining,
-                "tasksInFlight": len(self.held)}
+    def set_heartbeat(self, heartbeat_s: float | None) -> None:
+        self.heartbeat_s = heartbeat_s
+        self.online_s = ONLINE_S if heartbeat_s is None else HEARTBEATS_MISSED * heartbeat_s
 
 
 @dataclass(slots=True, eq=False)
@@ -605,8 +525,20 @@ class ClientKey:
                 "isPredefined": self.is_predefined, "created": self.created_at,
                 "isRevoked": self.is_revoked, "maxInFlight": self.max_in_flight}
 
-    def to_json(self) -> dict:
-        return {**self.to_record(), "created": iso(self.created_at)}
+
+@dataclass(slots=True, eq=False)
+class Change:
+    """One thing a core method did, returned to its caller in the order done. `record`
+    is the journal record (None for what only memory knows: a delay ending, an offer
+    lapsing, an agent going quiet), `line` that record encoded, before it was applied."""
+    op: str
+    record: dict | None
+    durable: bool = False
+    line: bytes | None = None
+    task: Task | None = None        # the task it is about
+    before: str | None = None       # the task's status before and after
+    after: str | None = None
+    agent_uid: str | None = None    # the agent it is about
 
 
 class Histogram:
@@ -703,69 +635,150 @@ class ReadyQueue:
                 del self.levels[task.priority]
 
 
+def changing(method: Callable) -> Callable:
+    """A core method that changes state: its caller may pass `changes=`, a list that gets
+    a Change for everything the call did (calls within it add to the same list)."""
+    @functools.wraps(method)
+    def wrapper(self: "Broker", *args: Any, changes: list | None = None, **kwargs: Any) -> Any:
+        outer = self.out
+        if changes is not None or outer is None:
+            self.out = [] if changes is None else changes
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.out = outer
+    return wrapper
+
+
+class OnlineAgents:
+    """Online agents by last contact, oldest first: one OrderedDict per online window
+    (agents that declared a heartbeat have their own), so expiry pops from the fronts
+    and never visits an agent that is still online."""
+    __slots__ = ("windows", "window_of")
+
+    def __init__(self):
+        self.windows: dict[float, OrderedDict[str, Agent]] = {}
+        self.window_of: dict[str, float] = {}
+
+    def __contains__(self, uid: str) -> bool:
+        return uid in self.window_of
+
+    def __len__(self) -> int:
+        return len(self.window_of)
+
+    def values(self) -> list[Agent]:
+        if len(self.windows) == 1:
+            return list(next(iter(self.windows.values())).values())
+        return sorted((a for w in self.windows.values() for a in w.values()),
+                      key=lambda a: a.last_contact)
+
+    def __iter__(self):
+        return iter([a.uid for a in self.values()])
+
+    def touch(self, agent: Agent) -> bool:
+        """Move the agent to the young end; True if it was not online."""
+        window = self.window_of.get(agent.uid)
+        if window == agent.online_s:
+            self.windows[window].move_to_end(agent.uid)
+            return False
+        if window is not None:
+            self.pop(agent.uid)
+        self.windows.setdefault(agent.online_s, OrderedDict())[agent.uid] = agent
+        self.window_of[agent.uid] = agent.online_s
+        return window is None
+
+    def pop(self, uid: str) -> None:
+        window = self.window_of.pop(uid, None)
+        if window is not None:
+            agents = self.windows[window]
+            del agents[uid]
+            if not agents:
+                del self.windows[window]
+
+    def expired(self, now: float) -> list[Agent]:
+        """The agents whose last contact is older than their window."""
+        gone = []
+        for window, agents in self.windows.items():
+            for agent in agents.values():
+                if now - agent.last_contact <= window:
+                    break
+                gone.append(agent)
+        return gone
+
+
 class Broker:
     def __init__(self, predefined_keys: tuple[str, ...] = (), now: float = 0.0,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, ids: UlidFactory | None = None,
+                 new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(24)):
         self.tasks: dict[TaskKey, Task] = {}
         self.queues: dict[tuple[bool, str], ReadyQueue] = {}
         self.offers: dict[TaskKey, tuple[str, float]] = {}   # task -> (agent uid, lapses at)
         self.timers: list[tuple[float, int, str, TaskKey, Any]] = []
         self.timer_seq = itertools.count()
         self.agents: dict[str, Agent] = {}
-        self.online: OrderedDict[str, Agent] = OrderedDict()
+        self.online = OnlineAgents()
         self.serving: dict[str, set[str]] = {}               # base capability -> online uids
         self.keys: dict[bytes, ClientKey] = {}               # sha256(key) -> key
         self.counts: dict[tuple[bool, str], int] = {}        # (urgent, status) -> tasks
         self.pending_by_cap: dict[str, int] = {}             # base capability -> pending tasks
         self.in_flight_by_owner: dict[str, int] = {}         # owner -> tasks not ended
         self.idempotent: dict[tuple[str, str], TaskKey] = {}  # (owner, Idempotency-Key) -> task
-        self.records: list[dict] = []                        # durable records not yet journaled
-        self.changes: list[tuple[dict, str | None]] = []     # all records not yet published
-        self.version = 0  # counts changes a waiting poll may care about (see Hub.change)
+        self.out: list[Change] | None = None  # the calling method's changes (see `changing`)
         self.loading = False  # replaying: queues and counts are built once, at the end
         # The head of every non-empty queue, and per urgency a heap of those heads (with
         # stale entries dropped lazily): how an agent serving many capabilities finds the
         # best task without looking at each of them.
         self.fronts: dict[tuple[bool, str], tuple[int, str]] = {}
         self.front_heaps: dict[bool, list[tuple[tuple[int, str], str]]] = {}
-        self.ids = UlidFactory()
-        self.rng = rng or random.Random()
+        self.rng = rng or random.Random()      # retry jitter
+        self.ids = ids or UlidFactory()        # task and agent ids
+        self.new_secret = new_secret           # agents' login secrets
         for key in predefined_keys:
             self.keys[key_digest(key)] = ClientKey(key, ["*"], True, now)
 
     # ---------------------------------------------------------------- records
 
-    def _emit(self, op: str, now: float, durable: bool = True, **fields: Any) -> None:
+    def _emit(self, op: str, now: float, durable: bool = True, subject: Task | None = None,
+              agent_uid: str | None = None, **fields: Any) -> Change:
+        """Encode the record, then apply it: a record that cannot be stored (or a move
+        the table forbids) raises before anything changed."""
         record = {"op": op, "at": iso(now), **fields}
-        task = self.tasks.get((fields.get("cap"), fields.get("id")))
-        before = task.status if task is not None else None
-        self.version += 1
-        self.apply(record)
-        self.changes.append((record, before))
+        line = None
         if durable:
-            self.records.append(record)
+            try:
+                line = orjson.dumps(record)
+            except orjson.JSONEncodeError as err:
+                raise BadRequest(f"this cannot be stored: {err}") from None
+        task = subject
+        before = task.status if task is not None else None
+        APPLY[op](self, record, parse_iso(record["at"]))  # as replay will: to the millisecond
+        change = Change(op, record, durable, line, task, before,
+                        task.status if task is not None else None, agent_uid)
+        if self.out is not None:
+            self.out.append(change)
+        return change
 
     def _emit_task(self, op: str, task: Task, now: float, **fields: Any) -> None:
-        self._emit(op, now, durable=not task.urgent, cap=task.cap, id=task.id, **fields)
+        self._emit(op, now, not task.urgent, task, cap=task.cap, id=task.id, **fields)
 
-    def take_records(self) -> list[dict]:
-        records, self.records = self.records, []
-        return records
-
-    def take_changes(self) -> list[tuple[dict, str | None]]:
-        """(record, task status before it) for every record applied since the last call,
-        durable or not: the hub turns them into live events."""
-        changes, self.changes = self.changes, []
-        return changes
+    def _note(self, op: str, task: Task | None = None, agent_uid: str | None = None) -> None:
+        """A change only memory knows (no record): waiters may care all the same."""
+        if self.out is not None:
+            status = task.status if task is not None else None
+            self.out.append(Change(op, None, False, None, task, status, status, agent_uid))
 
     def apply(self, record: dict) -> None:
         APPLY[record["op"]](self, record, parse_iso(record["at"]))
 
     # ---------------------------------------------------------------- internal moves
 
-    def _set_status(self, task: Task, status: str) -> None:
-        if status not in TRANSITIONS[task.status]:
-            raise Conflict(f"task {task.id} cannot go from {task.status} to {status}")
+    def _move(self, task: Task, op: str) -> None:
+        """The task's status as TASK_MOVES says `op` leaves it, or Conflict."""
+        allowed, status = TASK_MOVES[op]
+        if task.status not in allowed:
+            raise Conflict(f"task {task.id} cannot go from {task.status} by {op}")
+        if status is None:
+            return
         if task.status == PENDING:  # live, a wait ends with a timer that replay does not run
             task.not_before = None
         if self.loading:  # end_loading counts
@@ -802,7 +815,6 @@ class Broker:
     def _push(self, task: Task) -> None:
         if not task.in_heap:
             task.in_heap = True
-            self.version += 1
             if self.loading:
                 return
             slot = (task.urgent, task.base)
@@ -844,8 +856,8 @@ class Broker:
         queue = self.queues.get((urgent, base))
         return queue.head(self._live) if queue else None
 
-    def _end(self, task: Task, status: str, now: float, description: str) -> None:
-        self._set_status(task, status)
+    def _end(self, task: Task, op: str, now: float, description: str) -> None:
+        self._move(task, op)
         task.ended_at = now
         task.not_before = None
         task.history.append((now, description))
@@ -868,17 +880,35 @@ class Broker:
         if agent is None:
             raise Unauthenticated("unknown agent")
         agent.last_contact = now
-        if uid in self.online:
-            self.online.move_to_end(uid)
-        else:
-            self.online[uid] = agent
+        if self.online.touch(agent):
             for base in agent.bases:
                 self.serving.setdefault(base, set()).add(uid)
         return agent
 
+    @changing
+    def ping(self, uid: str, holding: set[TaskKey] | None, now: float) -> list[Task]:
+        """A contact. With `holding` (the tasks the agent says it holds), every task
+        assigned to it before HOLD_GRACE_S ago that it does not hold is released: one
+        that never started goes back to the queue as if never taken; a started one is
+        handled as for a lost agent. Returns the released tasks."""
+        agent = self.touch(uid, now)
+        if holding is None:
+            return []
+        released = []
+        for key in sorted(agent.held):
+            task = self.tasks[key]
+            if key in holding or now - (task.assigned_at or now) <= HOLD_GRACE_S:
+                continue
+            reason = f"agent {uid} no longer holds it"
+            if task.status == ASSIGNED and task.cancel_requested_at is None:
+                self._emit_task("task.released", task, now, reason=f"released: {reason}")
+            else:
+                self._retry_or_fail(task, now, reason)
+            released.append(task)
+        return released
+
     def _go_offline(self, agent: Agent) -> None:
-        self.version += 1  # lower tiers may now get what it would have
-        self.online.pop(agent.uid, None)
+        self.online.pop(agent.uid)
         for base in agent.bases:
             uids = self.serving.get(base)
             if uids:
@@ -892,28 +922,33 @@ class Broker:
             raise NotFound(f"no agent {uid}")
         return agent
 
+    @changing
     def register_agent(self, info: dict, now: float) -> Agent:
         uid = self.ids.new(now)
-        self._emit("agent.registered", now, agent={
-            "uid": uid, "key": secrets.token_urlsafe(24), "registeredAt": now, **info})
+        self._emit("agent.registered", now, agent_uid=uid, agent={
+            "uid": uid, "key": self.new_secret(), "registeredAt": now, **info})
         return self.touch(uid, now)
 
+    @changing
     def update_agent(self, uid: str, info: dict, now: float) -> Agent:
         self.touch(uid, now)
-        self._emit("agent.updated", now, uid=uid, **info)
+        self._emit("agent.updated", now, agent_uid=uid, uid=uid, **info)
         return self.agents[uid]
 
+    @changing
     def drain_agent(self, uid: str, draining: bool, now: float) -> Agent:
         """A draining agent gets no new tasks and keeps the ones it holds."""
         agent = self._agent(uid)
-        self._emit("agent.drained" if draining else "agent.resumed", now, uid=uid)
+        self._emit("agent.drained" if draining else "agent.resumed", now, agent_uid=uid, uid=uid)
         return agent
 
+    @changing
     def delete_agent(self, uid: str, now: float) -> None:
         agent = self._agent(uid)
         self._lose_agent(agent, now, f"agent {uid} was deleted")
-        self._emit("agent.deleted", now, uid=uid)
+        self._emit("agent.deleted", now, agent_uid=uid, uid=uid)
 
+    @changing
     def reset_agents(self, now: float) -> None:
         for agent in list(self.agents.values()):
             self._lose_agent(agent, now, f"agent {agent.uid} was removed by a reset")
@@ -933,31 +968,27 @@ class Broker:
         A declined task (notExecuted) goes back at once, for another agent if one has room."""
         if task.cancel_requested_at is not None:
             self._finish_cancel(task, now, reason)
-        elif task.data["restartable"] and task.retries_left:
+        elif task.restartable and task.retries_left:
             wait_s = 0.0 if declined else self._retry_delay(task)
             # No delay means ready at once: `now + 0` would still be after the record's
             # millisecond-truncated time and wait for the next timer round.
             not_before = now + wait_s if wait_s > 0 else None
-            retries = task.data.get("maxRetries", DEFAULT_MAX_RETRIES)
-            self._emit_task("task.requeued", task, now, notBefore=not_before, declined=declined,
+            retries = task.max_retries
+            self._emit_task("task.retried", task, now, notBefore=not_before, declined=declined,
                             reason=f"{reason}; retry {task.attempts} of {retries}")
         else:
             self._emit_task("task.failed", task, now, reason=reason, result=result)
 
     def _retry_delay(self, task: Task) -> float:
         """Exponential backoff with jitter: delay * 2^(attempt-1) * [0.5, 1.5), capped."""
-        base = task.data.get("retryDelaySecs", DEFAULT_RETRY_DELAY_S)
+        base = task.retry_delay_s
         return min(MAX_RETRY_DELAY_S, base * 2 ** (task.attempts - 1) * (0.5 + self.rng.random()))
 
     def is_online(self, agent: Agent, now: float) -> bool:
-        return agent.uid in self.online and now - agent.last_contact <= ONLINE_S
+        return agent.uid in self.online and now - agent.last_contact <= agent.online_s
 
     def online_agents(self, now: float) -> list[Agent]:
-        return [a for a in self.online.values() if now - a.last_contact <= ONLINE_S]
-
-    def agents_json(self, now: float, online_only: bool = False) -> list[dict]:
-        agents = self.online_agents(now) if online_only else self.agents.values()
-        return [a.to_json(self.is_online(a, now)) for a in agents]
+        return [a for a in self.online.values() if now - a.last_contact <= a.online_s]
 
     def online_capabilities(self) -> list[str]:
         return sorted(self.serving)
@@ -970,6 +1001,7 @@ class Broker:
             return found
         return None
 
+    @changing
     def update_key(self, key: str, capabilities: list[str], max_in_flight: int | None,
                    now: float) -> ClientKey:
         existing = self.client_key(key)
@@ -980,6 +1012,7 @@ class Broker:
             "maxInFlight": max_in_flight})
         return self.client_key(key)
 
+    @changing
     def revoke_key(self, key: str, now: float) -> ClientKey:
         if self.client_key(key) is None:
             raise NotFound("no such client API key")
@@ -998,6 +1031,7 @@ class Broker:
             raise Conflict("this Idempotency-Key was used for a different submission")
         return task
 
+    @changing
     def submit(self, data: dict, owner: str, max_in_flight: int | None, now: float,
                idempotency_key: str | None = None) -> Task:
         base = base_capability(data["capability"])
@@ -1010,8 +1044,10 @@ class Broker:
                   "createdAt": now}
         if idempotency_key is not None:
             record.update(idempotencyKey=idempotency_key, bodyDigest=submission_digest(data))
-        self._emit("task.submitted", now, durable=not data["urgent"], task=record)
-        return self.tasks[(data["capability"], task_id)]
+        change = self._emit("task.submitted", now, not data["urgent"], task=record)
+        change.task = self.tasks[(data["capability"], task_id)]
+        change.after = PENDING
+        return change.task
 
     def task(self, cap: str, task_id: str, owner: str | None = None) -> Task:
         """A task by id; with `owner`, one submitted with another key is not found."""
@@ -1100,7 +1136,7 @@ class Broker:
 
     def _has_room(self, agent: Agent, now: float) -> bool:
         return (agent.load < agent.capacity and not agent.draining
-                and now - agent.last_contact <= ONLINE_S)
+                and now - agent.last_contact <= agent.online_s)
 
     def _tier_allows(self, agent: Agent, base: str, now: float) -> bool:
         """Spill-over: a lower tier gets a regular task only when no online agent of a
@@ -1114,11 +1150,12 @@ class Broker:
     def _another_could_retry(self, task: Task, now: float) -> bool:
         """A task its last agent declined (notExecuted), or one with retryOnSameNode:
         false, goes to another agent when one has room."""
-        if task.data.get("retryOnSameNode", True) and not task.declined:
+        if task.retry_on_same_node and not task.declined:
             return False
         return any(uid != task.last_agent and self._has_room(self.agents[uid], now)
                    for uid in self.serving.get(task.base, ()))
 
+    @changing
     def release_offer(self, key: TaskKey, now: float) -> None:
         """The poller went away before it got the task: give it to the next one."""
         if key in self.offers:
@@ -1129,7 +1166,9 @@ class Broker:
         task = self.tasks.get(key)
         if task is not None and task.status == PENDING and task.not_before is None:
             self._push(task)
+            self._note("task.offer_lapsed", task)
 
+    @changing
     def take(self, uid: str, cap: str, task_id: str, now: float) -> Task:
         agent = self.touch(uid, now)
         task = self.task(cap, task_id)
@@ -1156,6 +1195,7 @@ class Broker:
             raise Forbidden(f"task {task_id} is not held by agent {uid}")
         return task
 
+    @changing
     def progress(self, uid: str, cap: str, task_id: str, stage: str | None,
                  log_update: str | None, now: float) -> Task:
         self.touch(uid, now)
@@ -1163,6 +1203,7 @@ class Broker:
         self._emit_task("task.progressed", task, now, stage=stage, log=log_update)
         return task
 
+    @changing
     def resolve(self, uid: str, cap: str, task_id: str, outcome: str, message: str | None,
                 output: Any, now: float) -> Task:
         """outcome: success | failure | notExecuted (API.md's resolve statuses)."""
@@ -1177,6 +1218,7 @@ class Broker:
                                 declined=True)
         return task
 
+    @changing
     def resolve_and_take_next(self, uid: str, cap: str, task_id: str, outcome: str,
                               message: str | None, output: Any, now: float) -> tuple[Task, Task | None]:
         """Resolve, then take the agent's next task if one is ready now: both changes
@@ -1187,6 +1229,7 @@ class Broker:
             self.take(uid, nxt.cap, nxt.id, now)
         return task, nxt
 
+    @changing
     def cancel(self, cap: str, task_id: str, owner: str, now: float) -> Task:
         """A queued task is canceled at once; a running one is asked to stop (its agent
         learns it from progress answers and the cancel long poll)."""
@@ -1206,12 +1249,13 @@ class Broker:
         else:
             self._emit_task("task.canceled", task, now, reason=f"canceled; {detail}")
 
-    def cancel_requests(self, uid: str) -> list[dict]:
+    def cancel_requests(self, uid: str) -> list[Task]:
         """Tasks this agent holds that it should stop."""
         agent = self.agents.get(uid)
-        return [self.tasks[key].task_id() for key in sorted(agent.held)
+        return [self.tasks[key] for key in sorted(agent.held)
                 if self.tasks[key].cancel_requested_at is not None] if agent else []
 
+    @changing
     def requeue(self, cap: str, task_id: str, now: float) -> Task:
         """Management: a failed or canceled task (a dead letter) gets a fresh set of attempts."""
         task = self.task(cap, task_id)
@@ -1219,21 +1263,21 @@ class Broker:
             raise Conflict(f"only failed or canceled tasks can be requeued; this one is {task.status}")
         if task.urgent:
             raise Conflict("urgent tasks cannot be requeued: submit it again")
-        self._emit_task("task.revived", task, now)
+        self._emit_task("task.requeued", task, now)
         return task
 
+    @changing
     def reset_tasks(self, now: float) -> None:
         self._emit("tasks.reset", now)
 
     # ---------------------------------------------------------------- time passing
 
+    @changing
     def expire(self, now: float) -> None:
         """Everything that happens because time passed; the hub calls it every second."""
-        while self.online:
-            agent = next(iter(self.online.values()))
-            if now - agent.last_contact <= ONLINE_S:
-                break
+        for agent in self.online.expired(now):
             self._go_offline(agent)
+            self._note("agent.went_offline", agent_uid=agent.uid)  # lower tiers may get its work
             self._lose_agent(agent, now, f"agent {agent.uid} went offline")
         for key, (_, lapses_at) in list(self.offers.items()):
             if lapses_at <= now:
@@ -1248,6 +1292,7 @@ class Broker:
         if task.status == PENDING and task.not_before is not None and task.not_before <= now:
             task.not_before = None
             self._push(task)
+            self._note("task.ready", task)
 
     def _on_expire_timer(self, task: Task, now: float, anchor: Any) -> None:
         if task.status == PENDING and task.queued_at == anchor:
@@ -1257,7 +1302,7 @@ class Broker:
                             reason=f"expired: no agent took it within {waited:.0f} s")
 
     def _on_timeout_timer(self, task: Task, now: float, anchor: Any) -> None:
-        limit = task.data["timeoutSecs"]
+        limit = task.timeout_s
         if anchor != task.timeout_from:  # set before a requeue restarted the clock
             return
         if task.status == PENDING:
@@ -1311,21 +1356,6 @@ class Broker:
         for record in snap["tasks"]:
             self._add_task(Task.from_record(record))
 
-    def task_listing(self, status: str | None = None) -> dict:
-        listing = {"urgent": {"assigned": [], "unassigned": []},
-                   "regular": {"assigned": [], "unassigned": []}}
-        for task in self.tasks.values():
-            if status is not None and task.status != status:
-                continue
-            queue = listing["urgent" if task.urgent else "regular"]
-            if task.status == PENDING:  # the original shape, plus what a waiting task shows
-                queue["unassigned"].append({
-                    **task.unassigned_json(), "status": task.status, "attempt": task.attempts,
-                    "notBefore": iso(task.not_before), "history": task.assigned_json()["history"]})
-            else:
-                queue["assigned"].append(task.assigned_json())
-        return listing
-
     def queue_ages(self, now: float) -> dict[str, float]:
         """Seconds the oldest ready task of each capability has waited since creation."""
         ages = {}
@@ -1358,6 +1388,7 @@ class Broker:
                       system_info=r["systemInfo"], last_contact=r["registeredAt"],
                       bases=frozenset(map(base_capability, r["capabilities"])),
                       draining=r.get("draining", False))
+        agent.set_heartbeat(r.get("heartbeatSecs"))
         self.agents[agent.uid] = agent
         return agent
 
@@ -1377,20 +1408,20 @@ class Broker:
             self.idempotent[(task.owner, task.idempotency_key)] = task.key
         if task.status == PENDING:
             self._enqueue(task, task.queued_at)
-            if "maxWaitSecs" in task.data and task.attempts == 0:
-                self._timer(task.created_at + task.data["maxWaitSecs"], "expire", task, task.queued_at)
+            if task.max_wait_s is not None and task.attempts == 0:
+                self._timer(task.created_at + task.max_wait_s, "expire", task, task.queued_at)
         elif task.status in (ASSIGNED, RUNNING) and task.agent_id in self.agents:
             self.agents[task.agent_id].held.add(task.key)
             if task.cancel_requested_at is not None:
                 self._timer(task.cancel_requested_at + CANCEL_GRACE_S, "grace", task,
                             task.cancel_requested_at)
-        if "timeoutSecs" in task.data and task.status not in ENDED:
+        if task.timeout_s is not None and task.status not in ENDED:
             self._timeout_timer(task)
 
     def _timeout_timer(self, task: Task) -> None:
         if task.timeout_from is None:
             task.timeout_from = task.created_at
-        self._timer(task.timeout_from + task.data["timeoutSecs"], "timeout", task, task.timeout_from)
+        self._timer(task.timeout_from + task.timeout_s, "timeout", task, task.timeout_from)
 
     def _on_agent_registered(self, r: dict, now: float) -> None:
         self._add_agent(r["agent"])
@@ -1402,6 +1433,7 @@ class Broker:
             self._go_offline(agent)
         agent.capabilities, agent.tier, agent.capacity = r["capabilities"], r["tier"], r["capacity"]
         agent.system_info = r["systemInfo"]
+        agent.set_heartbeat(r.get("heartbeatSecs"))
         agent.bases = frozenset(map(base_capability, agent.capabilities))
         if was_online:
             self.touch(agent.uid, agent.last_contact)
@@ -1436,16 +1468,16 @@ class Broker:
         task = Task(t["cap"], t["id"], t["data"], t["owner"], t["createdAt"])
         task.queued_at = now
         task.idempotency_key, task.body_digest = t.get("idempotencyKey"), t.get("bodyDigest")
-        if "runAt" in task.data:
-            task.not_before = parse_iso(task.data["runAt"])
-        elif "delaySecs" in task.data:
-            task.not_before = now + task.data["delaySecs"]
+        if task.run_at is not None:
+            task.not_before = task.run_at
+        elif task.delay_s is not None:
+            task.not_before = now + task.delay_s
         task.history.append((now, "submitted"))
         self._add_task(task)
 
     def _on_task_assigned(self, r: dict, now: float) -> None:
         task = self.tasks[(r["cap"], r["id"])]
-        self._set_status(task, ASSIGNED)
+        self._move(task, "task.assigned")
         self._drop_offer(task.key)
         task.agent_id = task.last_agent = r["agentId"]
         task.declined = False
@@ -1456,7 +1488,7 @@ class Broker:
 
     def _on_task_progressed(self, r: dict, now: float) -> None:
         task = self.tasks[(r["cap"], r["id"])]
-        self._set_status(task, RUNNING)
+        self._move(task, "task.progressed")
         if r.get("stage") is not None:
             task.stage = r["stage"]
         if r.get("log"):
@@ -1464,48 +1496,64 @@ class Broker:
 
     def _on_task_completed(self, r: dict, now: float) -> None:
         task = self.tasks[(r["cap"], r["id"])]
+        self._end(task, "task.completed", now, "completed")
         task.result = r["result"]
-        self._end(task, COMPLETED, now, "completed")
 
     def _on_task_failed(self, r: dict, now: float) -> None:
         task = self.tasks[(r["cap"], r["id"])]
+        self._end(task, "task.failed", now, f"failed: {r['reason']}")
         if r.get("result") is not None:
             task.result = r["result"]
         elif task.result is None:
             task.result = {"error": r["reason"]}
-        self._end(task, FAILED, now, f"failed: {r['reason']}")
 
     def _on_task_canceled(self, r: dict, now: float) -> None:
-        self._end(self.tasks[(r["cap"], r["id"])], CANCELED, now, r["reason"])
+        self._end(self.tasks[(r["cap"], r["id"])], "task.canceled", now, r["reason"])
 
     def _on_task_cancel_requested(self, r: dict, now: float) -> None:
         task = self.tasks[(r["cap"], r["id"])]
+        self._move(task, "task.cancel_requested")
         task.cancel_requested_at, task.cancel_reason = now, r["reason"]
         task.history.append((now, f"cancel requested ({r['reason']})"))
         self._timer(now + CANCEL_GRACE_S, "grace", task, now)
 
-    def _on_task_requeued(self, r: dict, now: float) -> None:
-        task = self.tasks[(r["cap"], r["id"])]
+    def _back_to_pending(self, task: Task, op: str) -> None:
+        self._move(task, op)
         agent = self.agents.get(task.agent_id or "")
         if agent:
             agent.held.discard(task.key)
-        self._set_status(task, PENDING)
         task.agent_id = None
+
+    def _on_task_retried(self, r: dict, now: float) -> None:
+        task = self.tasks[(r["cap"], r["id"])]
+        self._back_to_pending(task, "task.retried")
         task.declined = r.get("declined", False)
         task.not_before = r.get("notBefore")
         after = f"; runs again from {iso(task.not_before)}" if task.not_before else ""
         task.history.append((now, r["reason"] + after))
         self._enqueue(task, now)
 
-    def _on_task_revived(self, r: dict, now: float) -> None:
+    def _on_task_released(self, r: dict, now: float) -> None:
+        """Its agent no longer holds it and it never started: it never ran, so it goes
+        back at once and the attempt does not count."""
         task = self.tasks[(r["cap"], r["id"])]
-        self._set_status(task, PENDING)
+        self._back_to_pending(task, "task.released")
+        task.attempts -= 1
+        task.declined = False
+        task.history.append((now, r["reason"]))
+        self._enqueue(task, now)
+
+    def _on_task_requeued(self, r: dict, now: float) -> None:
+        if "reason" in r:  # a journal from before the rename: `task.requeued` was a retry
+            return self._on_task_retried(r, now)
+        task = self.tasks[(r["cap"], r["id"])]
+        self._move(task, "task.requeued")
         task.agent_id = task.ended_at = task.result = None
         task.cancel_requested_at = task.cancel_reason = None
         task.attempts = 0
         task.history.append((now, "requeued by management"))
         self._enqueue(task, now)
-        if "timeoutSecs" in task.data:  # a fresh allowance, or a timed-out task fails again at once
+        if task.timeout_s is not None:  # a fresh allowance, or a timed-out task fails again at once
             task.timeout_from = now
             self._timeout_timer(task)
 
@@ -1546,8 +1594,10 @@ APPLY: dict[str, Callable[[Broker, dict, float], None]] = {
     "task.failed": Broker._on_task_failed,
     "task.canceled": Broker._on_task_canceled,
     "task.cancel_requested": Broker._on_task_cancel_requested,
+    "task.retried": Broker._on_task_retried,
+    "task.released": Broker._on_task_released,
     "task.requeued": Broker._on_task_requeued,
-    "task.revived": Broker._on_task_revived,
+    "task.revived": Broker._on_task_requeued,  # a management requeue, in journals before the rename
     "tasks.reset": Broker._on_tasks_reset,
 }
 
@@ -1584,6 +1634,12 @@ class JournalCorrupt(Exception):
 
 def encode_record(record: dict) -> bytes:
     body = orjson.dumps(record)
+    return b"%s%s%d}\n" % (body[:-1], _CRC_MARK, zlib.crc32(body))
+
+
+def encode_line(seq: int, encoded: bytes) -> bytes:
+    """encode_record({"seq": seq, **record}) for a record already encoded."""
+    body = b'{"seq":%d,%s' % (seq, encoded[1:])
     return b"%s%s%d}\n" % (body[:-1], _CRC_MARK, zlib.crc32(body))
 
 
@@ -1709,19 +1765,20 @@ class Journal:
 
     # ---------------------------------------------------------------- appending
 
-    async def append(self, records: list[dict], on_disk: bool = True) -> None:
-        """Queue records for the next flush; with fsync `always` (and `on_disk`), return
-        once they are on disk."""
+    async def append(self, records: list[bytes], on_disk: bool = True) -> None:
+        """Queue encoded records for the next flush; with fsync `always` (and `on_disk`),
+        return once they are on disk."""
         waiter = self.enqueue(records, on_disk)
         if waiter is not None:
             await waiter
 
-    def enqueue(self, records: list[dict], on_disk: bool = True) -> asyncio.Future | None:
-        """Queue records for the next flush, in order; with fsync `always` (and
-        `on_disk`), a future that is done once they are on disk."""
+    def enqueue(self, records: list[bytes], on_disk: bool = True) -> asyncio.Future | None:
+        """Queue records (each encoded by the core before it applied it) for the next
+        flush, in order; with fsync `always` (and `on_disk`), a future that is done once
+        they are on disk."""
         for record in records:
             self.seq += 1
-            line = encode_record({"seq": self.seq, **record})
+            line = encode_line(self.seq, record)
             self.buffer.append(line)
             self.end_offset += len(line)
         self.records_since_snapshot += len(records)
@@ -1864,15 +1921,83 @@ class Journal:
                 "lastCompactionAt": iso(self.last_compaction_at), "fsync": self.fsync}
 
 
+# ============================================================================ wire shapes
+#
+# The JSON shapes of API.md for tasks, agents and keys: what handlers answer and what
+# the event streams carry. The models above know nothing of them.
+
+def task_id_json(task: Task) -> dict:
+    return {"cap": task.cap, "id": task.id}
+
+
+def unassigned_json(task: Task) -> dict:
+    return {"id": task_id_json(task), "data": task.data, "createdAt": iso(task.created_at)}
+
+
+def history_json(task: Task) -> list[dict]:
+    return [{"timestamp": iso(at), "description": d} for at, d in task.history]
+
+
+def assigned_json(task: Task) -> dict:
+    return {"id": task_id_json(task), "data": task.data, "agentId": task.agent_id,
+            "status": task.status, "history": history_json(task),
+            "createdAt": iso(task.created_at), "assignedAt": iso(task.assigned_at),
+            "result": task.result, "log": task.log, "stage": task.stage,
+            "attempt": task.attempts, "cancelRequested": task.cancel_requested_at is not None}
+
+
+def status_json(task: Task) -> dict:
+    body = {"id": task_id_json(task), "status": task.status, "log": task.log,
+            "createdAt": iso(task.created_at)}
+    if task.stage is not None:
+        body["stage"] = task.stage
+    if task.result is not None:
+        body["output"] = task.result
+    return body
+
+
+def listing_json(tasks: list[Task]) -> dict:
+    listing = {"urgent": {"assigned": [], "unassigned": []},
+               "regular": {"assigned": [], "unassigned": []}}
+    for task in tasks:
+        queue = listing["urgent" if task.urgent else "regular"]
+        if task.status == PENDING:  # the original shape, plus what a waiting task shows
+            queue["unassigned"].append({
+                **unassigned_json(task), "status": task.status, "attempt": task.attempts,
+                "notBefore": iso(task.not_before), "history": history_json(task)})
+        else:
+            queue["assigned"].append(assigned_json(task))
+    return listing
+
+
+def agent_json(agent: Agent, online: bool) -> dict:
+    return {"uid": agent.uid, "uidShort": agent.uid[-6:],
+            "registeredAt": iso(agent.registered_at), "lastContact": iso(agent.last_contact),
+            "capabilities": agent.capabilities, "tier": agent.tier, "capacity": agent.capacity,
+            "systemInfo": agent.system_info, "online": online, "draining": agent.draining,
+            "tasksInFlight": len(agent.held), "heartbeatSecs": agent.heartbeat_s}
+
+
+def key_json(key: ClientKey) -> dict:
+    return {**key.to_record(), "created": iso(key.created_at)}
+
+
 # ============================================================================ hub
+#
+# The async shell: `Hub` owns the broker and the journal, reads the clock and offers one
+# method per verb. Each verb runs one core method with `now`, then takes the Changes it
+# returned once, in order: their encoded records go to the journal, agents' long polls
+# wake, the live events go into the EventLog, and once on disk the waiters of durable
+# state (clients waiting for a task's end, event streams) wake. Metrics counts outcomes.
 
 DEFAULT_AGENT_WAIT_S = 20.0
 MAX_WAIT_S = 60.0
-TOKEN_CACHE_SIZE = 10_000
 EVENT_RING_SIZE = 10_000  # live events kept for Last-Event-ID resumption...
 EVENT_RING_BYTES = 64 << 20  # ...unless they hold more than this (big logs)
 OUTCOME_OPS = {"task.submitted": "submitted", "task.completed": "completed",
                "task.failed": "failed", "task.canceled": "canceled"}
+SSE_HEARTBEAT_S = 15.0
+SSE_BATCH_S = 0.005  # events within this long of the first share one write
 
 
 @dataclass(slots=True)
@@ -1888,10 +2013,141 @@ class Event:
         return b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.kind.encode(), self.data)
 
 
+def status_event(task: Task, op: str) -> dict:
+    return {"id": task_id_json(task), "status": task.status, "stage": task.stage, "op": op,
+            "attempt": task.attempts, "cancelRequested": task.cancel_requested_at is not None}
+
+
+class EventLog:
+    """The live events of every change, in a ring bounded by count and bytes, so a
+    stream that reconnects with a Last-Event-ID resumes where it was."""
+
+    def __init__(self, started_at: float):
+        self.ring: deque[Event] = deque()
+        self.bytes = 0
+        # Event ids grow across restarts too, so a Last-Event-ID from an earlier run is
+        # recognised as too old rather than mistaken for a recent one.
+        self.seq = int(started_at * 1000) << 12
+
+    def publish(self, changes: list[Change]) -> list[TaskKey]:
+        """Events for the changes: `status` on every transition, `log` with each log
+        delta, `end` with the final task; management also sees agents. Returns the tasks
+        that ended, for their waiters."""
+        ended: list[TaskKey] = []
+        for change in changes:
+            task = change.task
+            if task is not None:
+                if change.before != change.after or change.op == "task.cancel_requested":
+                    self.add(task.owner, task.key, "status", status_event(task, change.op))
+                record = change.record
+                if change.op == "task.progressed" and (record["log"] or record["stage"] is not None):
+                    self.add(task.owner, task.key, "log", {"id": task_id_json(task),
+                                                           "log": record["log"] or "", "stage": task.stage})
+                if change.after in ENDED and change.before not in ENDED:
+                    self.add(task.owner, task.key, "end", assigned_json(task))
+                    ended.append(task.key)
+            elif change.agent_uid is not None and change.record is not None:
+                self.add(MGMT_OWNER, None, "agent", {"op": change.op, "uid": change.agent_uid})
+            elif change.op == "tasks.reset":
+                self.add(None, None, "reset", {"op": change.op, "uid": None})
+        return ended
+
+    def add(self, owner: str | None, key: TaskKey | None, kind: str, data: dict) -> None:
+        self.seq += 1
+        event = Event(self.seq, owner, key, kind, orjson.dumps(data))
+        self.ring.append(event)
+        self.bytes += len(event.data)
+        while len(self.ring) > EVENT_RING_SIZE or self.bytes > EVENT_RING_BYTES:
+            self.bytes -= len(self.ring.popleft().data)
+
+    @staticmethod
+    def visible(event: Event, owner: str, keys: set | None) -> bool:
+        if owner != MGMT_OWNER and event.owner not in (None, owner):
+            return False
+        return keys is None or event.key is None or event.key in keys
+
+    def after(self, last_id: int | None, owner: str, keys: set | None) -> list[Event] | None:
+        """Events after `last_id` visible to `owner`; None when `last_id` cannot be
+        resumed from (too old, from an earlier run, or absent)."""
+        first = self.ring[0].id if self.ring else self.seq + 1
+        if last_id is None or not first - 1 <= last_id <= self.seq:
+            return None
+        # From the newest end: a live stream asks for the last few of up to 10,000 events.
+        newer = itertools.islice(reversed(self.ring), self.seq - last_id)
+        return [e for e in reversed(list(newer)) if self.visible(e, owner, keys)]
+
+    def current(self, tasks: Any) -> list[Event]:
+        """The present state of `tasks` as `status` events: where a stream starts without
+        a usable Last-Event-ID."""
+        return [Event(self.seq, t.owner, t.key, "status", orjson.dumps(status_event(t, "current")))
+                for t in tasks]
+
+
+class Metrics:
+    """Prometheus text: outcome totals since start, HTTP and fsync latency, and gauges
+    read from the broker when scraped."""
+
+    def __init__(self):
+        self.totals: dict[tuple[str, str], int] = {}  # (outcome, capability) -> since start
+        self.http_seconds: dict[tuple[str, str], Histogram] = {}
+
+    def count(self, changes: list[Change]) -> None:
+        for change in changes:
+            outcome = OUTCOME_OPS.get(change.op)
+            if outcome is not None and change.task is not None:
+                slot = (outcome, change.task.base)
+                self.totals[slot] = self.totals.get(slot, 0) + 1
+
+    def observe_http(self, method: str, route: str, seconds: float) -> None:
+        histogram = self.http_seconds.get((method, route))
+        if histogram is None:
+            histogram = self.http_seconds[(method, route)] = Histogram()
+        histogram.observe(seconds)
+
+    def text(self, broker: Broker, journal: Journal, now: float) -> str:
+        lines: list[str] = []
+
+        def family(name: str, kind: str, text: str, samples: list[tuple[str, Any]]) -> None:
+            lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
+            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+        def cap_label(cap: str) -> str:
+            escaped = cap.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            return f'{{capability="{escaped}"}}'
+
+        for outcome in OUTCOME_OPS.values():
+            family(f"offloadmq_tasks_{outcome}_total", "counter", f"Tasks {outcome} since start.",
+                   [(cap_label(cap), n) for (o, cap), n in sorted(self.totals.items()) if o == outcome])
+        family("offloadmq_queue_depth", "gauge", "Pending tasks by capability.",
+               [(cap_label(cap), n) for cap, n in sorted(broker.pending_by_cap.items()) if n])
+        family("offloadmq_queue_oldest_age_seconds", "gauge",
+               "Age of the oldest task ready to run, by capability.",
+               [(cap_label(cap), round(age, 3)) for cap, age in sorted(broker.queue_ages(now).items())])
+        family("offloadmq_tasks_unservable", "gauge", "Pending tasks no online agent serves.",
+               [("", sum(n for cap, n in broker.pending_by_cap.items() if cap not in broker.serving))])
+        online = broker.online_agents(now)
+        family("offloadmq_agents_online", "gauge", "Agents in contact within their online window.",
+               [("", len(online))])
+        family("offloadmq_agents_capacity", "gauge", "Task slots of online agents.",
+               [("", sum(a.capacity for a in online))])
+        family("offloadmq_agents_in_flight", "gauge", "Tasks held by online agents.",
+               [("", sum(len(a.held) for a in online))])
+        family("offloadmq_journal_bytes", "gauge", "Size of the active journal.", [("", journal.size)])
+        lines += ["# HELP offloadmq_fsync_seconds Journal fdatasync latency.",
+                  "# TYPE offloadmq_fsync_seconds histogram",
+                  *journal.fsync_seconds.lines("offloadmq_fsync_seconds")]
+        lines += ["# HELP offloadmq_http_request_duration_seconds HTTP request time by route.",
+                  "# TYPE offloadmq_http_request_duration_seconds histogram"]
+        for (method, route), histogram in sorted(self.http_seconds.items()):
+            lines += histogram.lines("offloadmq_http_request_duration_seconds",
+                                     f'method="{method}",route="{route}"')
+        return "\n".join(lines) + "\n"
+
+
 class Hub:
     """The async shell around the broker: it reads the clock, journals what the broker
-    produced, wakes waiters, and runs the once-a-second loop (expiry, fsync, compaction).
-    Every change goes mutate -> journal -> notify, through `change()`."""
+    did, wakes waiters, and runs the once-a-second loop (expiry, fsync, compaction).
+    Every change goes mutate -> journal -> notify, through `_change()`."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time):
         self.config = config
@@ -1905,18 +2161,14 @@ class Hub:
         # Clients waiting for one task to end (poll?wait=, submit_blocking): woken by that
         # task alone, not by every change (with many waiting, that costs each change dearly).
         self.end_waiters: dict[TaskKey, list[asyncio.Future]] = {}
-        self.tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()  # JWT -> (uid, exp)
+        # Submits with an Idempotency-Key on their way to the disk: a retry waits for them.
+        self.submitting: dict[tuple[str, str], asyncio.Future] = {}
         self.recovered = False
         self.stopping = False  # set at shutdown: every wait ends so handlers can finish
         self.ticker: asyncio.Task | None = None
         self.started_at = clock()
-        self.events: deque[Event] = deque()
-        self.event_bytes = 0
-        # Event ids grow across restarts too, so a Last-Event-ID from an earlier run is
-        # recognised as too old rather than mistaken for a recent one.
-        self.event_seq = int(self.started_at * 1000) << 12
-        self.totals: dict[tuple[str, str], int] = {}  # (outcome, capability) -> since start
-        self.http_seconds: dict[tuple[str, str], Histogram] = {}
+        self.events = EventLog(self.started_at)
+        self.metrics = Metrics()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -1938,7 +2190,7 @@ class Hub:
         """Shutdown: long polls and event streams answer now instead of holding it up."""
         self.stopping = True
         self._wake_ended(list(self.end_waiters))
-        await self.notify()
+        await self._notify()
 
     async def stop(self) -> None:
         if self.ticker is not None:
@@ -1950,14 +2202,11 @@ class Hub:
         while True:
             await asyncio.sleep(1.0)
             try:
-                await self.change(self.broker.expire)
+                await self._change(self.broker.expire)
                 if self.journal.fsync == "everysec":
                     await loop.run_in_executor(None, self.journal.sync)
                 if self.journal.size >= self.config.compact_bytes:
                     await self.compact()
-                now = self.clock()
-                for token in [t for t, (_, exp) in self.tokens.items() if exp <= now]:
-                    del self.tokens[token]
             except Exception:  # the loop must outlive any bug in one round
                 log.exception("background round failed")
 
@@ -1971,26 +2220,30 @@ class Hub:
 
     # ---------------------------------------------------------------- changing state
 
-    async def change(self, method: Callable, *args: Any, on_disk: bool = True, **kwargs: Any) -> Any:
-        """Run a broker method with the time now; journal what it produced; wake waiters.
-        With `on_disk` False the answer does not wait for the fsync (progress logs: a
-        crash may lose the last moment of log text, never a result)."""
-        version = self.broker.version
+    async def _change(self, method: Callable, *args: Any, on_disk: bool = True, **kwargs: Any) -> Any:
+        """Run a broker method with the time now; journal the changes it returned; wake
+        waiters. With `on_disk` False the answer does not wait for the fsync (progress
+        logs: a crash may lose the last moment of log text, never a result)."""
+        changes: list[Change] = []
         try:
-            return method(*args, now=self.clock(), **kwargs)
+            return method(*args, now=self.clock(), changes=changes, **kwargs)
         finally:
-            records = self.broker.take_records()
-            ended = self._publish()
-            on_disk_soon = self.journal.enqueue(records, on_disk) if records else None
-            changed = self.broker.version != version
-            if changed:  # after the enqueue: a take's record must follow these
-                await self.notify(self.offers_changed)
-            if on_disk_soon is not None:
-                await on_disk_soon
-            if ended:
-                self._wake_ended(ended)
-            if changed:  # agents' polls heard of it above
-                await self.notify(self.changed)
+            if changes:
+                await self._store_and_notify(changes, on_disk)
+
+    async def _store_and_notify(self, changes: list[Change], on_disk: bool) -> None:
+        self.metrics.count(changes)
+        ended = self.events.publish(changes)
+        lines = [c.line for c in changes if c.durable]
+        on_disk_soon = self.journal.enqueue(lines, on_disk) if lines else None
+        await self._notify(self.offers_changed)  # after the enqueue: a take's record must follow
+        if on_disk_soon is not None:
+            await on_disk_soon
+        if ended:
+            self._wake_ended(ended)
+        if changes[0].op == "tasks.reset":  # every task went away: so do their waits
+            self._wake_ended(list(self.end_waiters))
+        await self._notify(self.changed)  # agents' polls heard of it above
 
     def _wake_ended(self, keys: list[TaskKey]) -> None:
         for key in keys:
@@ -1998,133 +2251,7 @@ class Hub:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    # ---------------------------------------------------------------- events
-
-    def _publish(self) -> list[TaskKey]:
-        """Turn the broker's changes into events: `status` on every transition, `log`
-        with each log delta, `end` with the final task; management also sees agents.
-        Returns the tasks that ended or went away, for their waiters."""
-        ended: list[TaskKey] = []
-        for record, before in self.broker.take_changes():
-            op = record["op"]
-            if op == "tasks.reset":
-                ended += self.end_waiters
-            if op.startswith("agent") or op == "tasks.reset":
-                self._event(None, None, "agent" if op.startswith("agent") else "reset",
-                            {"op": op, "uid": record.get("uid") or record.get("agent", {}).get("uid")},
-                            management_only=op.startswith("agent"))
-                continue
-            named = record.get("task", record)  # task.submitted carries the whole task
-            task = self.broker.tasks.get((named.get("cap"), named.get("id")))
-            if task is None or not op.startswith("task."):
-                continue
-            if op in OUTCOME_OPS:
-                slot = (OUTCOME_OPS[op], task.base)
-                self.totals[slot] = self.totals.get(slot, 0) + 1
-            if task.status != before or op == "task.cancel_requested":
-                self._event(task.owner, task.key, "status", self._status_event(task, op))
-            if op == "task.progressed" and (record.get("log") or record.get("stage") is not None):
-                self._event(task.owner, task.key, "log",
-                            {"id": task.task_id(), "log": record.get("log") or "", "stage": task.stage})
-            if task.status in ENDED and before not in ENDED:
-                self._event(task.owner, task.key, "end", task.assigned_json())
-                ended.append(task.key)
-        return ended
-
-    @staticmethod
-    def _status_event(task: Task, op: str) -> dict:
-        return {"id": task.task_id(), "status": task.status, "stage": task.stage, "op": op,
-                "attempt": task.attempts, "cancelRequested": task.cancel_requested_at is not None}
-
-    def _event(self, owner: str | None, key: TaskKey | None, kind: str, data: dict,
-               management_only: bool = False) -> None:
-        self.event_seq += 1
-        event = Event(self.event_seq, MGMT_OWNER if management_only else owner, key, kind,
-                      orjson.dumps(data))
-        self.events.append(event)
-        self.event_bytes += len(event.data)
-        while len(self.events) > EVENT_RING_SIZE or self.event_bytes > EVENT_RING_BYTES:
-            self.event_bytes -= len(self.events.popleft().data)
-
-    @staticmethod
-    def _visible(event: Event, owner: str, keys: set | None) -> bool:
-        if owner != MGMT_OWNER and event.owner not in (None, owner):
-            return False
-        return keys is None or event.key is None or event.key in keys
-
-    def events_after(self, last_id: int | None, owner: str, keys: set | None) -> list[Event] | None:
-        """Events after `last_id` visible to `owner`; None when `last_id` cannot be
-        resumed from (too old, from an earlier run, or absent)."""
-        first = self.events[0].id if self.events else self.event_seq + 1
-        if last_id is None or not first - 1 <= last_id <= self.event_seq:
-            return None
-        # From the newest end: a live stream asks for the last few of up to 10,000 events.
-        newer = itertools.islice(reversed(self.events), self.event_seq - last_id)
-        return [e for e in reversed(list(newer)) if self._visible(e, owner, keys)]
-
-    def current_events(self, owner: str, keys: set | None) -> list[Event]:
-        """The present state as `status` events: where a stream starts without a usable
-        Last-Event-ID. Named tasks are all shown; otherwise those not yet ended."""
-        if keys is not None:
-            tasks = [self.broker.tasks[k] for k in keys if k in self.broker.tasks]
-        else:
-            tasks = [t for t in self.broker.tasks.values() if t.status not in ENDED
-                     and (owner == MGMT_OWNER or t.owner == owner)]
-        return [Event(self.event_seq, t.owner, t.key, "status",
-                      orjson.dumps(self._status_event(t, "current"))) for t in tasks]
-
-    async def wait_for_events(self, last_id: int, wait_s: float) -> bool:
-        await self._wait_until(lambda: self.event_seq > last_id, wait_s)
-        return self.event_seq > last_id
-
-    # ---------------------------------------------------------------- metrics
-
-    def observe_http(self, method: str, route: str, seconds: float) -> None:
-        histogram = self.http_seconds.get((method, route))
-        if histogram is None:
-            histogram = self.http_seconds[(method, route)] = Histogram()
-        histogram.observe(seconds)
-
-    def metrics(self) -> str:
-        """Prometheus text exposition."""
-        now, broker, lines = self.clock(), self.broker, []
-
-        def family(name: str, kind: str, text: str, samples: list[tuple[str, Any]]) -> None:
-            lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
-            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-
-        def cap_label(cap: str) -> str:
-            escaped = cap.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-            return f'{{capability="{escaped}"}}'
-
-        for outcome in OUTCOME_OPS.values():
-            family(f"offloadmq_tasks_{outcome}_total", "counter", f"Tasks {outcome} since start.",
-                   [(cap_label(cap), n) for (o, cap), n in sorted(self.totals.items()) if o == outcome])
-        family("offloadmq_queue_depth", "gauge", "Pending tasks by capability.",
-               [(cap_label(cap), n) for cap, n in sorted(broker.pending_by_cap.items()) if n])
-        family("offloadmq_queue_oldest_age_seconds", "gauge",
-               "Age of the oldest task ready to run, by capability.",
-               [(cap_label(cap), round(age, 3)) for cap, age in sorted(broker.queue_ages(now).items())])
-        family("offloadmq_tasks_unservable", "gauge", "Pending tasks no online agent serves.",
-               [("", sum(n for cap, n in broker.pending_by_cap.items() if cap not in broker.serving))])
-        online = broker.online_agents(now)
-        family("offloadmq_agents_online", "gauge", "Agents in contact within 120 s.", [("", len(online))])
-        family("offloadmq_agents_capacity", "gauge", "Task slots of online agents.",
-               [("", sum(a.capacity for a in online))])
-        family("offloadmq_agents_in_flight", "gauge", "Tasks held by online agents.",
-               [("", sum(len(a.held) for a in online))])
-        family("offloadmq_journal_bytes", "gauge", "Size of the active journal.", [("", self.journal.size)])
-        lines += ["# HELP offloadmq_fsync_seconds Journal fdatasync latency.",
-                  "# TYPE offloadmq_fsync_seconds histogram",
-                  *self.journal.fsync_seconds.lines("offloadmq_fsync_seconds")]
-        lines += ["# HELP offloadmq_http_request_duration_seconds HTTP request time by route.",
-                  "# TYPE offloadmq_http_request_duration_seconds histogram"]
-        for (method, route), histogram in sorted(self.http_seconds.items()):
-            lines += histogram.lines("offloadmq_http_request_duration_seconds",
-                                     f'method="{method}",route="{route}"')
-        return "\n".join(lines) + "\n"
-
-    async def notify(self, condition: asyncio.Condition | None = None) -> None:
+    async def _notify(self, condition: asyncio.Condition | None = None) -> None:
         for cond in (condition,) if condition else (self.offers_changed, self.changed):
             async with cond:
                 cond.notify_all()
@@ -2141,7 +2268,87 @@ class Hub:
             except TimeoutError:
                 pass
 
-    # ---------------------------------------------------------------- waiting
+    # ---------------------------------------------------------------- client verbs
+
+    async def submit(self, data: dict, owner: str, max_in_flight: int | None,
+                     idempotency_key: str | None) -> tuple[Task, bool]:
+        """(task, created): with an Idempotency-Key seen before, the earlier task - once it
+        is on disk, and the earlier submit's error if its write failed."""
+        if idempotency_key is None:
+            return await self._change(self.broker.submit, data, owner, max_in_flight), True
+        earlier = self.broker.find_idempotent(owner, idempotency_key, data, self.clock())
+        first = self.submitting.get((owner, idempotency_key))
+        if first is not None:
+            return await asyncio.shield(first), False
+        if earlier is not None:
+            return earlier, False
+        # A task of its own: the first submit's answer must not depend on its client
+        # staying, since a retry waits for it.
+        first = asyncio.ensure_future(self._change(self.broker.submit, data, owner, max_in_flight,
+                                                   idempotency_key=idempotency_key))
+        self.submitting[(owner, idempotency_key)] = first
+        first.add_done_callback(lambda _: self.submitting.pop((owner, idempotency_key), None))
+        return await asyncio.shield(first), True
+
+    async def submit_and_wait(self, data: dict, owner: str, max_in_flight: int | None) -> Task:
+        """submit_blocking: the ended task, or the contract's 503/504."""
+        task = await self._change(self.broker.submit, data, owner, max_in_flight)
+        await self._wait_for_end(task, self.config.blocking_hold_s)
+        if self.broker.tasks.get(task.key) is not task:
+            raise NotFound(f"task {task.id} was removed by a reset", id=task_id_json(task))
+        if task.status == FAILED and task.agent_id is None:
+            raise SchedulingImpossible(f"no agent took task {task.id} within {URGENT_TAKE_S:.0f} s",
+                                       id=task_id_json(task))
+        if task.status not in ENDED:
+            raise WaitTimeout(f"task {task.id} is still {task.status} after "
+                              f"{self.config.blocking_hold_s:.0f} s; poll it for the result",
+                              id=task_id_json(task))
+        return task
+
+    async def poll(self, cap: str, task_id: str, owner: str, wait_s: float) -> Task:
+        """A task of `owner`'s, once it ended or `wait_s` passed."""
+        task = self.broker.task(cap, task_id, owner)
+        await self._wait_for_end(task, wait_s)
+        return task
+
+    async def _wait_for_end(self, task: Task, wait_s: float) -> None:
+        if task.status in ENDED or self.broker.tasks.get(task.key) is not task \
+                or wait_s <= 0 or self.stopping:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self.end_waiters.setdefault(task.key, []).append(waiter)
+        try:
+            async with asyncio.timeout(wait_s):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:  # timed out, or the client went away
+            waiters = self.end_waiters.get(task.key, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self.end_waiters[task.key]
+
+    async def cancel(self, cap: str, task_id: str, owner: str) -> Task:
+        return await self._change(self.broker.cancel, cap, task_id, owner)
+
+    # ---------------------------------------------------------------- agent verbs
+
+    async def register_agent(self, info: dict) -> Agent:
+        agent = await self._change(self.broker.register_agent, info)
+        log.info("agent %s registered serving %s", agent.uid, ",".join(agent.capabilities))
+        return agent
+
+    async def update_agent(self, uid: str, info: dict) -> Agent:
+        return await self._change(self.broker.update_agent, uid, info)
+
+    async def ping(self, uid: str, holding: set[TaskKey] | None) -> dict:
+        """A contact; with `holding` (what the agent says it holds) the tasks assigned to
+        it that it does not hold are released. The health body, plus `released`."""
+        released = await self._change(self.broker.ping, uid, holding)
+        if holding is None:
+            return self.health()
+        return {**self.health(), "released": [task_id_json(t) for t in released]}
 
     async def next_task(self, uid: str, wait_s: float, urgent_only: bool,
                         gone: Callable[[], bool], take: bool = False) -> Task | None:
@@ -2161,38 +2368,33 @@ class Hub:
         if not ready() and wait_s > 0:
             await self._wait_until(ready, wait_s, self.offers_changed)
         if task is not None and gone():  # nobody is left to hand it to
-            self.broker.release_offer(task.key, self.clock())
-            await self.notify()
+            await self._change(self.broker.release_offer, task.key)
             return None
         if task is not None and take:
-            task = await self.change(self.broker.take, uid, task.cap, task.id)
+            task = await self._change(self.broker.take, uid, task.cap, task.id)
         return task
 
-    async def wait_for_end(self, task: Task, wait_s: float) -> None:
-        if task.status in ENDED or self.broker.tasks.get(task.key) is not task \
-                or wait_s <= 0 or self.stopping:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self.end_waiters.setdefault(task.key, []).append(waiter)
-        try:
-            async with asyncio.timeout(wait_s):
-                await waiter
-        except TimeoutError:
-            pass
-        finally:  # timed out, or the client went away
-            waiters = self.end_waiters.get(task.key, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self.end_waiters[task.key]
+    async def take(self, uid: str, cap: str, task_id: str) -> Task:
+        task = await self._change(self.broker.take, uid, cap, task_id)
+        log.debug("task %s assigned to %s", task_id, uid)
+        return task
+
+    async def progress(self, uid: str, cap: str, task_id: str, stage: str | None,
+                       log_update: str | None) -> Task:
+        return await self._change(self.broker.progress, uid, cap, task_id, stage, log_update,
+                                  on_disk=False)
+
+    async def resolve(self, uid: str, cap: str, task_id: str, outcome: str,
+                      message: str | None, output: Any) -> Task:
+        return await self._change(self.broker.resolve, uid, cap, task_id, outcome, message, output)
 
     async def resolve_and_next(self, uid: str, cap: str, task_id: str, outcome: str,
                                message: str | None, output: Any, wait_s: float,
                                gone: Callable[[], bool]) -> Task | None:
         """Resolve, and hand the agent its next task: at once if one is ready, else by a
         long poll of up to `wait_s`."""
-        _, nxt = await self.change(self.broker.resolve_and_take_next, uid, cap, task_id,
-                                   outcome, message, output)
+        _, nxt = await self._change(self.broker.resolve_and_take_next, uid, cap, task_id,
+                                    outcome, message, output)
         if nxt is None and wait_s > 0:
             nxt = await self.next_task(uid, wait_s, False, gone, take=True)
         return nxt
@@ -2204,51 +2406,124 @@ class Hub:
         def ready() -> bool:
             nonlocal found
             self.broker.touch(uid, self.clock())
-            found = self.broker.cancel_requests(uid)
+            found = [task_id_json(t) for t in self.broker.cancel_requests(uid)]
             return bool(found) or gone()
 
         if not ready() and wait_s > 0:
             await self._wait_until(ready, wait_s)
         return found
 
-    async def submit(self, data: dict, owner: str, max_in_flight: int | None,
-                     idempotency_key: str | None) -> tuple[Task, bool]:
-        """(task, created): with an Idempotency-Key seen before, the earlier task."""
-        if idempotency_key is not None:
-            earlier = self.broker.find_idempotent(owner, idempotency_key, data, self.clock())
-            if earlier is not None:
-                return earlier, False
-        task = await self.change(self.broker.submit, data, owner, max_in_flight,
-                                 idempotency_key=idempotency_key)
-        return task, True
+    # ---------------------------------------------------------------- management verbs
 
-    async def submit_and_wait(self, data: dict, owner: str, max_in_flight: int | None) -> Task:
-        """submit_blocking: the ended task, or the contract's 503/504."""
-        task = await self.change(self.broker.submit, data, owner, max_in_flight)
-        await self.wait_for_end(task, self.config.blocking_hold_s)
-        if self.broker.tasks.get(task.key) is not task:
-            raise NotFound(f"task {task.id} was removed by a reset", id=task.task_id())
-        if task.status == FAILED and task.agent_id is None:
-            raise SchedulingImpossible(f"no agent took task {task.id} within {URGENT_TAKE_S:.0f} s",
-                                       id=task.task_id())
-        if task.status not in ENDED:
-            raise WaitTimeout(f"task {task.id} is still {task.status} after "
-                              f"{self.config.blocking_hold_s:.0f} s; poll it for the result",
-                              id=task.task_id())
-        return task
+    async def requeue(self, cap: str, task_id: str) -> Task:
+        return await self._change(self.broker.requeue, cap, task_id)
+
+    async def reset_tasks(self) -> None:
+        await self._change(self.broker.reset_tasks)
+
+    async def drain(self, uid: str) -> tuple[Agent, bool]:
+        """(the agent, whether it is online)."""
+        agent = await self._change(self.broker.drain_agent, uid, True)
+        return agent, self.broker.is_online(agent, self.clock())
+
+    async def resume(self, uid: str) -> tuple[Agent, bool]:
+        agent = await self._change(self.broker.drain_agent, uid, False)
+        return agent, self.broker.is_online(agent, self.clock())
+
+    async def delete_agent(self, uid: str) -> None:
+        await self._change(self.broker.delete_agent, uid)
+        log.info("agent %s deleted", uid)
+
+    async def reset_agents(self) -> None:
+        await self._change(self.broker.reset_agents)
+
+    async def update_key(self, key: str, patterns: list[str], max_in_flight: int | None) -> ClientKey:
+        return await self._change(self.broker.update_key, key, patterns, max_in_flight)
+
+    async def revoke_key(self, key: str) -> ClientKey:
+        return await self._change(self.broker.revoke_key, key)
 
     # ---------------------------------------------------------------- views
 
-    def health(self) -> dict:
+    def task(self, cap: str, task_id: str, owner: str | None = None) -> Task:
+        return self.broker.task(cap, task_id, owner)
+
+    def tasks(self, status: str | None = None) -> list[Task]:
+        return [t for t in self.broker.tasks.values() if status is None or t.status == status]
+
+    def agent(self, uid: str) -> Agent | None:
+        return self.broker.agents.get(uid)
+
+    def agents(self, online_only: bool = False) -> list[tuple[Agent, bool]]:
+        """(agent, online) pairs."""
+        now = self.clock()
+        agents = self.broker.online_agents(now) if online_only else self.broker.agents.values()
+        return [(a, self.broker.is_online(a, now)) for a in agents]
+
+    def online_capabilities(self, patterns: list[str] | None = None) -> list[str]:
+        caps = self.broker.online_capabilities()
+        return caps if patterns is None else [c for c in caps if pattern_allows(patterns, c)]
+
+    def client_key(self, key: str) -> ClientKey | None:
+        return self.broker.client_key(key)
+
+    def keys(self) -> list[ClientKey]:
+        return list(self.broker.keys.values())
+
+    def health(self, **extra: Any) -> dict:
         return {"status": "healthy", "cached_agents": len(self.broker.agents),
-                "cached_tokens": len(self.tokens), "timestamp": iso(self.clock())}
+                "timestamp": iso(self.clock()), **extra}
 
     def stats(self) -> dict:
         return {**self.broker.stats(self.clock()), "journal": self.journal.stats(),
                 "uptimeSecs": round(self.clock() - self.started_at, 3), "version": __version__}
 
+    def metrics_text(self) -> str:
+        return self.metrics.text(self.broker, self.journal, self.clock())
+
+    def stream_keys(self, names: list[str], owner: str) -> set[TaskKey] | None:
+        """`<cap>/<id>` names -> the task keys a stream is limited to (`owner`'s own)."""
+        if not names:
+            return None
+        keys = set()
+        for name in names:
+            cap, _, task_id = name.rpartition("/")
+            if not cap or not task_id:
+                raise BadRequest("task must be given as <capability>/<id>")
+            keys.add(self.broker.task(cap, task_id, owner).key)
+        return keys
+
+    async def event_stream(self, last_id: int | None, owner: str, keys: set | None) -> Any:
+        """Server-Sent Events text, chunk by chunk, until shutdown. With a usable
+        `last_id` it resumes after it; else it starts with the current state."""
+        # `seen` is read with no await since the events were taken: events published
+        # while a write is in flight come in the next round, never skipped.
+        events, seen = self.events.after(last_id, owner, keys), self.events.seq
+        if events is None:
+            if keys is not None:
+                tasks = [self.broker.tasks[k] for k in keys if k in self.broker.tasks]
+            else:  # all that did not end yet
+                tasks = [t for t in self.broker.tasks.values() if t.status not in ENDED
+                         and (owner == MGMT_OWNER or t.owner == owner)]
+            events, seen = self.events.current(tasks), self.events.seq
+            yield b"".join(e.encode() for e in events) or b": connected\n\n"
+            events = []
+        while not self.stopping:
+            if events:
+                yield b"".join(e.encode() for e in events)
+            last_id = seen
+            await self._wait_until(lambda: self.events.seq > last_id, SSE_HEARTBEAT_S)
+            if self.events.seq <= last_id:
+                yield b": heartbeat\n\n"
+            else:  # a busy queue would otherwise cost a write, and a wake-up, per change
+                await asyncio.sleep(SSE_BATCH_S)
+            events, seen = self.events.after(last_id, owner, keys) or [], self.events.seq
+
 
 # ============================================================================ auth
+
+TOKEN_CACHE_SIZE = 10_000
+
 
 def secret_equal(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
@@ -2258,6 +2533,43 @@ def bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class AgentTokens:
+    """Agents' JWTs: issued here, and checked once each - later requests find the token
+    in a bounded cache, oldest first, so the expired ones leave from the front."""
+
+    def __init__(self, secret: str, lifetime_s: int, clock: Callable[[], float]):
+        self.secret, self.lifetime_s, self.clock = secret, lifetime_s, clock
+        self.cache: OrderedDict[str, tuple[str, float]] = OrderedDict()  # JWT -> (uid, exp)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def issue(self, agent: Agent) -> dict:
+        now = int(self.clock())
+        claims = {"sub": agent.uid, "iat": now, "exp": now + self.lifetime_s}
+        return {"token": jwt.encode(claims, self.secret, algorithm="HS256"),
+                "expiresIn": self.lifetime_s}
+
+    def uid(self, token: str) -> str:
+        """The agent id the token was issued to, or Unauthenticated."""
+        now = self.clock()
+        cached = self.cache.get(token)
+        if cached is None or cached[1] <= now:
+            try:
+                claims = jwt.decode(token, self.secret, algorithms=["HS256"],
+                                    options={"require": ["exp", "iat", "sub"]})
+            except jwt.PyJWTError as err:
+                raise Unauthenticated(f"invalid agent token: {err}") from None
+            cached = self.cache[token] = (str(claims["sub"]), float(claims["exp"]))
+            while self.cache and (len(self.cache) > TOKEN_CACHE_SIZE
+                                  or next(iter(self.cache.values()))[1] <= now):
+                self.cache.popitem(last=False)
+        return cached[0]
+
+    def forget(self, token: str) -> None:
+        self.cache.pop(token, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -2281,7 +2593,7 @@ def client_caller(hub: Hub, request: web.Request, body: Any) -> Client:
         key = body.get("apiKey")
     if not isinstance(key, str) or not key:
         raise Unauthenticated("missing API key: send X-API-Key, Authorization: Bearer, or apiKey")
-    found = hub.broker.client_key(key)
+    found = hub.client_key(key)
     if found is None and secret_equal(key, hub.config.mgmt_token):
         return Client(MGMT_OWNER, ["*"], body)
     if found is None or found.is_revoked:
@@ -2297,32 +2609,14 @@ def check_agent_registration_key(hub: Hub, key: Any) -> None:
         raise Unauthenticated("unknown agent registration key")
 
 
-def issue_token(hub: Hub, agent: Agent) -> dict:
-    now = int(hub.clock())
-    claims = {"sub": agent.uid, "iat": now, "exp": now + hub.config.jwt_lifetime_s}
-    return {"token": jwt.encode(claims, hub.config.jwt_secret, algorithm="HS256"),
-            "expiresIn": hub.config.jwt_lifetime_s}
-
-
-def agent_caller(hub: Hub, request: web.Request) -> Agent:
+def agent_caller(hub: Hub, tokens: AgentTokens, request: web.Request) -> Agent:
     """The agent behind `Authorization: Bearer <JWT>`; a deleted agent's token fails."""
     token = bearer(request)
     if token is None:
         raise Unauthenticated("missing agent token: send Authorization: Bearer <token>")
-    cached = hub.tokens.get(token)
-    if cached is None or cached[1] <= hub.clock():
-        try:
-            claims = jwt.decode(token, hub.config.jwt_secret, algorithms=["HS256"],
-                                options={"require": ["exp", "iat", "sub"]})
-        except jwt.PyJWTError as err:
-            raise Unauthenticated(f"invalid agent token: {err}") from None
-        cached = (str(claims["sub"]), float(claims["exp"]))
-        hub.tokens[token] = cached
-        if len(hub.tokens) > TOKEN_CACHE_SIZE:
-            hub.tokens.popitem(last=False)
-    agent = hub.broker.agents.get(cached[0])
+    agent = hub.agent(tokens.uid(token))
     if agent is None:
-        hub.tokens.pop(token, None)
+        tokens.forget(token)
         raise Unauthenticated("this agent no longer exists; register again")
     return agent
 
@@ -2338,6 +2632,8 @@ def check_management(hub: Hub, request: web.Request) -> None:
 # ============================================================================ handlers
 
 HUB = web.AppKey("hub", Hub)
+TOKENS = web.AppKey("tokens", AgentTokens)
+MAX_HOLDING = 10_000  # task ids an agent may list in one ping
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -2356,9 +2652,13 @@ async def read_json(request: web.Request, required: bool = True) -> Any:
             raise BadRequest("a JSON body is required")
         return {}
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         raise BadRequest(f"malformed JSON: {err}") from None
+    # Nesting needs one bracket per level: a body with fewer brackets cannot be too deep.
+    if raw.count(b"[") + raw.count(b"{") > MAX_BODY_DEPTH and nesting(body) > MAX_BODY_DEPTH:
+        raise BadRequest(f"the body is nested more than {MAX_BODY_DEPTH} levels deep")
+    return body
 
 
 def path_task(request: web.Request) -> tuple[str, str]:
@@ -2398,6 +2698,140 @@ def flag_param(request: web.Request, name: str) -> bool:
 
 def connection_gone(request: web.Request) -> Callable[[], bool]:
     return lambda: request.transport is None or request.transport.is_closing()
+
+
+def last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
+    try:
+        return int(raw) if raw else None
+    except ValueError:
+        raise BadRequest("Last-Event-ID must be an event id from this stream") from None
+
+
+# ---------------------------------------------------------------- request bodies
+
+_FILE_REF_FIELDS = ("path", "get", "gitClone", "httpLogin", "httpPassword", "httpAuthHeader")
+
+
+def _file_refs(value: Any, name: str) -> list[dict]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest(f"{name} must be a list of file references")
+    refs = []
+    for i, ref in enumerate(value):
+        if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or not ref["path"]:
+            raise BadRequest(f"{name}[{i}] must be an object with a non-empty string 'path'")
+        for key in _FILE_REF_FIELDS:
+            if ref.get(key) is not None and not isinstance(ref[key], str):
+                raise BadRequest(f"{name}[{i}].{key} must be a string")
+        if ref.get("customHeader") is not None and not isinstance(ref["customHeader"], dict):
+            raise BadRequest(f"{name}[{i}].customHeader must be an object")
+        refs.append({k: v for k, v in ref.items() if v is not None})
+    return refs
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false")
+    return value
+
+
+def _number(body: dict, name: str, low: float, high: float, integer: bool = False) -> Any:
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+            or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise BadRequest(f"{name} must be {kind} from {low:g} to {high:g}")
+    return value
+
+
+# Lifecycle extensions of a submission: name -> (low, high, integer).
+SUBMIT_LIMITS = {
+    "priority": (0, 9, True),
+    "maxRetries": (0, 100, True),
+    "retryDelaySecs": (0, MAX_RETRY_DELAY_S, False),
+    "maxWaitSecs": (0.001, 366 * 86400, False),
+    "timeoutSecs": (0.001, 366 * 86400, False),
+    "runtimeSecs": (0.001, 366 * 86400, False),
+    "delaySecs": (0, 366 * 86400, False),
+}
+
+
+def parse_submission(body: Any) -> dict:
+    """A TaskSubmissionRequest as stored and handed to agents (never with its apiKey).
+    Extension fields appear only when the client sent them, so original agents see the
+    original shape."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    data = {
+        "capability": check_capability(body.get("capability")),
+        "urgent": _flag(body, "urgent"),
+        "restartable": _flag(body, "restartable"),
+        "payload": body.get("payload"),
+        "fetchFiles": _file_refs(body.get("fetchFiles"), "fetchFiles"),
+        "artifacts": _file_refs(body.get("artifacts"), "artifacts"),
+    }
+    for name, (low, high, integer) in SUBMIT_LIMITS.items():
+        if body.get(name) is not None:
+            data[name] = _number(body, name, low, high, integer)
+    if body.get("retryOnSameNode") is not None:
+        data["retryOnSameNode"] = _flag(body, "retryOnSameNode")
+    if body.get("runAt") is not None:
+        if "delaySecs" in data:
+            raise BadRequest("give runAt or delaySecs, not both")
+        try:
+            parse_iso(body["runAt"])
+        except (TypeError, ValueError):
+            raise BadRequest("runAt must be an RFC 3339 time like 2026-11-28T10:00:00Z") from None
+        data["runAt"] = body["runAt"]
+    if data["urgent"] and ("runAt" in data or "delaySecs" in data or "priority" in data):
+        raise BadRequest("urgent tasks run now: runAt, delaySecs and priority are for regular tasks")
+    return data
+
+
+def parse_agent_info(body: Any) -> dict:
+    """The agent's self-description from register and info/update."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    caps = body.get("capabilities")
+    if not isinstance(caps, list):
+        raise BadRequest("capabilities must be a list of strings")
+    caps = [check_capability(c, "each capability") for c in caps]
+    tier = body.get("tier", 0)
+    if not isinstance(tier, int) or isinstance(tier, bool) or not 0 <= tier <= 255:
+        raise BadRequest("tier must be an integer from 0 to 255")
+    capacity = body.get("capacity", 1)
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+        raise BadRequest("capacity must be an integer of at least 1")
+    system_info = body.get("systemInfo") or {}
+    if not isinstance(system_info, dict):
+        raise BadRequest("systemInfo must be an object")
+    info = {"capabilities": caps, "tier": tier, "capacity": capacity, "systemInfo": system_info}
+    if body.get("heartbeatSecs") is not None:  # only then in the record: old agents' stay as they were
+        info["heartbeatSecs"] = _number(body, "heartbeatSecs", 1, MAX_HEARTBEAT_S)
+    return info
+
+
+def parse_holding(body: Any) -> set[TaskKey] | None:
+    """A ping's `holding` list -> task keys; None when the ping reports nothing."""
+    if not isinstance(body, dict) or body.get("holding") is None:
+        if isinstance(body, dict):
+            return None
+        raise BadRequest("the body must be a JSON object")
+    holding = body["holding"]
+    if not isinstance(holding, list) or len(holding) > MAX_HOLDING:
+        raise BadRequest(f"holding must be a list of at most {MAX_HOLDING} task ids")
+    keys = set()
+    for item in holding:
+        if not isinstance(item, dict) or not isinstance(item.get("cap"), str) \
+                or not isinstance(item.get("id"), str):
+            raise BadRequest('each holding entry must be {"cap": "...", "id": "..."}')
+        keys.add((item["cap"], item["id"]))
+    return keys
 
 
 def check_body_id(body: Any, cap: str, task_id: str) -> dict:
@@ -2441,117 +2875,99 @@ def parse_outcome(status: Any) -> tuple[str, str | None]:
     return outcome, None if message is None else str(message)
 
 
-# ---------------------------------------------------------------- client API
+def parse_key_update(body: Any) -> tuple[str, list[str], int | None]:
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    key, patterns = body.get("key"), body.get("capabilities")
+    if not isinstance(key, str) or not key.strip() or len(key) > 512:
+        raise BadRequest("key must be a non-empty string of at most 512 characters")
+    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+        raise BadRequest("capabilities must be a list of non-empty strings (patterns like *, llm.*)")
+    limit = body.get("maxInFlight")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise BadRequest("maxInFlight must be a positive integer or null")
+    return key, patterns, limit
 
-async def handle_task_submit(request: web.Request, client: Client) -> web.Response:
-    hub = request.app[HUB]
+
+def allowed_submission(client: Client, urgent_only: bool = False) -> dict:
     data = parse_submission(client.body)
-    if not pattern_allows(client.patterns, data["capability"]):
-        raise Forbidden(f"this key may not submit {data['capability']}")
-    idempotency_key = request.headers.get("Idempotency-Key")
-    if idempotency_key is not None and not 0 < len(idempotency_key) <= 255:
-        raise BadRequest("Idempotency-Key must be 1 to 255 characters")
-    task, created = await hub.submit(data, client.owner, client.max_in_flight, idempotency_key)
-    code = (202 if task.urgent else 201) if created else 200
-    # A new task is answered as submitted: an agent's long poll may already have taken it
-    # while its record reached the disk.
-    return json_response({"id": task.task_id(), "capability": task.cap,
-                          "status": PENDING if created else task.status,
-                          "message": "Added to tasks queue"}, code)
-
-
-async def handle_task_submit_blocking(request: web.Request, client: Client) -> web.Response:
-    hub = request.app[HUB]
-    data = parse_submission(client.body)
-    if not data["urgent"]:
+    if urgent_only and not data["urgent"]:
         raise BadRequest("submit_blocking takes urgent tasks only: set \"urgent\": true")
     if not pattern_allows(client.patterns, data["capability"]):
         raise Forbidden(f"this key may not submit {data['capability']}")
-    task = await hub.submit_and_wait(data, client.owner, client.max_in_flight)
-    return json_response(task.assigned_json())
+    return data
 
 
-async def handle_task_poll(request: web.Request, client: Client) -> web.Response:
-    hub = request.app[HUB]
-    cap, task_id = path_task(request)
-    task = hub.broker.task(cap, task_id, client.owner)
-    await hub.wait_for_end(task, wait_param(request, 0.0))
-    return json_response(task.status_json())
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 0 < len(key) <= 255:
+        raise BadRequest("Idempotency-Key must be 1 to 255 characters")
+    return key
 
 
-async def handle_task_cancel(request: web.Request, client: Client) -> web.Response:
-    """Extension: cancel a task submitted with this key."""
-    hub = request.app[HUB]
-    task = await hub.change(hub.broker.cancel, *path_task(request), client.owner)
-    return json_response(task.status_json())
-
-
-SSE_HEARTBEAT_S = 15.0
-SSE_BATCH_S = 0.005  # events within this long of the first share one write
-
-
-async def stream_events(request: web.Request, owner: str, keys: set | None) -> web.StreamResponse:
-    """Server-Sent Events until the client goes away. With a Last-Event-ID the stream
-    resumes after it; without one (or one too old) it starts with the current state."""
-    hub = request.app[HUB]
-    raw_last = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
-    try:
-        last_id = int(raw_last) if raw_last else None
-    except ValueError:
-        raise BadRequest("Last-Event-ID must be an event id from this stream") from None
+async def stream(request: web.Request, chunks: Any) -> web.StreamResponse:
+    """Server-Sent Events: each chunk written as it comes, until the client goes away."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)
     try:
-        # `seen` is read with no await since the events were taken: events published
-        # while a write is in flight come in the next round, never skipped.
-        events, seen = hub.events_after(last_id, owner, keys), hub.event_seq
-        if events is None:
-            events, seen = hub.current_events(owner, keys), hub.event_seq
-            await response.write(b"".join(e.encode() for e in events) or b": connected\n\n")
-            events = []
-        while not hub.stopping:
-            if events:
-                await response.write(b"".join(e.encode() for e in events))
-            last_id = seen
-            if not await hub.wait_for_events(last_id, SSE_HEARTBEAT_S):
-                await response.write(b": heartbeat\n\n")
-            else:  # a busy queue would otherwise cost a write, and a wake-up, per change
-                await asyncio.sleep(SSE_BATCH_S)
-            events, seen = hub.events_after(last_id, owner, keys) or [], hub.event_seq
+        async for chunk in chunks:
+            await response.write(chunk)
     except (ConnectionResetError, ConnectionError):
         pass
     return response
 
 
-def task_filter(request: web.Request, hub: Hub, owner: str) -> set | None:
-    """Repeated `?task=<cap>/<id>`: the tasks a stream is limited to (the caller's own)."""
-    names = request.query.getall("task", [])
-    if not names:
-        return None
-    keys = set()
-    for name in names:
-        cap, _, task_id = name.rpartition("/")
-        if not cap or not task_id:
-            raise BadRequest("task must be given as <capability>/<id>")
-        keys.add(hub.broker.task(cap, task_id, owner).key)
-    return keys
+# ---------------------------------------------------------------- client API
+
+async def handle_task_submit(request: web.Request, client: Client) -> web.Response:
+    data, key = allowed_submission(client), idempotency_key(request)
+    task, created = await request.app[HUB].submit(data, client.owner, client.max_in_flight, key)
+    code = (202 if task.urgent else 201) if created else 200
+    # A new task is answered as submitted: an agent's long poll may already have taken it
+    # while its record reached the disk.
+    return json_response({"id": task_id_json(task), "capability": task.cap,
+                          "status": PENDING if created else task.status,
+                          "message": "Added to tasks queue"}, code)
+
+
+async def handle_task_submit_blocking(request: web.Request, client: Client) -> web.Response:
+    data = allowed_submission(client, urgent_only=True)
+    task = await request.app[HUB].submit_and_wait(data, client.owner, client.max_in_flight)
+    return json_response(assigned_json(task))
+
+
+async def handle_task_poll(request: web.Request, client: Client) -> web.Response:
+    cap, task_id = path_task(request)
+    task = await request.app[HUB].poll(cap, task_id, client.owner, wait_param(request, 0.0))
+    return json_response(status_json(task))
+
+
+async def handle_task_cancel(request: web.Request, client: Client) -> web.Response:
+    """Extension: cancel a task submitted with this key."""
+    task = await request.app[HUB].cancel(*path_task(request), client.owner)
+    return json_response(status_json(task))
+
+
+async def events_of(request: web.Request, owner: str) -> web.StreamResponse:
+    """With a Last-Event-ID the stream resumes after it; without one (or one too old) it
+    starts with the current state. Repeated `?task=<cap>/<id>` limits it to those tasks."""
+    hub, last_id = request.app[HUB], last_event_id(request)
+    keys = hub.stream_keys(request.query.getall("task", []), owner)
+    return await stream(request, hub.event_stream(last_id, owner, keys))
 
 
 async def handle_task_events(request: web.Request, client: Client) -> web.StreamResponse:
     """Extension: the key's tasks as Server-Sent Events."""
-    hub = request.app[HUB]
-    return await stream_events(request, client.owner, task_filter(request, hub, client.owner))
+    return await events_of(request, client.owner)
 
 
 async def handle_capabilities_online(request: web.Request, client: Client) -> web.Response:
-    hub = request.app[HUB]
-    return json_response([c for c in hub.broker.online_capabilities()
-                          if pattern_allows(client.patterns, c)])
+    return json_response(request.app[HUB].online_capabilities(client.patterns))
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    return json_response(request.app[HUB].health())
+    return json_response(request.app[HUB].health(cached_tokens=len(request.app[TOKENS])))
 
 
 async def handle_stats(request: web.Request) -> web.Response:
@@ -2563,44 +2979,43 @@ async def handle_stats(request: web.Request) -> web.Response:
 async def handle_agent_register(request: web.Request) -> web.Response:
     hub, body = request.app[HUB], await read_json(request)
     check_agent_registration_key(hub, body.get("apiKey") if isinstance(body, dict) else None)
-    agent = await hub.change(hub.broker.register_agent, parse_agent_info(body))
-    log.info("agent %s registered serving %s", agent.uid, ",".join(agent.capabilities))
+    agent = await hub.register_agent(parse_agent_info(body))
     return json_response({"agentId": agent.uid, "key": agent.key, "message": "Registered"})
 
 
 async def handle_agent_auth(request: web.Request) -> web.Response:
-    hub, body = request.app[HUB], await read_json(request)
+    body = await read_json(request)
     if not isinstance(body, dict) or not isinstance(body.get("agentId"), str) \
             or not isinstance(body.get("key"), str):
         raise BadRequest("agentId and key are required strings")
-    agent = hub.broker.agents.get(body["agentId"])
+    agent = request.app[HUB].agent(body["agentId"])
     # One message for both cases, so the answer does not reveal which agents exist.
     if agent is None or not secret_equal(body["key"], agent.key):
         raise Unauthenticated("unknown agent or wrong key")
-    return json_response(issue_token(hub, agent))
+    return json_response(request.app[TOKENS].issue(agent))
 
 
 async def handle_agent_ping(request: web.Request, agent: Agent) -> web.Response:
-    hub = request.app[HUB]
-    hub.broker.touch(agent.uid, hub.clock())
-    return json_response(hub.health())
+    """With `{"holding": [TaskId, ...]}` the tasks the agent no longer holds are released."""
+    body = await read_json(request, required=False) if request.method == "POST" else {}
+    answer = await request.app[HUB].ping(agent.uid, parse_holding(body))
+    return json_response({**answer, "cached_tokens": len(request.app[TOKENS])})
 
 
 async def handle_agent_info_update(request: web.Request, agent: Agent) -> web.Response:
-    hub = request.app[HUB]
     info = parse_agent_info(await read_json(request))
-    await hub.change(hub.broker.update_agent, agent.uid, info)
+    await request.app[HUB].update_agent(agent.uid, info)
     return json_response({"agentId": agent.uid, "key": agent.key, "message": "Updated"})
 
 
 async def _agent_poll(request: web.Request, agent: Agent, urgent_only: bool) -> web.Response:
     """Extension: `?take=1` also takes the task and answers the AssignedTask."""
-    hub, take = request.app[HUB], flag_param(request, "take")
-    task = await hub.next_task(agent.uid, wait_param(request, DEFAULT_AGENT_WAIT_S), urgent_only,
-                               connection_gone(request), take)
+    take, wait_s = flag_param(request, "take"), wait_param(request, DEFAULT_AGENT_WAIT_S)
+    task = await request.app[HUB].next_task(agent.uid, wait_s, urgent_only,
+                                            connection_gone(request), take)
     if task is None:
         return json_response(None)
-    return json_response(task.assigned_json() if take else task.unassigned_json())
+    return json_response(assigned_json(task) if take else unassigned_json(task))
 
 
 async def handle_agent_task_poll(request: web.Request, agent: Agent) -> web.Response:
@@ -2612,20 +3027,15 @@ async def handle_agent_task_poll_urgent(request: web.Request, agent: Agent) -> w
 
 
 async def handle_agent_take(request: web.Request, agent: Agent) -> web.Response:
-    hub = request.app[HUB]
-    cap, task_id = path_task(request)
-    task = await hub.change(hub.broker.take, agent.uid, cap, task_id)
-    log.debug("task %s assigned to %s", task_id, agent.uid)
-    return json_response(task.assigned_json())
+    task = await request.app[HUB].take(agent.uid, *path_task(request))
+    return json_response(assigned_json(task))
 
 
 async def handle_agent_progress(request: web.Request, agent: Agent) -> web.Response:
-    hub = request.app[HUB]
     cap, task_id = path_task(request)
     body = check_body_id(await read_json(request), cap, task_id)
     stage, log_update = optional_text(body, "stage"), optional_text(body, "logUpdate")
-    task = await hub.change(hub.broker.progress, agent.uid, cap, task_id, stage, log_update,
-                            on_disk=False)
+    task = await request.app[HUB].progress(agent.uid, cap, task_id, stage, log_update)
     if task.cancel_requested_at is not None:  # extension: tell the agent to stop
         return json_response({"message": "task update confirmed", "cancel": True})
     return json_response({"message": "task update confirmed"})
@@ -2633,70 +3043,62 @@ async def handle_agent_progress(request: web.Request, agent: Agent) -> web.Respo
 
 async def handle_agent_cancels(request: web.Request, agent: Agent) -> web.Response:
     """Extension: long poll for the held tasks this agent should stop (ids), or []."""
-    hub = request.app[HUB]
-    ids = await hub.cancel_requests(agent.uid, wait_param(request, DEFAULT_AGENT_WAIT_S),
-                                    connection_gone(request))
-    return json_response(ids)
+    wait_s = wait_param(request, DEFAULT_AGENT_WAIT_S)
+    return json_response(await request.app[HUB].cancel_requests(agent.uid, wait_s,
+                                                                connection_gone(request)))
 
 
 async def handle_agent_resolve(request: web.Request, agent: Agent) -> web.Response:
     """Extension: `?next=<seconds>` then long-polls and takes the agent's next task,
     answered as `"next": AssignedTask | null` (one round trip per task)."""
-    hub = request.app[HUB]
-    cap, task_id = path_task(request)
+    hub, (cap, task_id) = request.app[HUB], path_task(request)
     body = check_body_id(await read_json(request), cap, task_id)
     outcome, message = parse_outcome(body.get("status"))
     next_wait_s = wait_param(request, None, "next")
     if next_wait_s is None:
-        await hub.change(hub.broker.resolve, agent.uid, cap, task_id, outcome, message,
-                         body.get("output"))
+        await hub.resolve(agent.uid, cap, task_id, outcome, message, body.get("output"))
         return json_response({"message": "task report confirmed"})
     nxt = await hub.resolve_and_next(agent.uid, cap, task_id, outcome, message, body.get("output"),
                                      next_wait_s, connection_gone(request))
     return json_response({"message": "task report confirmed",
-                          "next": None if nxt is None else nxt.assigned_json()})
+                          "next": None if nxt is None else assigned_json(nxt)})
 
 
 # ---------------------------------------------------------------- management API
 
 async def handle_mgmt_events(request: web.Request) -> web.StreamResponse:
     """Extension: every task and agent change as Server-Sent Events (for the console)."""
-    hub = request.app[HUB]
-    return await stream_events(request, MGMT_OWNER, task_filter(request, hub, MGMT_OWNER))
+    return await events_of(request, MGMT_OWNER)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     if not hub.config.metrics_public:
         check_management(hub, request)
-    return web.Response(text=hub.metrics(), content_type="text/plain", charset="utf-8",
+    return web.Response(text=hub.metrics_text(), content_type="text/plain", charset="utf-8",
                         headers={"X-Prometheus-Format": "0.0.4"})
 
 
 async def handle_mgmt_capabilities_online(request: web.Request) -> web.Response:
-    return json_response(request.app[HUB].broker.online_capabilities())
+    return json_response(request.app[HUB].online_capabilities())
 
 
 async def handle_mgmt_agents_list(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    return json_response(hub.broker.agents_json(hub.clock()))
+    return json_response([agent_json(a, online) for a, online in request.app[HUB].agents()])
 
 
 async def handle_mgmt_agents_list_online(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    return json_response(hub.broker.agents_json(hub.clock(), online_only=True))
+    agents = request.app[HUB].agents(online_only=True)
+    return json_response([agent_json(a, online) for a, online in agents])
 
 
 async def handle_mgmt_agent_delete(request: web.Request) -> web.Response:
-    hub, uid = request.app[HUB], request.match_info["agent_id"]
-    await hub.change(hub.broker.delete_agent, uid)
-    log.info("agent %s deleted", uid)
+    await request.app[HUB].delete_agent(request.match_info["agent_id"])
     return json_response("Agent deleted")
 
 
 async def handle_mgmt_agents_reset(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    await hub.change(hub.broker.reset_agents)
+    await request.app[HUB].reset_agents()
     return json_response({"result": "Reset successful"})
 
 
@@ -2708,63 +3110,43 @@ async def handle_mgmt_tasks_list(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in TASK_STATUSES:
         raise BadRequest(f"status must be one of {', '.join(TASK_STATUSES)}")
-    return json_response(request.app[HUB].broker.task_listing(status))
+    return json_response(listing_json(request.app[HUB].tasks(status)))
 
 
 async def handle_mgmt_task_cancel(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    task = await hub.change(hub.broker.cancel, *path_task(request), MGMT_OWNER)
-    return json_response(task.assigned_json())
+    task = await request.app[HUB].cancel(*path_task(request), MGMT_OWNER)
+    return json_response(assigned_json(task))
 
 
 async def handle_mgmt_task_requeue(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    task = await hub.change(hub.broker.requeue, *path_task(request))
-    return json_response(task.assigned_json())
+    task = await request.app[HUB].requeue(*path_task(request))
+    return json_response(assigned_json(task))
 
 
 async def handle_mgmt_agent_drain(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    agent = await hub.change(hub.broker.drain_agent, request.match_info["agent_id"], True)
-    return json_response(agent.to_json(hub.broker.is_online(agent, hub.clock())))
+    return json_response(agent_json(*await request.app[HUB].drain(request.match_info["agent_id"])))
 
 
 async def handle_mgmt_agent_resume(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    agent = await hub.change(hub.broker.drain_agent, request.match_info["agent_id"], False)
-    return json_response(agent.to_json(hub.broker.is_online(agent, hub.clock())))
+    return json_response(agent_json(*await request.app[HUB].resume(request.match_info["agent_id"])))
 
 
 async def handle_mgmt_tasks_reset(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    await hub.change(hub.broker.reset_tasks)
+    await request.app[HUB].reset_tasks()
     return json_response({"result": "Reset successful"})
 
 
 async def handle_mgmt_keys_list(request: web.Request) -> web.Response:
-    return json_response([k.to_json() for k in request.app[HUB].broker.keys.values()])
+    return json_response([key_json(k) for k in request.app[HUB].keys()])
 
 
 async def handle_mgmt_key_update(request: web.Request) -> web.Response:
-    hub, body = request.app[HUB], await read_json(request)
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    key, patterns = body.get("key"), body.get("capabilities")
-    if not isinstance(key, str) or not key.strip() or len(key) > 512:
-        raise BadRequest("key must be a non-empty string of at most 512 characters")
-    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
-        raise BadRequest("capabilities must be a list of non-empty strings (patterns like *, llm.*)")
-    limit = body.get("maxInFlight")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise BadRequest("maxInFlight must be a positive integer or null")
-    found = await hub.change(hub.broker.update_key, key, patterns, limit)
-    return json_response(found.to_json())
+    key, patterns, limit = parse_key_update(await read_json(request))
+    return json_response(key_json(await request.app[HUB].update_key(key, patterns, limit)))
 
 
 async def handle_mgmt_key_revoke(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    found = await hub.change(hub.broker.revoke_key, request.match_info["key"])
-    return json_response(found.to_json())
+    return json_response(key_json(await request.app[HUB].revoke_key(request.match_info["key"])))
 
 
 # ---------------------------------------------------------------- console
@@ -3288,7 +3670,7 @@ async def timing_middleware(request: web.Request, handler: Callable) -> web.Stre
         return await handler(request)
     finally:
         resource = request.match_info.route.resource
-        request.app[HUB].observe_http(request.method, resource.canonical if resource else "unmatched",
+        request.app[HUB].metrics.observe_http(request.method, resource.canonical if resource else "unmatched",
                                       time.perf_counter() - started)
 
 
@@ -3301,7 +3683,7 @@ def guarded(kind: str, handler: Callable) -> Callable:
             body = await read_json(request, required=False) if request.method == "POST" else {}
             return await handler(request, client_caller(hub, request, body))
         if kind == "agent":
-            return await handler(request, agent_caller(hub, request))
+            return await handler(request, agent_caller(hub, request.app[TOKENS], request))
         if kind == "mgmt":
             check_management(hub, request)
         return await handler(request)
@@ -3324,6 +3706,7 @@ ROUTES = [
     ("POST", "/agent/register", "open", handle_agent_register),
     ("POST", "/agent/auth", "open", handle_agent_auth),
     ("GET", "/private/agent/ping", "agent", handle_agent_ping),
+    ("POST", "/private/agent/ping", "agent", handle_agent_ping),
     ("POST", "/private/agent/info/update", "agent", handle_agent_info_update),
     ("GET", "/private/agent/task/poll", "agent", handle_agent_task_poll),
     ("POST", "/private/agent/task/poll", "agent", handle_agent_task_poll),
@@ -3361,6 +3744,7 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
     hub = hub or Hub(config)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[timing_middleware, error_middleware])
     app[HUB] = hub
+    app[TOKENS] = AgentTokens(config.jwt_secret, config.jwt_lifetime_s, hub.clock)
     for method, path, kind, handler in ROUTES:
         app.router.add_route(method, path, guarded(kind, handler))
 

@@ -132,3 +132,18 @@ def make_server(tmp_path):
     yield factory
     for srv in started:
         srv.stop()
+
+
+# ---------------------------------------------------------------- the core's changes
+
+def recorded(broker):
+    """The broker, keeping from now on every change its methods make (see take_records)."""
+    broker.out = []
+    return broker
+
+
+def take_records(broker) -> list:
+    """The durable records of the changes since the last call, as the journal gets them."""
+    records = [c.record for c in broker.out if c.durable]
+    broker.out.clear()
+    return records

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from offloadmq import (
-    ASSIGNED, COMPLETED, DEFAULT_MAX_RETRIES, FAILED, ONLINE_S, PENDING, RUNNING, TRANSITIONS,
+    ASSIGNED, COMPLETED, DEFAULT_MAX_RETRIES, FAILED, ONLINE_S, PENDING, RUNNING, TASK_MOVES,
     URGENT_KEEP_S, URGENT_TAKE_S, Broker, Conflict, Forbidden, NotFound, SchedulingImpossible,
     Unauthenticated, base_capability, iso, parse_iso, parse_submission, pattern_allows,
 )
@@ -21,6 +21,16 @@ def submit(broker, cap="debug.echo", now=T0, owner="o1", **fields):
     return broker.submit(parse_submission({"capability": cap, **fields}), owner, None, now)
 
 
+def recording(broker):
+    """From now on every change the broker's methods make lands in the list returned."""
+    broker.out = []
+    return broker.out
+
+
+def durable_records(changes):
+    return [c.record for c in changes if c.durable]
+
+
 def poll_take(broker, uid, now=T0):
     task = broker.offer(uid, now)
     assert task is not None
@@ -29,12 +39,18 @@ def poll_take(broker, uid, now=T0):
 
 # ---------------------------------------------------------------- state machine
 
+def moves_from(state):
+    """The states TASK_MOVES lets a task in `state` go to."""
+    return {to or state for allowed, to in TASK_MOVES.values() if state in allowed}
+
+
 def test_every_legal_transition_is_in_the_table_and_ended_states_are_final():
-    assert TRANSITIONS[PENDING] == {ASSIGNED, FAILED, "canceled"}
-    assert TRANSITIONS[ASSIGNED] >= {RUNNING, COMPLETED, FAILED, PENDING}
-    assert TRANSITIONS[COMPLETED] == frozenset()
+    assert moves_from(PENDING) == {ASSIGNED, FAILED, "canceled"}
+    assert moves_from(ASSIGNED) >= {RUNNING, COMPLETED, FAILED, PENDING}
+    assert moves_from(COMPLETED) == set()
     for dead_letter in (FAILED, "canceled"):  # only a management requeue revives them
-        assert TRANSITIONS[dead_letter] == {PENDING}
+        assert moves_from(dead_letter) == {PENDING}
+        assert [op for op, (allowed, _) in TASK_MOVES.items() if dead_letter in allowed] == ["task.requeued"]
 
 
 def test_full_lifecycle_pending_assigned_running_completed():
@@ -58,16 +74,17 @@ def test_illegal_move_raises_and_changes_nothing():
     uid = agent(b)
     task = submit(b)
     poll_take(b, uid)
-    b.resolve(uid, task.cap, task.id, "success", None, 1, T0)
+    changes = []
+    b.resolve(uid, task.cap, task.id, "success", None, 1, T0, changes=changes)
     before = (task.status, task.result, list(task.history))
     with pytest.raises(Conflict):
         b.resolve(uid, task.cap, task.id, "failure", "late", None, T0 + 1)
     with pytest.raises(Conflict):
         b.progress(uid, task.cap, task.id, "x", "y", T0 + 1)
     with pytest.raises(Conflict):
-        b.take(uid, task.cap, task.id, T0 + 1)
+        b.take(uid, task.cap, task.id, T0 + 1, changes=changes)
     assert (task.status, task.result, list(task.history)) == before
-    assert b.take_records()[-1]["op"] == "task.completed"
+    assert [c.op for c in changes] == ["task.completed"]
 
 
 def test_illegal_move_from_pending_raises():
@@ -81,12 +98,14 @@ def test_illegal_move_from_pending_raises():
     assert task.status == PENDING
 
 
-def test_direct_set_status_rejects_illegal_transition():
+def test_a_record_the_table_forbids_raises_and_changes_nothing():
     b = Broker()
     task = submit(b)
-    with pytest.raises(Conflict):
-        b._set_status(task, COMPLETED)
-    assert task.status == PENDING
+    for op in ("task.completed", "task.progressed", "task.retried", "task.requeued"):
+        with pytest.raises(Conflict):
+            b.apply({"op": op, "at": iso(T0 + 1), "cap": task.cap, "id": task.id, "result": 1,
+                     "stage": None, "log": None, "reason": "x"})
+    assert task.status == PENDING and task.result is None and len(task.history) == 1
 
 
 # ---------------------------------------------------------------- matching
@@ -338,9 +357,11 @@ def test_reset_tasks_clears_queues_and_capacity():
 
 def test_urgent_task_needs_an_online_agent():
     b = Broker()
+    changes = []
     with pytest.raises(SchedulingImpossible):
-        submit(b, urgent=True)
-    assert not b.tasks and not b.records
+        b.submit(parse_submission({"capability": "debug.echo", "urgent": True}), "o1", None, T0,
+                 changes=changes)
+    assert not b.tasks and not changes
 
 
 def test_urgent_task_nobody_takes_expires_then_is_dropped_later():
@@ -361,14 +382,15 @@ def test_urgent_task_nobody_takes_expires_then_is_dropped_later():
 def test_urgent_tasks_are_never_durable_records():
     b = Broker()
     uid = agent(b)
-    b.take_records()
+    changes = recording(b)
     task = submit(b, urgent=True)
     poll_take(b, uid)
     b.progress(uid, task.cap, task.id, "s", "l", T0)
     b.resolve(uid, task.cap, task.id, "success", None, 1, T0)
-    assert b.take_records() == []
+    assert changes and durable_records(changes) == []
+    changes.clear()
     submit(b)
-    assert [r["op"] for r in b.take_records()] == ["task.submitted"]
+    assert [r["op"] for r in durable_records(changes)] == ["task.submitted"]
 
 
 def test_taken_urgent_task_does_not_expire():
@@ -396,7 +418,7 @@ def test_expiry_stops_at_the_first_recent_agent():
     old, recent = agent(b, now=T0), agent(b, now=T0 + 100)
     b.expire(T0 + ONLINE_S + 1)
     assert list(b.online) == [recent]
-    assert {a["uid"]: a["online"] for a in b.agents_json(T0 + ONLINE_S + 1)} == {old: False, recent: True}
+    assert {uid: b.is_online(a, T0 + ONLINE_S + 1) for uid, a in b.agents.items()} == {old: False, recent: True}
     b.touch(old, T0 + 200)
     assert list(b.online) == [recent, old]
 
@@ -449,6 +471,7 @@ def test_ids_sort_in_creation_order_within_one_millisecond():
 
 def test_replaying_records_rebuilds_the_same_state():
     live = Broker()
+    changes = recording(live)
     uid = agent(live, capacity=3)
     t1 = submit(live, restartable=True)
     t2 = submit(live, now=T0 + 1)
@@ -458,7 +481,7 @@ def test_replaying_records_rebuilds_the_same_state():
     poll_take(live, uid, T0 + 5)
     live.update_key("k", ["*"], 2, T0)
     replayed = Broker()
-    for record in live.take_records():
+    for record in durable_records(changes):
         replayed.apply(record)
     assert replayed.snapshot() == live.snapshot()
     # t1 failed and waits out its retry delay, so the second poll got t2.

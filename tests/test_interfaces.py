@@ -204,10 +204,11 @@ async def test_event_ring_forgets_oldest_events_past_its_byte_budget(client, mon
         await client.post("/api/task/submit", json={"capability": "job", "payload": "x" * 100},
                           headers=CLIENT)
     hub = client.app[offloadmq.HUB]
-    assert hub.event_bytes <= 2000 and sum(len(e.data) for e in hub.events) == hub.event_bytes
-    assert len(hub.events) < 30
+    log = hub.events
+    assert log.bytes <= 2000 and sum(len(e.data) for e in log.ring) == log.bytes
+    assert len(log.ring) < 30
     # A Last-Event-ID older than what is kept cannot resume: the stream starts over.
-    assert hub.events_after(hub.events[0].id - 2, "x", None) is None
+    assert log.after(log.ring[0].id - 2, "x", None) is None
 
 
 async def test_a_change_wakes_only_the_clients_waiting_for_that_task(tmp_path):
@@ -217,24 +218,24 @@ async def test_a_change_wakes_only_the_clients_waiting_for_that_task(tmp_path):
     hub = Hub(Config(data_path=tmp_path, jwt_secret="s" * 32, client_api_keys=("ck",)))
     await hub.start()
     try:
-        agent = await hub.change(hub.broker.register_agent, {
+        agent = await hub.register_agent({
             "capabilities": ["debug.echo"], "tier": 0, "capacity": 100, "systemInfo": {}})
         tasks = [(await hub.submit(parse_submission({"capability": "debug.echo"}), "o", None, None))[0]
                  for _ in range(50)]
-        waits = [asyncio.ensure_future(hub.wait_for_end(t, 30)) for t in tasks]
+        waits = [asyncio.ensure_future(hub.poll(t.cap, t.id, "o", 30)) for t in tasks]
         await asyncio.sleep(0.05)
         assert sum(len(w) for w in hub.end_waiters.values()) == 50
         first = tasks[0]
-        await hub.change(hub.broker.take, agent.uid, first.cap, first.id)
-        await hub.change(hub.broker.resolve, agent.uid, first.cap, first.id, "success", None, 1)
+        await hub.take(agent.uid, first.cap, first.id)
+        await hub.resolve(agent.uid, first.cap, first.id, "success", None, 1)
         await asyncio.sleep(0.05)
         assert waits[0].done() and not any(w.done() for w in waits[1:])
         assert len(hub.end_waiters) == 49
-        await hub.change(hub.broker.reset_tasks)  # the rest go away: their waits end
+        await hub.reset_tasks()  # the rest go away: their waits end
         await asyncio.wait_for(asyncio.gather(*waits), 5)
         assert hub.end_waiters == {}
         timed_out = (await hub.submit(parse_submission({"capability": "debug.echo"}), "o", None, None))[0]
-        await hub.wait_for_end(timed_out, 0.05)
+        await hub.poll(timed_out.cap, timed_out.id, "o", 0.05)
         assert hub.end_waiters == {}, "a wait that timed out leaves nothing behind"
     finally:
         await hub.release_waiters()

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import orjson
 import pytest
 
-from conftest import ROOT, http
+from conftest import ROOT, http, recorded, take_records
 from offloadmq import (
     PENDING, Broker, Config, Hub, Journal, JournalCorrupt, OffloadError, decode_record,
     encode_record, iso, owner_of, parse_iso, parse_submission,
@@ -44,7 +44,7 @@ def realistic_run() -> tuple[Broker, list[dict]]:
     """Every kind of durable change: agents, keys, submit, take, progress, the three
     resolve outcomes, requeue, an urgent task (never journaled), agent update and delete.
     Returns the live broker and its records numbered as the journal numbers them."""
-    b = Broker(PREDEFINED, T0)
+    b = recorded(Broker(PREDEFINED, T0))
     t = T0
     a = b.register_agent(agent_info(["debug.echo", "vision[gpu;cuda12]"], tier=1, capacity=2), t)
     bee = b.register_agent(agent_info(["debug.echo"], capacity=3), t + 0.1)
@@ -90,7 +90,7 @@ def realistic_run() -> tuple[Broker, list[dict]]:
     b.drain_agent(a.uid, False, t + 0.6)
     assert END_T > t
     b.expire(END_T)  # a retry delay passes: in memory only, recomputed from the clock
-    records = [{"seq": i, **r} for i, r in enumerate(b.take_records(), 1)]
+    records = [{"seq": i, **r} for i, r in enumerate(take_records(b), 1)]
     return b, records
 
 
@@ -123,7 +123,7 @@ def write_snapshot(folder: Path, broker: Broker, seq: int) -> None:
 def replay(folder: Path, repair=False, now=END_T) -> tuple[Broker, Journal, int]:
     """Recover into a fresh broker, then let the clock reach `now` as the live run did
     (timers such as retry delays are not journaled: they follow from the clock)."""
-    b = Broker(PREDEFINED, T0)
+    b = recorded(Broker(PREDEFINED, T0))
     j = Journal(folder, "always")
     n = j.recover(b, repair)
     os.close(j.fd)
@@ -138,7 +138,7 @@ def replay_records(folder: Path, records: list[dict]) -> dict:
 
 
 async def append_one(journal: Journal, record: dict) -> None:
-    await journal.append([record])
+    await journal.append([orjson.dumps(record)])
     await journal.close()
 
 
@@ -150,7 +150,7 @@ def test_replayed_state_equals_live_state_after_realistic_run(tmp_path):
     assert ops >= {"agent.registered", "agent.updated", "agent.deleted", "agent.drained",
                    "agent.resumed", "key.updated", "key.revoked", "task.submitted",
                    "task.assigned", "task.progressed", "task.completed", "task.failed",
-                   "task.requeued", "task.canceled", "task.cancel_requested", "task.revived"}
+                   "task.retried", "task.canceled", "task.cancel_requested", "task.requeued"}
     write_journal(tmp_path, records)
     replayed, journal, n = replay(tmp_path)
     assert n == len(records) and journal.seq == len(records)
@@ -168,7 +168,7 @@ def test_replay_after_task_and_agent_resets_matches_live(tmp_path):
     live.reset_agents(t + 2)
     c = live.register_agent(agent_info(["debug.echo"]), t + 3)
     live.take(c.uid, kept.cap, kept.id, t + 4)
-    records += [{"seq": i, **r} for i, r in enumerate(live.take_records(), len(records) + 1)]
+    records += [{"seq": i, **r} for i, r in enumerate(take_records(live), len(records) + 1)]
     write_journal(tmp_path, records)
     assert view(replay(tmp_path, now=t + 4)[0]) == view(live)
     assert [t["id"] for t in view(live)["tasks"]] == [kept.id]
@@ -205,11 +205,11 @@ def test_torn_tail_at_every_byte_offset_is_dropped_and_truncated(tmp_path, caplo
         assert any(f"torn last record of {cut} bytes" in w for w in warnings), (cut, warnings)
     # After the truncation, the next append lands on a clean line boundary and replays.
     write_journal(folder, before, extra=line[:len(line) // 2])
-    b = Broker(PREDEFINED, T0)
+    b = recorded(Broker(PREDEFINED, T0))
     j = Journal(folder, "always")
     j.recover(b)
     b.update_key("ck-after", ["*"], None, T0 + 50)
-    asyncio.run(append_one(j, b.take_records()[0]))
+    asyncio.run(append_one(j, take_records(b)[0]))
     again, j2, n = replay(folder)
     assert n == len(before) + 1 and j2.seq == len(before) + 1
     assert "ck-after" in {k["key"] for k in view(again)["keys"]}
@@ -227,12 +227,12 @@ def test_whole_last_record_is_kept(tmp_path, caplog):
 def test_records_longer_than_the_read_buffer_replay_whole_or_torn(tmp_path, caplog):
     """Replay reads the journal in pieces: a record several pieces long (a big log
     update) replays whole, and is dropped when torn, like any other."""
-    live = Broker(PREDEFINED, T0)
+    live = recorded(Broker(PREDEFINED, T0))
     uid = live.register_agent(agent_info(["debug.echo"]), T0).uid
     task = live.submit(submission("debug.echo"), OWNER, None, T0)
     live.take(uid, task.cap, task.id, T0)
     live.progress(uid, task.cap, task.id, None, "x" * 300_000, T0 + 1)
-    records = [{"seq": n, **r} for n, r in enumerate(live.take_records(), 1)]
+    records = [{"seq": n, **r} for n, r in enumerate(take_records(live), 1)]
     write_journal(tmp_path, records)
     replayed, _, n = replay(tmp_path, now=T0 + 1)
     assert n == len(records) and view(replayed) == view(live)
@@ -305,11 +305,11 @@ def test_repair_moves_the_rest_into_a_side_file_and_starts(tmp_path, caplog):
     assert len(sides) == 1 and sides[0].read_bytes() == rest
     assert any("moved" in r.getMessage() and str(sides[0]) in r.getMessage() for r in caplog.records)
     # Appends continue with the next seq and the repaired journal replays cleanly.
-    b = Broker(PREDEFINED, T0)
+    b = recorded(Broker(PREDEFINED, T0))
     j = Journal(folder)
     j.recover(b)
     b.update_key("ck-after", ["*"], None, T0 + 50)
-    asyncio.run(append_one(j, b.take_records()[0]))
+    asyncio.run(append_one(j, take_records(b)[0]))
     again, j2, _ = replay(folder)
     assert j2.seq == len(good) + 1
     assert "ck-after" in {k["key"] for k in view(again)["keys"]}
@@ -379,27 +379,27 @@ def hub_config(folder: Path, **overrides) -> Config:
 
 async def drive(hub: Hub, n: int, caps=("debug.echo",)) -> list:
     tasks = await asyncio.gather(*[
-        hub.change(hub.broker.submit, submission(caps[i % len(caps)], payload={"i": i}), OWNER, None)
+        hub.submit(submission(caps[i % len(caps)], payload={"i": i}), OWNER, None, None)
         for i in range(n)])
-    return tasks
+    return [task for task, _ in tasks]
 
 
 async def test_compaction_during_concurrent_appends_loses_nothing(tmp_path):
     hub = Hub(hub_config(tmp_path))
     hub.recover()
-    agent = await hub.change(hub.broker.register_agent, agent_info(["debug.echo"], capacity=1000))
+    agent = await hub.register_agent(agent_info(["debug.echo"], capacity=1000))
     first = await drive(hub, 50)
     for task in first[:20]:
-        await hub.change(hub.broker.take, agent.uid, task.cap, task.id)
+        await hub.take(agent.uid, task.cap, task.id)
     # Submits, takes and results keep arriving while the snapshot is written and cut,
     # and some records still wait for the writer at the moment the snapshot is taken.
-    inflight = [asyncio.ensure_future(hub.change(hub.broker.submit, submission("debug.echo"), OWNER, None))
+    inflight = [asyncio.ensure_future(hub.submit(submission("debug.echo"), OWNER, None, None))
                 for _ in range(100)]
     await asyncio.sleep(0)
     assert hub.journal.buffer and hub.journal.end_offset > hub.journal.size
     results = await asyncio.gather(
         hub.compact(),
-        *[hub.change(hub.broker.resolve, agent.uid, t.cap, t.id, "success", None, {"r": t.id})
+        *[hub.resolve(agent.uid, t.cap, t.id, "success", None, {"r": t.id})
           for t in first[:10]],
         drive(hub, 100), *inflight)
     assert hub.journal.snapshot_seq > 0
@@ -424,11 +424,11 @@ async def test_compaction_drops_old_ended_tasks_and_replay_agrees(tmp_path):
     clock = [T0]
     hub = Hub(hub_config(tmp_path, retention_s=100.0), clock=lambda: clock[0])
     hub.recover()
-    agent = await hub.change(hub.broker.register_agent, agent_info(["debug.echo"], capacity=10))
+    agent = await hub.register_agent(agent_info(["debug.echo"], capacity=10))
     old = await drive(hub, 3)
     for task in old:
-        await hub.change(hub.broker.take, agent.uid, task.cap, task.id)
-        await hub.change(hub.broker.resolve, agent.uid, task.cap, task.id, "success", None, 1)
+        await hub.take(agent.uid, task.cap, task.id)
+        await hub.resolve(agent.uid, task.cap, task.id, "success", None, 1)
     clock[0] += 1000
     fresh = await drive(hub, 2)
     await hub.compact()
@@ -447,11 +447,11 @@ async def test_compaction_drops_old_ended_tasks_and_replay_agrees(tmp_path):
 async def test_shutdown_while_a_compaction_rotates_closes_cleanly(tmp_path):
     """Hub.stop cancels the background loop; if that loop is waiting for the rotation,
     the writer must still finish it, and closing the journal must not raise."""
-    b = Broker(PREDEFINED, T0)
+    b = recorded(Broker(PREDEFINED, T0))
     journal = Journal(tmp_path, "everysec")
     journal.recover(b)
     b.update_key("ck-new", ["*"], None, T0)
-    await journal.append(b.take_records())
+    await journal.append([orjson.dumps(r) for r in take_records(b)])
     rotate = journal._rotate
     journal._rotate = lambda cut: (time.sleep(0.2), rotate(cut))
     compaction = asyncio.ensure_future(journal.compact(b.snapshot, T0 + 1))
@@ -622,7 +622,7 @@ def test_server_refuses_corrupt_journal_then_starts_with_repair(make_server):
 def test_replay_queues_only_the_tasks_still_waiting(tmp_path):
     """Tasks that ended within the journal leave no queue entries behind, so the first
     claim after a restart does not wade through them; waiting tasks keep their order."""
-    live = Broker(PREDEFINED, T0)
+    live = recorded(Broker(PREDEFINED, T0))
     uid = live.register_agent(agent_info(["debug.echo"], capacity=1000), T0).uid
     done = [live.submit(submission("debug.echo", payload=i), OWNER, None, T0 + i * 1e-3)
             for i in range(300)]
@@ -632,7 +632,7 @@ def test_replay_queues_only_the_tasks_still_waiting(tmp_path):
         live.resolve(uid, task.cap, task.id, "success", None, None, T0 + 1)
     waiting = [live.submit(submission("debug.echo", payload=i), OWNER, None, T0 + 2 + i * 1e-3)
                for i in range(5)]
-    write_journal(tmp_path, [{"seq": n, **r} for n, r in enumerate(live.take_records(), 1)])
+    write_journal(tmp_path, [{"seq": n, **r} for n, r in enumerate(take_records(live), 1)])
     b, _, _ = replay(tmp_path, now=T0 + 3)
     entries = [e for q in b.queues.values() for turns in q.levels.values()
                for heap in turns.values() for e in heap]
@@ -647,7 +647,7 @@ def random_run(rng: random.Random, steps: int) -> tuple[list[dict], Broker]:
     """A live broker driven by random calls - most tasks run to an end, some wait, fail,
     retry, get canceled or requeued; agents and keys change too. Its journal records,
     and the broker."""
-    b = Broker(PREDEFINED, T0, rng=random.Random(rng.random()))
+    b = recorded(Broker(PREDEFINED, T0, rng=random.Random(rng.random())))
     caps = ["debug.echo", "vision[gpu]", "llm.chat"]
     owners = [OWNER, owner_of("ck-pre")]
     t = T0
@@ -703,7 +703,7 @@ def random_run(rng: random.Random, steps: int) -> tuple[list[dict], Broker]:
                 b.expire(t)
         except OffloadError:
             pass  # refused: changes nothing, journals nothing
-    return [{"seq": n, **r} for n, r in enumerate(b.take_records(), 1)], b
+    return [{"seq": n, **r} for n, r in enumerate(take_records(b), 1)], b
 
 
 def settled(state: dict, now: float) -> dict:
@@ -716,14 +716,14 @@ def settled(state: dict, now: float) -> dict:
 
 
 def test_a_requeued_timed_out_task_gets_its_timeout_again_from_the_requeue(tmp_path):
-    b = Broker(PREDEFINED, T0)
+    b = recorded(Broker(PREDEFINED, T0))
     task = b.submit(parse_submission({"capability": "debug.echo", "timeoutSecs": 20}), OWNER, None, T0)
     b.expire(T0 + 21)
     assert task.status == "failed"
     b.requeue(task.cap, task.id, T0 + 100)
     b.expire(T0 + 110)
     assert task.status == "pending", "not failed again at once by the first timeout"
-    write_journal(tmp_path, [{"seq": n, **r} for n, r in enumerate(b.take_records(), 1)])
+    write_journal(tmp_path, [{"seq": n, **r} for n, r in enumerate(take_records(b), 1)])
     again, _, _ = replay(tmp_path, now=T0 + 110)
     assert view(again) == view(b), "nor after a restart"
     for broker in (b, again):
@@ -755,13 +755,13 @@ def test_replay_builds_the_state_that_applying_each_record_builds(tmp_path, seed
     be the one that applying the records one by one, as the live broker did, gives."""
     rng = random.Random(seed)
     records, live = random_run(rng, 1500)
-    assert {"task.completed", "task.failed", "task.requeued", "task.revived"} <= {
+    assert {"task.completed", "task.failed", "task.retried", "task.requeued"} <= {
         r["op"] for r in records}
-    reference = Broker(PREDEFINED, T0)
+    reference = recorded(Broker(PREDEFINED, T0))
     for record in records:
         reference.apply(record)
     write_journal(tmp_path, records)
-    b = Broker(PREDEFINED, T0)
+    b = recorded(Broker(PREDEFINED, T0))
     journal = Journal(tmp_path, "always")
     assert journal.recover(b) == len(records)
     os.close(journal.fd)

@@ -4,9 +4,11 @@ import random
 
 import pytest
 
+from conftest import recorded, take_records
 from offloadmq import (
     ASSIGNED, CANCEL_GRACE_S, CANCELED, COMPLETED, FAILED, MAX_RETRY_DELAY_S, PENDING, Broker,
-    BadRequest, Conflict, TooManyRequests, iso, parse_submission,
+    BadRequest, Conflict, TooManyRequests, agent_json, assigned_json, iso, listing_json,
+    parse_submission, task_id_json,
 )
 
 T0 = 1_800_000_000.0
@@ -29,7 +31,7 @@ def claim(b, uid, now):
 # ---------------------------------------------------------------- cancel
 
 def test_cancel_of_a_queued_task_is_immediate():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b)
     task = submit(b)
     b.cancel(task.cap, task.id, "alice", T0 + 1)
@@ -38,20 +40,20 @@ def test_cancel_of_a_queued_task_is_immediate():
 
 
 def test_cancel_of_a_running_task_asks_the_agent_and_its_report_ends_it_canceled():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b)
     task = submit(b, restartable=True)
     claim(b, uid, T0)
     b.cancel(task.cap, task.id, "alice", T0 + 1)
     assert task.status == ASSIGNED and task.cancel_requested_at is not None
-    assert b.cancel_requests(uid) == [task.task_id()]
+    assert b.cancel_requests(uid) == [task]
     b.resolve(uid, task.cap, task.id, "failure", "killed", None, T0 + 2)
     assert task.status == CANCELED  # not retried although restartable
     assert b.cancel_requests(uid) == [] and b.agents[uid].load == 0
 
 
 def test_cancel_grace_ends_the_task_and_a_late_report_conflicts():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b)
     task = submit(b)
     claim(b, uid, T0)
@@ -67,7 +69,7 @@ def test_cancel_grace_ends_the_task_and_a_late_report_conflicts():
 
 
 def test_cancel_by_another_key_is_not_found_and_of_an_ended_task_conflicts():
-    b = Broker()
+    b = recorded(Broker())
     task = submit(b)
     with pytest.raises(Exception) as err:
         b.cancel(task.cap, task.id, "mallory", T0)
@@ -80,7 +82,7 @@ def test_cancel_by_another_key_is_not_found_and_of_an_ended_task_conflicts():
 # ---------------------------------------------------------------- timeouts
 
 def test_max_wait_expires_a_task_nobody_took():
-    b = Broker()
+    b = recorded(Broker())
     task = submit(b, maxWaitSecs=10)
     b.expire(T0 + 9)
     assert task.status == PENDING
@@ -89,7 +91,7 @@ def test_max_wait_expires_a_task_nobody_took():
 
 
 def test_max_wait_does_not_touch_a_taken_task():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b)
     task = submit(b, maxWaitSecs=10)
     claim(b, uid, T0 + 1)
@@ -99,35 +101,35 @@ def test_max_wait_does_not_touch_a_taken_task():
 
 
 def test_timeout_cancels_a_running_task_and_it_ends_failed_timeout():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b)
     task = submit(b, timeoutSecs=30)
     claim(b, uid, T0)
     b.touch(uid, T0 + 30)
     b.expire(T0 + 30)
-    assert task.cancel_reason == "timeout" and b.cancel_requests(uid) == [task.task_id()]
+    assert task.cancel_reason == "timeout" and b.cancel_requests(uid) == [task]
     b.resolve(uid, task.cap, task.id, "failure", "killed", None, T0 + 31)
     assert task.status == FAILED and "timeout" in task.history[-1][1]
 
 
 def test_timeout_of_a_queued_task_fails_it():
-    b = Broker()
+    b = recorded(Broker())
     task = submit(b, timeoutSecs=5)
     b.expire(T0 + 5)
     assert task.status == FAILED and "timeout" in task.history[-1][1]
 
 
 def test_runtime_secs_is_handed_to_the_agent():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b)
     submit(b, runtimeSecs=12.5)
-    assert claim(b, uid, T0).assigned_json()["data"]["runtimeSecs"] == 12.5
+    assert assigned_json(claim(b, uid, T0))["data"]["runtimeSecs"] == 12.5
 
 
 # ---------------------------------------------------------------- retries and dead letters
 
 def test_retry_waits_for_its_backoff_delay():
-    b = Broker(rng=random.Random(1))
+    b = recorded(Broker(rng=random.Random(1)))
     uid = agent(b)
     task = submit(b, restartable=True, retryDelaySecs=10)
     claim(b, uid, T0)
@@ -141,7 +143,7 @@ def test_retry_waits_for_its_backoff_delay():
 
 
 def test_backoff_doubles_and_is_capped():
-    b = Broker(rng=random.Random(7))
+    b = recorded(Broker(rng=random.Random(7)))
     task = submit(b, restartable=True, retryDelaySecs=100, maxRetries=20)
     delays = []
     for attempt in (1, 2, 3, 8):
@@ -152,7 +154,7 @@ def test_backoff_doubles_and_is_capped():
 
 
 def test_retry_storm_keeps_exact_attempt_counts_and_delays():
-    b = Broker(rng=random.Random(3))
+    b = recorded(Broker(rng=random.Random(3)))
     uid = agent(b, capacity=1000)
     tasks = [submit(b, now=T0 + i * 1e-4, restartable=True, maxRetries=2, retryDelaySecs=1)
              for i in range(1000)]
@@ -173,14 +175,14 @@ def test_retry_storm_keeps_exact_attempt_counts_and_delays():
 
 
 def test_dead_letters_are_listed_and_can_be_requeued():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b)
     task = submit(b)
     claim(b, uid, T0)
     b.resolve(uid, task.cap, task.id, "failure", "x", None, T0)
-    listing = b.task_listing(FAILED)
-    assert [t["id"] for t in listing["regular"]["assigned"]] == [task.task_id()]
-    assert b.task_listing(COMPLETED)["regular"]["assigned"] == []
+    listing = listing_json([t for t in b.tasks.values() if t.status == FAILED])
+    assert [t["id"] for t in listing["regular"]["assigned"]] == [task_id_json(task)]
+    assert listing_json([t for t in b.tasks.values() if t.status == COMPLETED])["regular"]["assigned"] == []
     b.requeue(task.cap, task.id, T0 + 1)
     assert task.status == PENDING and task.attempts == 0 and task.result is None
     assert claim(b, uid, T0 + 2) is task
@@ -189,7 +191,7 @@ def test_dead_letters_are_listed_and_can_be_requeued():
 
 
 def test_retry_on_same_node_false_prefers_another_agent():
-    b = Broker()
+    b = recorded(Broker())
     first, second = agent(b), agent(b)
     task = submit(b, restartable=True, retryOnSameNode=False, retryDelaySecs=0)
     assert claim(b, first, T0) is task
@@ -200,7 +202,7 @@ def test_retry_on_same_node_false_prefers_another_agent():
 
 
 def test_retry_on_same_node_false_still_retries_when_no_other_agent_has_room():
-    b = Broker()
+    b = recorded(Broker())
     only = agent(b)
     task = submit(b, restartable=True, retryOnSameNode=False, retryDelaySecs=0)
     claim(b, only, T0)
@@ -212,7 +214,7 @@ def test_retry_on_same_node_false_still_retries_when_no_other_agent_has_room():
 # ---------------------------------------------------------------- priority and fairness
 
 def test_higher_priority_first_fifo_within_a_priority():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b, capacity=10)
     low = submit(b, priority=1)
     mid1 = submit(b, now=T0 + 1)
@@ -222,7 +224,7 @@ def test_higher_priority_first_fifo_within_a_priority():
 
 
 def test_keys_take_turns_within_a_priority():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b, capacity=100)
     bulk = [submit(b, now=T0 + i * 1e-3, owner="bulk") for i in range(10)]
     small = [submit(b, now=T0 + 1 + i, owner="small") for i in range(2)]
@@ -243,7 +245,7 @@ def test_priority_is_for_regular_tasks_and_validated():
 # ---------------------------------------------------------------- delayed tasks
 
 def test_delayed_task_is_not_handed_out_before_its_time():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b)
     task = submit(b, delaySecs=30)
     assert b.offer(uid, T0 + 29) is None
@@ -254,7 +256,7 @@ def test_delayed_task_is_not_handed_out_before_its_time():
 
 
 def test_run_at_is_an_absolute_time():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b)
     task = submit(b, runAt=iso(T0 + 100))
     b.expire(T0 + 99)
@@ -274,14 +276,14 @@ def test_run_at_and_delay_secs_together_are_rejected():
 # ---------------------------------------------------------------- drain
 
 def test_draining_agent_gets_nothing_new_and_keeps_its_tasks():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b, capacity=2)
     running = submit(b)
     waiting = submit(b, now=T0 + 1)
     claim(b, uid, T0 + 2)
     b.drain_agent(uid, True, T0 + 3)
     assert b.offer(uid, T0 + 3) is None
-    assert b.agents_json(T0 + 3)[0]["draining"] is True
+    assert agent_json(b.agents[uid], True)["draining"] is True
     b.resolve(uid, running.cap, running.id, "success", None, 1, T0 + 4)
     assert running.status == COMPLETED
     b.drain_agent(uid, False, T0 + 5)
@@ -289,7 +291,7 @@ def test_draining_agent_gets_nothing_new_and_keeps_its_tasks():
 
 
 def test_draining_higher_tier_does_not_hold_back_lower_tiers():
-    b = Broker()
+    b = recorded(Broker())
     high, low = agent(b, tier=9), agent(b, tier=1)
     task = submit(b)
     b.drain_agent(high, True, T0)
@@ -299,7 +301,7 @@ def test_draining_higher_tier_does_not_hold_back_lower_tiers():
 # ---------------------------------------------------------------- per-key limits
 
 def test_max_in_flight_limits_queued_plus_running_tasks_per_key():
-    b = Broker()
+    b = recorded(Broker())
     uid = agent(b)
     first = submit(b, limit=2)
     submit(b, limit=2)
@@ -314,7 +316,7 @@ def test_max_in_flight_limits_queued_plus_running_tasks_per_key():
 
 
 def test_lifecycle_state_survives_replay():
-    live = Broker(rng=random.Random(5))
+    live = recorded(Broker(rng=random.Random(5)))
     uid = agent(live, capacity=3)
     a = submit(live, restartable=True, retryDelaySecs=50)
     c = submit(live, now=T0 + 1, timeoutSecs=500, priority=8)
@@ -324,8 +326,8 @@ def test_lifecycle_state_survives_replay():
     live.resolve(uid, a.cap, a.id, "failure", "x", None, T0 + 4)
     live.cancel(c.cap, c.id, "alice", T0 + 5)
     live.drain_agent(uid, True, T0 + 6)
-    replayed = Broker()
-    for record in live.take_records():
+    replayed = recorded(Broker())
+    for record in take_records(live):
         replayed.apply(record)
     assert replayed.snapshot() == live.snapshot()
     for broker in (live, replayed):
@@ -336,7 +338,7 @@ def test_lifecycle_state_survives_replay():
 
 
 def test_declined_task_goes_to_another_agent_when_one_has_room():
-    b = Broker()
+    b = recorded(Broker())
     picky, other = agent(b), agent(b)
     task = submit(b, restartable=True)
     assert claim(b, picky, T0) is task
@@ -347,7 +349,7 @@ def test_declined_task_goes_to_another_agent_when_one_has_room():
 
 
 def test_declined_task_returns_to_the_same_agent_when_it_is_the_only_one():
-    b = Broker()
+    b = recorded(Broker())
     only = agent(b)
     task = submit(b, restartable=True)
     claim(b, only, T0)
