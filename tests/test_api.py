@@ -1040,3 +1040,162 @@ async def test_mgmt_token_on_client_routes_sees_every_task(cli):
     assert (await client_poll(cli, tid, headers=MGMT_H))["id"] == tid
     mine = await submit(cli, headers=MGMT_H)
     await fails(cli, "GET", f"/api/task/poll/{tp(mine)}", 404, headers=CLIENT)
+
+
+# ---------------------------------------------------------------- what cannot be stored
+
+def nested(levels):
+    """A JSON array nested `levels` deep, as text: no Python recursion either way."""
+    return "[" * levels + "]" * levels
+
+
+def submission_text(payload_levels):
+    return '{"capability": "echo", "payload": %s}' % nested(payload_levels)
+
+
+@pytest.mark.parametrize("levels", [252, 1000])
+async def test_a_payload_nested_too_deep_for_the_journal_is_refused_on_submit(cli, levels):
+    body = await fails(cli, "POST", "/api/task/submit", 400, data=submission_text(levels),
+                       headers={**CLIENT, "Content-Type": "application/json"})
+    assert "nested" in body["error"]["message"]
+    listing = await call(cli, "GET", "/management/tasks/list", headers=MGMT_H)
+    assert listing["regular"]["unassigned"] == []
+
+
+async def test_agent_output_and_system_info_nested_too_deep_are_refused(cli):
+    ag = await agent(cli)
+    tid = await submit(cli)
+    await take(cli, ag, tid)
+    resolve = '{"id": "%s", "status": {"success": 1}, "output": %s}' % (tid["id"], nested(252))
+    await fails(cli, "POST", f"/private/agent/task/resolve/{tp(tid)}", 400, data=resolve,
+                headers={**ag.h, "Content-Type": "application/json"})
+    task = (await call(cli, "GET", "/management/tasks/list", headers=MGMT_H))["regular"]["assigned"][0]
+    assert task["status"] == "assigned" and task["result"] is None
+    register = ('{"capabilities": ["echo"], "apiKey": "%s", "systemInfo": {"x": %s}}'
+                % (AGENT_KEY, nested(1000)))
+    await fails(cli, "POST", "/agent/register", 400, data=register,
+                headers={"Content-Type": "application/json"})
+    await fails(cli, "POST", "/private/agent/info/update", 400, headers=ag.h,
+                data='{"capabilities": ["echo"], "systemInfo": {"x": %s}}' % nested(252))
+
+
+async def test_the_deepest_payload_accepted_is_listed_streamed_and_resolved(cli):
+    from offloadmq import MAX_BODY_DEPTH
+    ag = await agent(cli)
+    payload = MAX_BODY_DEPTH - 1  # the body's own object is one level
+    resp = await cli.post("/api/task/submit", data=submission_text(payload),
+                          headers={**CLIENT, "Content-Type": "application/json"})
+    assert resp.status == 201, await resp.text()
+    tid = (await resp.json())["id"]
+    await take(cli, ag, tid)
+    resolve = '{"id": "%s", "status": {"success": 1}, "output": %s}' % (tid["id"], nested(payload))
+    resp = await cli.post(f"/private/agent/task/resolve/{tp(tid)}", data=resolve,
+                          headers={**ag.h, "Content-Type": "application/json"})
+    assert resp.status == 200, await resp.text()
+    listing = await call(cli, "GET", "/management/tasks/list", headers=MGMT_H)
+    assert listing["regular"]["assigned"][0]["status"] == "completed"
+    resp = await cli.get(f"/api/task/events?task={tid['cap']}/{tid['id']}", headers=CLIENT)
+    assert b"event: status" in await resp.content.readuntil(b"\n\n")
+    resp.close()
+
+
+# ---------------------------------------------------------------- idempotent retries
+
+async def test_an_idempotent_retry_is_answered_only_once_the_first_submit_is_on_disk(tmp_path):
+    """A retry that arrives while the first submit waits for its write gets its answer
+    after that write: the id it is told is on disk (the real journal, fsync always)."""
+    from offloadmq import parse_submission
+    config = Config(data_path=tmp_path, jwt_secret=SECRET, client_api_keys=(CLIENT_KEY,))
+    hub = Hub(config)
+    await hub.start()
+    journal_path = tmp_path / "journal.jsonl"
+    data = parse_submission({"capability": "echo", "payload": 1})
+    try:
+        first = asyncio.ensure_future(hub.submit(data, "o", None, "key-1"))
+        while not hub.journal.buffer:  # the first submit's record waits for the write
+            await asyncio.sleep(0)
+
+        async def retry():
+            task, created = await hub.submit(data, "o", None, "key-1")
+            return task, created, task.id.encode() in journal_path.read_bytes()
+
+        task, created, on_disk = await retry()
+        assert on_disk and not created
+        assert (await first) == (task, True)
+        # Later retries are answered from memory: that task is on disk already.
+        assert (await hub.submit(data, "o", None, "key-1")) == (task, False)
+    finally:
+        await hub.release_waiters()
+        await hub.stop()
+
+
+# ---------------------------------------------------------------- heartbeats and what agents hold
+
+async def test_heartbeat_secs_is_kept_shown_and_checked(cli):
+    ag = await agent(cli, heartbeatSecs=8)
+    agents = await call(cli, "GET", "/management/agents/list", headers=MGMT_H)
+    assert agents[0]["heartbeatSecs"] == 8
+    plain = await agent(cli)
+    agents = {a["uid"]: a for a in await call(cli, "GET", "/management/agents/list", headers=MGMT_H)}
+    assert agents[plain.uid]["heartbeatSecs"] is None and agents[ag.uid]["heartbeatSecs"] == 8
+    for bad in (0, 61, "8", True):
+        await fails(cli, "POST", "/agent/register", 400, json={
+            "capabilities": ["echo"], "apiKey": AGENT_KEY, "heartbeatSecs": bad})
+    await call(cli, "POST", "/private/agent/info/update", headers=ag.h,
+               json={"capabilities": ["echo"], "heartbeatSecs": 2})
+    agents = {a["uid"]: a for a in await call(cli, "GET", "/management/agents/list", headers=MGMT_H)}
+    assert agents[ag.uid]["heartbeatSecs"] == 2
+
+
+async def test_an_agent_missing_three_heartbeats_is_offline(make_client):
+    clock = [time.time()]
+    cli = await make_client(clock=lambda: clock[0])
+    ag = await agent(cli, heartbeatSecs=5)
+    clock[0] += 16
+    online = await call(cli, "GET", "/management/agents/list/online", headers=MGMT_H)
+    assert ag.uid not in {a["uid"] for a in online}
+
+
+async def test_a_task_whose_take_answer_was_lost_goes_back_when_the_agent_pings_without_it(make_client):
+    clock = [time.time()]
+    cli = await make_client(clock=lambda: clock[0])
+    ag = await agent(cli)
+    tid = await submit(cli)
+    # The take is journaled; its answer never reaches the agent.
+    await call(cli, "GET", "/private/agent/task/poll?take=1&wait=0", headers=ag.h)
+    answer = await call(cli, "POST", "/private/agent/ping", headers=ag.h, json={"holding": []})
+    assert answer["released"] == [] and answer["status"] == "healthy"  # within the grace
+    clock[0] += 6
+    answer = await call(cli, "POST", "/private/agent/ping", headers=ag.h, json={"holding": []})
+    assert answer["released"] == [tid]
+    status = await call(cli, "GET", f"/api/task/poll/{tp(tid)}", headers=CLIENT)
+    assert status["status"] == "pending"
+    again = await call(cli, "GET", "/private/agent/task/poll?take=1&wait=0", headers=ag.h)
+    assert again["id"] == tid and again["attempt"] == 1
+
+
+async def test_a_started_task_its_agent_no_longer_holds_fails_unless_restartable(make_client):
+    clock = [time.time()]
+    cli = await make_client(clock=lambda: clock[0])
+    ag = await agent(cli, capacity=2)
+    held, lost = await submit(cli), await submit(cli)
+    for tid in (held, lost):
+        await take(cli, ag, tid)
+        await progress(cli, ag, tid, stage="running")
+    clock[0] += 10
+    answer = await call(cli, "POST", "/private/agent/ping", headers=ag.h, json={"holding": [held]})
+    assert answer["released"] == [lost]
+    status = await call(cli, "GET", f"/api/task/poll/{tp(lost)}", headers=CLIENT)
+    assert status["status"] == "failed" and f"agent {ag.uid} no longer holds it" in str(status["output"])
+    status = await call(cli, "GET", f"/api/task/poll/{tp(held)}", headers=CLIENT)
+    assert status["status"] == "running"
+
+
+async def test_ping_without_holding_stays_a_contact_and_a_bad_holding_list_is_refused(cli):
+    ag = await agent(cli)
+    for method, kw in (("GET", {}), ("POST", {}), ("POST", {"json": {}})):
+        answer = await call(cli, method, "/private/agent/ping", headers=ag.h, **kw)
+        assert answer["status"] == "healthy" and "released" not in answer
+    for bad in ({"holding": "x"}, {"holding": [{"cap": "echo"}]}, {"holding": [1]},
+                {"holding": [{"cap": "echo", "id": str(i)} for i in range(10_001)]}, []):
+        await fails(cli, "POST", "/private/agent/ping", 400, headers=ag.h, json=bad)

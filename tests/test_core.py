@@ -7,6 +7,7 @@ from offloadmq import (
     ASSIGNED, COMPLETED, DEFAULT_MAX_RETRIES, FAILED, ONLINE_S, PENDING, RUNNING, TASK_MOVES,
     URGENT_KEEP_S, URGENT_TAKE_S, Broker, Conflict, Forbidden, NotFound, SchedulingImpossible,
     Unauthenticated, base_capability, iso, parse_iso, parse_submission, pattern_allows,
+    BadRequest, HOLD_GRACE_S, UlidFactory,
 )
 
 T0 = 1_800_000_000.0
@@ -558,3 +559,143 @@ def test_iso_writes_what_datetime_writes_to_the_millisecond():
         expected = datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         assert iso(ts) == expected, ts
         assert abs(parse_iso(iso(ts)) - ts) < 0.001
+
+
+# ---------------------------------------------------------------- all or nothing
+
+def deep(levels):
+    value = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+def test_a_record_that_cannot_be_encoded_changes_nothing():
+    """The core encodes each record before applying it: what cannot be stored is refused
+    with the state, the queues and the caller's changes as they were."""
+    b = Broker()
+    uid = agent(b)
+    changes = []
+    with pytest.raises(BadRequest):
+        b.submit(parse_submission({"capability": "debug.echo", "payload": deep(300)}), "o1", None,
+                 T0, changes=changes)
+    assert not b.tasks and not changes and b.counts.get((False, PENDING), 0) == 0
+    task = submit(b)
+    poll_take(b, uid)
+    with pytest.raises(BadRequest):
+        b.resolve(uid, task.cap, task.id, "success", None, deep(300), T0 + 1, changes=changes)
+    assert task.status == ASSIGNED and task.result is None and not changes
+    assert task.key in b.agents[uid].held
+    b.resolve(uid, task.cap, task.id, "success", None, deep(250), T0 + 2, changes=changes)
+    assert task.status == COMPLETED and [c.op for c in changes] == ["task.completed"]
+
+
+def test_changes_say_what_happened_in_order_with_status_before_and_after():
+    b = Broker()
+    uid = agent(b)
+    task = submit(b, restartable=True)
+    changes = []
+    b.offer(uid, T0)
+    b.take(uid, task.cap, task.id, T0, changes=changes)
+    b.resolve(uid, task.cap, task.id, "failure", "boom", None, T0 + 1, changes=changes)
+    assert [(c.op, c.before, c.after, c.task) for c in changes] == [
+        ("task.assigned", PENDING, ASSIGNED, task), ("task.retried", ASSIGNED, PENDING, task)]
+    assert all(c.durable and c.line.startswith(b'{"op":') for c in changes)
+
+
+def test_ids_and_agent_secrets_come_from_what_the_broker_is_given():
+    def run():
+        seeded = random.Random(42)
+        b = Broker(ids=UlidFactory(seeded.getrandbits), new_secret=lambda: "secret-%d" % seeded.randrange(10**6))
+        uid = agent(b)
+        return uid, b.agents[uid].key, submit(b).id
+    assert run() == run()
+
+
+# ---------------------------------------------------------------- heartbeats and holding
+
+def heartbeat_agent(b, heartbeat_s, now=T0, caps=("debug.echo",), capacity=1):
+    info = {"capabilities": list(caps), "tier": 0, "capacity": capacity, "systemInfo": {},
+            "heartbeatSecs": heartbeat_s}
+    return b.register_agent(info, now).uid
+
+
+def test_an_agent_with_a_heartbeat_is_offline_after_three_missed_beats():
+    b = Broker()
+    quick = heartbeat_agent(b, 5)
+    classic = agent(b)
+    task = submit(b, restartable=True)
+    b.offer(quick, T0)
+    b.take(quick, task.cap, task.id, T0)
+    b.expire(T0 + 15)
+    assert quick in b.online and task.status == ASSIGNED
+    b.expire(T0 + 15.5)
+    assert quick not in b.online and classic in b.online
+    assert task.status == PENDING and f"agent {quick} went offline" in task.history[-1][1]
+    b.expire(T0 + ONLINE_S + 1)
+    assert classic not in b.online
+
+
+def test_expiry_pops_each_window_from_its_front():
+    b = Broker()
+    fast = [heartbeat_agent(b, 2, now=T0 + i) for i in range(3)]
+    slow = [agent(b, now=T0 + i) for i in range(3)]
+    b.touch(fast[0], T0 + 4)
+    b.expire(T0 + 8.5)  # fast[1] and fast[2] (last seen T0+1, T0+2) missed three beats of 2 s
+    assert [u for u in fast if u in b.online] == [fast[0]]
+    assert all(u in b.online for u in slow)
+    assert list(b.online.windows[6.0]) == [fast[0]] and list(b.online.windows[ONLINE_S]) == slow
+
+
+def test_a_heartbeat_change_moves_the_agent_to_its_new_window():
+    b = Broker()
+    uid = heartbeat_agent(b, 10)
+    b.update_agent(uid, {"capabilities": ["debug.echo"], "tier": 0, "capacity": 1, "systemInfo": {}},
+                   T0 + 1)
+    assert b.agents[uid].heartbeat_s is None and b.agents[uid].online_s == ONLINE_S
+    b.expire(T0 + 60)
+    assert uid in b.online
+
+
+def test_ping_releases_a_task_taken_but_never_started_back_to_the_queue():
+    b = Broker()
+    uid = agent(b)
+    task = submit(b)  # not restartable: it never ran, so it goes back all the same
+    poll_take(b, uid, T0)
+    assert b.ping(uid, set(), T0 + HOLD_GRACE_S) == []  # within the grace: may be in flight
+    assert task.status == ASSIGNED
+    assert b.ping(uid, {task.key}, T0 + 60) == []
+    assert b.ping(uid, set(), T0 + 60) == [task]
+    assert task.status == PENDING and task.attempts == 0 and task.agent_id is None
+    assert not b.agents[uid].held and "no longer holds it" in task.history[-1][1]
+    assert b.offer(uid, T0 + 61) is task  # at once, to whoever polls
+
+
+def test_ping_fails_a_started_task_its_agent_no_longer_holds_unless_restartable():
+    b = Broker()
+    uid = agent(b, capacity=2)
+    once, again = submit(b), submit(b, restartable=True)
+    poll_take(b, uid, T0)
+    poll_take(b, uid, T0)
+    for task in (once, again):
+        b.progress(uid, task.cap, task.id, "running", None, T0 + 1)
+    released = b.ping(uid, set(), T0 + 10)
+    assert released == sorted([once, again], key=lambda t: t.key)
+    assert once.status == FAILED and f"agent {uid} no longer holds it" in once.result["error"]
+    assert again.status == PENDING and again.attempts == 1
+
+
+def test_released_tasks_and_heartbeats_replay_to_the_same_state():
+    live = Broker()
+    changes = recording(live)
+    uid = heartbeat_agent(live, 8, capacity=2)
+    t1, t2 = submit(live), submit(live, restartable=True)
+    poll_take(live, uid, T0)
+    poll_take(live, uid, T0)
+    live.progress(uid, t2.cap, t2.id, None, "x", T0 + 1)
+    live.ping(uid, set(), T0 + 10)
+    replayed = Broker()
+    for record in durable_records(changes):
+        replayed.apply(record)
+    assert replayed.snapshot() == live.snapshot()
+    assert replayed.agents[uid].heartbeat_s == 8 and replayed.tasks[t1.key].status == PENDING

@@ -167,3 +167,56 @@ def test_kill_9_under_load_loses_no_acknowledged_submit_or_result(make_server):
                 ledger.held.discard(task_id)
         print(f"round {round_no}: {len(submitted)} submits, {len(results)} results acknowledged")
     srv.stop()
+
+
+def post_raw(url, text, headers):
+    """POST a JSON text as is (too deep for json.dumps): (status, parsed body)."""
+    import json
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, data=text.encode(), method="POST",
+                                 headers={**headers, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_deep_payloads_are_refused_and_the_deepest_accepted_survives_compaction_and_restart(make_server):
+    """Issue 18: a payload the journal cannot write used to get in memory, fail the
+    listing and stop the next start. Refused at the door now; the deepest one accepted
+    is taken, resolved, compacted into a snapshot and replayed after a kill -9."""
+    from offloadmq import MAX_BODY_DEPTH
+    srv = make_server(extra_env={"OFFLOADMQ_COMPACT_MB": "0.001"}).start()
+    for levels in (252, 1000):
+        status, body = post_raw(srv.url + "/api/task/submit", '{"capability": "%s", "payload": %s}'
+                                % (CAP, "[" * levels + "]" * levels), srv.client)
+        assert status == 400 and body["error"]["type"] == "bad_request", body
+    deepest = MAX_BODY_DEPTH - 1
+    status, body = post_raw(srv.url + "/api/task/submit", '{"capability": "%s", "payload": %s}'
+                            % (CAP, "[" * deepest + "]" * deepest), srv.client)
+    assert status == 201, body
+    task_id = body["id"]["id"]
+    status, reg = http("POST", srv.url + "/agent/register", {
+        "capabilities": [CAP], "apiKey": srv.agent_key, "systemInfo": {"os": "linux"}})
+    status, auth = http("POST", srv.url + "/agent/auth", {"agentId": reg["agentId"], "key": reg["key"]})
+    bearer = {"Authorization": "Bearer " + auth["token"]}
+    status, _ = http("POST", f"{srv.url}/private/agent/take/{task_path(task_id)}", headers=bearer)
+    assert status == 200
+    deep_output = '{"id": "%s", "status": {"success": 1}, "output": %s}' % (
+        task_id, "[" * deepest + "]" * deepest)
+    status, body = post_raw(f"{srv.url}/private/agent/task/resolve/{task_path(task_id)}",
+                            deep_output, bearer)
+    assert status == 200, body
+    deadline = time.monotonic() + 20
+    while not (srv.data / "snapshot.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (srv.data / "snapshot.json").exists(), srv.output()[-2000:]
+    status, listing = http("GET", srv.url + "/management/tasks/list", headers=srv.mgmt)
+    assert status == 200 and listing["regular"]["assigned"][0]["status"] == "completed"
+    srv.restart()  # kill -9, then start on the same folder
+    status, listing = http("GET", srv.url + "/management/tasks/list", headers=srv.mgmt)
+    assert status == 200, listing
+    [task] = listing["regular"]["assigned"]
+    assert task["id"]["id"] == task_id and task["status"] == "completed"

@@ -774,3 +774,51 @@ def test_replay_builds_the_state_that_applying_each_record_builds(tmp_path, seed
         for broker in (b, reference):
             broker.expire(now)
         assert full_state(b) == full_state(reference)
+
+
+# ---------------------------------------------------------------- journals of earlier versions
+
+def test_a_journal_written_before_the_rename_of_requeue_ops_replays_to_the_same_state(tmp_path):
+    """Before the rename a retry was journaled as `task.requeued` and a management requeue
+    as `task.revived`; such a journal (lines as the earlier server wrote them) still
+    replays, each record meaning what it meant then."""
+    data = {"capability": "job", "urgent": False, "restartable": True, "payload": None,
+            "fetchFiles": [], "artifacts": []}
+
+    def at(s):
+        return iso(T0 + s)
+
+    old = [
+        {"op": "agent.registered", "at": at(0), "agent": {
+            "uid": "A1", "key": "k1", "registeredAt": T0, "capabilities": ["job"], "tier": 0,
+            "capacity": 2, "systemInfo": {}}},
+        *[{"op": "task.submitted", "at": at(1), "task": {"cap": "job", "id": tid, "data": data,
+                                                           "owner": OWNER, "createdAt": T0 + 1}}
+          for tid in ("T1", "T2")],
+        {"op": "task.assigned", "at": at(2), "cap": "job", "id": "T1", "agentId": "A1"},
+        {"op": "task.assigned", "at": at(2), "cap": "job", "id": "T2", "agentId": "A1"},
+        # the retry of T1 after a failed attempt, in the old vocabulary
+        {"op": "task.requeued", "at": at(3), "cap": "job", "id": "T1", "notBefore": None,
+         "declined": False, "reason": "failed on agent A1: boom; retry 1 of 3"},
+        {"op": "task.failed", "at": at(4), "cap": "job", "id": "T2", "reason": "gave up",
+         "result": None},
+        # management requeue of the dead letter T2, in the old vocabulary
+        {"op": "task.revived", "at": at(5), "cap": "job", "id": "T2"},
+    ]
+    write_journal(tmp_path, [{"seq": n, **r} for n, r in enumerate(old, 1)])
+    b, _, n = replay(tmp_path, now=T0 + 6)
+    assert n == len(old)
+    t1, t2 = b.tasks[("job", "T1")], b.tasks[("job", "T2")]
+    assert (t1.status, t1.attempts, t1.agent_id) == ("pending", 1, None)
+    assert t1.history[-1][1] == "failed on agent A1: boom; retry 1 of 3"
+    assert (t2.status, t2.attempts, t2.result) == ("pending", 0, None)
+    assert t2.history[-1][1] == "requeued by management"
+    assert not b.agents["A1"].held
+
+    # The same story told by today's server, in the new vocabulary, gives the same state.
+    new = [dict(r) for r in old]
+    new[5]["op"], new[7]["op"] = "task.retried", "task.requeued"
+    again = tmp_path / "new"
+    write_journal(again, [{"seq": n, **r} for n, r in enumerate(new, 1)])
+    b2, _, _ = replay(again, now=T0 + 6)
+    assert view(b2) == view(b)
