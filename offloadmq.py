@@ -11,7 +11,8 @@ CLI for CI runners: python offloadmq.py submit CAP [--payload JSON|@file] [--wai
 status CAP ID, cancel CAP ID (OFFLOADMQ_URL, OFFLOADMQ_API_KEY; see the cli section).
 
 Sections (``grep '^# ===' offloadmq.py``), each using only what is above it:
-  imports · config · errors · models · core (pure) · journal · hub · auth · handlers · cli · app
+  imports · config · errors · models · core (pure) · journal · wire shapes · hub · auth ·
+  handlers · routes · openapi · app · cli (main() hands CLI commands to the last one)
 """
 # ============================================================================ imports
 from __future__ import annotations
@@ -2633,6 +2634,7 @@ def check_management(hub: Hub, request: web.Request) -> None:
 
 HUB = web.AppKey("hub", Hub)
 TOKENS = web.AppKey("tokens", AgentTokens)
+OPENAPI = web.AppKey("openapi", dict)
 MAX_HOLDING = 10_000  # task ids an agent may list in one ping
 
 
@@ -3172,7 +3174,117 @@ async def handle_static(request: web.Request) -> web.StreamResponse:
     raise NotFound(f"no such page: /{relative}")
 
 
-# ---------------------------------------------------------------- OpenAPI (extension)
+async def handle_openapi(request: web.Request) -> web.Response:
+    """Extension: the OpenAPI 3.1 document of every route (built once, by create_app)."""
+    return json_response(request.app[OPENAPI])
+
+
+# ============================================================================ routes
+#
+# The middleware that turns exceptions into error bodies, the auth each kind of route
+# needs, and ROUTES: method, path, kind (client, agent, mgmt, open), handler.
+
+ERROR_TYPES = {400: "bad_request", 401: "authentication_error", 403: "authorization_error",
+               404: "not_found", 409: "conflict", 413: "payload_too_large"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """The one place that turns exceptions into the contract's error bodies."""
+    try:
+        return await handler(request)
+    except OffloadError as err:
+        return error_response(err.status, err.type, err.message, **err.extra)
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        if err.status == 413:
+            message = f"the body is larger than the limit of {request.app[HUB].config.max_body_bytes} bytes"
+        else:
+            message = f"{err.reason}: {request.method} {request.path}"
+        return error_response(err.status, ERROR_TYPES.get(err.status, "bad_request"), message)
+    except Exception:
+        log.exception("bug while handling %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal error; the server log has details")
+
+
+@web.middleware
+async def timing_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    started = time.perf_counter()
+    try:
+        return await handler(request)
+    finally:
+        resource = request.match_info.route.resource
+        request.app[HUB].metrics.observe_http(request.method, resource.canonical if resource else "unmatched",
+                                      time.perf_counter() - started)
+
+
+def guarded(kind: str, handler: Callable) -> Callable:
+    """Wrap a handler with the auth its route needs (see ROUTES); client and agent
+    handlers get the caller as their second argument."""
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        hub = request.app[HUB]
+        if kind == "client":
+            body = await read_json(request, required=False) if request.method == "POST" else {}
+            return await handler(request, client_caller(hub, request, body))
+        if kind == "agent":
+            return await handler(request, agent_caller(hub, request.app[TOKENS], request))
+        if kind == "mgmt":
+            check_management(hub, request)
+        return await handler(request)
+    wrapper.__name__ = handler.__name__
+    return wrapper
+
+
+TASK_PATH = "{cap:.+}/{id:[^/]+}"  # the capability may carry '/' (sent as %2F)
+
+ROUTES = [
+    ("POST", "/api/task/submit", "client", handle_task_submit),
+    ("POST", "/api/task/submit_blocking", "client", handle_task_submit_blocking),
+    ("POST", f"/api/task/poll/{TASK_PATH}", "client", handle_task_poll),
+    ("GET", f"/api/task/poll/{TASK_PATH}", "client", handle_task_poll),
+    ("POST", f"/api/task/cancel/{TASK_PATH}", "client", handle_task_cancel),
+    ("GET", "/api/task/events", "client", handle_task_events),
+    ("POST", "/api/capabilities/online", "client", handle_capabilities_online),
+    ("GET", "/api/capabilities/online", "client", handle_capabilities_online),
+    ("GET", "/api/ping", "open", handle_health),
+    ("POST", "/agent/register", "open", handle_agent_register),
+    ("POST", "/agent/auth", "open", handle_agent_auth),
+    ("GET", "/private/agent/ping", "agent", handle_agent_ping),
+    ("POST", "/private/agent/ping", "agent", handle_agent_ping),
+    ("POST", "/private/agent/info/update", "agent", handle_agent_info_update),
+    ("GET", "/private/agent/task/poll", "agent", handle_agent_task_poll),
+    ("POST", "/private/agent/task/poll", "agent", handle_agent_task_poll),
+    ("GET", "/private/agent/task/poll_urgent", "agent", handle_agent_task_poll_urgent),
+    ("POST", "/private/agent/task/poll_urgent", "agent", handle_agent_task_poll_urgent),
+    ("GET", "/private/agent/task/cancels", "agent", handle_agent_cancels),
+    ("POST", f"/private/agent/take/{TASK_PATH}", "agent", handle_agent_take),
+    ("POST", f"/private/agent/task/progress/{TASK_PATH}", "agent", handle_agent_progress),
+    ("POST", f"/private/agent/task/resolve/{TASK_PATH}", "agent", handle_agent_resolve),
+    ("GET", "/management/events", "mgmt", handle_mgmt_events),
+    ("GET", "/management/capabilities/list/online", "mgmt", handle_mgmt_capabilities_online),
+    ("GET", "/management/agents/list", "mgmt", handle_mgmt_agents_list),
+    ("GET", "/management/agents/list/online", "mgmt", handle_mgmt_agents_list_online),
+    ("POST", "/management/agents/delete/{agent_id}", "mgmt", handle_mgmt_agent_delete),
+    ("POST", "/management/agents/drain/{agent_id}", "mgmt", handle_mgmt_agent_drain),
+    ("POST", "/management/agents/resume/{agent_id}", "mgmt", handle_mgmt_agent_resume),
+    ("POST", "/management/agents/reset", "mgmt", handle_mgmt_agents_reset),
+    ("GET", "/management/tasks/list", "mgmt", handle_mgmt_tasks_list),
+    ("POST", "/management/tasks/reset", "mgmt", handle_mgmt_tasks_reset),
+    ("POST", f"/management/tasks/cancel/{TASK_PATH}", "mgmt", handle_mgmt_task_cancel),
+    ("POST", f"/management/tasks/requeue/{TASK_PATH}", "mgmt", handle_mgmt_task_requeue),
+    ("GET", "/management/client_api_keys/list", "mgmt", handle_mgmt_keys_list),
+    ("POST", "/management/client_api_keys/update", "mgmt", handle_mgmt_key_update),
+    ("POST", "/management/client_api_keys/revoke/{key}", "mgmt", handle_mgmt_key_revoke),
+    ("GET", "/health", "open", handle_health),
+    ("GET", "/stats", "open", handle_stats),
+    ("GET", "/metrics", "open", handle_metrics),  # checks the token itself unless public
+    ("GET", "/openapi.json", "open", handle_openapi),
+    ("GET", "/{path:.*}", "open", handle_static),  # last: everything else is the console
+]
+
+
+# ============================================================================ openapi
 #
 # `GET /openapi.json` describes every route of ROUTES (but the console's catch-all).
 # OPENAPI_OPS says what each path takes and answers; `openapi_document()` adds what
@@ -3208,7 +3320,10 @@ _SUBMISSION_FIELDS = {
 }
 _AGENT_INFO = _obj("capabilities", capabilities={"type": "array", "items": _CAP},
                    tier=_opt("integer", minimum=0, maximum=255), capacity=_opt("integer", minimum=1),
-                   systemInfo=_opt("object"))
+                   systemInfo=_opt("object"),
+                   heartbeatSecs=_opt("number", minimum=1, maximum=MAX_HEARTBEAT_S, description=(
+                       "the agent pings at least this often; it is offline after "
+                       f"{HEARTBEATS_MISSED} missed beats (without it: after {ONLINE_S:.0f} s)")))
 
 OPENAPI_SCHEMAS = {
     "Error": {**_obj("error", error=_obj("type message status", type=STR, message=STR, status=INT)),
@@ -3242,12 +3357,20 @@ OPENAPI_SCHEMAS = {
     "Agent": _obj("uid uidShort registeredAt lastContact capabilities tier capacity systemInfo online",
                   uid=STR, uidShort=STR, registeredAt=TIME, lastContact=TIME,
                   capabilities={"type": "array", "items": STR}, tier=INT, capacity=INT,
-                  systemInfo={"type": "object"}, online=BOOL, draining=BOOL, tasksInFlight=INT),
+                  systemInfo={"type": "object"}, online=BOOL, draining=BOOL, tasksInFlight=INT,
+                  heartbeatSecs=_opt("number")),
     "ClientApiKey": _obj("key capabilities isPredefined created isRevoked", key=STR,
                          capabilities={"type": "array", "items": STR}, isPredefined=BOOL,
                          created=TIME, isRevoked=BOOL, maxInFlight=_opt("integer")),
     "Health": _obj("status cached_agents cached_tokens timestamp", status=STR,
                    cached_agents=INT, cached_tokens=INT, timestamp=TIME),
+    "PingAnswer": {**_obj("status cached_agents cached_tokens timestamp", status=STR,
+                          cached_agents=INT, cached_tokens=INT, timestamp=TIME,
+                          released={"type": "array", "items": _ref("TaskId")}),
+                   "description": "Health; with a holding list also the tasks released: "
+                                  "assigned to the agent, not in its list, and taken more than "
+                                  f"{HOLD_GRACE_S:g} s ago (never started: back to the queue; "
+                                  "started: retried if restartable, else failed)"},
     "Message": _obj("message", message=STR),
     "Result": _obj("result", result=STR),
     "Queue": _obj("assigned unassigned", assigned={"type": "array", "items": _ref("AssignedTask")},
@@ -3282,14 +3405,15 @@ _SSE = {"text/event-stream": {"schema": STR}}
 
 
 def _op(summary: str, ok: Any, errors: str = "", body: str | dict | None = None,
-        params: tuple = (), status: tuple = (200,), media: dict | None = None) -> dict:
+        params: tuple = (), status: tuple = (200,), media: dict | None = None,
+        body_required: bool = True) -> dict:
     """One path's operation: `ok` is the success schema (a component name or a schema),
     `errors` the error statuses it adds to those its route kind brings."""
     schema = _ref(ok) if isinstance(ok, str) else ok
     return {"summary": summary, "ok": {s: media or {"application/json": {"schema": schema}}
                                        for s in status},
             "errors": {int(e) for e in errors.split()}, "params": list(params),
-            "body": _ref(body) if isinstance(body, str) else body}
+            "body": _ref(body) if isinstance(body, str) else body, "body_required": body_required}
 
 
 _TASK_OR_NULL = {"anyOf": [_ref("UnassignedTask"), _ref("AssignedTask"), {"type": "null"}]}
@@ -3313,7 +3437,10 @@ OPENAPI_OPS = {
     "/agent/auth": _op("Exchange an agent's id and key for a JWT", _obj(
         "token expiresIn", token=STR, expiresIn=INT), "400 401",
         _obj("agentId key", agentId=STR, key=STR)),
-    "/private/agent/ping": _op("Health (counts as contact)", "Health"),
+    "/private/agent/ping": _op(
+        "Counts as contact; POST with `holding` releases the tasks the agent no longer holds",
+        "PingAnswer", "400", _obj("", holding={"type": ["array", "null"], "maxItems": MAX_HOLDING,
+                                               "items": _ref("TaskId")}), body_required=False),
     "/private/agent/info/update": _op("Update the agent's self-description", "AgentIdentity",
                                       "400", "AgentInfo"),
     "/private/agent/task/poll": _op("Long poll for the next task", _TASK_OR_NULL, "400 409",
@@ -3417,8 +3544,8 @@ def openapi_document(routes: list) -> dict:
             # /metrics takes the management token, unless the server runs --metrics-public
             "security": [{"MgmtToken": []}, {}] if path == "/metrics" else OPENAPI_SECURITY[kind],
         }
-        if spec["body"] is not None:
-            operation["requestBody"] = {"required": True, "content": {
+        if spec["body"] is not None and method == "POST":
+            operation["requestBody"] = {"required": spec["body_required"], "content": {
                 "application/json": {"schema": spec["body"]}}}
         paths.setdefault(path, {})[method.lower()] = operation
     return {"openapi": "3.1.0",
@@ -3429,9 +3556,73 @@ def openapi_document(routes: list) -> dict:
             "components": {"schemas": OPENAPI_SCHEMAS, "securitySchemes": OPENAPI_SECURITY_SCHEMES}}
 
 
-async def handle_openapi(request: web.Request) -> web.Response:
-    """Extension: the OpenAPI 3.1 document of every route."""
-    return json_response(openapi_document(ROUTES))
+# ============================================================================ app
+
+def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Application:
+    config = config or load_config([])
+    hub = hub or Hub(config)
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[timing_middleware, error_middleware])
+    app[HUB] = hub
+    app[TOKENS] = AgentTokens(config.jwt_secret, config.jwt_lifetime_s, hub.clock)
+    app[OPENAPI] = openapi_document(ROUTES)
+    for method, path, kind, handler in ROUTES:
+        app.router.add_route(method, path, guarded(kind, handler))
+
+    async def start(app: web.Application) -> None:
+        await hub.start()
+
+    async def shutdown(app: web.Application) -> None:
+        await hub.release_waiters()
+
+    async def stop(app: web.Application) -> None:
+        await hub.stop()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(shutdown)
+    app.on_cleanup.append(stop)
+    return app
+
+
+def print_first_start(config: Config) -> None:
+    """Secrets generated at this start are printed once; they stay in the data folder."""
+    if not config.generated:
+        return
+    shown = {"AGENT_API_KEYS": ("agent registration key", config.agent_api_keys[0]),
+             "CLIENT_API_KEYS": ("client API key", config.client_api_keys[0]),
+             "MGMT_TOKEN": ("management token", config.mgmt_token)}
+    print(f"OffloadMQ first start: generated secrets, kept in {config.data_path / SECRETS_FILE}")
+    for name in config.generated:
+        if name in shown:
+            label, value = shown[name]
+            print(f"  {label:24} {value}")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and not argv[0].startswith("-"):  # a CLI command (submit, status, cancel)
+        sys.exit(cli_main(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    config = load_config(argv)
+    print_first_start(config)
+    hub = Hub(config)
+    # The cyclic GC would rescan the growing state again and again while replay only
+    # adds to it (and makes next to no cyclic garbage): keep it off, then freeze the
+    # survivors so later collections skip them too.
+    gc.disable()
+    try:
+        hub.recover()
+    except JournalCorrupt as err:
+        log.critical("cannot start: %s", err)
+        sys.exit(2)
+    finally:
+        gc.freeze()
+        gc.enable()
+    log.info("OffloadMQ %s on http://%s:%d (data in %s, fsync %s)", __version__,
+             config.host, config.port, config.data_path, config.fsync)
+    web.run_app(create_app(config, hub), host=config.host, port=config.port,
+                access_log=None, print=None, shutdown_timeout=3.0)
 
 
 # ============================================================================ cli
@@ -3635,174 +3826,6 @@ def cli_main(argv: list[str], config: ClientConfig | None = None) -> int:
         return err.code
     except KeyboardInterrupt:
         return 130
-
-
-# ============================================================================ app
-
-ERROR_TYPES = {400: "bad_request", 401: "authentication_error", 403: "authorization_error",
-               404: "not_found", 409: "conflict", 413: "payload_too_large"}
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """The one place that turns exceptions into the contract's error bodies."""
-    try:
-        return await handler(request)
-    except OffloadError as err:
-        return error_response(err.status, err.type, err.message, **err.extra)
-    except web.HTTPException as err:
-        if err.status < 400:
-            raise
-        if err.status == 413:
-            message = f"the body is larger than the limit of {request.app[HUB].config.max_body_bytes} bytes"
-        else:
-            message = f"{err.reason}: {request.method} {request.path}"
-        return error_response(err.status, ERROR_TYPES.get(err.status, "bad_request"), message)
-    except Exception:
-        log.exception("bug while handling %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "internal error; the server log has details")
-
-
-@web.middleware
-async def timing_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    started = time.perf_counter()
-    try:
-        return await handler(request)
-    finally:
-        resource = request.match_info.route.resource
-        request.app[HUB].metrics.observe_http(request.method, resource.canonical if resource else "unmatched",
-                                      time.perf_counter() - started)
-
-
-def guarded(kind: str, handler: Callable) -> Callable:
-    """Wrap a handler with the auth its route needs (see ROUTES); client and agent
-    handlers get the caller as their second argument."""
-    async def wrapper(request: web.Request) -> web.StreamResponse:
-        hub = request.app[HUB]
-        if kind == "client":
-            body = await read_json(request, required=False) if request.method == "POST" else {}
-            return await handler(request, client_caller(hub, request, body))
-        if kind == "agent":
-            return await handler(request, agent_caller(hub, request.app[TOKENS], request))
-        if kind == "mgmt":
-            check_management(hub, request)
-        return await handler(request)
-    wrapper.__name__ = handler.__name__
-    return wrapper
-
-
-TASK_PATH = "{cap:.+}/{id:[^/]+}"  # the capability may carry '/' (sent as %2F)
-
-ROUTES = [
-    ("POST", "/api/task/submit", "client", handle_task_submit),
-    ("POST", "/api/task/submit_blocking", "client", handle_task_submit_blocking),
-    ("POST", f"/api/task/poll/{TASK_PATH}", "client", handle_task_poll),
-    ("GET", f"/api/task/poll/{TASK_PATH}", "client", handle_task_poll),
-    ("POST", f"/api/task/cancel/{TASK_PATH}", "client", handle_task_cancel),
-    ("GET", "/api/task/events", "client", handle_task_events),
-    ("POST", "/api/capabilities/online", "client", handle_capabilities_online),
-    ("GET", "/api/capabilities/online", "client", handle_capabilities_online),
-    ("GET", "/api/ping", "open", handle_health),
-    ("POST", "/agent/register", "open", handle_agent_register),
-    ("POST", "/agent/auth", "open", handle_agent_auth),
-    ("GET", "/private/agent/ping", "agent", handle_agent_ping),
-    ("POST", "/private/agent/ping", "agent", handle_agent_ping),
-    ("POST", "/private/agent/info/update", "agent", handle_agent_info_update),
-    ("GET", "/private/agent/task/poll", "agent", handle_agent_task_poll),
-    ("POST", "/private/agent/task/poll", "agent", handle_agent_task_poll),
-    ("GET", "/private/agent/task/poll_urgent", "agent", handle_agent_task_poll_urgent),
-    ("POST", "/private/agent/task/poll_urgent", "agent", handle_agent_task_poll_urgent),
-    ("GET", "/private/agent/task/cancels", "agent", handle_agent_cancels),
-    ("POST", f"/private/agent/take/{TASK_PATH}", "agent", handle_agent_take),
-    ("POST", f"/private/agent/task/progress/{TASK_PATH}", "agent", handle_agent_progress),
-    ("POST", f"/private/agent/task/resolve/{TASK_PATH}", "agent", handle_agent_resolve),
-    ("GET", "/management/events", "mgmt", handle_mgmt_events),
-    ("GET", "/management/capabilities/list/online", "mgmt", handle_mgmt_capabilities_online),
-    ("GET", "/management/agents/list", "mgmt", handle_mgmt_agents_list),
-    ("GET", "/management/agents/list/online", "mgmt", handle_mgmt_agents_list_online),
-    ("POST", "/management/agents/delete/{agent_id}", "mgmt", handle_mgmt_agent_delete),
-    ("POST", "/management/agents/drain/{agent_id}", "mgmt", handle_mgmt_agent_drain),
-    ("POST", "/management/agents/resume/{agent_id}", "mgmt", handle_mgmt_agent_resume),
-    ("POST", "/management/agents/reset", "mgmt", handle_mgmt_agents_reset),
-    ("GET", "/management/tasks/list", "mgmt", handle_mgmt_tasks_list),
-    ("POST", "/management/tasks/reset", "mgmt", handle_mgmt_tasks_reset),
-    ("POST", f"/management/tasks/cancel/{TASK_PATH}", "mgmt", handle_mgmt_task_cancel),
-    ("POST", f"/management/tasks/requeue/{TASK_PATH}", "mgmt", handle_mgmt_task_requeue),
-    ("GET", "/management/client_api_keys/list", "mgmt", handle_mgmt_keys_list),
-    ("POST", "/management/client_api_keys/update", "mgmt", handle_mgmt_key_update),
-    ("POST", "/management/client_api_keys/revoke/{key}", "mgmt", handle_mgmt_key_revoke),
-    ("GET", "/health", "open", handle_health),
-    ("GET", "/stats", "open", handle_stats),
-    ("GET", "/metrics", "open", handle_metrics),  # checks the token itself unless public
-    ("GET", "/openapi.json", "open", handle_openapi),
-    ("GET", "/{path:.*}", "open", handle_static),  # last: everything else is the console
-]
-
-
-def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Application:
-    config = config or load_config([])
-    hub = hub or Hub(config)
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[timing_middleware, error_middleware])
-    app[HUB] = hub
-    app[TOKENS] = AgentTokens(config.jwt_secret, config.jwt_lifetime_s, hub.clock)
-    for method, path, kind, handler in ROUTES:
-        app.router.add_route(method, path, guarded(kind, handler))
-
-    async def start(app: web.Application) -> None:
-        await hub.start()
-
-    async def shutdown(app: web.Application) -> None:
-        await hub.release_waiters()
-
-    async def stop(app: web.Application) -> None:
-        await hub.stop()
-
-    app.on_startup.append(start)
-    app.on_shutdown.append(shutdown)
-    app.on_cleanup.append(stop)
-    return app
-
-
-def print_first_start(config: Config) -> None:
-    """Secrets generated at this start are printed once; they stay in the data folder."""
-    if not config.generated:
-        return
-    shown = {"AGENT_API_KEYS": ("agent registration key", config.agent_api_keys[0]),
-             "CLIENT_API_KEYS": ("client API key", config.client_api_keys[0]),
-             "MGMT_TOKEN": ("management token", config.mgmt_token)}
-    print(f"OffloadMQ first start: generated secrets, kept in {config.data_path / SECRETS_FILE}")
-    for name in config.generated:
-        if name in shown:
-            label, value = shown[name]
-            print(f"  {label:24} {value}")
-    sys.stdout.flush()
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and not argv[0].startswith("-"):  # a CLI command (submit, status, cancel)
-        sys.exit(cli_main(argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    config = load_config(argv)
-    print_first_start(config)
-    hub = Hub(config)
-    # The cyclic GC would rescan the growing state again and again while replay only
-    # adds to it (and makes next to no cyclic garbage): keep it off, then freeze the
-    # survivors so later collections skip them too.
-    gc.disable()
-    try:
-        hub.recover()
-    except JournalCorrupt as err:
-        log.critical("cannot start: %s", err)
-        sys.exit(2)
-    finally:
-        gc.freeze()
-        gc.enable()
-    log.info("OffloadMQ %s on http://%s:%d (data in %s, fsync %s)", __version__,
-             config.host, config.port, config.data_path, config.fsync)
-    web.run_app(create_app(config, hub), host=config.host, port=config.port,
-                access_log=None, print=None, shutdown_timeout=3.0)
 
 
 if __name__ == "__main__":
