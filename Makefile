@@ -28,8 +28,7 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q tests/test_core.py tests/test_lifecycle.py tests/test_journal.py tests/test_api.py \
-	  tests/test_extensions.py tests/test_lifecycle_api.py tests/test_interfaces.py
+	$(PY) -m pytest -q -m unit
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,4 +1,10 @@
-"""Shared fixtures: real server processes on a free 127.0.0.1 port with a temp data folder."""
+"""Shared fixtures and helpers, by layer: the pure core (explicit `now`), the HTTP API
+in-process (`create_app(config)` under aiohttp's test client), and real server
+processes on a free 127.0.0.1 port with a temp data folder.
+
+Tests that need no server process, browser or agent process are marked `unit`
+(`make test-unit` runs only them)."""
+import dataclasses
 import json
 import os
 import secrets
@@ -12,6 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from offloadmq import Config, Hub, create_app, parse_submission
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,6 +110,24 @@ class ServerProcess:
         self.kill()
         return self.start()
 
+    def submit(self, capability, payload=None, **fields):
+        """Submit over HTTP with the client key; the TaskId."""
+        status, answer = http("POST", self.url + "/api/task/submit",
+                              {"capability": capability, "payload": payload, **fields}, self.client)
+        assert status in (201, 202), answer
+        return answer["id"]
+
+    def new_agent(self, caps, capacity=1, **extra):
+        """Register and log in an agent over HTTP; its Authorization header."""
+        status, reg = http("POST", self.url + "/agent/register", {
+            "apiKey": self.agent_key, "capabilities": list(caps), "tier": 0,
+            "capacity": capacity, "systemInfo": {"os": "linux"}, **extra})
+        assert status == 200, reg
+        status, auth = http("POST", self.url + "/agent/auth",
+                            {"agentId": reg["agentId"], "key": reg["key"]})
+        assert status == 200, auth
+        return {"Authorization": "Bearer " + auth["token"]}
+
     # Convenience headers for the three auth schemes.
     @property
     def client(self):
@@ -147,3 +173,118 @@ def take_records(broker) -> list:
     records = [c.record for c in broker.out if c.durable]
     broker.out.clear()
     return records
+
+
+# ---------------------------------------------------------------- the core (explicit now)
+
+T0 = 1_800_000_000.0
+OWNER = "o1"
+
+
+def core_agent(broker, caps=("debug.echo",), tier=0, capacity=1, now=T0, **info):
+    """Register an agent with the broker; its uid."""
+    return broker.register_agent({"capabilities": list(caps), "tier": tier, "capacity": capacity,
+                                  "systemInfo": {}, **info}, now).uid
+
+
+def core_submit(broker, cap="debug.echo", now=T0, owner=OWNER, limit=None, **fields):
+    """Submit a task as the edge would parse it; the Task."""
+    return broker.submit(parse_submission({"capability": cap, **fields}), owner, limit, now)
+
+
+def claim(broker, uid, now=T0):
+    """Poll and take, as an agent does: the task taken, or None."""
+    task = broker.offer(uid, now)
+    return None if task is None else broker.take(uid, task.cap, task.id, now)
+
+
+# ---------------------------------------------------------------- the HTTP API, in-process
+
+AGENT_KEY, CLIENT_KEY, MGMT_TOKEN = "ak-test", "ck-test", "mt-test"
+JWT_SECRET = "jwt-secret-for-tests-" + "0123456789abcdef" * 4  # 64+ bytes, so HS512 forging is quiet
+CLIENT = {"X-API-Key": CLIENT_KEY}
+MGMT = {"X-Mgmt-Token": MGMT_TOKEN}
+ERROR_TYPES = {400: "bad_request", 401: "authentication_error", 403: "authorization_error",
+               404: "not_found", 409: "conflict", 413: "payload_too_large", 429: "too_many_requests",
+               503: "scheduling_impossible", 504: "timeout"}
+
+
+def api_config(folder: Path, **changes) -> Config:
+    return Config(data_path=folder, jwt_secret=JWT_SECRET, agent_api_keys=(AGENT_KEY,),
+                  client_api_keys=(CLIENT_KEY,), mgmt_token=MGMT_TOKEN, **changes)
+
+
+@pytest.fixture
+def config(tmp_path):
+    return api_config(tmp_path / "data")
+
+
+@pytest.fixture
+def make_client(aiohttp_client, config):
+    """A test client for a config variant (`max_body_bytes=…`) and an optional fake clock."""
+    async def factory(clock=None, **changes):
+        cfg = dataclasses.replace(config, **changes)
+        hub = Hub(cfg, clock) if clock else None
+        return await aiohttp_client(create_app(cfg, hub))
+    return factory
+
+
+@pytest.fixture
+async def client(make_client):
+    return await make_client()
+
+
+async def call(client, method, path, status=200, **kw):
+    """Send a request, check its status, return the parsed JSON body."""
+    resp = await client.request(method, path, **kw)
+    text = await resp.text()
+    assert resp.status == status, f"{method} {path}: {resp.status} {text}"
+    return json.loads(text) if text else None
+
+
+async def fails(client, method, path, status, **kw):
+    """Send a request that must fail with the contract's error body; return that body."""
+    body = await call(client, method, path, status, **kw)
+    assert set(body["error"]) == {"type", "message", "status"}, body
+    assert body["error"]["type"] == ERROR_TYPES[status], body
+    assert body["error"]["status"] == status
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body
+
+
+class AgentHandle:
+    def __init__(self, uid, key, token):
+        self.uid, self.key, self.token = uid, key, token
+        self.h = {"Authorization": f"Bearer {token}"}
+
+
+async def new_agent(client, caps=("echo",), tier=0, capacity=1, **extra):
+    """Register and log in an agent over HTTP."""
+    reg = await call(client, "POST", "/agent/register", json={
+        "capabilities": list(caps), "tier": tier, "capacity": capacity,
+        "systemInfo": {"os": "linux", "client": "test", "runtime": "py", "cpuArch": "x86_64",
+                       "totalMemoryMb": 1024, "gpu": None},
+        "apiKey": AGENT_KEY, **extra})
+    auth = await call(client, "POST", "/agent/auth", json={"agentId": reg["agentId"], "key": reg["key"]})
+    return AgentHandle(reg["agentId"], reg["key"], auth["token"])
+
+
+async def submit(client, cap="echo", status=201, headers=CLIENT, **fields):
+    """Submit over HTTP; the TaskId (or, for an expected error status, the error body)."""
+    body = await call(client, "POST", "/api/task/submit", status, headers=headers,
+                      json={"capability": cap, **fields})
+    return body["id"] if status < 300 else body
+
+
+# ---------------------------------------------------------------- markers
+
+IN_PROCESS_MODULES = {"test_core", "test_journal", "test_api"}
+PROCESS_FIXTURES = {"server", "make_server"}
+
+
+def pytest_collection_modifyitems(items):
+    """`unit`: the in-process layers, but for their tests that start a server process."""
+    for item in items:
+        if item.module.__name__ in IN_PROCESS_MODULES \
+                and not PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.unit)

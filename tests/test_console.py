@@ -182,14 +182,6 @@ def scripted_agent(server):
         agent.stop()
 
 
-def submit(server, capability, payload=None, urgent=False, **extensions):
-    status, answer = http("POST", server.url + "/api/task/submit",
-                          {"capability": capability, "payload": payload, "urgent": urgent, **extensions},
-                          server.client)
-    assert status in (201, 202), answer
-    return answer["id"]
-
-
 # ----------------------------------------------------------------------------- the console
 
 class Console:
@@ -312,7 +304,7 @@ def test_sign_in_refuses_a_wrong_token_and_keeps_the_right_one(console, server):
 def test_overview_shows_online_agents_capabilities_and_queue_depth(console, server):
     Agent(server, ["echo.test", "vision[gpu;cuda12]"])
     for n in range(2):
-        submit(server, "train/big", {"n": n})
+        server.submit("train/big", {"n": n})
     page = console.sign_in()
 
     view = page.locator("#view")
@@ -326,7 +318,7 @@ def test_overview_shows_online_agents_capabilities_and_queue_depth(console, serv
 
 def test_agents_page_shows_an_agent_and_deletes_it_after_confirmation(console, server):
     agent = Agent(server, ["shell.bash", "llm.test"], capacity=2, tier=3)
-    task_id = submit(server, "shell.bash", {"command": "sleep 1"})
+    task_id = server.submit("shell.bash", {"command": "sleep 1"})
     agent.take(agent.poll()["id"])
     page = console.sign_in()
     console.go("agents")
@@ -358,8 +350,8 @@ def test_agents_page_shows_an_agent_and_deletes_it_after_confirmation(console, s
 def test_tasks_page_filters_and_shows_a_task_growing_live(console, server):
     agent = Agent(server, ["render.html"])
     hostile = "<img src=x onerror='window.__pwned = 1'><b>bold</b>"
-    task_id = submit(server, "render.html", {"html": hostile})
-    submit(server, "other.cap", {"n": 1})
+    task_id = server.submit("render.html", {"html": hostile})
+    server.submit("other.cap", {"n": 1})
     page = console.sign_in()
     console.go("tasks")
 
@@ -540,7 +532,7 @@ def test_a_running_task_is_canceled_from_its_page_while_its_log_streams_live(con
     agent = scripted_agent(["job.long"], cls=CancelAwareAgent, linger=1.5)
     page = console.sign_in()
     expect(page.locator("#live")).to_have_text("live")
-    task_id = submit(server, "job.long", {"n": 1})
+    task_id = server.submit("job.long", {"n": 1})
     console.open(f"#/tasks/job.long/{task_id['id']}")
 
     log = page.locator("[data-ref=log]")
@@ -574,11 +566,11 @@ def test_a_running_task_is_canceled_from_its_page_while_its_log_streams_live(con
 
 def test_dead_letters_show_and_requeue_with_priority_and_delays(console, server):
     agent = Agent(server, ["job.flaky"])
-    dead = submit(server, "job.flaky", {"n": 1}, priority=8)
+    dead = server.submit("job.flaky", {"n": 1}, priority=8)
     agent.take(agent.poll()["id"])
     body = {"id": dead, "capability": "job.flaky", "status": {"failure": ["boom", 0.1]}, "output": None}
     assert http("POST", f"{server.url}/private/agent/task/resolve/{quoted(dead)}", body, agent.headers)[0] == 200
-    later = submit(server, "job.flaky", {"n": 2}, delaySecs=600)
+    later = server.submit("job.flaky", {"n": 2}, delaySecs=600)
     page = console.sign_in()
     console.go("tasks")
 
@@ -650,12 +642,12 @@ def test_pages_fall_back_to_polling_when_the_event_stream_is_blocked(console, se
     expect(page.locator("#live")).to_have_text("polling")
     console.go("tasks")
     expect(page.locator("[data-ref=empty]")).to_be_visible()
-    task_id = submit(server, "job.quiet", {"n": 1})
+    task_id = server.submit("job.quiet", {"n": 1})
     expect(page.locator(f"tr[data-task='{task_id['id']}']")).to_be_visible(timeout=5000)
 
     page.unroute("**/management/events")  # the stream comes back: retried with backoff
     expect(page.locator("#live")).to_have_text("live")
-    other = submit(server, "job.quiet", {"n": 2})
+    other = server.submit("job.quiet", {"n": 2})
     expect(page.locator(f"tr[data-task='{other['id']}']")).to_be_visible(timeout=3000)
 
 

@@ -198,10 +198,7 @@ def test_deep_payloads_are_refused_and_the_deepest_accepted_survives_compaction_
                             % (CAP, "[" * deepest + "]" * deepest), srv.client)
     assert status == 201, body
     task_id = body["id"]["id"]
-    status, reg = http("POST", srv.url + "/agent/register", {
-        "capabilities": [CAP], "apiKey": srv.agent_key, "systemInfo": {"os": "linux"}})
-    status, auth = http("POST", srv.url + "/agent/auth", {"agentId": reg["agentId"], "key": reg["key"]})
-    bearer = {"Authorization": "Bearer " + auth["token"]}
+    bearer = srv.new_agent([CAP])
     status, _ = http("POST", f"{srv.url}/private/agent/take/{task_path(task_id)}", headers=bearer)
     assert status == 200
     deep_output = '{"id": "%s", "status": {"success": 1}, "output": %s}' % (

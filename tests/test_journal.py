@@ -485,16 +485,6 @@ async def test_everysec_and_no_policies_replay_the_same(tmp_path):
 CAP = "debug.echo"
 
 
-def register_agent(srv, capacity=1000):
-    status, reg = http("POST", srv.url + "/agent/register", {
-        "capabilities": [CAP], "tier": 0, "capacity": capacity, "apiKey": srv.agent_key,
-        "systemInfo": {"os": "linux"}})
-    assert status == 200, reg
-    status, auth = http("POST", srv.url + "/agent/auth", {"agentId": reg["agentId"], "key": reg["key"]})
-    assert status == 200, auth
-    return {"Authorization": "Bearer " + auth["token"]}
-
-
 def take_and_resolve(srv, bearer, task_id, output):
     path = f"{quote(CAP, safe='')}/{task_id}"
     status, body = http("POST", f"{srv.url}/private/agent/take/{path}", headers=bearer)
@@ -521,7 +511,7 @@ def test_crash_at_each_compaction_step_recovers_every_acknowledged_task(make_ser
     srv = make_server(extra_env={"OFFLOADMQ_CRASH_AT": step, "OFFLOADMQ_COMPACT_MB": "0.005"},
                       script=Path(__file__).parent / "crashing_server.py")
     srv.start()
-    bearer = register_agent(srv)
+    bearer = srv.new_agent([CAP], capacity=1000)
     submitted, resolved = [], {}
     deadline = time.monotonic() + 20
     while srv.proc.poll() is None and time.monotonic() < deadline:
