@@ -37,7 +37,7 @@ import time
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote, unquote
@@ -540,6 +540,7 @@ class Change:
     before: str | None = None       # the task's status before and after
     after: str | None = None
     agent_uid: str | None = None    # the agent it is about
+    scope: str = "task"             # what it is about: task, agent, key, or tasks (all of them)
 
 
 class Histogram:
@@ -569,11 +570,15 @@ class Histogram:
 #
 # Theory of operation. The Broker holds every task, agent and client key and is the
 # only thing that changes them. It never does I/O, never awaits and never reads the
-# clock: callers pass `now`. Every change is written as a journal record and applied
-# through `apply()` - the same handlers replay the journal at start - so the
-# state after a restart is the state before it by construction. Records of urgent
-# tasks are applied but not kept (urgent tasks live in memory only); the hub takes
-# the durable ones from `records` after each call and journals them.
+# clock: callers pass `now` (and its randomness and ids come in with it). Every change
+# is a journal record, encoded first and then applied by its APPLY handler - the same
+# handlers replay the journal at start - so the state after a restart is the state
+# before it by construction, and a record that cannot be written changes nothing. Task
+# records move the task as TASK_MOVES says. Each state-changing method hands its
+# caller a Change per record (plus the few changes only memory knows) in the list the
+# caller passes: the hub journals the durable ones and turns all of them into wake-ups
+# and live events. Records of urgent tasks are applied but not kept (urgent tasks live
+# in memory only).
 #
 # Queues: one ReadyQueue per (urgency, base capability) holds the tasks that may be
 # handed out now: higher priority first, client keys taking turns within a priority,
@@ -740,7 +745,7 @@ class Broker:
     # ---------------------------------------------------------------- records
 
     def _emit(self, op: str, now: float, durable: bool = True, subject: Task | None = None,
-              agent_uid: str | None = None, **fields: Any) -> Change:
+              agent_uid: str | None = None, scope: str = "task", **fields: Any) -> Change:
         """Encode the record, then apply it: a record that cannot be stored (or a move
         the table forbids) raises before anything changed."""
         record = {"op": op, "at": iso(now), **fields}
@@ -754,7 +759,7 @@ class Broker:
         before = task.status if task is not None else None
         APPLY[op](self, record, parse_iso(record["at"]))  # as replay will: to the millisecond
         change = Change(op, record, durable, line, task, before,
-                        task.status if task is not None else None, agent_uid)
+                        task.status if task is not None else None, agent_uid, scope)
         if self.out is not None:
             self.out.append(change)
         return change
@@ -766,7 +771,8 @@ class Broker:
         """A change only memory knows (no record): waiters may care all the same."""
         if self.out is not None:
             status = task.status if task is not None else None
-            self.out.append(Change(op, None, False, None, task, status, status, agent_uid))
+            self.out.append(Change(op, None, False, None, task, status, status, agent_uid,
+                                   "task" if task is not None else "agent"))
 
     def apply(self, record: dict) -> None:
         APPLY[record["op"]](self, record, parse_iso(record["at"]))
@@ -926,34 +932,35 @@ class Broker:
     @changing
     def register_agent(self, info: dict, now: float) -> Agent:
         uid = self.ids.new(now)
-        self._emit("agent.registered", now, agent_uid=uid, agent={
+        self._emit("agent.registered", now, agent_uid=uid, scope="agent", agent={
             "uid": uid, "key": self.new_secret(), "registeredAt": now, **info})
         return self.touch(uid, now)
 
     @changing
     def update_agent(self, uid: str, info: dict, now: float) -> Agent:
         self.touch(uid, now)
-        self._emit("agent.updated", now, agent_uid=uid, uid=uid, **info)
+        self._emit("agent.updated", now, agent_uid=uid, scope="agent", uid=uid, **info)
         return self.agents[uid]
 
     @changing
     def drain_agent(self, uid: str, draining: bool, now: float) -> Agent:
         """A draining agent gets no new tasks and keeps the ones it holds."""
         agent = self._agent(uid)
-        self._emit("agent.drained" if draining else "agent.resumed", now, agent_uid=uid, uid=uid)
+        self._emit("agent.drained" if draining else "agent.resumed", now, agent_uid=uid,
+                   scope="agent", uid=uid)
         return agent
 
     @changing
     def delete_agent(self, uid: str, now: float) -> None:
         agent = self._agent(uid)
         self._lose_agent(agent, now, f"agent {uid} was deleted")
-        self._emit("agent.deleted", now, agent_uid=uid, uid=uid)
+        self._emit("agent.deleted", now, agent_uid=uid, scope="agent", uid=uid)
 
     @changing
     def reset_agents(self, now: float) -> None:
         for agent in list(self.agents.values()):
             self._lose_agent(agent, now, f"agent {agent.uid} was removed by a reset")
-        self._emit("agents.reset", now)
+        self._emit("agents.reset", now, scope="agent")
 
     def _lose_agent(self, agent: Agent, now: float, reason: str) -> None:
         """An agent is gone: its offers lapse, its restartable tasks go back to the queue
@@ -1006,7 +1013,7 @@ class Broker:
     def update_key(self, key: str, capabilities: list[str], max_in_flight: int | None,
                    now: float) -> ClientKey:
         existing = self.client_key(key)
-        self._emit("key.updated", now, key={
+        self._emit("key.updated", now, scope="key", key={
             "key": key, "capabilities": capabilities,
             "isPredefined": existing.is_predefined if existing else False,
             "created": existing.created_at if existing else now, "isRevoked": False,
@@ -1017,7 +1024,7 @@ class Broker:
     def revoke_key(self, key: str, now: float) -> ClientKey:
         if self.client_key(key) is None:
             raise NotFound("no such client API key")
-        self._emit("key.revoked", now, key=key)
+        self._emit("key.revoked", now, scope="key", key=key)
         return self.client_key(key)
 
     # ---------------------------------------------------------------- tasks
@@ -1269,7 +1276,7 @@ class Broker:
 
     @changing
     def reset_tasks(self, now: float) -> None:
-        self._emit("tasks.reset", now)
+        self._emit("tasks.reset", now, scope="tasks")
 
     # ---------------------------------------------------------------- time passing
 
@@ -2047,9 +2054,9 @@ class EventLog:
                 if change.after in ENDED and change.before not in ENDED:
                     self.add(task.owner, task.key, "end", assigned_json(task))
                     ended.append(task.key)
-            elif change.agent_uid is not None and change.record is not None:
+            elif change.scope == "agent" and change.record is not None:
                 self.add(MGMT_OWNER, None, "agent", {"op": change.op, "uid": change.agent_uid})
-            elif change.op == "tasks.reset":
+            elif change.scope == "tasks":
                 self.add(None, None, "reset", {"op": change.op, "uid": None})
         return ended
 
@@ -2242,7 +2249,7 @@ class Hub:
             await on_disk_soon
         if ended:
             self._wake_ended(ended)
-        if changes[0].op == "tasks.reset":  # every task went away: so do their waits
+        if changes[-1].scope == "tasks":  # every task went away: so do their waits
             self._wake_ended(list(self.end_waiters))
         await self._notify(self.changed)  # agents' polls heard of it above
 
@@ -2288,7 +2295,9 @@ class Hub:
         first = asyncio.ensure_future(self._change(self.broker.submit, data, owner, max_in_flight,
                                                    idempotency_key=idempotency_key))
         self.submitting[(owner, idempotency_key)] = first
-        first.add_done_callback(lambda _: self.submitting.pop((owner, idempotency_key), None))
+        first.add_done_callback(lambda done: (
+            self.submitting.pop((owner, idempotency_key), None),
+            done.cancelled() or done.exception()))  # seen, even if its client went away
         return await asyncio.shield(first), True
 
     async def submit_and_wait(self, data: dict, owner: str, max_in_flight: int | None) -> Task:

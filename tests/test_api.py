@@ -9,7 +9,6 @@ heartbeats and what agents hold.
 """
 import asyncio
 import base64
-import dataclasses
 import json
 import os
 import re
@@ -23,7 +22,7 @@ import jwt
 import pytest
 
 from conftest import (
-    AGENT_KEY, CLIENT, CLIENT_KEY, ERROR_TYPES, JWT_SECRET as SECRET, MGMT as MGMT_H,
+    AGENT_KEY, CLIENT, CLIENT_KEY, JWT_SECRET as SECRET, MGMT as MGMT_H,
     MGMT_TOKEN as MGMT, api_config, call, fails, http, new_agent, new_agent as agent, submit,
 )
 from openapi_spec_validator import validate
@@ -1463,9 +1462,19 @@ async def test_events_reject_bad_parameters(client):
 
 async def test_management_events_include_agents(client):
     stream = await client.get("/management/events", headers=MGMT_H)
-    (await new_agent(client, ["job"])).h
+    await new_agent(client, ["job"])
     events = await read_events(stream, 1)
     assert events[0]["event"] == "agent" and events[0]["data"]["op"] == "agent.registered"
+    stream.close()
+
+
+async def test_management_events_tell_of_resets_of_agents_and_tasks(client):
+    stream = await client.get("/management/events", headers=MGMT_H)
+    await call(client, "POST", "/management/agents/reset", headers=MGMT_H)
+    await call(client, "POST", "/management/tasks/reset", headers=MGMT_H)
+    events = await read_events(stream, 2)
+    assert [(e["event"], e["data"]["op"]) for e in events] == [
+        ("agent", "agents.reset"), ("reset", "tasks.reset")]
     stream.close()
 
 
