@@ -290,26 +290,41 @@ DEFAULT_RETRY_DELAY_S = 5.0
 MAX_RETRY_DELAY_S = 600.0
 LOG_KEEP_CHARS = 1 << 20  # the server keeps the last 1 MiB of a task's log
 CAP_MAX_CHARS = 256
-# orjson writes at most 255 levels of nesting, and the server puts a body's values at
-# most this many levels down in what it writes (snapshot, listing, events): deeper bodies
-# are refused when read, so everything accepted can be written.
-MAX_NESTING = 255
+
+
+def _writer_nesting() -> int:
+    """The deepest nesting orjson writes (about 255 levels; it varies by version)."""
+    low, high = 1, 1024  # it writes `low` levels; `high` is past what any version reads
+    while high - low > 1:
+        middle, value = (low + high) // 2, []
+        for _ in range(middle - 1):
+            value = [value]
+        try:
+            orjson.dumps(value)
+            low = middle
+        except orjson.JSONEncodeError:
+            high = middle
+    return low
+
+
+# The server puts a body's values at most RECORD_WRAP levels further down in what it
+# writes (journal, snapshot, listing, events): deeper bodies are refused when read, so
+# everything accepted can be written.
+MAX_NESTING = _writer_nesting()
 RECORD_WRAP = 5
 MAX_BODY_DEPTH = MAX_NESTING - RECORD_WRAP
 
 
-def nesting(value: Any) -> int:
-    """Levels of nesting of a JSON value: 0 for a scalar, 1 for [] or {}."""
-    deepest, level = 0, [(value, 1)]
-    while level:
-        item, depth = level.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, depth)
-        if depth <= MAX_NESTING:  # deeper is too deep anyway
-            level.extend((child, depth + 1) for child in children)
-    return deepest
+def storable_depth(value: Any) -> bool:
+    """Whether `value` is nested at most MAX_BODY_DEPTH levels: whether the writer can
+    write it RECORD_WRAP levels down (orjson stops at MAX_NESTING, and in C)."""
+    for _ in range(RECORD_WRAP):
+        value = [value]
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 TaskKey = tuple[str, str]  # (capability, id)
 
@@ -2667,7 +2682,7 @@ async def read_json(request: web.Request, required: bool = True) -> Any:
     except orjson.JSONDecodeError as err:
         raise BadRequest(f"malformed JSON: {err}") from None
     # Nesting needs one bracket per level: a body with fewer brackets cannot be too deep.
-    if raw.count(b"[") + raw.count(b"{") > MAX_BODY_DEPTH and nesting(body) > MAX_BODY_DEPTH:
+    if raw.count(b"[") + raw.count(b"{") > MAX_BODY_DEPTH and not storable_depth(body):
         raise BadRequest(f"the body is nested more than {MAX_BODY_DEPTH} levels deep")
     return body
 
