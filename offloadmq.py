@@ -2506,7 +2506,7 @@ class Hub:
     def metrics_text(self) -> str:
         return self.metrics.text(self.broker, self.journal, self.clock())
 
-    def stream_keys(self, names: list[str], owner: str) -> set[TaskKey] | None:
+    def _stream_keys(self, names: list[str], owner: str) -> set[TaskKey] | None:
         """`<cap>/<id>` names -> the task keys a stream is limited to (`owner`'s own)."""
         if not names:
             return None
@@ -2518,9 +2518,14 @@ class Hub:
             keys.add(self.broker.task(cap, task_id, owner).key)
         return keys
 
-    async def event_stream(self, last_id: int | None, owner: str, keys: set | None) -> Any:
-        """Server-Sent Events text, chunk by chunk, until shutdown. With a usable
-        `last_id` it resumes after it; else it starts with the current state."""
+    def event_stream(self, last_id: int | None, owner: str, names: list[str]) -> Any:
+        """Server-Sent Events text, chunk by chunk, until shutdown, of `owner`'s tasks (or
+        only those `names`d as `<cap>/<id>`; an unknown one raises here, before any
+        text). With a usable `last_id` it resumes after it; else it starts with the
+        current state."""
+        return self._event_text(last_id, owner, self._stream_keys(names, owner))
+
+    async def _event_text(self, last_id: int | None, owner: str, keys: set | None) -> Any:
         # `seen` is read with no await since the events were taken: events published
         # while a write is in flight come in the next round, never skipped.
         events, seen = self.events.after(last_id, owner, keys), self.events.seq
@@ -2978,9 +2983,8 @@ async def handle_task_cancel(request: web.Request, client: Client) -> web.Respon
 async def events_of(request: web.Request, owner: str) -> web.StreamResponse:
     """With a Last-Event-ID the stream resumes after it; without one (or one too old) it
     starts with the current state. Repeated `?task=<cap>/<id>` limits it to those tasks."""
-    hub, last_id = request.app[HUB], last_event_id(request)
-    keys = hub.stream_keys(request.query.getall("task", []), owner)
-    return await stream(request, hub.event_stream(last_id, owner, keys))
+    names = request.query.getall("task", [])
+    return await stream(request, request.app[HUB].event_stream(last_event_id(request), owner, names))
 
 
 async def handle_task_events(request: web.Request, client: Client) -> web.StreamResponse:
