@@ -812,3 +812,18 @@ def test_a_journal_written_before_the_rename_of_requeue_ops_replays_to_the_same_
     write_journal(again, [{"seq": n, **r} for n, r in enumerate(new, 1)])
     b2, _, _ = replay(again, now=T0 + 6)
     assert view(b2) == view(b)
+
+
+def test_a_record_encoded_by_the_core_is_written_as_encode_record_would_write_it():
+    """The core encodes each record once, before applying it; the journal adds seq and
+    crc around those bytes instead of encoding the record again."""
+    from offloadmq import encode_line
+    b = recorded(Broker(PREDEFINED, T0))
+    uid = b.register_agent(agent_info(["debug.echo"]), T0).uid
+    task = b.submit(submission("debug.echo", payload={"n": [1, {"x": "é"}]}), OWNER, None, T0)
+    b.offer(uid, T0)
+    b.take(uid, task.cap, task.id, T0)
+    for seq, change in enumerate(b.out, 1):
+        line = encode_line(seq, change.line)
+        assert line == encode_record({"seq": seq, **change.record})
+        assert decode_record(line) == {"seq": seq, **change.record}
