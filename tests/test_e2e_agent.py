@@ -274,7 +274,7 @@ def test_sigterm_leaves_no_task_folders(server, start_agent):
                  "mkdir d && cd d && seq 20000 | xargs touch && touch ../started; sleep 60")
     assert wait_done(server, big)["status"] == "completed"
     deadline = time.monotonic() + 10
-    while not list(agent.work.glob("*/started")):
+    while not list(agent.work.glob("*/task/started")):
         assert time.monotonic() < deadline, "the long task never started"
         time.sleep(0.05)
     agent.signal(signal.SIGTERM)
@@ -369,7 +369,7 @@ def test_fetch_files_by_http_and_git_clone(server, start_agent, file_host, tmp_p
                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e.x"}
     for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "tool"]):
         subprocess.run(["git", *args], cwd=repo, env=git_env, check=True)
-    start_agent(serve_args=["--allow-local-git"])
+    start_agent(serve_args=["--allow-local-git", "--allow-fetch", "127.0.0.1"])
     task = run_blocking(server, "shell.bash", {"command": "bash tools/sum.sh input/numbers.txt"},
                         fetchFiles=[{"path": "input/numbers.txt", "get": file_host.url + "/numbers.txt"},
                                     {"path": "tools", "gitClone": f"file://{repo}"}])
