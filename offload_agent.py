@@ -799,8 +799,13 @@ async def _spawn(run: TaskRun, argv: list[str], **kwargs) -> asyncio.subprocess.
     return proc
 
 
-def _end_group(run: TaskRun, proc: asyncio.subprocess.Process) -> None:
+async def _end_group(run: TaskRun, proc: asyncio.subprocess.Process) -> None:
+    """Kills what is left of a task's processes and collects the exit status. Waiting here,
+    on a cancel too, keeps the child ours to reap: left to garbage collection, another
+    subprocess call could reap it first ("Unknown child process pid" from asyncio)."""
     _kill_group(proc.pid)
+    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(proc.wait()), 5)
     if run.reaper is not None:
         run.reaper.release(proc.pid)
 
@@ -890,7 +895,7 @@ async def _run_bash(run: TaskRun, stream: bool) -> dict:
     finally:
         # Cancelled (agent shutdown, a cancel request): leave nothing behind. The group
         # kill reaches the shell too; asyncio's watcher collects its exit status.
-        _end_group(run, proc)
+        await _end_group(run, proc)
         pumps.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await pumps
@@ -1508,7 +1513,7 @@ async def _fetch_git(run: TaskRun, ref: dict, budget: FetchBudget) -> None:
                     budget.take(size, path)  # raises
             err = await errors
         finally:
-            _end_group(run, proc)
+            await _end_group(run, proc)
             errors.cancel()
         if proc.returncode != 0:
             message = err.decode(errors="replace").strip()[-500:]
