@@ -468,8 +468,15 @@ class ServerClient:
 
     async def _register_again(self) -> None:
         old = self.identity
-        answer = await self.register(self.registration_key, old.capabilities, old.tier,
-                                     old.capacity, system_info())
+        try:
+            answer = await self.register(self.registration_key, old.capabilities, old.tier,
+                                         old.capacity, system_info())
+        except ServerRefused as err:
+            if err.status not in (401, 403):
+                raise
+            raise self._revoked(f"the server no longer accepts agent {old.agent_id} and refuses "
+                                f"the registration key too ({err.message}): check OFFLOAD_AGENT_KEY "
+                                f"against the server's AGENT_API_KEYS") from None
         if not isinstance(answer, dict) or not isinstance(answer.get("agentId"), str) \
                 or not isinstance(answer.get("key"), str):
             raise ServerUnavailable("POST /agent/register: the answer carries no identity")
