@@ -1708,6 +1708,19 @@ class Agent:
         self.revoked: str | None = None            # why serve stopped: the credential is gone
         client.on_login = self.logged_in.set
         client.on_revoked = self.credential_revoked
+        self.poll: asyncio.Future | None = None    # the long poll in flight
+        save = client.on_new_identity
+
+        def identity_changed(new: AgentIdentity) -> None:
+            # A poll sent with the old credential could still be handed a task for the old
+            # agent record, one this identity could never report: drop it (the server hands
+            # back a task whose poll went away).
+            if save is not None:
+                save(new)
+            self.identity = new
+            if self.poll is not None:
+                self.poll.cancel()
+        client.on_new_identity = identity_changed
 
     def request_stop(self) -> None:
         """First call: stop taking work and let tasks finish. Second call: do not wait."""
@@ -1821,13 +1834,22 @@ class Agent:
             finished, _ = await self._until_stopped(self.slots.acquire())
             if not finished:
                 break
+            poll = self.poll = asyncio.ensure_future(
+                self.client.poll_task(self.settings.poll_wait_s, take=self.settings.use_extensions))
             try:
-                finished, task = await self._until_stopped(
-                    self.client.poll_task(self.settings.poll_wait_s, take=self.settings.use_extensions))
+                try:
+                    finished, task = await self._until_stopped(poll)
+                finally:
+                    self.poll = None
                 if not finished or not task:
                     task = None
                 elif "agentId" not in task:  # unassigned: the original two-step protocol
                     task = None if self.stopping.is_set() else await self.client.take_task(task["id"])
+            except asyncio.CancelledError:
+                if not poll.cancelled() or asyncio.current_task().cancelling():
+                    raise
+                self.slots.release()  # dropped after a new registration: poll again
+                continue
             except (ServerUnavailable, ServerRefused) as err:
                 self.slots.release()
                 if self.revoked:

@@ -401,6 +401,7 @@ def test_path_traversal_is_refused(server, start_agent, file_host, tmp_path):
     assert task["status"] == "failed"
     assert "escapes the task folder" in history_text(task)
     assert "stdout" not in (task["result"] or {}), "the command ran after a refused fetch"
+    assert wait_folder_empty(agent.work) == []  # then nothing is removed while we look
     assert not list(tmp_path.rglob("escaped.txt"))
     task = run_blocking(server, "shell.bash", {"command": "true"},
                         artifacts=[{"path": str(agent.config)}])
