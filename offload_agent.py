@@ -3,25 +3,34 @@
 One file, aiohttp its only dependency. It speaks the wire contract of API.md: registers
 with an agent key, logs in for a JWT, long-polls for tasks, takes them, runs up to
 `capacity` at once, streams progress and reports each result. Our server's extensions
-(take on poll, the next task with a result, cancel requests, `runtimeSecs`) are used
-when the server answers them; any other server gets the original protocol
-(`serve --original-protocol` forces it).
+(take on poll, the next task with a result, cancel requests, `runtimeSecs`, the holding
+report) are used when the server answers them; any other server gets the original
+protocol (`serve --original-protocol` forces it).
 
     python offload_agent.py register --server http://HOST:3069 --key AGENT_KEY \\
         --caps debug.echo shell.bash [--tier 0] [--capacity 1]
     python offload_agent.py serve            # until SIGINT/SIGTERM
+    python offload_agent.py rotate-key       # a fresh login secret from the server
     python offload_agent.py sysinfo          # what it reports about this machine
 
 The identity (agent id and its login secret) is kept in `.offload-agent.json` in the
-working directory (`--config PATH` moves it), written with mode 0600.
+working directory (`--config PATH` moves it), written with mode 0600 and synced.
+
+Nothing the server or a task sends is trusted: task ids must be ULIDs, files are opened
+inside the task folder without following links, fetches reach only public addresses
+unless `--allow-fetch` lists more, tasks get an allowlisted environment and (with
+`--task-user`, agent as root) another account; the README's threat model says what each
+option leaves reachable.
 
 Sections (`grep '^# ===' offload_agent.py`):
   1. imports, version, logger
   2. config        — the saved identity, runtime settings, system info
-  3. server client — keep-alive HTTP/1.1, re-auth on 401, backoff doubling to 30 s
-  4. executors     — a table from capability to coroutine, file fetching, artifacts
-  5. serve loop    — long poll, take, run up to `capacity` tasks, graceful stop
-  6. CLI           — register, serve, sysinfo; `main()`
+  3. server client — keep-alive HTTP/1.1, re-auth on 401 (re-registration), backoff to 30 s
+  4. executors     — confinement (ids, environment, reaper), the executor table, files
+                     through descriptors, guarded fetches, artifacts
+  5. serve loop    — long poll, take, run up to `capacity` tasks, heartbeat with the
+                     holding report, graceful stop
+  6. CLI           — register, serve, rotate-key, sysinfo; `main()`
 """
 
 # ============================================================================ imports, version, logger
@@ -373,6 +382,7 @@ class ServerClient:
         self.on_new_identity = on_new_identity
         self.on_login: Callable[[], None] | None = None
         self.on_revoked: Callable[[CredentialRevoked], None] | None = None
+        self.register_hint = ""   # extra `register` arguments the operator needs (--config)
         self.token: str | None = None
         self.login_lock = asyncio.Lock()
         self.post_ping = True   # the holding report; False once the server showed it lacks it
@@ -444,7 +454,7 @@ class ServerClient:
                     f"the server refuses agent {self.identity.agent_id}'s credential "
                     f"({_error_message(answer) or 'unknown agent or wrong key'}): register it again "
                     f"with `offload_agent.py register --server {self.http_url} --key <agent key> "
-                    f"--caps {' '.join(self.identity.capabilities)}`, or serve with "
+                    f"--caps {' '.join(self.identity.capabilities)}{self.register_hint}`, or serve with "
                     f"OFFLOAD_AGENT_KEY set to re-register by itself")
             await self._register_again()
             status, answer = await self._send("POST", "/agent/auth", {
@@ -551,6 +561,10 @@ class ServerClient:
             {"id": task_id, "capability": task_id["cap"], "status": status, "output": output},
             timeout_s=REQUEST_TIMEOUT_S * 4)  # artifacts can make this body large
         return answer.get("next") if isinstance(answer, dict) else None
+
+    async def rotate_key(self) -> dict:
+        """Extension (WIRE.md): a fresh login secret; tokens issued before stop working."""
+        return await self._call_private("POST", "/private/agent/rotate_key")
 
     async def cancel_requests(self, wait_s: int) -> list[dict]:
         """Extension: ids of held tasks the server wants stopped (long poll)."""
@@ -1361,12 +1375,19 @@ class FetchBudget:
 def _request_headers(ref: dict) -> dict[str, str]:
     """Headers a FileReference asks for: `customHeader`, then `httpAuthHeader` as the
     Authorization value, else HTTP basic auth from `httpLogin`/`httpPassword`."""
-    headers = {str(k): str(v) for k, v in (ref.get("customHeader") or {}).items()}
+    custom = ref.get("customHeader") or {}
+    if not isinstance(custom, dict):
+        raise TaskFailed(f"fetchFiles {ref.get('path')!r}: customHeader must be an object")
+    headers = {str(k): str(v) for k, v in custom.items()}
     if ref.get("httpAuthHeader"):
         headers["Authorization"] = str(ref["httpAuthHeader"])
     elif ref.get("httpLogin") is not None:
         pair = f"{ref['httpLogin']}:{ref.get('httpPassword') or ''}".encode()
         headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+    for name, value in headers.items():
+        # A line break would add headers of the task's choosing (and, for git, config lines).
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) or re.search(r"[\r\n\0]", value):
+            raise TaskFailed(f"fetchFiles {ref.get('path')!r}: header {name[:40]!r} is not a valid header")
     return headers
 
 
@@ -2093,6 +2114,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help=f"largest options.num_predict (default {LLM_MAX_PREDICT})")
     add_config(serve)
 
+    rotate = commands.add_parser("rotate-key", help="replace this agent's login secret with a "
+                                                     "fresh one from the server")
+    add_config(rotate)
+
     commands.add_parser("sysinfo", help="print the system info this agent reports")
     return parser.parse_args(argv)
 
@@ -2167,6 +2192,39 @@ async def _register(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _rotate_key(args: argparse.Namespace) -> int:
+    """The server replaces the secret at once, so the new one is saved (synced) before
+    anything else; a server without the route changes nothing."""
+    config_path = Path(args.config)
+    try:
+        identity = load_identity(config_path)
+        client = ServerClient(identity.server, identity)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"cannot use {args.config} ({err}); run `register` first", file=sys.stderr)
+        return 2
+    try:
+        answer = await client.rotate_key()
+    except ServerRefused as err:
+        if err.status in (404, 405):
+            print("this server cannot rotate an agent's key; `register` again for a new identity",
+                  file=sys.stderr)
+        else:
+            print(f"key rotation refused: {err}", file=sys.stderr)
+        return 1
+    except ServerUnavailable as err:
+        print(f"key rotation failed: {err}", file=sys.stderr)
+        return 1
+    finally:
+        await client.http.close()
+    if not isinstance(answer, dict) or answer.get("agentId") != identity.agent_id \
+            or not isinstance(answer.get("key"), str):
+        print("key rotation: the server's answer carries no key for this agent", file=sys.stderr)
+        return 1
+    save_identity(config_path, dataclasses.replace(identity, key=answer["key"]))
+    print(f"agent {identity.agent_id}: new login secret saved to {args.config}")
+    return 0
+
+
 def _serve_settings(args: argparse.Namespace, work_root: Path) -> Settings:
     """Settings from argv; ValueError with a message for the operator when one is wrong."""
     if not 1 <= args.heartbeat <= 60:
@@ -2215,6 +2273,8 @@ async def _serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
+    if args.config != DEFAULT_CONFIG_PATH:
+        client.register_hint = f" --config {args.config}"
     if not any(find_executor(c) for c in identity.capabilities):
         print(f"none of {', '.join(identity.capabilities)} has an executor here; "
               f"register with some of: {', '.join([*EXECUTORS, 'llm.<model>'])}", file=sys.stderr)
@@ -2260,6 +2320,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "register":
         return asyncio.run(_register(args))
+    if args.command == "rotate-key":
+        return asyncio.run(_rotate_key(args))
     return asyncio.run(_serve(args))
 
 

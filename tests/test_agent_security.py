@@ -682,3 +682,32 @@ def test_a_revoked_credential_is_replaced_or_reported(server, start_agent, with_
     else:
         assert agent.wait_exit(20) == agent_module.EXIT_CREDENTIAL_REVOKED
         assert "register it again" in agent.output().strip().splitlines()[-1]
+
+
+def test_rotate_key_saves_a_fresh_secret_or_changes_nothing(server, tmp_path):
+    """On a server with the route (WIRE.md) the old secret stops working and the saved new
+    one logs in; on one without it (404/405) the identity file stays as it was."""
+    agent = AgentProcess(server, tmp_path / "rotating", ["debug.echo"]).register()
+    before = agent.config.read_text()
+    done = subprocess.run([sys.executable, str(AGENT_SCRIPT), "rotate-key", "--config", str(agent.config)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode == 1:
+        assert "this server cannot rotate an agent's key" in done.stderr
+        assert agent.config.read_text() == before
+        return
+    assert done.returncode == 0, done.stderr
+    after = json.loads(agent.config.read_text())
+    assert after["agentId"] == agent.identity["agentId"] and after["key"] != agent.identity["key"]
+    assert oct(agent.config.stat().st_mode & 0o777) == "0o600"
+    old, _ = http("POST", server.url + "/agent/auth", {"agentId": after["agentId"], "key": agent.identity["key"]})
+    new, _ = http("POST", server.url + "/agent/auth", {"agentId": after["agentId"], "key": after["key"]})
+    assert (old, new) == (401, 200)
+
+
+@pytest.mark.parametrize("header", [{"X-A": "1\r\nX-Evil: 2"}, {"X-A\nB": "1"}, {"X-A": "1\nhttp.proxy=x"}])
+async def test_fetch_headers_cannot_carry_line_breaks(make_run, internal_service, header):
+    fetch = [{"path": "s.txt", "get": f"http://127.0.0.1:{internal_service.port}/secret",
+              "customHeader": header}]
+    run, _ = make_run("shell.bash", "true", fetch=fetch)
+    assert "is not a valid header" in failure_message(await run_task(run))
+    assert internal_service.hits == []
