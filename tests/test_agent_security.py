@@ -176,6 +176,27 @@ async def internal_service(aiohttp_server):
     return server
 
 
+@pytest.mark.parametrize("address, allowed", [
+    ("8.8.8.8", True), ("2606:4700::1111", True),
+    ("127.0.0.1", False), ("169.254.169.254", False), ("10.1.2.3", False), ("172.16.0.1", False),
+    ("192.168.1.1", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
+    ("240.0.0.1", False), ("255.255.255.255", False), ("::1", False), ("::", False),
+    ("fe80::1", False), ("fc00::1", False), ("ff02::1", False), ("::ffff:127.0.0.1", False),
+    ("64:ff9b::7f00:1", False), ("2002:7f00:1::", False), ("::ffff:8.8.8.8", True),
+])
+def test_only_public_addresses_pass_by_default(address, allowed):
+    assert (agent_module.FetchPolicy().refusal(address) is None) is allowed
+
+
+def test_allow_fetch_takes_ips_networks_and_host_names():
+    policy = agent_module.FetchPolicy(("10.0.0.0/8", "127.0.0.1", "Git.Internal."))
+    assert policy.refusal("10.9.8.7") is None and policy.refusal("::ffff:127.0.0.1") is None
+    assert policy.refusal("127.0.0.2") is not None and policy.refusal("192.168.0.1") is not None
+    assert policy.host_allowed("git.internal") and not policy.host_allowed("other.internal")
+    with pytest.raises(ValueError):
+        agent_module.FetchPolicy(("not a host!",))
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "2130706433", "0.0.0.0",
                                   "[::ffff:127.0.0.1]"])
 async def test_fetch_refuses_internal_addresses_by_default(make_run, internal_service, host):
