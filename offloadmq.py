@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import functools
 import gc
 import hashlib
@@ -75,6 +76,9 @@ class Config:
     blocking_hold_s: float = 300.0
     repair: bool = False
     metrics_public: bool = False  # /metrics without the management token
+    # The agent WebSocket's heartbeat frames go out after a fresh random delay in this range.
+    ws_heartbeat_min_s: float = 60.0
+    ws_heartbeat_max_s: float = 90.0
     static_path: Path = Path(__file__).resolve().parent / "static"
     # Names of secrets generated at this start, so main() can print them once.
     generated: tuple[str, ...] = ()
@@ -175,6 +179,13 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         parser.error(f"OFFLOADMQ_FSYNC must be one of {', '.join(FSYNC_POLICIES)}")
     compact_mb = args.compact_mb or float(settings.get("OFFLOADMQ_COMPACT_MB") or 64)
     settings, generated = load_secrets(data_path, settings)
+    try:
+        beat_min = float(settings.get("AGENT_WS_HEARTBEAT_MIN_SECS") or 60)
+        beat_max = float(settings.get("AGENT_WS_HEARTBEAT_MAX_SECS") or max(90.0, beat_min))
+    except ValueError:
+        parser.error("AGENT_WS_HEARTBEAT_MIN_SECS and _MAX_SECS must be numbers of seconds")
+    if not 0 < beat_min <= beat_max:
+        parser.error("AGENT_WS_HEARTBEAT_MIN_SECS must be positive and at most _MAX_SECS")
     return Config(
         host=args.host or host or "0.0.0.0",
         port=args.port if args.port is not None else int(port or 3069),
@@ -187,6 +198,8 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         compact_bytes=int(compact_mb * 1024 * 1024),
         repair=args.repair,
         metrics_public=args.metrics_public or settings.get("OFFLOADMQ_METRICS_PUBLIC", "") in ("1", "true"),
+        ws_heartbeat_min_s=beat_min,
+        ws_heartbeat_max_s=beat_max,
         generated=generated,
     )
 
@@ -926,6 +939,30 @@ class Broker:
                 self._emit_task("task.released", task, now, reason=f"released: {reason}")
             else:
                 self._retry_or_fail(task, now, reason)
+            released.append(task)
+        return released
+
+    @changing
+    def release_unstarted(self, uid: str, now: float) -> list[Task]:
+        """The agent's push channel closed (or a new one replaced it): the tasks it was
+        handed but never started go back to the queue at once, as never taken (one whose
+        cancel was asked ends canceled); the started ones stay for it to report. Its
+        offers lapse. Returns the tasks released."""
+        agent = self.agents.get(uid)
+        if agent is None:
+            return []
+        for key in list(agent.offered):
+            self._lapse_offer(key, now)
+        released = []
+        for key in sorted(agent.held):
+            task = self.tasks[key]
+            if task.status != ASSIGNED:
+                continue
+            if task.cancel_requested_at is not None:
+                self._finish_cancel(task, now, f"agent {uid}'s connection closed before it started")
+            else:
+                self._emit_task("task.released", task, now,
+                                reason=f"released: agent {uid}'s connection closed before it started")
             released.append(task)
         return released
 
@@ -2192,6 +2229,8 @@ class Hub:
         self.started_at = clock()
         self.events = EventLog(self.started_at)
         self.metrics = Metrics()
+        # Called with every batch of changes once journaled (the agent sockets push cancels).
+        self.change_listeners: list[Callable[[list[Change]], None]] = []
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -2262,6 +2301,8 @@ class Hub:
         await self._notify(self.offers_changed)  # after the enqueue: a take's record must follow
         if on_disk_soon is not None:
             await on_disk_soon
+        for listener in self.change_listeners:
+            listener(changes)
         if ended:
             self._wake_ended(ended)
         if changes[-1].scope == "tasks":  # every task went away: so do their waits
@@ -2423,6 +2464,13 @@ class Hub:
         if nxt is None and wait_s > 0:
             nxt = await self.next_task(uid, wait_s, False, gone, take=True)
         return nxt
+
+    async def release_unstarted(self, uid: str) -> list[Task]:
+        """The agent's push channel closed: its never-started tasks go back to the queue."""
+        released = await self._change(self.broker.release_unstarted, uid)
+        if released:
+            log.info("agent %s disconnected: %d unstarted task(s) back in the queue", uid, len(released))
+        return released
 
     async def cancel_requests(self, uid: str, wait_s: float, gone: Callable[[], bool]) -> list[dict]:
         """Long poll: the held tasks this agent should stop."""
@@ -3207,6 +3255,310 @@ async def handle_openapi(request: web.Request) -> web.Response:
     return json_response(request.app[OPENAPI])
 
 
+# ============================================================================ agent websocket
+#
+# `GET /private/agent/ws?token=<JWT>`: the original's push channel, a second transport
+# over the same hub. Each socket runs a pusher: the same long poll an HTTP agent makes
+# (`next_task(take=True)`: tiers with spill-over, priority, fairness, drain, capacity),
+# whose task it sends as `{"type": "task", "task": AssignedTask}`; a `heartbeat` frame
+# goes out after a fresh random delay. The agent's requests are frames
+# `{"req_id", "action", "params"}`; each action maps onto an HTTP agent route and runs
+# its handler (so both transports share every rule and error), answered as
+# `{"req_id", "type": "response", "status", "data"}` or `{"req_id", "type": "error",
+# "status", "error"}`. A cancel asked for a task the agent holds is pushed as
+# `{"type": "cancel", "taskId"}`. A socket belongs to one agent: a new one replaces the
+# old. When a socket closes, the tasks it was handed and the agent never started
+# (no progress yet) go back to the queue at once; started ones wait for its report.
+
+WS_PUSH_WAIT_S = 20.0      # the pusher's long poll, re-armed (each round counts as contact)
+WS_PING_S = 30.0           # protocol pings; a socket silent for half of this after one is dropped
+WS_MAX_REQUESTS = 64       # requests one socket may have in flight (long polls included)
+WS_SUPERSEDED = 4000       # close code of a socket replaced by a newer one of the same agent
+WS_CLOSE_WAIT_S = 10.0     # how long a new socket waits for the one it replaces to finish
+
+
+class ActionRoute:
+    """How a frame's action becomes a request to an HTTP agent route."""
+
+    def __init__(self, method: str, path: Callable[[dict], str], body: bool = True):
+        self.method, self.path, self.body = method, path, body
+
+
+def _frame_task_path(params: dict) -> str:
+    """`cap/id` (percent-encoded) of the task a frame names: `id` as a TaskId, or a
+    bare id with `capability`."""
+    given = params.get("id")
+    if isinstance(given, dict):
+        cap, task_id = given.get("cap"), given.get("id")
+    else:
+        cap, task_id = params.get("capability") or params.get("cap"), given
+    if not isinstance(task_id, str) or not task_id:
+        raise BadRequest('params.id must be a task id {"cap": "...", "id": "..."}')
+    return f"{quote(check_capability(cap), safe='')}/{quote(task_id, safe='')}"
+
+
+def _frame_poll_query(params: dict) -> str:
+    wait, take = params.get("wait", 0), params.get("take", False)
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)):
+        raise BadRequest("params.wait must be a number of seconds")
+    return f"?wait={wait}&take={'1' if take is True else '0'}"
+
+
+def _frame_generic_path(params: dict) -> str:
+    """`get`/`post`: `params.path` lists the segments after /private/agent/."""
+    segments = params.get("path")
+    if isinstance(segments, str):
+        segments = [s for s in segments.strip("/").split("/") if s]
+    if not isinstance(segments, list) or not segments \
+            or not all(isinstance(s, str) and s for s in segments):
+        raise BadRequest("params.path must be a list of path segments after /private/agent/")
+    if segments[0] == "ws":
+        raise BadRequest("the socket cannot open another socket")
+    query = params.get("query") or {}
+    if not isinstance(query, dict):
+        raise BadRequest("params.query must be an object")
+    text = "&".join(f"{quote(str(k), safe='')}={quote(str(v), safe='')}" for k, v in query.items())
+    return "/".join(quote(s, safe="") for s in segments) + (f"?{text}" if text else "")
+
+
+WS_ACTIONS: dict[str, ActionRoute] = {
+    "heartbeat": ActionRoute("POST", lambda p: "ping"),
+    "ping": ActionRoute("POST", lambda p: "ping"),
+    "update_progress": ActionRoute("POST", lambda p: "task/progress/" + _frame_task_path(p)),
+    "resolve_task": ActionRoute("POST", lambda p: "task/resolve/" + _frame_task_path(p)),
+    "poll_task": ActionRoute("GET", lambda p: "task/poll" + _frame_poll_query(p), body=False),
+    "poll_task_urgent": ActionRoute("GET", lambda p: "task/poll_urgent" + _frame_poll_query(p),
+                                    body=False),
+    "take_task": ActionRoute("POST", lambda p: "take/" + _frame_task_path(p), body=False),
+    "get": ActionRoute("GET", _frame_generic_path, body=False),
+    "post": ActionRoute("POST", _frame_generic_path),
+}
+
+
+WS_WAITING_ACTIONS = frozenset({"poll_task", "poll_task_urgent", "get"})  # may hold a long poll
+
+
+def ws_error(req_id: Any, err: OffloadError) -> dict:
+    return {"req_id": req_id, "type": "error", "status": err.status,
+            "error": {"type": err.type, "message": err.message, "status": err.status, **err.extra}}
+
+
+class NotImplementedHere(OffloadError):
+    status, type = 501, "not_implemented"
+
+
+class Overloaded(OffloadError):
+    status, type = 503, "overloaded"
+
+
+class AgentSocket:
+    """One agent's open socket: its sends, its requests in flight, its pusher."""
+
+    def __init__(self, ws: web.WebSocketResponse, uid: str, request: web.Request):
+        self.ws, self.uid, self.request = ws, uid, request
+        self.send_lock = asyncio.Lock()
+        self.jobs: set[asyncio.Task] = set()      # requests and pushes in flight
+        self.waits: set[asyncio.Task] = set()     # long polls in flight
+        self.upload: tuple[Any, Any] | None = None  # (req_id, params) awaiting its binary frame
+        self.beats = 0
+        self.superseded = False
+        self.ended = asyncio.Event()
+
+    async def send(self, message: dict) -> bool:
+        if self.ws.closed:
+            return False
+        try:
+            async with self.send_lock:
+                await self.ws.send_str(orjson.dumps(message).decode())
+            return True
+        except (ConnectionError, RuntimeError):  # the peer went away mid-send
+            return False
+
+    def spawn(self, coroutine: Any, waits: bool = False) -> None:
+        """Run a request or a send; `waits` marks a long poll, dropped when the socket closes."""
+        job = asyncio.ensure_future(coroutine)
+        jobs = self.waits if waits else self.jobs
+        jobs.add(job)
+        job.add_done_callback(jobs.discard)
+
+    async def push_loop(self, hub: Hub) -> None:
+        """The agent's next tasks, as its capacity frees, and the heartbeat frames."""
+        loop = asyncio.get_running_loop()
+        config = hub.config
+
+        def next_beat() -> float:
+            return loop.time() + random.uniform(config.ws_heartbeat_min_s, config.ws_heartbeat_max_s)
+
+        beat_at = next_beat()
+        while not self.ws.closed and not hub.stopping:
+            wait_s = max(0.0, min(WS_PUSH_WAIT_S, beat_at - loop.time()))
+            try:
+                task = await hub.next_task(self.uid, wait_s, False, lambda: self.ws.closed, take=True)
+            except Conflict:  # taken by a request of the same agent meanwhile
+                continue
+            except OffloadError as err:  # the agent was deleted
+                await self.ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=err.message.encode())
+                return
+            if task is not None and not await self.send({"type": "task", "task": assigned_json(task)}):
+                return  # the socket's end releases it
+            if loop.time() >= beat_at:
+                self.beats += 1
+                await self.send({"type": "heartbeat", "counter": self.beats,
+                                 "timestamp": iso(hub.clock())})
+                beat_at = next_beat()
+
+    def on_text(self, text: str) -> None:
+        try:
+            frame = orjson.loads(text)
+        except orjson.JSONDecodeError as err:
+            return self.spawn(self.send(ws_error(None, BadRequest(f"malformed JSON frame: {err}"))))
+        req_id = frame.get("req_id") if isinstance(frame, dict) else None
+        action = frame.get("action") if isinstance(frame, dict) else None
+        if not isinstance(frame, dict) or not isinstance(action, str):
+            return self.spawn(self.send(ws_error(req_id, BadRequest(
+                'a frame must be {"req_id": ..., "action": "...", "params": {...}}'))))
+        params = frame.get("params")
+        params = {} if params is None else params
+        if len(self.jobs) + len(self.waits) >= WS_MAX_REQUESTS:
+            return self.spawn(self.send(ws_error(req_id, Overloaded(
+                f"more than {WS_MAX_REQUESTS} requests in flight on this socket"))))
+        if action == "upload_file":
+            self.upload = (req_id, params)  # answered when its binary frame comes
+            return None
+        self.spawn(self.answer(req_id, action, params), waits=action in WS_WAITING_ACTIONS)
+
+    def on_binary(self, data: bytes) -> None:
+        if self.upload is None:
+            return self.spawn(self.send(ws_error(None, BadRequest(
+                "a binary frame must follow an upload_file request"))))
+        req_id, params = self.upload
+        self.upload = None
+        if not isinstance(params, dict) or not isinstance(params.get("bucket_uid"), str) \
+                or not isinstance(params.get("filename"), str):
+            err: OffloadError = BadRequest("upload_file takes params {bucket_uid, filename}")
+        else:
+            err = NotImplementedHere("this server keeps no file buckets: upload_file is not available")
+        self.spawn(self.send(ws_error(req_id, err)))
+
+    async def answer(self, req_id: Any, action: str, params: Any) -> None:
+        try:
+            data = await self.call(action, params)
+            message = {"req_id": req_id, "type": "response", "status": 200, "data": data}
+        except OffloadError as err:
+            message = ws_error(req_id, err)
+        except web.HTTPException as err:  # no such route, or not with this method
+            message = ws_error(req_id, BadRequest(f"{err.reason}: {action} {params.get('path')}"))
+            message["status"] = message["error"]["status"] = err.status
+            message["error"]["type"] = {404: "not_found", 405: "method_not_allowed"}.get(
+                err.status, "bad_request")
+        except Exception:
+            log.exception("bug while answering %s on agent %s's socket", action, self.uid)
+            message = ws_error(req_id, OffloadError("internal error; the server log has details"))
+        await self.send(message)
+
+    async def call(self, action: str, params: Any) -> Any:
+        """Run the HTTP agent route the action maps to, as this agent; its JSON answer."""
+        route = WS_ACTIONS.get(action)
+        if route is None:
+            raise BadRequest(f"unknown action {action!r}; known: upload_file, {', '.join(WS_ACTIONS)}")
+        if not isinstance(params, dict):
+            raise BadRequest("params must be an object")
+        body = params.get("body", {}) if action in ("get", "post") else params
+        path = "/private/agent/" + route.path(params)
+        request = self.request.clone(method=route.method, rel_url=path)
+        request._read_bytes = orjson.dumps(body) if route.body else b""
+        app = self.request.app
+        match = await app.router.resolve(request)
+        match.add_app(app)
+        match.freeze()
+        request._match_info = match
+        response = await match.handler(request)
+        return orjson.loads(response.body) if response.body else None
+
+
+class AgentSockets:
+    """The open sockets by agent; pushes each cancel asked for a task an agent holds."""
+
+    def __init__(self, hub: Hub):
+        self.hub = hub
+        self.by_agent: dict[str, AgentSocket] = {}
+        hub.change_listeners.append(self.on_changes)
+
+    def on_changes(self, changes: list[Change]) -> None:
+        for change in changes:
+            if change.op == "task.cancel_requested" and change.task is not None:
+                sock = self.by_agent.get(change.task.agent_id or "")
+                if sock is not None:
+                    sock.spawn(sock.send({"type": "cancel", "taskId": task_id_json(change.task)}))
+
+    async def open(self, sock: AgentSocket) -> None:
+        """`sock` replaces the agent's earlier socket, once that one has finished; what
+        the agent was handed and never started goes back to the queue first."""
+        old = self.by_agent.get(sock.uid)
+        self.by_agent[sock.uid] = sock
+        if old is not None:
+            old.superseded = True
+            await old.ws.close(code=WS_SUPERSEDED, message=b"replaced by a newer connection")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WS_CLOSE_WAIT_S):
+                    await old.ended.wait()
+        await self.hub.release_unstarted(sock.uid)
+
+    async def close_all(self) -> None:
+        for sock in list(self.by_agent.values()):
+            await sock.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+AGENT_SOCKETS = web.AppKey("agent_sockets", AgentSockets)
+
+
+async def handle_agent_ws(request: web.Request) -> web.StreamResponse:
+    """The token is checked before the upgrade: a bad one gets the 401 error body."""
+    hub, tokens = request.app[HUB], request.app[TOKENS]
+    token = request.query.get("token") or bearer(request)
+    if not token:
+        raise Unauthenticated("missing agent token: connect to /private/agent/ws?token=<JWT>")
+    uid = tokens.uid(token)
+    if hub.agent(uid) is None:
+        tokens.forget(token)
+        raise Unauthenticated("this agent no longer exists; register again")
+    ws = web.WebSocketResponse(max_msg_size=hub.config.max_body_bytes, heartbeat=WS_PING_S)
+    if not ws.can_prepare(request).ok:
+        raise BadRequest("this route takes a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
+    await ws.prepare(request)
+    sockets = request.app[AGENT_SOCKETS]
+    # Requests the socket makes run as this agent, on its HTTP routes.
+    sock = AgentSocket(ws, uid, request.clone(headers={"Authorization": f"Bearer {token}"}))
+    pusher = None
+    try:
+        await sockets.open(sock)
+        await sock.send({"type": "connected", "agentId": uid, "agent_id": uid,
+                         "message": "connected; tasks are pushed as capacity allows"})
+        for task in hub.broker.cancel_requests(uid):  # asked while it was away
+            await sock.send({"type": "cancel", "taskId": task_id_json(task)})
+        pusher = asyncio.ensure_future(sock.push_loop(hub))
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                sock.on_text(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                sock.on_binary(msg.data)
+    finally:
+        # Reports sent before the close still count: they finish; waits end now.
+        for job in [pusher, *sock.waits]:
+            if job is not None:
+                job.cancel()
+        if sock.jobs:
+            await asyncio.wait(set(sock.jobs), timeout=WS_CLOSE_WAIT_S)
+        for job in sock.jobs:
+            job.cancel()
+        if sockets.by_agent.get(uid) is sock:
+            del sockets.by_agent[uid]
+        if not sock.superseded and hub.agent(uid) is not None:
+            await hub.release_unstarted(uid)
+        sock.ended.set()
+    return ws
+
+
 # ============================================================================ routes
 #
 # The middleware that turns exceptions into error bodies, the auth each kind of route
@@ -3278,6 +3630,7 @@ ROUTES = [
     ("GET", "/api/ping", "open", handle_health),
     ("POST", "/agent/register", "open", handle_agent_register),
     ("POST", "/agent/auth", "open", handle_agent_auth),
+    ("GET", "/private/agent/ws", "open", handle_agent_ws),  # checks the token itself
     ("GET", "/private/agent/ping", "agent", handle_agent_ping),
     ("POST", "/private/agent/ping", "agent", handle_agent_ping),
     ("POST", "/private/agent/info/update", "agent", handle_agent_info_update),
@@ -3465,6 +3818,10 @@ OPENAPI_OPS = {
     "/agent/auth": _op("Exchange an agent's id and key for a JWT", _obj(
         "token expiresIn", token=STR, expiresIn=INT), "400 401",
         _obj("agentId key", agentId=STR, key=STR)),
+    "/private/agent/ws": _op(
+        "The agent's WebSocket: tasks and cancels pushed, requests as frames (README)", STR,
+        "400 401", status=(101,), media={"text/plain": {"schema": STR}},
+        params=(_query("token", STR, "the agent's JWT (from POST /agent/auth)"),)),
     "/private/agent/ping": _op(
         "Counts as contact; POST with `holding` releases the tasks the agent no longer holds",
         "PingAnswer", "400", _obj("", holding={"type": ["array", "null"], "maxItems": MAX_HOLDING,
@@ -3593,6 +3950,7 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
     app[HUB] = hub
     app[TOKENS] = AgentTokens(config.jwt_secret, config.jwt_lifetime_s, hub.clock)
     app[OPENAPI] = openapi_document(ROUTES)
+    app[AGENT_SOCKETS] = AgentSockets(hub)
     for method, path, kind, handler in ROUTES:
         app.router.add_route(method, path, guarded(kind, handler))
 
@@ -3600,6 +3958,7 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
         await hub.start()
 
     async def shutdown(app: web.Application) -> None:
+        await app[AGENT_SOCKETS].close_all()
         await hub.release_waiters()
 
     async def stop(app: web.Application) -> None:
