@@ -190,6 +190,9 @@ class Settings:
     fetch_timeout_s: float = FETCH_TIMEOUT_S
     task_user: TaskUser | None = None
     heartbeat_s: float = HEARTBEAT_S
+    # "ws": tasks pushed over the agent WebSocket (HTTP polling when the server has none);
+    # "http": long polls.
+    transport: str = "ws"
     llm_max_ctx: int = LLM_MAX_CTX
     llm_max_predict: int = LLM_MAX_PREDICT
 
@@ -352,6 +355,118 @@ class ServerHttp:
         self.idle.clear()
 
 
+class NoPushChannel(Exception):
+    """The server has no agent WebSocket (it answered the upgrade 404/405): poll over HTTP."""
+
+
+class PushChannel:
+    """The agent WebSocket (`GET /private/agent/ws?token=<JWT>`): the server pushes tasks
+    and cancels, and this agent's reports go as request frames answered by `req_id`."""
+
+    def __init__(self, base_url: str):
+        parts = urlsplit(base_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        self.url = f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}/private/agent/ws"
+        self.session: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.pending: dict[str, asyncio.Future] = {}
+        self.pushes: asyncio.Queue = asyncio.Queue()
+        self.reader: asyncio.Task | None = None
+        self.ids = (f"r{n}" for n in range(1, 1 << 62))
+
+    @property
+    def is_open(self) -> bool:
+        return self.ws is not None and not self.ws.closed
+
+    async def open(self, token: str) -> None:
+        """Connect; ServerRefused(401) for a refused token, NoPushChannel when the server
+        has no socket, ServerUnavailable when it cannot be reached."""
+        if self.session is None:
+            self.session = aiohttp.ClientSession()
+        try:
+            self.ws = await self.session.ws_connect(
+                f"{self.url}?token={quote(token, safe='')}", heartbeat=None, autoping=True,
+                max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                headers={"User-Agent": f"offload-agent/{__version__}"})
+        except aiohttp.WSServerHandshakeError as err:
+            if err.status in (404, 405):
+                raise NoPushChannel(f"the server answered the upgrade {err.status}") from None
+            if 400 <= err.status < 500:
+                raise ServerRefused(err.status, "", err.message) from None
+            raise ServerUnavailable(f"WebSocket upgrade: HTTP {err.status}") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            raise ServerUnavailable(f"WebSocket: {type(err).__name__}: {err}") from None
+        self.pushes = asyncio.Queue()
+        self.reader = asyncio.create_task(self._read(self.ws, self.pushes))
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse, pushes: asyncio.Queue) -> None:
+        try:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                try:
+                    frame = json.loads(msg.data)
+                except ValueError:
+                    continue
+                if not isinstance(frame, dict):
+                    continue
+                waiter = self.pending.pop(frame.get("req_id"), None) \
+                    if frame.get("type") in ("response", "error") else None
+                if waiter is not None:
+                    if not waiter.done():
+                        waiter.set_result(frame)
+                elif frame.get("type") in ("task", "cancel", "heartbeat", "connected"):
+                    pushes.put_nowait(frame)
+        finally:
+            self._fail_pending(f"the socket closed ({ws.close_code})")
+            pushes.put_nowait(None)  # the end, for whoever reads the pushes
+
+    def _fail_pending(self, why: str) -> None:
+        pending, self.pending = self.pending, {}
+        for waiter in pending.values():
+            if not waiter.done():
+                waiter.set_exception(ServerUnavailable(why))
+
+    async def request(self, action: str, params: Any, timeout_s: float = REQUEST_TIMEOUT_S) -> Any:
+        """The answer's data; ServerRefused for an error answer, ServerUnavailable when the
+        socket is gone or silent."""
+        if not self.is_open:
+            raise ServerUnavailable("the socket is not open")
+        req_id = next(self.ids)
+        waiter = asyncio.get_running_loop().create_future()
+        self.pending[req_id] = waiter
+        try:
+            await self.ws.send_str(json.dumps({"req_id": req_id, "action": action, "params": params}))
+            async with asyncio.timeout(timeout_s):
+                answer = await waiter
+        except (ConnectionError, RuntimeError, asyncio.TimeoutError) as err:
+            raise ServerUnavailable(f"{action} over the socket: {type(err).__name__}: {err}") from None
+        finally:
+            self.pending.pop(req_id, None)
+        if answer.get("type") == "error":
+            error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
+            status = answer.get("status") if isinstance(answer.get("status"), int) else 400
+            if status >= 500 or status == 401:  # 401: the token expired; a new socket logs in
+                raise ServerUnavailable(f"{action}: {status} {error.get('message', '')}")
+            raise ServerRefused(status, str(error.get("type", "")), str(error.get("message", "")))
+        return answer.get("data")
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+        if self.reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.reader
+        self.ws = self.reader = None
+
+    async def shut(self) -> None:
+        await self.close()
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
 class CredentialRevoked(ServerRefused):
     """The server refuses this agent's login and no registration key is at hand (or the new
     registration is refused too): only the operator can fix it, so serve stops."""
@@ -376,6 +491,7 @@ class ServerClient:
                  registration_key: str | None = None, heartbeat_s: float | None = None,
                  on_new_identity: Callable[[AgentIdentity], None] | None = None):
         self.http = ServerHttp(server_url)
+        self.server_url = server_url
         self.identity = identity
         self.registration_key = registration_key
         self.heartbeat_s = heartbeat_s
@@ -386,6 +502,7 @@ class ServerClient:
         self.token: str | None = None
         self.login_lock = asyncio.Lock()
         self.post_ping = True   # the holding report; False once the server showed it lacks it
+        self.channel: PushChannel | None = None  # while open, reports go over the socket
         self.last_contact_at = time.monotonic()  # last exchange the server answered
 
     async def _send(self, method: str, path: str, body: Any = None, *,
@@ -502,9 +619,29 @@ class ServerClient:
 
     # -- private agent routes -------------------------------------------------
 
+    def _socket(self) -> PushChannel | None:
+        return self.channel if self.channel is not None and self.channel.is_open else None
+
+    async def open_channel(self) -> PushChannel:
+        """The agent WebSocket, logged in (again, if the token is refused)."""
+        if self.channel is None:
+            self.channel = PushChannel(self.server_url)
+        token = self.token or await self._fresh_token(None)
+        try:
+            await self.channel.open(token)
+        except ServerRefused as err:
+            if err.status != 401:
+                raise
+            log.info("token refused, logging in again")
+            await self.channel.open(await self._fresh_token(token))
+        return self.channel
+
     async def ping(self, holding: list[dict] | None = None) -> dict:
         """A contact; with `holding` (WIRE.md) also tells the server which tasks this agent
-        holds, so it releases the rest. A server without it (404/405) gets GET pings."""
+        holds, so it releases the rest. A server without it (404/405) gets GET pings.
+        Over the socket it is a `heartbeat` frame."""
+        if (channel := self._socket()) is not None:
+            return await channel.request("heartbeat", {} if holding is None else {"holding": holding})
         if holding is not None and self.post_ping:
             try:
                 return await self._call_private("POST", "/private/agent/ping",
@@ -548,6 +685,8 @@ class ServerClient:
             body["stage"] = stage
         if log_update is not None:
             body["logUpdate"] = log_update
+        if (channel := self._socket()) is not None:
+            return await channel.request("update_progress", body)
         return await self._call_private(
             "POST", f"/private/agent/task/progress/{task_path(task_id)}", body)
 
@@ -555,6 +694,10 @@ class ServerClient:
                            take_next: bool = False) -> dict | None:
         """Reports a result. With `take_next` (extension) a server that knows it answers a
         task it has already assigned to this agent, if one is waiting, in `next`."""
+        report = {"id": task_id, "capability": task_id["cap"], "status": status, "output": output}
+        if (channel := self._socket()) is not None:  # the server pushes the next task itself
+            await channel.request("resolve_task", report, timeout_s=REQUEST_TIMEOUT_S * 4)
+            return None
         query = "?next=0" if take_next else ""
         answer = await self._call_private(
             "POST", f"/private/agent/task/resolve/{task_path(task_id)}{query}",
@@ -1781,19 +1924,83 @@ class Agent:
         if self.revoked:
             return
         helpers = [asyncio.create_task(self._heartbeat())]
-        if self.settings.use_extensions:
-            helpers.append(asyncio.create_task(self._watch_cancels()))
         try:
-            await self._poll_loop(backoff)
+            pushed = self.settings.transport == "ws" and await self._push_loop(backoff)
+            if not pushed and not self.stopping.is_set():
+                if self.settings.use_extensions:
+                    helpers.append(asyncio.create_task(self._watch_cancels()))
+                await self._poll_loop(backoff)
             await self._drain()
             if self.cleanups:
                 await asyncio.wait(set(self.cleanups.values()), timeout=FINAL_REPORT_S)
         finally:
             for helper in helpers:
                 helper.cancel()
+            if self.client.channel is not None:
+                await self.client.channel.shut()
             for folder in list(self.folders):  # cleanups cut short by the stop: finish them here
                 shutil.rmtree(folder, ignore_errors=True)
             self.folders.clear()
+
+    async def _push_loop(self, backoff: Backoff) -> bool:
+        """Serve what the server pushes over the agent WebSocket, reconnecting with backoff
+        until a stop. False at once when the server has no socket (the caller polls)."""
+        while not self.stopping.is_set():
+            try:
+                finished, channel = await self._until_stopped(self.client.open_channel())
+            except NoPushChannel as err:
+                log.info("server has no agent WebSocket (%s); polling over HTTP", err)
+                return False
+            except (ServerUnavailable, ServerRefused) as err:
+                if self.revoked:
+                    break
+                delay = backoff.next_delay()
+                log.warning("server: %s; retrying in %.1f s", err, delay)
+                await self._until_stopped(asyncio.sleep(delay))
+                continue
+            if not finished:
+                break
+            backoff.reset()
+            self.logged_in.set()  # a holding report at once: what this agent still runs
+            log.info("connected to the server's agent WebSocket")
+            await self._until_stopped(self._serve_pushes(channel))
+            # A stop closes the socket, and the server takes back what never started here.
+            await channel.close()
+            if not self.stopping.is_set():
+                log.warning("agent WebSocket closed; reconnecting")
+                await self._until_stopped(asyncio.sleep(backoff.next_delay()))
+        return True
+
+    async def _serve_pushes(self, channel: PushChannel) -> None:
+        while (frame := await channel.pushes.get()) is not None:
+            kind = frame.get("type")
+            if kind == "task" and isinstance(frame.get("task"), dict):
+                self._start_pushed(channel, frame["task"])
+            elif kind == "cancel" and isinstance(frame.get("taskId"), dict):
+                self._cancel_execution(frame["taskId"].get("id"))
+
+    def _start_pushed(self, channel: PushChannel, task: dict) -> None:
+        """A pushed task runs at once (the server pushes only as capacity allows); its
+        first report marks it started, so a dropped socket does not hand it to another
+        agent. One already running here (pushed again after a reconnect) is only marked."""
+        task_id = task.get("id")
+        if not (isinstance(task_id, dict) and isinstance(task_id.get("cap"), str)
+                and isinstance(task_id.get("id"), str)) or self.stopping.is_set():
+            return  # not started: the server takes it back when the socket closes
+        self._mark_started(channel, task_id)
+        if task_id["id"] in self.holding:
+            return
+        handler = asyncio.create_task(self._handle(task))
+        self.handlers.add(handler)
+        handler.add_done_callback(self.handlers.discard)
+
+    def _mark_started(self, channel: PushChannel, task_id: dict) -> None:
+        async def send() -> None:
+            with contextlib.suppress(ServerUnavailable, ServerRefused):
+                await channel.request("update_progress", {"id": task_id, "stage": "starting"})
+        # In order on the socket, ahead of the task's other reports.
+        self.handlers.add(marker := asyncio.ensure_future(send()))
+        marker.add_done_callback(self.handlers.discard)
 
     async def _watch_cancels(self) -> None:
         """Extension: while tasks run, long-poll for the ones the server wants stopped (a
@@ -2090,7 +2297,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--allow-local-git", action="store_true",
                        help="let gitClone use file:// URLs (tasks could read local repositories)")
     serve.add_argument("--original-protocol", action="store_true",
-                       help="use only the original protocol: poll then take, no cancel requests")
+                       help="use only the original January protocol over HTTP: poll then take, "
+                            "no cancel requests (implies --transport http)")
+    serve.add_argument("--transport", choices=("ws", "http"), default="ws",
+                       help="ws (default): the server pushes tasks over the agent WebSocket, "
+                            "falling back to HTTP when it has none; http: long polls")
     serve.add_argument("--key", default=os.environ.get("OFFLOAD_AGENT_KEY"),
                        help="agent registration key (or env OFFLOAD_AGENT_KEY): lets the agent "
                             "register again by itself when the server no longer knows it; "
@@ -2246,7 +2457,8 @@ def _serve_settings(args: argparse.Namespace, work_root: Path) -> Settings:
         work_root=work_root, ollama_url=os.environ.get("OLLAMA_URL", DEFAULT_OLLAMA_URL),
         grace_s=args.grace, poll_wait_s=args.poll_wait,
         artifact_max_bytes=args.artifact_max_bytes, allow_local_git=args.allow_local_git,
-        use_extensions=not args.original_protocol, allow_fetch=tuple(args.allow_fetch),
+        use_extensions=not args.original_protocol,
+        transport="http" if args.original_protocol else args.transport, allow_fetch=tuple(args.allow_fetch),
         fetch_max_bytes=args.fetch_max_bytes, fetch_timeout_s=args.fetch_timeout,
         task_user=task_user, heartbeat_s=args.heartbeat, llm_max_ctx=args.llm_max_ctx,
         llm_max_predict=args.llm_max_predict)

@@ -240,8 +240,9 @@ def wait_folder_empty(folder: Path, timeout=5):
 
 def test_quick_tasks_send_no_progress_and_leave_no_folders(server, start_agent):
     """A task done within the running delay costs one round trip: no "running" stage, no
-    cancel watch. Shell tasks get a folder, removed after the result; echo none at all."""
-    agent = start_agent(caps=["debug.echo", "shellcmd.bash"])
+    cancel watch (over HTTP; the socket's frames are test_e2e_agent_ws's). Shell tasks get
+    a folder, removed after the result; echo none at all."""
+    agent = start_agent(caps=["debug.echo", "shellcmd.bash"], serve_args=["--transport", "http"])
     ids = [submit(server, "debug.echo", {"n": n}) for n in range(20)]
     ids += [submit(server, "shellcmd.bash", "echo hi > out.txt; cat out.txt") for _ in range(5)]
     results = [wait_done(server, task_id) for task_id in ids]
@@ -253,7 +254,7 @@ def test_quick_tasks_send_no_progress_and_leave_no_folders(server, start_agent):
 
 
 def test_slow_quiet_task_is_still_reported_running(server, start_agent):
-    start_agent(caps=["shellcmd.bash"])
+    start_agent(caps=["shellcmd.bash"], serve_args=["--transport", "http"])
     task_id = submit(server, "shellcmd.bash", "sleep 1.5; echo done")
     deadline = time.monotonic() + 10
     body = task_status(server, task_id)
