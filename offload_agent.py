@@ -553,9 +553,11 @@ class ServerClient:
     # -- public agent routes --------------------------------------------------
 
     async def register(self, api_key: str, capabilities: list[str], tier: int,
-                       capacity: int, info: dict) -> dict:
+                       capacity: int, info: dict, display_name: str | None = None) -> dict:
         body = {"capabilities": capabilities, "tier": tier, "capacity": capacity,
-                "systemInfo": info, "apiKey": api_key}
+                "systemInfo": info, "apiKey": api_key, "appVersion": __version__}
+        if display_name:
+            body["displayName"] = display_name
         if self.heartbeat_s:
             body["heartbeatSecs"] = self.heartbeat_s
         return await self._call_public("POST", "/agent/register", body)
@@ -656,7 +658,7 @@ class ServerClient:
     async def update_info(self, capabilities: list[str], info: dict) -> dict:
         ident = self.identity
         body = {"capabilities": capabilities, "tier": ident.tier,
-                "capacity": ident.capacity, "systemInfo": info}
+                "capacity": ident.capacity, "systemInfo": info, "appVersion": __version__}
         if self.heartbeat_s:
             body["heartbeatSecs"] = self.heartbeat_s
         return await self._call_private("POST", "/private/agent/info/update", body)
@@ -2284,6 +2286,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                           help=f"capabilities to serve (default: {' '.join(DEFAULT_CAPABILITIES)})")
     register.add_argument("--tier", type=int, default=0, help="0-255; higher tiers are preferred")
     register.add_argument("--capacity", type=int, default=1, help="tasks run at once")
+    register.add_argument("--name", default=platform.node()[:50] or None,
+                          help="name shown in the console (at most 50 characters; default: "
+                               "this machine's host name)")
     add_config(register)
 
     serve = commands.add_parser("serve", help="serve tasks until SIGINT/SIGTERM")
@@ -2374,6 +2379,9 @@ async def _register(args: argparse.Namespace) -> int:
     if not 0 <= args.tier <= 255 or args.capacity < 1:
         print("--tier must be 0-255 and --capacity at least 1", file=sys.stderr)
         return 2
+    if args.name is not None and len(args.name) > 50:
+        print("--name must be at most 50 characters", file=sys.stderr)
+        return 2
     capabilities = list(dict.fromkeys(args.caps or DEFAULT_CAPABILITIES))
     for capability in capabilities:
         if find_executor(capability) is None:
@@ -2385,7 +2393,7 @@ async def _register(args: argparse.Namespace) -> int:
         return 2
     try:
         answer = await client.register(args.key, capabilities, args.tier, args.capacity,
-                                       system_info())
+                                       system_info(), args.name)
         identity = AgentIdentity(server=args.server, agent_id=answer["agentId"],
                                  key=answer["key"], capabilities=capabilities,
                                  tier=args.tier, capacity=args.capacity)

@@ -520,6 +520,8 @@ class Agent:
     last_contact: float
     bases: frozenset = frozenset()
     heartbeat_s: float | None = None           # declared: offline after 3 missed beats
+    display_name: str | None = None            # shown in the console instead of its id
+    app_version: str | None = None             # the agent program's version, as it says
     online_s: float = ONLINE_S                 # offline after this long without contact
     draining: bool = False                     # gets no new tasks, keeps its running ones
     held: set = field(default_factory=set)     # keys of tasks it holds (assigned/running)
@@ -533,7 +535,8 @@ class Agent:
         return {"uid": self.uid, "key": self.key, "registeredAt": self.registered_at,
                 "capabilities": self.capabilities, "tier": self.tier,
                 "capacity": self.capacity, "systemInfo": self.system_info,
-                "draining": self.draining, "heartbeatSecs": self.heartbeat_s}
+                "draining": self.draining, "heartbeatSecs": self.heartbeat_s,
+                "displayName": self.display_name, "appVersion": self.app_version}
 
     def set_heartbeat(self, heartbeat_s: float | None) -> None:
         self.heartbeat_s = heartbeat_s
@@ -1447,7 +1450,8 @@ class Broker:
                       capabilities=r["capabilities"], tier=r["tier"], capacity=r["capacity"],
                       system_info=r["systemInfo"], last_contact=r["registeredAt"],
                       bases=frozenset(map(base_capability, r["capabilities"])),
-                      draining=r.get("draining", False))
+                      draining=r.get("draining", False), display_name=r.get("displayName"),
+                      app_version=r.get("appVersion"))
         agent.set_heartbeat(r.get("heartbeatSecs"))
         self.agents[agent.uid] = agent
         return agent
@@ -1494,6 +1498,9 @@ class Broker:
         agent.capabilities, agent.tier, agent.capacity = r["capabilities"], r["tier"], r["capacity"]
         agent.system_info = r["systemInfo"]
         agent.set_heartbeat(r.get("heartbeatSecs"))
+        # Only sent when it changes: an update without them keeps what registration said.
+        agent.display_name = r.get("displayName", agent.display_name)
+        agent.app_version = r.get("appVersion", agent.app_version)
         agent.bases = frozenset(map(base_capability, agent.capabilities))
         if was_online:
             self.touch(agent.uid, agent.last_contact)
@@ -2035,7 +2042,15 @@ def agent_json(agent: Agent, online: bool) -> dict:
             "registeredAt": iso(agent.registered_at), "lastContact": iso(agent.last_contact),
             "capabilities": agent.capabilities, "tier": agent.tier, "capacity": agent.capacity,
             "systemInfo": agent.system_info, "online": online, "draining": agent.draining,
-            "tasksInFlight": len(agent.held), "heartbeatSecs": agent.heartbeat_s}
+            "tasksInFlight": len(agent.held), "heartbeatSecs": agent.heartbeat_s,
+            "displayName": agent.display_name, "appVersion": agent.app_version}
+
+
+def agent_json_for_management(agent: Agent, online: bool) -> dict:
+    """The management listing also shows the agent's login secret, as the original's does
+    (its console displays it): the management token can thus log in as any agent. The
+    README's security section says what that means."""
+    return {**agent_json(agent, online), "personalLoginToken": agent.key}
 
 
 def key_json(key: ClientKey) -> dict:
@@ -2661,7 +2676,8 @@ class Client:
 
 
 def client_caller(hub: Hub, request: web.Request, body: Any) -> Client:
-    token = request.headers.get("X-Mgmt-Token")
+    # X-MGMT-API-KEY is the original's name for the same management override.
+    token = request.headers.get("X-Mgmt-Token") or request.headers.get("X-MGMT-API-KEY")
     if token is not None:
         if secret_equal(token, hub.config.mgmt_token):
             return Client(MGMT_OWNER, ["*"], body)
@@ -2872,6 +2888,9 @@ def parse_submission(body: Any) -> dict:
     return data
 
 
+DISPLAY_NAME_MAX, APP_VERSION_MAX = 50, 100
+
+
 def parse_agent_info(body: Any) -> dict:
     """The agent's self-description from register and info/update."""
     if not isinstance(body, dict):
@@ -2892,6 +2911,12 @@ def parse_agent_info(body: Any) -> dict:
     info = {"capabilities": caps, "tier": tier, "capacity": capacity, "systemInfo": system_info}
     if body.get("heartbeatSecs") is not None:  # only then in the record: old agents' stay as they were
         info["heartbeatSecs"] = _number(body, "heartbeatSecs", 1, MAX_HEARTBEAT_S)
+    for name, limit in (("displayName", DISPLAY_NAME_MAX), ("appVersion", APP_VERSION_MAX)):
+        value = body.get(name)
+        if value is not None:
+            if not isinstance(value, str) or len(value) > limit:
+                raise BadRequest(f"{name} must be a string of at most {limit} characters")
+            info[name] = value
     return info
 
 
@@ -3162,12 +3187,17 @@ async def handle_mgmt_capabilities_online(request: web.Request) -> web.Response:
 
 
 async def handle_mgmt_agents_list(request: web.Request) -> web.Response:
-    return json_response([agent_json(a, online) for a, online in request.app[HUB].agents()])
+    agents = request.app[HUB].agents()
+    return json_response([agent_json_for_management(a, online) for a, online in agents])
 
 
 async def handle_mgmt_agents_list_online(request: web.Request) -> web.Response:
     agents = request.app[HUB].agents(online_only=True)
-    return json_response([agent_json(a, online) for a, online in agents])
+    return json_response([agent_json_for_management(a, online) for a, online in agents])
+
+
+async def handle_version(request: web.Request) -> web.Response:
+    return json_response({"version": __version__})
 
 
 async def handle_mgmt_agent_delete(request: web.Request) -> web.Response:
@@ -3643,6 +3673,7 @@ ROUTES = [
     ("POST", f"/private/agent/task/progress/{TASK_PATH}", "agent", handle_agent_progress),
     ("POST", f"/private/agent/task/resolve/{TASK_PATH}", "agent", handle_agent_resolve),
     ("GET", "/management/events", "mgmt", handle_mgmt_events),
+    ("GET", "/management/version", "mgmt", handle_version),
     ("GET", "/management/capabilities/list/online", "mgmt", handle_mgmt_capabilities_online),
     ("GET", "/management/agents/list", "mgmt", handle_mgmt_agents_list),
     ("GET", "/management/agents/list/online", "mgmt", handle_mgmt_agents_list_online),
@@ -3658,6 +3689,7 @@ ROUTES = [
     ("POST", "/management/client_api_keys/update", "mgmt", handle_mgmt_key_update),
     ("POST", "/management/client_api_keys/revoke/{key}", "mgmt", handle_mgmt_key_revoke),
     ("GET", "/health", "open", handle_health),
+    ("GET", "/version", "open", handle_version),
     ("GET", "/stats", "open", handle_stats),
     ("GET", "/metrics", "open", handle_metrics),  # checks the token itself unless public
     ("GET", "/openapi.json", "open", handle_openapi),
@@ -3700,6 +3732,8 @@ _SUBMISSION_FIELDS = {
     "retryOnSameNode": _opt("boolean"), "runAt": _opt("string", format="date-time"),
 }
 _AGENT_INFO = _obj("capabilities", capabilities={"type": "array", "items": _CAP},
+                   displayName=_opt("string", maxLength=DISPLAY_NAME_MAX),
+                   appVersion=_opt("string", maxLength=APP_VERSION_MAX),
                    tier=_opt("integer", minimum=0, maximum=255), capacity=_opt("integer", minimum=1),
                    systemInfo=_opt("object"),
                    heartbeatSecs=_opt("number", minimum=1, maximum=MAX_HEARTBEAT_S, description=(
@@ -3739,7 +3773,10 @@ OPENAPI_SCHEMAS = {
                   uid=STR, uidShort=STR, registeredAt=TIME, lastContact=TIME,
                   capabilities={"type": "array", "items": STR}, tier=INT, capacity=INT,
                   systemInfo={"type": "object"}, online=BOOL, draining=BOOL, tasksInFlight=INT,
-                  heartbeatSecs=_opt("number")),
+                  heartbeatSecs=_opt("number"), displayName=_opt("string"), appVersion=_opt("string")),
+    "ManagedAgent": {"allOf": [_ref("Agent"), _obj("personalLoginToken", personalLoginToken=STR)],
+                     "description": "An agent as management sees it: with its login secret"},
+    "Version": _obj("version", version=STR),
     "ClientApiKey": _obj("key capabilities isPredefined created isRevoked", key=STR,
                          capabilities={"type": "array", "items": STR}, isPredefined=BOOL,
                          created=TIME, isRevoked=BOOL, maxInFlight=_opt("integer")),
@@ -3850,9 +3887,13 @@ OPENAPI_OPS = {
         params=(_wait("next", "then long-poll this long for the next task"),)),
     "/management/events": _op("Every change as Server-Sent Events", STR, "400 404",
                               params=tuple(_EVENT_PARAMS), media=_SSE),
+    "/management/version": _op("The server's version", "Version"),
+    "/version": _op("The server's version", "Version"),
     "/management/capabilities/list/online": _op("Capabilities online agents serve", _STRINGS),
-    "/management/agents/list": _op("All agents", {"type": "array", "items": _ref("Agent")}),
-    "/management/agents/list/online": _op("Online agents", {"type": "array", "items": _ref("Agent")}),
+    "/management/agents/list": _op("All agents, with their login secrets", {
+        "type": "array", "items": _ref("ManagedAgent")}),
+    "/management/agents/list/online": _op("Online agents, with their login secrets", {
+        "type": "array", "items": _ref("ManagedAgent")}),
     "/management/agents/delete/{agent_id}": _op("Delete an agent", {"const": "Agent deleted"}, "404"),
     "/management/agents/drain/{agent_id}": _op("Give an agent no new tasks", "Agent", "404"),
     "/management/agents/resume/{agent_id}": _op("Undo a drain", "Agent", "404"),
@@ -3888,7 +3929,8 @@ OPENAPI_SECURITY_SCHEMES = {
                "description": "A client API key (the body's `apiKey` field works too)."},
     "ClientBearer": {"type": "http", "scheme": "bearer", "description": "A client API key."},
     "MgmtToken": {"type": "apiKey", "in": "header", "name": "X-Mgmt-Token",
-                  "description": "The management token."},
+                  "description": "The management token (on client routes X-MGMT-API-KEY, the "
+                                 "original's name, works too)."},
     "MgmtBearer": {"type": "http", "scheme": "bearer", "description": "The management token."},
     "AgentJWT": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
                  "description": "From POST /agent/auth."},

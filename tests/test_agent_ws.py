@@ -13,9 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import CLIENT, MGMT, ROOT, ServerProcess, call, fails, new_agent, submit
+from conftest import CLIENT, MGMT, ROOT, call, fails, new_agent, submit
 
-pytestmark = pytest.mark.unit
 REQ_IDS = itertools.count(1)
 
 
@@ -361,10 +360,10 @@ def module_constant(path: Path, name: str) -> str:
 
 
 @pytest.mark.skipif(reference_folder() is None, reason="the original's reference tests are not next to this checkout")
-def test_the_originals_websocket_tests_pass_unchanged(tmp_path):
+def test_the_originals_websocket_tests_pass_unchanged(make_server, tmp_path):
     folder = reference_folder()
     push_tests = folder / "test_websocket_push.py"
-    server = ServerProcess(tmp_path / "data", extra_env={
+    server = make_server(extra_env={
         # The original's test harness starts its server with these heartbeat bounds.
         "AGENT_WS_HEARTBEAT_MIN_SECS": "2", "AGENT_WS_HEARTBEAT_MAX_SECS": "3"})
     server.port, server.url = 3069, "http://127.0.0.1:3069"  # the tests name this port

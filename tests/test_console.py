@@ -683,3 +683,16 @@ def test_sandbox_sends_lifecycle_fields_and_stops_a_bash_command(console, server
     expect(terminal.locator(".term-error").last).to_have_text("canceled")
     expect(page.locator("[data-ref=term-stop]")).to_be_hidden()
     assert len(agent.canceled) == 1
+
+
+def test_agents_page_shows_the_agents_display_name_and_version(console, server):
+    status, reg = http("POST", server.url + "/agent/register", {
+        "capabilities": ["debug.echo"], "systemInfo": SYSTEM_INFO, "apiKey": server.agent_key,
+        "displayName": "Lab GPU box", "appVersion": "9.9.1"})
+    assert status == 200, reg
+    page = console.sign_in()
+    console.go("agents")
+    row = page.locator(f"tr[data-agent='{reg['agentId']}']")
+    expect(row.locator("[data-ref=agent-name]")).to_have_text("Lab GPU box")
+    expect(row).to_contain_text(reg["agentId"][-6:])
+    expect(row.locator("[data-ref=agent-version]")).to_have_text(" · v9.9.1")

@@ -57,8 +57,12 @@ function render(refs, agents, inFlight, loop) {
       tr(
         [
           [
-            h("div", {}, h("strong", { class: "mono", title: agent.uid }, agent.uidShort || String(agent.uid).slice(-6))),
-            h("div", { class: "small muted" }, "registered ", timeCell(agent.registeredAt)),
+            agent.displayName
+              ? h("div", {}, h("strong", { "data-ref": "agent-name" }, agent.displayName), " ",
+                  h("span", { class: "mono small muted", title: agent.uid }, agent.uidShort || String(agent.uid).slice(-6)))
+              : h("div", {}, h("strong", { class: "mono", title: agent.uid }, agent.uidShort || String(agent.uid).slice(-6))),
+            h("div", { class: "small muted" }, "registered ", timeCell(agent.registeredAt),
+              agent.appVersion ? h("span", { "data-ref": "agent-version" }, ` · v${agent.appVersion}`) : null),
           ],
           [
             h("span", { class: "badge", dataset: { status: agent.online ? "online" : "offline" } }, agent.online ? "online" : "offline"),
