@@ -21,6 +21,9 @@ Workloads (definitions from the issue, kept exactly):
   W2     agent idle and waiting; 1,000 sequential submit-and-wait round trips; p50/p90/p99.
          Ours twice: submit_blocking (urgent) and regular submit + poll?wait=.
          W1 also runs with the agent's --original-protocol (poll, then take).
+         "ours" runs the agent with --transport http (long polls); "ours-ws" runs W1 and
+         W2 again with the agent on its default transport, the agent WebSocket (tasks
+         pushed, reports as frames).
   W1c    (not an issue workload; an "info" row) the same 5,000 tasks with the client keeping
          32 requests in flight, written as a user of each system would: ours asyncio +
          aiohttp, a semaphore over a 32-connection pool for the submits, then for the
@@ -28,7 +31,8 @@ Workloads (definitions from the issue, kept exactly):
          threads on .get() (Huey has no bulk enqueue: Task.map() loops single enqueues).
          Same worker (capacity 1) and durability as W1.
   L0     bare aiohttp + orjson POST echo app under wrk (keep-alive): the HTTP ceiling.
-  Scale  1,000 idle long-polling agents (server CPU and RSS), claim latency with 100,000
+  Scale  1,000 idle long-polling agents (server CPU and RSS), the same over the agent
+         WebSocket (idle-ws: a heartbeat frame every 8 s each), claim latency with 100,000
          queued tasks over 1,000 capabilities vs an empty queue, replay of a 1,000,000-
          record journal, memory per queued task.
 The machine's speed drifts over minutes, so ours and the peers' W1/W1c/W2 run in turn for
@@ -64,8 +68,9 @@ from bench.common import PY, run_json  # noqa: E402
 from bench.l0 import run_l0  # noqa: E402
 from bench.ours import OursServer  # noqa: E402
 
-SECTIONS = ("ours", "ours-original", "huey-sqlite", "huey-redis", "celery", "l0", "idle", "claim", "replay")
-COMPARED = ("ours", "ours-original", "huey-sqlite", "huey-redis", "celery")  # run in turn, best round kept
+SECTIONS = ("ours", "ours-ws", "ours-original", "huey-sqlite", "huey-redis", "celery", "l0", "idle",
+            "idle-ws", "claim", "replay")
+COMPARED = ("ours", "ours-ws", "ours-original", "huey-sqlite", "huey-redis", "celery")  # run in turn, best round kept
 EXTRA_SECTIONS = ("trace",)  # only when asked for: W1 again on an instrumented server
 PEERS = (("huey-sqlite", "Huey-SQLite"), ("huey-redis", "Huey-Redis"), ("celery", "Celery+Redis"))
 
@@ -87,11 +92,20 @@ def log(msg: str) -> None:
 
 # ============================================================================ sections
 
+def agent_knows(flag: str) -> bool:
+    import subprocess
+    helptext = subprocess.run([PY, str(ROOT / "offload_agent.py"), "serve", "--help"],
+                              capture_output=True, text=True, timeout=60).stdout
+    return flag in helptext
+
+
 def run_ours(tmp: Path, args, results: dict) -> None:
     server = OursServer(tmp, fsync="always")
     spies = []
     try:
-        agent = server.start_agent("debug.echo", capacity=1)
+        # The HTTP transport here; the socket's figures are the ours-ws section's.
+        http_args = ("--transport", "http") if agent_knows("--transport") else ()
+        agent = server.start_agent("debug.echo", capacity=1, serve_args=http_args)
         log(f"ours: W2 submit_blocking x{args.w2}")
         results["ours_w2_blocking"] = server.client("w2", "--n", str(args.w2), "--mode", "blocking")
         log(f"ours: W2 submit + poll?wait x{args.w2}")
@@ -128,6 +142,24 @@ def run_ours(tmp: Path, args, results: dict) -> None:
     finally:
         for spy in spies:
             profile.stop(spy)
+        server.stop()
+
+
+def run_ours_ws(tmp: Path, args, results: dict) -> None:
+    """W2 and W1 with the agent on the agent WebSocket: tasks pushed, reports as frames."""
+    if not agent_knows("--transport"):
+        log("ours-ws: the agent has no --transport; skipped")
+        return
+    server = OursServer(tmp, fsync="always", name="offloadmq-ws")
+    try:
+        server.start_agent("debug.echo", capacity=1, serve_args=("--transport", "ws"))
+        log(f"ours-ws: W2 submit_blocking x{args.w2}")
+        results["ours-ws_w2_blocking"] = server.client("w2", "--n", str(args.w2), "--mode", "blocking")
+        log(f"ours-ws: W2 submit + poll?wait x{args.w2}")
+        results["ours-ws_w2_poll"] = server.client("w2", "--n", str(args.w2), "--mode", "poll")
+        log(f"ours-ws: W1 x{args.w1}")
+        results["ours-ws_w1"] = server.client("w1", "--n", str(args.w1))
+    finally:
         server.stop()
 
 
@@ -177,15 +209,18 @@ def run_peer(tmp: Path, args, results: dict, which: str) -> None:
             proc.stop()
 
 
-def run_idle(tmp: Path, args, results: dict) -> None:
-    server = OursServer(tmp, name="offloadmq-idle")
-    spy = _spy(args, server.proc.pid, "idle-server", tmp)
+def run_idle(tmp: Path, args, results: dict, transport: str = "http") -> None:
+    key = "idle" if transport == "http" else f"idle-{transport}"
+    server = OursServer(tmp, name=f"offloadmq-{key}")
+    spy = _spy(args, server.proc.pid, f"{key}-server", tmp)
     try:
-        log(f"idle: {args.agents} agents long-polling for {args.idle_duration:.0f} s")
-        results["idle"] = run_json(
+        how = "long-polling" if transport == "http" else "on the agent WebSocket"
+        log(f"{key}: {args.agents} agents {how} for {args.idle_duration:.0f} s")
+        results[key] = run_json(
             [PY, "-m", "bench.scale", "idle", "--url", server.url, "--agent-key", server.agent_key,
              "--server-pid", str(server.proc.pid), "--agents", str(args.agents),
-             "--duration", str(args.idle_duration), "--settle", str(args.settle)],
+             "--duration", str(args.idle_duration), "--settle", str(args.settle),
+             "--transport", transport],
             args.idle_duration + 600)
     finally:
         profile.stop(spy)
@@ -330,6 +365,10 @@ def build_table(results: dict, args) -> list[list[str]]:
     if orig is not None:
         compare("W1 tasks/s, agent --original-protocol", orig, peer_vals("w1", "tasks_per_s"),
                 True, ",.0f", 1.2)
+    ws_w1 = get(results, "ours-ws_w1", "tasks_per_s")
+    if ws_w1 is not None:
+        compare("W1 tasks/s, agent on the WebSocket (pushed)", ws_w1, peer_vals("w1", "tasks_per_s"),
+                True, ",.0f", 1.2)
     compare("W1 wall time, s", get(results, "ours_w1", "wall_s"), peer_vals("w1", "wall_s"),
             False, ".2f", 1 / 1.2)
     rows[-1][-2:] = ["(same)", ""]
@@ -344,6 +383,11 @@ def build_table(results: dict, args) -> list[list[str]]:
     for mode, label in (("blocking", "submit_blocking"), ("poll", "submit+poll?wait")):
         compare(f"W2 p50 ms, ours {label}", get(results, f"ours_w2_{mode}", "p50"),
                 peer_vals("w2", "p50"), False, ".2f", 0.8)
+    for mode, label in (("blocking", "submit_blocking"), ("poll", "submit+poll?wait")):
+        ws_p50 = get(results, f"ours-ws_w2_{mode}", "p50")
+        if ws_p50 is not None:
+            compare(f"W2 p50 ms, ours {label}, agent on the WebSocket", ws_p50,
+                    peer_vals("w2", "p50"), False, ".2f", 0.8)
     for mode, label in (("blocking", "submit_blocking"), ("poll", "submit+poll?wait")):
         for p in ("p90", "p99"):
             ours = get(results, f"ours_w2_{mode}", p)
@@ -372,6 +416,13 @@ def build_table(results: dict, args) -> list[list[str]]:
            f"({args.idle_duration:.0f} s)", cpu, ".2f", "<5%", None if cpu is None else cpu < 5)
     rss = get(results, "idle", "rss_mb")
     single("idle agents: server RSS MB", rss, ".1f", "<100 MB", None if rss is None else rss < 100)
+    if results.get("idle-ws"):
+        cpu = get(results, "idle-ws", "cpu_pct")
+        single(f"{get(results, 'idle-ws', 'agents'):,} idle WebSocket agents: server CPU % of a core",
+               cpu, ".2f", "<5%", None if cpu is None else cpu < 5)
+        rss = get(results, "idle-ws", "rss_mb")
+        single("idle WebSocket agents: server RSS MB", rss, ".1f", "<100 MB",
+               None if rss is None else rss < 100)
     claim = results.get("claim") or {}
     for who, label in (("one", "agent with 1 cap"), ("every", f"agent with {args.caps:,} caps")):
         e, f = get(claim, f"empty_{who}", "p50"), get(claim, f"full_{who}", "p50")
@@ -453,7 +504,8 @@ def main(argv=None) -> int:
     errors: dict = {}
     started = time.monotonic()
     load_before = os.getloadavg()
-    runners = {"ours": run_ours, "ours-original": run_ours_original, "trace": run_trace, "l0": run_l0_section, "idle": run_idle, "claim": run_claim,
+    runners = {"ours": run_ours, "ours-ws": run_ours_ws, "ours-original": run_ours_original,
+               "idle-ws": lambda tmp, args, found: run_idle(tmp, args, found, "ws"), "trace": run_trace, "l0": run_l0_section, "idle": run_idle, "claim": run_claim,
                "replay": run_replay}
     # The machine's speed drifts over minutes: the compared sections run in turn, for
     # `--rounds` rounds, and each system keeps its best round; the rest run once, after.

@@ -5,8 +5,10 @@
                                 --fill 100000 --caps 1000 --iters 300
 
 idle:  N simulated agents (registered and logged in over HTTP, one keep-alive connection
-       each) long-poll /private/agent/task/poll?wait=20 in a loop like offload_agent.py;
-       the server's CPU (utime+stime from /proc) and RSS are sampled over the duration.
+       each) long-poll /private/agent/task/poll?wait=20 in a loop like offload_agent.py
+       --transport http, or (--transport ws) each hold the agent WebSocket and send a
+       heartbeat frame every 8 s like offload_agent.py does by default; the server's CPU
+       (utime+stime from /proc) and RSS are sampled over the duration.
 claim: claim latency = agent poll?wait=0 + take, for one task submitted just before (not
        timed) and resolved just after (not timed). Measured on an empty queue, then again
        after filling the queue with `fill` regular tasks spread round-robin over `caps`
@@ -82,7 +84,37 @@ async def idle(args) -> dict:
                         stats["errors"] += 1
                         await asyncio.sleep(1)
 
-        pollers = [asyncio.create_task(poller(a)) for a in agents]
+        async def socket_agent(agent):
+            # The agent WebSocket, as offload_agent.py holds it: pushes read, a heartbeat
+            # frame with its (empty) holding report every --heartbeat seconds.
+            token = agent["headers"]["Authorization"].removeprefix("Bearer ")
+            ws_url = args.url.replace("http", "ws", 1) + "/private/agent/ws?token=" + token
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as own:
+                while not stop.is_set():
+                    try:
+                        async with own.ws_connect(ws_url) as ws:
+                            beats = asyncio.create_task(heartbeats(ws))
+                            try:
+                                async for msg in ws:
+                                    frame = orjson.loads(msg.data)
+                                    stats["tasks"] += frame.get("type") == "task"
+                                    stats["polls"] += frame.get("type") == "response"
+                            finally:
+                                beats.cancel()
+                    except Exception:
+                        stats["errors"] += 1
+                        await asyncio.sleep(1)
+
+        async def heartbeats(ws):
+            n = 0
+            while True:
+                await asyncio.sleep(args.heartbeat)
+                n += 1
+                await ws.send_str(orjson.dumps({"req_id": n, "action": "heartbeat",
+                                                "params": {"holding": []}}).decode())
+
+        serve = socket_agent if args.transport == "ws" else poller
+        pollers = [asyncio.create_task(serve(a)) for a in agents]
         await asyncio.sleep(args.settle)  # every poll in flight
         rss_before = rss_bytes(args.server_pid)
         cpu0, t0 = cpu_seconds(args.server_pid), time.perf_counter()
@@ -96,7 +128,7 @@ async def idle(args) -> dict:
         for p in pollers:
             p.cancel()
         await asyncio.gather(*pollers, return_exceptions=True)
-    return {"agents": args.agents, "duration_s": t1 - t0, "cpu_pct": (cpu1 - cpu0) / (t1 - t0) * 100,
+    return {"agents": args.agents, "transport": args.transport, "duration_s": t1 - t0, "cpu_pct": (cpu1 - cpu0) / (t1 - t0) * 100,
             "rss_mb": rss_max / 2**20, "rss_before_mb": rss_before / 2**20, "register_s": register_s,
             **stats}
 
@@ -167,6 +199,10 @@ def main() -> None:
     p.add_argument("--fill", type=int, default=100_000)
     p.add_argument("--caps", type=int, default=1000)
     p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--transport", choices=("http", "ws"), default="http",
+                   help="idle: long polls (http) or the agent WebSocket (ws)")
+    p.add_argument("--heartbeat", type=float, default=8.0,
+                   help="idle over ws: seconds between the agents' heartbeat frames")
     args = p.parse_args()
     emit(asyncio.run(idle(args) if args.what == "idle" else claim(args)))
 
