@@ -1026,3 +1026,41 @@ def test_declined_task_returns_to_the_same_agent_when_it_is_the_only_one():
     claim(b, only, T0)
     b.resolve(only, task.cap, task.id, "notExecuted", "busy", None, T0)
     assert claim(b, only, T0) is task
+
+
+# ---------------------------------------------------------------- a push channel closing
+
+def test_release_unstarted_requeues_assigned_tasks_and_keeps_started_ones():
+    b = Broker()
+    uid = agent(b, capacity=4)
+    started, unstarted, canceled = submit(b), submit(b), submit(b)
+    offered = submit(b)
+    for task in (started, unstarted, canceled):
+        b.offer(uid, T0)
+        b.take(uid, task.cap, task.id, T0)
+    assert b.offer(uid, T0) is offered  # polled, not taken
+    b.progress(uid, started.cap, started.id, "running", None, T0 + 1)
+    b.cancel(canceled.cap, canceled.id, OWNER, T0 + 1)
+    changes = []
+    released = b.release_unstarted(uid, T0 + 2, changes=changes)
+    assert released == [unstarted, canceled]
+    assert (unstarted.status, unstarted.agent_id, unstarted.attempts) == (PENDING, None, 0)
+    assert canceled.status == CANCELED and started.status == RUNNING
+    assert b.agents[uid].held == {started.key} and not b.agents[uid].offered
+    assert [c.op for c in changes if c.durable] == ["task.released", "task.canceled"]
+    # Another agent gets the released tasks at once, the offered one included.
+    other = agent(b)
+    assert claim(b, other, T0 + 2) in (unstarted, offered)
+    assert b.release_unstarted("no-such-agent", T0 + 3) == []
+
+
+def test_release_unstarted_replays_to_the_same_state():
+    b = recorded(Broker())
+    uid = agent(b)
+    task = submit(b)
+    claim(b, uid)
+    b.release_unstarted(uid, T0 + 1)
+    replayed = Broker()
+    for record in take_records(b):
+        replayed.apply(record)
+    assert replayed.tasks[task.key].status == PENDING and replayed.tasks[task.key].attempts == 0
