@@ -613,7 +613,7 @@ def test_a_killed_agents_task_processes_die_with_it(server, start_agent):
 def test_heartbeat_reaches_the_real_server_while_every_slot_is_busy(server, start_agent):
     """Against today's server (POST ping 404/405: GET pings), and with the holding contract."""
     from test_e2e_agent import requests_served
-    agent = start_agent(serve_args=["--heartbeat", "1"])
+    agent = start_agent(serve_args=["--heartbeat", "1", "--transport", "http"])
     task_id = submit(server, "shell.bash", {"command": "sleep 4"})
     wait_until(lambda: list(agent.work.glob("*/task")), 10, "the task never started")
     before = requests_served(server, "GET", "/private/agent/ping") + \
