@@ -3437,30 +3437,35 @@ class AgentSocket:
                                  "timestamp": iso(hub.clock())})
                 beat_at = next_beat()
 
-    def on_text(self, text: str) -> None:
+    async def on_text(self, text: str) -> None:
+        """Start the request a frame makes; errors are answered here, before the next
+        frame is read (so a flood of bad frames waits on its own answers)."""
         try:
             frame = orjson.loads(text)
         except orjson.JSONDecodeError as err:
-            return self.spawn(self.send(ws_error(None, BadRequest(f"malformed JSON frame: {err}"))))
+            await self.send(ws_error(None, BadRequest(f"malformed JSON frame: {err}")))
+            return
         req_id = frame.get("req_id") if isinstance(frame, dict) else None
         action = frame.get("action") if isinstance(frame, dict) else None
         if not isinstance(frame, dict) or not isinstance(action, str):
-            return self.spawn(self.send(ws_error(req_id, BadRequest(
-                'a frame must be {"req_id": ..., "action": "...", "params": {...}}'))))
+            await self.send(ws_error(req_id, BadRequest(
+                'a frame must be {"req_id": ..., "action": "...", "params": {...}}')))
+            return
         params = frame.get("params")
         params = {} if params is None else params
         if len(self.jobs) + len(self.waits) >= WS_MAX_REQUESTS:
-            return self.spawn(self.send(ws_error(req_id, Overloaded(
-                f"more than {WS_MAX_REQUESTS} requests in flight on this socket"))))
+            await self.send(ws_error(req_id, Overloaded(
+                f"more than {WS_MAX_REQUESTS} requests in flight on this socket")))
+            return
         if action == "upload_file":
             self.upload = (req_id, params)  # answered when its binary frame comes
-            return None
+            return
         self.spawn(self.answer(req_id, action, params), waits=action in WS_WAITING_ACTIONS)
 
-    def on_binary(self, data: bytes) -> None:
+    async def on_binary(self, data: bytes) -> None:
         if self.upload is None:
-            return self.spawn(self.send(ws_error(None, BadRequest(
-                "a binary frame must follow an upload_file request"))))
+            await self.send(ws_error(None, BadRequest("a binary frame must follow an upload_file request")))
+            return
         req_id, params = self.upload
         self.upload = None
         if not isinstance(params, dict) or not isinstance(params.get("bucket_uid"), str) \
@@ -3468,7 +3473,7 @@ class AgentSocket:
             err: OffloadError = BadRequest("upload_file takes params {bucket_uid, filename}")
         else:
             err = NotImplementedHere("this server keeps no file buckets: upload_file is not available")
-        self.spawn(self.send(ws_error(req_id, err)))
+        await self.send(ws_error(req_id, err))
 
     async def answer(self, req_id: Any, action: str, params: Any) -> None:
         try:
@@ -3569,9 +3574,9 @@ async def handle_agent_ws(request: web.Request) -> web.StreamResponse:
         pusher = asyncio.ensure_future(sock.push_loop(hub))
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
-                sock.on_text(msg.data)
+                await sock.on_text(msg.data)
             elif msg.type == aiohttp.WSMsgType.BINARY:
-                sock.on_binary(msg.data)
+                await sock.on_binary(msg.data)
     finally:
         # Reports sent before the close still count: they finish; waits end now.
         for job in [pusher, *sock.waits]:

@@ -277,6 +277,16 @@ async def test_malformed_frames_get_error_envelopes_and_the_socket_stays_open(cl
     assert (await sock.ok("ping"))["status"] == "healthy"
 
 
+async def test_requests_in_flight_are_bounded_per_socket(client):
+    sock = await connect(client)
+    for n in range(70):  # long polls that hold: the first 64 stay in flight
+        await sock.ws.send_json({"req_id": n, "action": "poll_task", "params": {"wait": 30}})
+    refused = [await sock.frame(lambda f: f.get("type") == "error") for _ in range(6)]
+    assert {f["req_id"] for f in refused} == set(range(64, 70))
+    assert all(f["status"] == 503 and f["error"]["type"] == "overloaded" for f in refused)
+    assert not sock.ws.closed
+
+
 async def test_a_frame_over_the_size_limit_closes_the_socket_with_1009(make_client):
     client = await make_client(max_body_bytes=4096)
     sock = await connect(client)
