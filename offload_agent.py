@@ -1,8 +1,9 @@
 """OffloadMQ agent: runs on a worker machine and serves tasks from an OffloadMQ server.
 
 One file, aiohttp its only dependency. It speaks the wire contract of API.md: registers
-with an agent key, logs in for a JWT, long-polls for tasks, takes them, runs up to
-`capacity` at once, streams progress and reports each result. Our server's extensions
+with an agent key, logs in for a JWT, gets its tasks pushed over the agent WebSocket (or,
+with `--transport http` or against a server without the socket, long-polls and takes
+them), runs up to `capacity` at once, streams progress and reports each result. Our server's extensions
 (take on poll, the next task with a result, cancel requests, `runtimeSecs`, the holding
 report) are used when the server answers them; any other server gets the original
 protocol (`serve --original-protocol` forces it).
@@ -25,11 +26,12 @@ option leaves reachable.
 Sections (`grep '^# ===' offload_agent.py`):
   1. imports, version, logger
   2. config        — the saved identity, runtime settings, system info
-  3. server client — keep-alive HTTP/1.1, re-auth on 401 (re-registration), backoff to 30 s
+  3. server client — keep-alive HTTP/1.1, the agent WebSocket (PushChannel), re-auth on
+                     401 (re-registration), backoff to 30 s
   4. executors     — confinement (ids, environment, reaper), the executor table, files
                      through descriptors, guarded fetches, artifacts
-  5. serve loop    — long poll, take, run up to `capacity` tasks, heartbeat with the
-                     holding report, graceful stop
+  5. serve loop    — pushed tasks (or long poll and take), run up to `capacity` tasks,
+                     heartbeat with the holding report, graceful stop
   6. CLI           — register, serve, rotate-key, sysinfo; `main()`
 """
 

@@ -12,7 +12,8 @@ status CAP ID, cancel CAP ID (OFFLOADMQ_URL, OFFLOADMQ_API_KEY; see the cli sect
 
 Sections (``grep '^# ===' offloadmq.py``), each using only what is above it:
   imports · config · errors · models · core (pure) · journal · wire shapes · hub · auth ·
-  handlers · routes · openapi · app · cli (main() hands CLI commands to the last one)
+  handlers · agent websocket · routes · openapi · app · cli (main() hands CLI commands to
+  the last one)
 """
 # ============================================================================ imports
 from __future__ import annotations
