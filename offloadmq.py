@@ -3356,7 +3356,8 @@ WS_ACTIONS: dict[str, ActionRoute] = {
     "heartbeat": ActionRoute("POST", lambda p: "ping"),
     "ping": ActionRoute("POST", lambda p: "ping"),
     "update_progress": ActionRoute("POST", lambda p: "task/progress/" + _frame_task_path(p)),
-    "resolve_task": ActionRoute("POST", lambda p: "task/resolve/" + _frame_task_path(p)),
+    # With the next task taken in the same journal write, pushed as the answer goes out.
+    "resolve_task": ActionRoute("POST", lambda p: "task/resolve/" + _frame_task_path(p) + "?next=0"),
     "poll_task": ActionRoute("GET", lambda p: "task/poll" + _frame_poll_query(p), body=False),
     "poll_task_urgent": ActionRoute("GET", lambda p: "task/poll_urgent" + _frame_poll_query(p),
                                     body=False),
@@ -3480,6 +3481,10 @@ class AgentSocket:
         try:
             data = await self.call(action, params)
             message = {"req_id": req_id, "type": "response", "status": 200, "data": data}
+            if action == "resolve_task" and isinstance(data, dict):
+                following = data.pop("next", None)
+                if following is not None:
+                    await self.send({"type": "task", "task": following})
         except OffloadError as err:
             message = ws_error(req_id, err)
         except web.HTTPException as err:  # no such route, or not with this method
