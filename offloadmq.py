@@ -12,7 +12,7 @@ status CAP ID, cancel CAP ID (OFFLOADMQ_URL, OFFLOADMQ_API_KEY; see the cli sect
 
 Sections (``grep '^# ===' offloadmq.py``), each using only what is above it:
   imports · config · errors · models · core (pure) · journal · wire shapes · hub · auth ·
-  handlers · agent websocket · routes · openapi · app · cli (main() hands CLI commands to
+  handlers · agent websocket · agent logs · routes · openapi · app · cli (main() hands CLI commands to
   the last one)
 """
 # ============================================================================ imports
@@ -3600,6 +3600,155 @@ async def handle_agent_ws(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+# ============================================================================ agent logs
+#
+# Agents send their own log lines (`POST /private/agent/logs`, one record each); the
+# server keeps them in memory only: a ring per agent (the newest AGENT_LOG_RING), all of
+# them together at most AGENT_LOG_BYTES of text (the oldest go first) and none older
+# than 14 days. Management reads them newest first, by severity, by agent or all.
+
+AGENT_LOG_SEVERITIES = ("CRITICAL", "ERROR", "INFO")
+AGENT_LOG_RING = 1000
+AGENT_LOG_BYTES = 16 << 20
+AGENT_LOG_TEXT_MAX = 8192
+AGENT_LOG_MAX_AGE_DAYS = 14
+AGENT_LOG_LIMIT = 100
+
+
+@dataclass(slots=True)
+class AgentLogRecord:
+    uid: str          # the agent that sent it (its body's agentId is whatever it said)
+    at: float
+    body: dict
+    size: int
+    dropped: bool = False
+
+
+class AgentLogs:
+    def __init__(self, ring: int = AGENT_LOG_RING, max_bytes: int = AGENT_LOG_BYTES):
+        self.ring, self.max_bytes = ring, max_bytes
+        self.rings: dict[str, deque[AgentLogRecord]] = {}
+        self.order: deque[AgentLogRecord] = deque()  # every record, oldest first
+        self.bytes = 0
+        self.live = 0
+        self.ids = UlidFactory()
+
+    def add(self, agent: Agent, body: dict, now: float) -> dict:
+        fields = {}
+        for name, limit in (("agentId", 100), ("agentName", DISPLAY_NAME_MAX),
+                            ("machineFingerprint", 200)):
+            value = body.get(name)
+            if value is not None and (not isinstance(value, str) or len(value) > limit):
+                raise BadRequest(f"{name} must be a string of at most {limit} characters")
+            fields[name] = value
+        severity, text = body.get("severity"), body.get("text")
+        if not isinstance(severity, str) or severity.upper() not in AGENT_LOG_SEVERITIES:
+            raise BadRequest(f"severity must be one of {', '.join(AGENT_LOG_SEVERITIES)}")
+        if not isinstance(text, str) or len(text) > AGENT_LOG_TEXT_MAX:
+            raise BadRequest(f"text must be a string of at most {AGENT_LOG_TEXT_MAX} characters")
+        record = {"recordId": self.ids.new(now), "agentId": fields["agentId"] or agent.uid,
+                  "agentName": fields["agentName"] or agent.display_name or agent.uid[-6:],
+                  "machineFingerprint": fields["machineFingerprint"]
+                  or agent.system_info.get("machineId"),
+                  "severity": severity.upper(), "text": text, "timestamp": iso(now)}
+        kept = AgentLogRecord(agent.uid, now, record, len(text) + 200)
+        ring = self.rings.setdefault(agent.uid, deque())
+        ring.append(kept)
+        self.order.append(kept)
+        self.bytes += kept.size
+        self.live += 1
+        if len(ring) > self.ring:
+            self._drop(ring.popleft())
+        while self.bytes > self.max_bytes or self._too_old(now):
+            self._evict_oldest()
+        if len(self.order) > 2 * self.live + 1024:  # mostly records dropped from their rings
+            self.order = deque(r for r in self.order if not r.dropped)
+        return record
+
+    def _too_old(self, now: float) -> bool:
+        return bool(self.order) and self.order[0].at < now - AGENT_LOG_MAX_AGE_DAYS * 86400
+
+    def _drop(self, record: AgentLogRecord) -> None:
+        record.dropped = True
+        self.bytes -= record.size
+        self.live -= 1
+
+    def _evict_oldest(self) -> None:
+        record = self.order.popleft()
+        if not record.dropped:
+            ring = self.rings[record.uid]
+            ring.popleft()  # its oldest: both keep arrival order
+            self._drop(record)
+            if not ring:
+                del self.rings[record.uid]
+
+    def cleanup(self, now: float) -> int:
+        before = self.live
+        while self._too_old(now):
+            self._evict_oldest()
+        return before - self.live
+
+    def newest(self, limit: int, uid: str | None = None, severity: str | None = None) -> list[dict]:
+        records = self.rings.get(uid, ()) if uid is not None else self.order
+        found = []
+        for record in reversed(records):
+            if record.dropped or (severity is not None and record.body["severity"] != severity):
+                continue
+            found.append(record.body)
+            if len(found) == limit:
+                break
+        return found
+
+
+AGENT_LOGS = web.AppKey("agent_logs", AgentLogs)
+
+
+def log_limit(request: web.Request) -> int:
+    raw = request.query.get("limit", str(AGENT_LOG_LIMIT))
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise BadRequest("limit must be a positive integer, or -1 for all") from None
+    if limit == -1:
+        return 0  # no limit: `newest` stops at len(found) == limit, never 0
+    if limit < 1:
+        raise BadRequest("limit must be a positive integer, or -1 for all")
+    return limit
+
+
+async def handle_agent_logs_post(request: web.Request, agent: Agent) -> web.Response:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return json_response(request.app[AGENT_LOGS].add(agent, body, request.app[HUB].clock()))
+
+
+async def handle_mgmt_agent_logs_by_severity(request: web.Request) -> web.Response:
+    severity = (request.query.get("severity") or "").upper()
+    if severity not in AGENT_LOG_SEVERITIES:
+        raise BadRequest(f"severity must be one of {', '.join(AGENT_LOG_SEVERITIES)}")
+    items = request.app[AGENT_LOGS].newest(log_limit(request), severity=severity)
+    return json_response({"severity": severity, "count": len(items), "items": items})
+
+
+async def handle_mgmt_agent_logs_by_agent(request: web.Request) -> web.Response:
+    uid = request.query.get("agent_id")
+    if not uid:
+        raise BadRequest("agent_id is required")
+    items = request.app[AGENT_LOGS].newest(log_limit(request), uid=uid)
+    return json_response({"agentId": uid, "count": len(items), "items": items})
+
+
+async def handle_mgmt_agent_logs_latest(request: web.Request) -> web.Response:
+    items = request.app[AGENT_LOGS].newest(log_limit(request))
+    return json_response({"count": len(items), "items": items})
+
+
+async def handle_mgmt_agent_logs_cleanup(request: web.Request) -> web.Response:
+    deleted = request.app[AGENT_LOGS].cleanup(request.app[HUB].clock())
+    return json_response({"deleted": deleted, "max_age_days": AGENT_LOG_MAX_AGE_DAYS})
+
+
 # ============================================================================ routes
 #
 # The middleware that turns exceptions into error bodies, the auth each kind of route
@@ -3675,6 +3824,7 @@ ROUTES = [
     ("GET", "/private/agent/ping", "agent", handle_agent_ping),
     ("POST", "/private/agent/ping", "agent", handle_agent_ping),
     ("POST", "/private/agent/info/update", "agent", handle_agent_info_update),
+    ("POST", "/private/agent/logs", "agent", handle_agent_logs_post),
     ("GET", "/private/agent/task/poll", "agent", handle_agent_task_poll),
     ("POST", "/private/agent/task/poll", "agent", handle_agent_task_poll),
     ("GET", "/private/agent/task/poll_urgent", "agent", handle_agent_task_poll_urgent),
@@ -3685,6 +3835,10 @@ ROUTES = [
     ("POST", f"/private/agent/task/resolve/{TASK_PATH}", "agent", handle_agent_resolve),
     ("GET", "/management/events", "mgmt", handle_mgmt_events),
     ("GET", "/management/version", "mgmt", handle_version),
+    ("GET", "/management/agent_logs/by_severity", "mgmt", handle_mgmt_agent_logs_by_severity),
+    ("GET", "/management/agent_logs/by_agent", "mgmt", handle_mgmt_agent_logs_by_agent),
+    ("GET", "/management/agent_logs/latest", "mgmt", handle_mgmt_agent_logs_latest),
+    ("POST", "/management/agent_logs/cleanup/trigger", "mgmt", handle_mgmt_agent_logs_cleanup),
     ("GET", "/management/capabilities/list/online", "mgmt", handle_mgmt_capabilities_online),
     ("GET", "/management/agents/list", "mgmt", handle_mgmt_agents_list),
     ("GET", "/management/agents/list/online", "mgmt", handle_mgmt_agents_list_online),
@@ -3788,6 +3942,16 @@ OPENAPI_SCHEMAS = {
     "ManagedAgent": {"allOf": [_ref("Agent"), _obj("personalLoginToken", personalLoginToken=STR)],
                      "description": "An agent as management sees it: with its login secret"},
     "Version": _obj("version", version=STR),
+    "AgentLogLine": _obj("severity text", severity={"type": "string", "enum": list(AGENT_LOG_SEVERITIES),
+                                                       "description": "any case"},
+                         text={"type": "string", "maxLength": AGENT_LOG_TEXT_MAX},
+                         agentId=_opt("string", maxLength=100),
+                         agentName=_opt("string", maxLength=DISPLAY_NAME_MAX),
+                         machineFingerprint=_opt("string", maxLength=200)),
+    "AgentLogRecord": _obj("recordId agentId agentName severity text timestamp", recordId=STR,
+                           agentId=STR, agentName=STR, machineFingerprint=_opt("string"),
+                           severity={"type": "string", "enum": list(AGENT_LOG_SEVERITIES)},
+                           text=STR, timestamp=TIME),
     "ClientApiKey": _obj("key capabilities isPredefined created isRevoked", key=STR,
                          capabilities={"type": "array", "items": STR}, isPredefined=BOOL,
                          created=TIME, isRevoked=BOOL, maxInFlight=_opt("integer")),
@@ -3845,6 +4009,8 @@ def _op(summary: str, ok: Any, errors: str = "", body: str | dict | None = None,
             "body": _ref(body) if isinstance(body, str) else body, "body_required": body_required}
 
 
+_LOG_LIMIT = _query("limit", {"type": "integer", "minimum": -1}, "at most this many (default "
+                    f"{AGENT_LOG_LIMIT}; -1: all)")
 _TASK_OR_NULL = {"anyOf": [_ref("UnassignedTask"), _ref("AssignedTask"), {"type": "null"}]}
 _STRINGS = {"type": "array", "items": STR}
 OPENAPI_OPS = {
@@ -3899,6 +4065,26 @@ OPENAPI_OPS = {
     "/management/events": _op("Every change as Server-Sent Events", STR, "400 404",
                               params=tuple(_EVENT_PARAMS), media=_SSE),
     "/management/version": _op("The server's version", "Version"),
+    "/private/agent/logs": _op("Send one of the agent's own log lines", "AgentLogRecord", "400",
+                               "AgentLogLine"),
+    "/management/agent_logs/by_severity": _op(
+        "Agents' log lines of one severity, newest first", _obj(
+            "severity count items", severity=STR, count=INT,
+            items={"type": "array", "items": _ref("AgentLogRecord")}), "400",
+        params=({**_query("severity", {"type": "string", "enum": list(AGENT_LOG_SEVERITIES)},
+                          "which severity"), "required": True}, _LOG_LIMIT)),
+    "/management/agent_logs/by_agent": _op(
+        "One agent's log lines, newest first", _obj(
+            "agentId count items", agentId=STR, count=INT,
+            items={"type": "array", "items": _ref("AgentLogRecord")}), "400",
+        params=({**_query("agent_id", STR, "the agent's id"), "required": True}, _LOG_LIMIT)),
+    "/management/agent_logs/latest": _op(
+        "Every agent's log lines, newest first", _obj(
+            "count items", count=INT, items={"type": "array", "items": _ref("AgentLogRecord")}),
+        "400", params=(_LOG_LIMIT,)),
+    "/management/agent_logs/cleanup/trigger": _op(
+        "Drop agents' log lines older than 14 days", _obj(
+            "deleted max_age_days", deleted=INT, max_age_days=INT)),
     "/version": _op("The server's version", "Version"),
     "/management/capabilities/list/online": _op("Capabilities online agents serve", _STRINGS),
     "/management/agents/list": _op("All agents, with their login secrets", {
@@ -4004,6 +4190,7 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
     app[TOKENS] = AgentTokens(config.jwt_secret, config.jwt_lifetime_s, hub.clock)
     app[OPENAPI] = openapi_document(ROUTES)
     app[AGENT_SOCKETS] = AgentSockets(hub)
+    app[AGENT_LOGS] = AgentLogs()
     for method, path, kind, handler in ROUTES:
         app.router.add_route(method, path, guarded(kind, handler))
 

@@ -278,7 +278,8 @@ async def submit(client, cap="echo", status=201, headers=CLIENT, **fields):
 
 # ---------------------------------------------------------------- markers
 
-IN_PROCESS_MODULES = {"test_core", "test_journal", "test_api", "test_agent_ws", "test_head_additions"}
+IN_PROCESS_MODULES = {"test_core", "test_journal", "test_api", "test_agent_ws", "test_head_additions",
+                      "test_agent_logs"}
 PROCESS_FIXTURES = {"server", "make_server"}
 
 
