@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import base64
 import codecs
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -708,6 +709,14 @@ class ServerClient:
             {"id": task_id, "capability": task_id["cap"], "status": status, "output": output},
             timeout_s=REQUEST_TIMEOUT_S * 4)  # artifacts can make this body large
         return answer.get("next") if isinstance(answer, dict) else None
+
+    async def send_log(self, severity: str, text: str) -> None:
+        """One of this agent's own log lines, for the server's agent logs."""
+        body = {"severity": severity, "text": text}
+        if (channel := self._socket()) is not None:
+            await channel.request("post", {"path": ["logs"], "body": body})
+        else:
+            await self._call_private("POST", "/private/agent/logs", body)
 
     async def rotate_key(self) -> dict:
         """Extension (WIRE.md): a fresh login secret; tokens issued before stop working."""
@@ -2269,6 +2278,47 @@ class Agent:
         log.info("agent stopped")
 
 
+class LogShipper(logging.Handler):
+    """Sends the agent's own log lines at `level` and above to the server (its agent
+    logs), from a bounded queue: when the server is away the oldest lines go first,
+    and a server without the route (404/405) ends the shipping."""
+
+    SEVERITY = {logging.CRITICAL: "CRITICAL", logging.ERROR: "ERROR", logging.WARNING: "ERROR"}
+    KEEP = 500
+    TEXT_MAX = 8000
+
+    def __init__(self, client: ServerClient, level: int):
+        super().__init__(level)
+        self.client = client
+        self.lines: collections.deque[tuple[str, str]] = collections.deque(maxlen=self.KEEP)
+        self.ready = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        severity = self.SEVERITY.get(record.levelno, "INFO")
+        self.lines.append((severity, self.format(record)[-self.TEXT_MAX:]))
+        self.loop.call_soon_threadsafe(self.ready.set)  # a line may come from a worker thread
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            while self.lines:
+                severity, text = self.lines[0]
+                try:
+                    await self.client.send_log(severity, text)
+                except ServerRefused as err:
+                    if err.status in (404, 405):
+                        return  # this server keeps no agent logs
+                except ServerUnavailable:
+                    await asyncio.sleep(backoff.next_delay())
+                    continue
+                backoff.reset()
+                if self.lines and self.lines[0] == (severity, text):
+                    self.lines.popleft()
+
+
 # ============================================================================ CLI
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -2306,6 +2356,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--original-protocol", action="store_true",
                        help="use only the original January protocol over HTTP: poll then take, "
                             "no cancel requests (implies --transport http)")
+    serve.add_argument("--ship-logs", choices=("warning", "info", "off"), default="warning",
+                       help="send this agent's own log lines at this level and above to the "
+                            "server's agent logs (default warning)")
     serve.add_argument("--transport", choices=("ws", "http"), default="ws",
                        help="ws (default): the server pushes tasks over the agent WebSocket, "
                             "falling back to HTTP when it has none; http: long polls")
@@ -2515,6 +2568,11 @@ async def _serve(args: argparse.Namespace) -> int:
     agent = None
     try:
         async with aiohttp.ClientSession() as session, make_fetch_session(settings) as fetch_session:
+            shipper = shipping = None
+            if args.ship_logs != "off":
+                shipper = LogShipper(client, logging.INFO if args.ship_logs == "info" else logging.WARNING)
+                log.addHandler(shipper)
+                shipping = asyncio.create_task(shipper.run())
             agent = Agent(client, identity, settings, session, fetch_session, reaper)
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -2522,6 +2580,9 @@ async def _serve(args: argparse.Namespace) -> int:
             try:
                 await agent.serve()
             finally:
+                if shipper is not None:
+                    log.removeHandler(shipper)
+                    shipping.cancel()
                 await client.http.close()
     finally:
         reaper.close()

@@ -68,3 +68,20 @@ def test_a_dropped_agent_leaves_its_started_task_running_not_requeued(server, st
     first.kill()
     time.sleep(0.5)
     assert task_status(server, task_id)["status"] == "running"
+
+
+def test_the_agents_warnings_reach_the_servers_agent_logs(server, start_agent):
+    agent = start_agent(caps=["debug.echo", "no.such.executor"])
+    agent.wait_for_log("no executor for no.such.executor")
+    deadline = time.monotonic() + 10
+    while True:
+        status, logs = http("GET", f"{server.url}/management/agent_logs/by_agent?agent_id="
+                                   f"{agent.identity['agentId']}", headers=server.mgmt)
+        assert status == 200, logs
+        texts = [r["text"] for r in logs["items"]]
+        if any("no executor for no.such.executor" in t for t in texts):
+            break
+        assert time.monotonic() < deadline, texts
+        time.sleep(0.1)
+    assert logs["items"][0]["severity"] == "ERROR"
+    assert server.agent_key not in str(logs) and agent.identity["key"] not in str(logs)
