@@ -696,3 +696,17 @@ def test_agents_page_shows_the_agents_display_name_and_version(console, server):
     expect(row.locator("[data-ref=agent-name]")).to_have_text("Lab GPU box")
     expect(row).to_contain_text(reg["agentId"][-6:])
     expect(row.locator("[data-ref=agent-version]")).to_have_text(" · v9.9.1")
+
+
+def test_agents_page_shows_the_agents_log_lines_as_they_come(console, server):
+    agent = Agent(server, ["debug.echo"])
+    page = console.sign_in()
+    console.go("agents")
+    expect(page.locator("[data-ref=logs-empty]")).to_be_visible()
+    status, record = http("POST", server.url + "/private/agent/logs",
+                          {"severity": "error", "text": "ollama: <b>connection</b> refused"}, agent.headers)
+    assert status == 200, record
+    row = page.locator(f"tr[data-log='{record['recordId']}']")
+    expect(row).to_contain_text("ollama: <b>connection</b> refused", timeout=15000)  # as text, not markup
+    expect(row.locator(".badge")).to_have_text("ERROR")
+    expect(row).to_contain_text(agent.id[-6:])

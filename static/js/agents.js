@@ -8,6 +8,8 @@ import { h, mountTemplate, fillTable, tr, numCell, showError, chips, timeCell, m
 import { flattenTasks, inFlightByAgent } from "./model.js";
 
 const LABELS = ["Agent", "State", "Tier", "In flight", "Capabilities", "System", "Last contact", ""];
+const LOG_LABELS = ["Time", "Agent", "Severity", "Line"];
+const LOG_LINES = 50;
 
 export function mount(root) {
   const refs = mountTemplate(root, "agents");
@@ -21,6 +23,9 @@ export function mount(root) {
         ? new Map(agents.map((a) => [a.uid, a.tasksInFlight]))
         : inFlightByAgent(flattenTasks(await api.tasks()));
       render(refs, agents, inFlight, loop);
+      // Servers without agent logs answer 404: the section stays empty.
+      const logs = await api.agentLogs(LOG_LINES).catch(() => null);
+      renderLogs(refs, (logs && logs.items) || []);
       showError(refs.error, null);
     },
     // Going offline is a matter of time, not an event: keep a slow pace while live.
@@ -77,6 +82,26 @@ function render(refs, agents, inFlight, loop) {
         ],
         LABELS,
         { dataset: { agent: agent.uid, draining: String(!!agent.draining) }, class: agent.online ? undefined : "is-offline" },
+      ),
+    ),
+  );
+}
+
+function renderLogs(refs, items) {
+  refs["logs-empty"].hidden = items.length > 0;
+  refs["logs-table"].hidden = items.length === 0;
+  fillTable(
+    refs.logs,
+    items.map((line) =>
+      tr(
+        [
+          timeCell(line.timestamp),
+          h("span", { title: line.agentId }, line.agentName || String(line.agentId).slice(-6)),
+          h("span", { class: "badge", dataset: { severity: String(line.severity).toLowerCase() } }, line.severity),
+          h("span", { class: "mono" }, line.text),
+        ],
+        LOG_LABELS,
+        { dataset: { log: line.recordId } },
       ),
     ),
   );

@@ -121,6 +121,7 @@ export const api = {
 
   capabilitiesOnline: () => request("GET", "/management/capabilities/list/online"),
   agents: () => request("GET", "/management/agents/list"),
+  agentLogs: (limit) => request("GET", `/management/agent_logs/latest?limit=${limit}`),
   deleteAgent: (uid) => request("POST", `/management/agents/delete/${seg(uid)}`),
   resetAgents: () => request("POST", "/management/agents/reset"),
 
