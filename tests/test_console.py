@@ -489,7 +489,8 @@ def test_console_fits_a_phone_screen(console_factory, server):
         box = link.bounding_box()
         assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, link.text_content()
     console.go("agents")
-    expect(page.locator("#view thead")).to_be_hidden()  # rows become labelled cards
+    for thead in page.locator("#view thead").all():  # the agents' and the logs' tables
+        expect(thead).to_be_hidden()  # rows become labelled cards
     row = page.locator("#view tbody tr").first
     expect(row).to_contain_text("online")
     assert row.bounding_box()["width"] <= 390
