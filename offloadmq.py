@@ -69,7 +69,8 @@ class Config:
     mgmt_token: str = ""
     fsync: str = "always"
     compact_bytes: int = 64 * 1024 * 1024
-    retention_s: float = 7 * 24 * 3600
+    retention_s: float = 7 * 24 * 3600  # ended regular tasks are kept this long...
+    retention_tasks: int = 100_000      # ...and at most this many of them
     max_body_bytes: int = 16 * 1024 * 1024
     jwt_lifetime_s: int = 7 * 24 * 3600
     blocking_hold_s: float = 300.0
@@ -162,6 +163,10 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
     parser.add_argument("--data", help="data folder (DATABASE_ROOT_PATH)")
     parser.add_argument("--fsync", choices=FSYNC_POLICIES, help="journal fsync policy (OFFLOADMQ_FSYNC)")
     parser.add_argument("--compact-mb", type=float, help="compact the journal past this size")
+    parser.add_argument("--retention-days", type=float,
+                        help="keep ended tasks this many days (OFFLOADMQ_RETENTION_DAYS, 7)")
+    parser.add_argument("--retention-tasks", type=int,
+                        help="keep at most this many ended tasks (OFFLOADMQ_RETENTION_TASKS, 100000)")
     parser.add_argument("--metrics-public", action="store_true",
                         help="serve /metrics without the management token")
     parser.add_argument("--repair", action="store_true",
@@ -174,6 +179,15 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
     if fsync not in FSYNC_POLICIES:
         parser.error(f"OFFLOADMQ_FSYNC must be one of {', '.join(FSYNC_POLICIES)}")
     compact_mb = args.compact_mb or float(settings.get("OFFLOADMQ_COMPACT_MB") or 64)
+    try:
+        retention_days = args.retention_days if args.retention_days is not None \
+            else float(settings.get("OFFLOADMQ_RETENTION_DAYS") or 7)
+        retention_tasks = args.retention_tasks if args.retention_tasks is not None \
+            else int(settings.get("OFFLOADMQ_RETENTION_TASKS") or 100_000)
+    except ValueError:
+        parser.error("OFFLOADMQ_RETENTION_DAYS must be a number, OFFLOADMQ_RETENTION_TASKS an integer")
+    if not (retention_days >= 0 and retention_tasks >= 0):  # `not >=` also refuses NaN
+        parser.error("retention days and tasks must not be negative")
     settings, generated = load_secrets(data_path, settings)
     return Config(
         host=args.host or host or "0.0.0.0",
@@ -185,6 +199,8 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         mgmt_token=settings["MGMT_TOKEN"],
         fsync=fsync,
         compact_bytes=int(compact_mb * 1024 * 1024),
+        retention_s=retention_days * 24 * 3600,
+        retention_tasks=retention_tasks,
         repair=args.repair,
         metrics_public=args.metrics_public or settings.get("OFFLOADMQ_METRICS_PUBLIC", "") in ("1", "true"),
         generated=generated,
@@ -281,6 +297,7 @@ MAX_HEARTBEAT_S = 60.0
 HOLD_GRACE_S = 5.0        # a ping's holding list releases only tasks assigned before this
 URGENT_TAKE_S = 60.0      # an urgent task nobody takes within this fails as expired
 URGENT_KEEP_S = 600.0     # an ended urgent task stays pollable this long
+DROP_BATCH = 10_000       # ended tasks retention drops at most at once (one record)
 OFFER_S = 15.0            # a polled task is held for its agent this long before `take`
 FRONT_WALK_MIN_CAPS = 16  # an agent serving more capabilities finds work via the fronts
 CANCEL_GRACE_S = 60.0     # a task whose agent does not confirm a cancel ends anyway then
@@ -744,6 +761,9 @@ class Broker:
         self.pending_by_cap: dict[str, int] = {}             # base capability -> pending tasks
         self.in_flight_by_owner: dict[str, int] = {}         # owner -> tasks not ended
         self.idempotent: dict[tuple[str, str], TaskKey] = {}  # (owner, Idempotency-Key) -> task
+        # Ended regular tasks, the earliest ended first: retention drops from the front
+        # without looking at the others.
+        self.ended: OrderedDict[TaskKey, None] = OrderedDict()
         self.out: list[Change] | None = None  # the calling method's changes (see `changing`)
         self.loading = False  # replaying: queues and counts are built once, at the end
         # The head of every non-empty queue, and per urgency a heap of those heads (with
@@ -888,6 +908,8 @@ class Broker:
             agent.held.discard(task.key)
         if task.urgent:
             self._timer(now + URGENT_KEEP_S, "forget", task)
+        else:
+            self.ended[task.key] = None
 
     def _drop_offer(self, key: TaskKey) -> None:
         offer = self.offers.pop(key, None)
@@ -1346,16 +1368,24 @@ class Broker:
     def _forget(self, task: Task) -> None:
         self._count(task, -1)
         del self.tasks[task.key]
+        self.ended.pop(task.key, None)
         if task.idempotency_key is not None:
             self.idempotent.pop((task.owner, task.idempotency_key), None)
 
-    def drop_ended_before(self, cutoff: float) -> int:
-        """Retention, applied at compaction: ended regular tasks older than cutoff go."""
-        old = [t for t in self.tasks.values()
-               if t.status in ENDED and not t.urgent and (t.ended_at or 0) < cutoff]
-        for task in old:
-            self._forget(task)
-        return len(old)
+    @changing
+    def drop_retained(self, keep_s: float, keep_tasks: int, now: float) -> int:
+        """Retention: ended regular tasks that ended more than `keep_s` ago, or beyond the
+        newest `keep_tasks`, go (the earliest ended first, at most DROP_BATCH a call),
+        through one `tasks.dropped` record so that replay drops the same ones."""
+        cutoff, over, dropped = now - keep_s, len(self.ended) - keep_tasks, []
+        for key in self.ended:
+            if len(dropped) >= DROP_BATCH or (
+                    len(dropped) >= over and self.tasks[key].ended_at >= cutoff):
+                break
+            dropped.append(key)
+        if dropped:
+            self._emit("tasks.dropped", now, tasks=[list(key) for key in dropped])
+        return len(dropped)
 
     def after_recovery(self, now: float) -> None:
         """Agents holding tasks get a fresh grace period: contact times are not journaled,
@@ -1378,6 +1408,8 @@ class Broker:
             self._add_key(record)
         for record in snap["tasks"]:
             self._add_task(Task.from_record(record))
+        # The snapshot lists tasks by creation; retention wants them by end.
+        self.ended = OrderedDict.fromkeys(sorted(self.ended, key=lambda k: self.tasks[k].ended_at))
 
     def queue_ages(self, now: float) -> dict[str, float]:
         """Seconds the oldest ready task of each capability has waited since creation."""
@@ -1429,6 +1461,8 @@ class Broker:
             self._count(task, +1)
         if task.idempotency_key is not None:
             self.idempotent[(task.owner, task.idempotency_key)] = task.key
+        if task.status in ENDED and not task.urgent:
+            self.ended[task.key] = None
         if task.status == PENDING:
             self._enqueue(task, task.queued_at)
             if task.max_wait_s is not None and task.attempts == 0:
@@ -1571,6 +1605,7 @@ class Broker:
             return self._on_task_retried(r, now)
         task = self.tasks[(r["cap"], r["id"])]
         self._move(task, "task.requeued")
+        self.ended.pop(task.key, None)
         task.agent_id = task.ended_at = task.result = None
         task.cancel_requested_at = task.cancel_reason = None
         task.attempts = 0
@@ -1591,9 +1626,19 @@ class Broker:
         self.pending_by_cap.clear()
         self.in_flight_by_owner.clear()
         self.idempotent.clear()
+        self.ended.clear()
         for agent in self.agents.values():
             agent.held.clear()
             agent.offered.clear()
+
+    def _on_tasks_dropped(self, r: dict, now: float) -> None:
+        """Retention forgets ended tasks: no move of the state machine (ended is final),
+        and all of them checked before any goes."""
+        tasks = [self.tasks[(cap, task_id)] for cap, task_id in r["tasks"]]
+        if any(task.status not in ENDED for task in tasks):
+            raise Conflict("only ended tasks can be dropped")
+        for task in tasks:
+            self._forget(task)
 
 
 def key_digest(key: str) -> bytes:
@@ -1622,6 +1667,7 @@ APPLY: dict[str, Callable[[Broker, dict, float], None]] = {
     "task.requeued": Broker._on_task_requeued,
     "task.revived": Broker._on_task_requeued,  # a management requeue, in journals before the rename
     "tasks.reset": Broker._on_tasks_reset,
+    "tasks.dropped": Broker._on_tasks_dropped,
 }
 
 TIMERS: dict[str, Callable[[Broker, Task, float, Any], None]] = {
@@ -2226,6 +2272,7 @@ class Hub:
             await asyncio.sleep(1.0)
             try:
                 await self._change(self.broker.expire)
+                await self.drop_retained()
                 if self.journal.fsync == "everysec":
                     await loop.run_in_executor(None, self.journal.sync)
                 if self.journal.size >= self.config.compact_bytes:
@@ -2233,11 +2280,17 @@ class Hub:
             except Exception:  # the loop must outlive any bug in one round
                 log.exception("background round failed")
 
+    async def drop_retained(self) -> int:
+        """Retention: a batch of the ended tasks past the configured age or count."""
+        return await self._change(self.broker.drop_retained, self.config.retention_s,
+                                  self.config.retention_tasks)
+
     async def compact(self) -> None:
-        now = self.clock()
-        dropped = self.broker.drop_ended_before(now - self.config.retention_s)
+        dropped = 0  # retention first, so that the snapshot does not keep what it drops
+        while n := await self.drop_retained():
+            dropped += n
         before = self.journal.size
-        await self.journal.compact(self.broker.snapshot, now)
+        await self.journal.compact(self.broker.snapshot, self.clock())
         log.info("journal compacted: %d -> %d bytes, %d old ended tasks dropped",
                  before, self.journal.size, dropped)
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, http, recorded, take_records
 from offloadmq import (
     PENDING, Broker, Config, Hub, Journal, JournalCorrupt, OffloadError, decode_record,
-    encode_record, iso, owner_of, parse_iso, parse_submission,
+    encode_record, iso, load_config, owner_of, parse_iso, parse_submission,
 )
 
 T0 = 1_800_000_000.0
@@ -689,6 +689,8 @@ def random_run(rng: random.Random, steps: int) -> tuple[list[dict], Broker]:
                 b.update_key(rng.choice(("ck-new", "ck-pre")), ["*"], rng.choice((None, 9)), t)
             elif roll < 0.976:
                 b.reset_tasks(t)
+            elif roll < 0.98:
+                b.drop_retained(rng.choice((0, 30, 1e9)), rng.randint(0, 20), t)
             else:
                 b.expire(t)
         except OffloadError:
@@ -735,7 +737,7 @@ def full_state(b: Broker) -> dict:
              for slot, q in b.queues.items()}
     return {**view(b), "ready": {slot: entries for slot, entries in ready.items() if entries},
             "in_flight": {o: n for o, n in b.in_flight_by_owner.items() if n},
-            "idempotent": b.idempotent, "timers": sorted(b.timers),
+            "idempotent": b.idempotent, "timers": sorted(b.timers), "ended": list(b.ended),
             "offered": {uid: a.offered for uid, a in b.agents.items()}}
 
 
@@ -745,7 +747,7 @@ def test_replay_builds_the_state_that_applying_each_record_builds(tmp_path, seed
     be the one that applying the records one by one, as the live broker did, gives."""
     rng = random.Random(seed)
     records, live = random_run(rng, 1500)
-    assert {"task.completed", "task.failed", "task.retried", "task.requeued"} <= {
+    assert {"task.completed", "task.failed", "task.retried", "task.requeued", "tasks.dropped"} <= {
         r["op"] for r in records}
     reference = recorded(Broker(PREDEFINED, T0))
     for record in records:
@@ -827,3 +829,61 @@ def test_a_record_encoded_by_the_core_is_written_as_encode_record_would_write_it
         line = encode_line(seq, change.line)
         assert line == encode_record({"seq": seq, **change.record})
         assert decode_record(line) == {"seq": seq, **change.record}
+
+
+# ---------------------------------------------------------------- retention in the hub
+
+async def started_hub(folder: Path, clock: list, **overrides) -> tuple[Hub, object]:
+    hub = Hub(hub_config(folder, **overrides), clock=lambda: clock[0])
+    hub.recover()
+    agent = await hub.register_agent(agent_info(["debug.echo"], capacity=10))
+    return hub, agent
+
+
+async def submit(hub: Hub, payload=None, urgent=False):
+    task, _ = await hub.submit(submission("debug.echo", urgent=urgent, payload=payload), OWNER, None, None)
+    return task
+
+
+async def test_the_background_round_applies_retention_and_replay_agrees(tmp_path):
+    clock = [T0]
+    hub, agent = await started_hub(tmp_path, clock, retention_tasks=2, retention_s=3600.0)
+    tasks = [await submit(hub, {"i": i}) for i in range(5)]
+    for task in tasks:
+        await hub.take(agent.uid, task.cap, task.id)
+        await hub.resolve(agent.uid, task.cap, task.id, "success", None, 1)
+    await hub.start()
+    try:
+        for _ in range(50):
+            if len(hub.broker.ended) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert [t.key in hub.broker.tasks for t in tasks] == [False, False, False, True, True]
+        clock[0] += 3601  # and by age, the rest
+        for _ in range(50):
+            if not hub.broker.ended:
+                break
+            await asyncio.sleep(0.1)
+        assert not hub.broker.ended
+    finally:
+        await hub.release_waiters()
+        await hub.stop()
+    again, _, _ = replay(tmp_path, now=clock[0])
+    assert view(again) == view(hub.broker)
+
+
+def test_retention_settings_from_flags_and_environment(tmp_path):
+    secrets = {"JWT_SECRET": "j", "AGENT_API_KEYS": "a", "CLIENT_API_KEYS": "c", "MGMT_TOKEN": "m"}
+    data = ["--data", str(tmp_path)]
+    config = load_config(data, secrets, tmp_path)
+    assert config.retention_s == 7 * 86400 and config.retention_tasks == 100_000
+    config = load_config(data, {**secrets, "OFFLOADMQ_RETENTION_DAYS": "0.5",
+                                "OFFLOADMQ_RETENTION_TASKS": "10"}, tmp_path)
+    assert config.retention_s == 43200 and config.retention_tasks == 10
+    config = load_config([*data, "--retention-days", "2", "--retention-tasks", "3"],
+                         {**secrets, "OFFLOADMQ_RETENTION_DAYS": "0.5"}, tmp_path)
+    assert config.retention_s == 2 * 86400 and config.retention_tasks == 3
+    for bad in ({"OFFLOADMQ_RETENTION_DAYS": "soon"}, {"OFFLOADMQ_RETENTION_TASKS": "-1"},
+                {"OFFLOADMQ_RETENTION_DAYS": "nan"}):
+        with pytest.raises(SystemExit):
+            load_config(data, {**secrets, **bad}, tmp_path)
