@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import errno
 import functools
 import gc
 import hashlib
@@ -32,6 +33,7 @@ import os
 import random
 import re
 import secrets
+import signal
 import sys
 import time
 import zlib
@@ -265,6 +267,18 @@ class WaitTimeout(OffloadError):
 
 class TooManyRequests(OffloadError):
     status, type = 429, "too_many_requests"
+
+
+class StorageFull(OffloadError):
+    """The journal could not be written (disk full, quota, file size limit): the change
+    was not made; writes go on once there is room again."""
+    status, type = 507, "storage_full"
+
+
+class StorageLost(OffloadError):
+    """The journal is no longer the file at its path (data folder removed, journal
+    replaced): writes are refused until an operator restarts the server."""
+    status, type = 507, "storage_lost"
 
 
 # ============================================================================ models
@@ -1387,6 +1401,17 @@ class Broker:
             self._emit("tasks.dropped", now, tasks=[list(key) for key in dropped])
         return len(dropped)
 
+    def adopt_memory_only(self, old: "Broker") -> None:
+        """The urgent tasks of `old` (never on disk), as they were, into this broker just
+        rebuilt from the disk: how the hub goes back to the durable state after a write
+        failed without losing what never depended on the disk."""
+        for task in old.tasks.values():
+            if task.urgent:
+                task.in_heap = False
+                self._add_task(task)
+                if task.status in ENDED:
+                    self._timer(task.ended_at + URGENT_KEEP_S, "forget", task)
+
     def after_recovery(self, now: float) -> None:
         """Agents holding tasks get a fresh grace period: contact times are not journaled,
         and they must be able to report on those tasks after a restart."""
@@ -1691,6 +1716,12 @@ TIMERS: dict[str, Callable[[Broker, Task, float, Any], None]] = {
 #   2. renamed over snapshot.json, folder synced -> new snapshot, journal records <= seq skipped
 #   3. journal tail (records after seq) copied to journal.jsonl.tmp, fsynced, renamed over
 #      journal.jsonl, folder synced             -> new snapshot + short journal
+# Disk faults: a batch that cannot be written for want of room is refused whole (507
+# storage_full), cut off the file, and the hub rebuilds memory from the disk; writes stay
+# refused until a once-a-second probe finds room. A journal no longer at its path (folder
+# removed, file replaced) refuses writes for good (507 storage_lost). A failed fdatasync
+# stops the server: what reached the disk is then unknown. A compaction that fails
+# leaves the old snapshot and journal valid and is tried again later.
 
 JOURNAL_FILE = "journal.jsonl"
 SNAPSHOT_FILE = "snapshot.json"
@@ -1727,10 +1758,18 @@ def decode_record(line: bytes) -> dict | None:
 
 
 def fatal(message: str, *args: Any) -> None:
-    """Never keep serving on a journal that may have lost acknowledged writes."""
-    log.critical(message + "; stopping now", *args)
+    """Never keep serving on a journal that may have lost acknowledged writes (a failed
+    fdatasync leaves unknown what reached the disk: PostgreSQL stops too)."""
+    log.critical(message + "; stopping now. A restart resumes from what is on disk; "
+                 "check the device (dmesg) first", *args)
     logging.shutdown()
     os._exit(70)
+
+
+# A write that fails for want of room is refused and undone; the server goes on.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+PROBE_BYTES = 1 << 16       # room the once-a-second probe asks for before writes resume
+COMPACT_RETRY_S = 30.0      # a compaction that failed is tried again after this long
 
 
 class Journal:
@@ -1752,6 +1791,12 @@ class Journal:
         self.rotation: asyncio.Task | None = None  # a compaction switching files: no writes
         self.unsynced = False
         self.fsync_seconds = Histogram()
+        # Writes refused, and why (StorageFull until a probe finds room, StorageLost for good).
+        self.fault: OffloadError | None = None
+        self.on_fault: Callable[[], None] | None = None  # called once per fault found: the hub reacts
+        self.compaction_pid = 0     # the forked snapshot writer, while it runs
+        self.compact_after = 0.0    # no compaction before this (one failed)
+        self.closing = False
 
     # ---------------------------------------------------------------- recovery
 
@@ -1761,6 +1806,18 @@ class Journal:
         for leftover in self.folder.glob("*.tmp"):
             log.warning("removing %s left by an interrupted write", leftover)
             leftover.unlink()
+        replayed = self._load(broker, repair)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.size = self.end_offset = os.fstat(self.fd).st_size
+        fsync_folder(self.folder)
+        return replayed
+
+    def reload(self, broker: Broker) -> None:
+        """The state on disk again, into a fresh `broker`: after a write was refused."""
+        self.seq = self.snapshot_seq = self.records_since_snapshot = 0
+        self._load(broker, repair=False)
+
+    def _load(self, broker: Broker, repair: bool) -> int:
         broker.begin_loading()
         if self.snapshot_path.exists():
             try:
@@ -1774,9 +1831,6 @@ class Journal:
             self.last_compaction_at = parse_iso(snap["at"])
         replayed = self._replay(broker, repair)
         broker.end_loading()
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.size = self.end_offset = os.fstat(self.fd).st_size
-        fsync_folder(self.folder)
         return replayed
 
     def _replay(self, broker: Broker, repair: bool) -> int:
@@ -1867,33 +1921,120 @@ class Journal:
         """Group commit: one write, and with fsync `always` one fdatasync, for whatever was
         appended in this turn of the event loop. Like Redis' `appendfsync always`, this runs
         on the loop itself: a hand-off to a thread and back cost more than the fdatasync
-        (about 0.2 ms on an SSD), and requests that arrive meanwhile join the next batch."""
+        (about 0.2 ms on an SSD), and requests that arrive meanwhile join the next batch.
+        A batch that cannot be written is refused whole: its waiters get the reason, the
+        file is cut back to its last record, and `on_fault` takes memory back to the disk."""
         self.flush_scheduled = False
         if not self.buffer or self.rotation is not None:
             return  # the rotation flushes when it is done
         data, waiters = b"".join(self.buffer), self.waiters
         self.buffer, self.waiters = [], []
-        try:
-            self._write(data)
-        except OSError as err:
-            fatal("journal write to %s failed: %s", self.path, err)
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _write(self, data: bytes) -> None:
-        write_all(self.fd, data)
+        self._check_identity()
+        if self.fault is None:
+            try:
+                write_all(self.fd, data)
+            except OSError as err:
+                if err.errno not in FULL_ERRNOS:
+                    fatal("journal write to %s failed: %s", self.path, err)
+                self._refuse_full(err)
+        if self.fault is not None:
+            self.end_offset = self.size
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(self.fault)
+            return
         if self.fsync == "always":
             started = time.perf_counter()
-            os.fdatasync(self.fd)
+            try:
+                os.fdatasync(self.fd)
+            except OSError as err:
+                fatal("journal fsync of %s failed: %s", self.path, err)
             self.fsync_seconds.observe(time.perf_counter() - started)
         else:
             self.unsynced = True
         self.size += len(data)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # ---------------------------------------------------------------- disk faults
+
+    def check_writable(self) -> None:
+        """Raise why writes are refused, if they are: before a change touches memory."""
+        self._check_identity()
+        if self.fault is not None:
+            raise self.fault
+
+    def _refuse_full(self, err: OSError) -> None:
+        """Cut off what part of the batch got written (on disk before anything else
+        happens: a crash must not bring back a refused record) and refuse writes."""
+        try:
+            os.ftruncate(self.fd, self.size)
+            os.fdatasync(self.fd)
+        except OSError as again:
+            fatal("journal write to %s failed (%s) and cutting it back failed too: %s",
+                  self.path, err.strerror, again)
+        self.fault = StorageFull(
+            f"the journal {self.path} cannot grow ({err.strerror}): writes are refused until "
+            "there is room again; reads go on")
+        log.error("JOURNAL %s: %s; refusing writes, back to the state on disk", self.path, err.strerror)
+        if self.on_fault is not None:
+            self.on_fault()
+
+    def _check_identity(self) -> None:
+        """Is the file we append to still the journal at our path? Someone removing the
+        data folder or replacing the journal would otherwise make every later write (and
+        its acknowledgement) vanish at the next restart."""
+        if self.fault is not None or self.fd < 0 or self.rotation is not None:
+            return  # a rotation switches files: checked again once it is done
+        try:
+            ours, found = os.fstat(self.fd), os.stat(self.path)
+            same = ours.st_nlink > 0 and (ours.st_dev, ours.st_ino) == (found.st_dev, found.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            self.fault = StorageLost(
+                f"{self.path} is no longer the journal this server writes (the data folder "
+                "was removed or the journal replaced while it ran): writes are refused so that "
+                "nothing is acknowledged that a restart would lose; reads go on. Remedy: put "
+                "the data folder back, or the state saved next to it (the log names the file), "
+                "and restart the server")
+            log.critical("JOURNAL %s", self.fault.message)
+            if self.on_fault is not None:
+                self.on_fault()
+
+    def probe(self) -> bool:
+        """Once a second while the disk is full: reserve PROBE_BYTES past the journal's
+        end and give them back. True (and writes accepted again) when that worked."""
+        if not isinstance(self.fault, StorageFull):
+            return False
+        try:
+            try:
+                os.posix_fallocate(self.fd, self.size, PROBE_BYTES)
+            except OSError as err:
+                if err.errno in FULL_ERRNOS:
+                    return False
+                # A file system without fallocate: a scratch file shows whether there is room.
+                probe = self.folder / "space-probe.tmp"
+                try:
+                    write_synced(probe, bytes(PROBE_BYTES))
+                finally:
+                    probe.unlink(missing_ok=True)
+        except OSError as err:
+            if err.errno not in FULL_ERRNOS:
+                log.error("JOURNAL probing the room left for %s failed: %s", self.path, err)
+            return False
+        finally:
+            os.ftruncate(self.fd, self.size)
+        self.fault = None
+        self._check_identity()
+        if self.fault is None:
+            log.warning("JOURNAL %s: there is room again; writes are accepted", self.path)
+        return self.fault is None
 
     def sync(self) -> None:
         """fsync `everysec`: called once a second off the event loop."""
-        if self.unsynced:
+        if self.unsynced and self.fault is None:
             self.unsynced = False
             try:
                 os.fdatasync(self.fd)
@@ -1906,10 +2047,19 @@ class Journal:
         """Called after each step of a compaction (in the forked writer for the snapshot
         steps): the crash tests run the server with this replaced by a `kill -9` there."""
 
-    async def compact(self, snapshot: Callable[[], dict], now: float) -> None:
+    async def compact(self, snapshot: Callable[[], dict], now: float) -> bool:
         """Write the state `snapshot()` returns and start a fresh journal. Like Redis'
         BGSAVE, a forked child serializes and writes it: the child sees the state frozen
-        at this instant, while the server goes on answering instead of stalling."""
+        at this instant, while the server goes on answering instead of stalling.
+        A compaction that fails (a full disk) leaves the old snapshot and journal as they
+        were and is tried again COMPACT_RETRY_S later; False when it did not happen."""
+        if self.fault is not None or self.closing or now < self.compact_after:
+            return False
+        # Only what is written goes into the snapshot: a batch refused after the fork
+        # must not come back from it.
+        self.flush()
+        if self.fault is not None:
+            return False
         loop = asyncio.get_running_loop()
         seq, cut = self.seq, self.end_offset
 
@@ -1920,7 +2070,7 @@ class Journal:
             try:
                 await loop.run_in_executor(None, self._write_snapshot, serialized())
             except OSError as err:
-                fatal("writing snapshot %s failed: %s", self.snapshot_path, err)
+                return self._compaction_failed(now, f"writing {self.snapshot_path}: {err.strerror}")
         else:
             pid = os.fork()
             if pid == 0:  # the child: write, then leave without running any cleanup
@@ -1928,36 +2078,73 @@ class Journal:
                 try:
                     self._write_snapshot(serialized())
                     code = 0
+                except OSError as err:  # the errno, for the parent's log line
+                    code = err.errno if err.errno and 1 < err.errno < 99 else 1
                 finally:
                     os._exit(code)
-            _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+            self.compaction_pid = pid
+            try:
+                _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+            finally:
+                self.compaction_pid = 0
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
-                fatal("writing snapshot %s failed (writer exited with %d)", self.snapshot_path, code)
+                if self.closing:  # abandon_compaction() stopped it
+                    return False
+                reason = os.strerror(code) if 1 < code < 99 else f"the writer exited with {code}"
+                return self._compaction_failed(now, f"writing {self.snapshot_path}: {reason}")
         self.flush()  # records up to now go into the old file, and so into the tail copied
         self.rotation = loop.create_task(self._rotation(cut))
         # Shielded: a shutdown that cancels the compaction must not stop the switch of files
         # halfway; close() waits for it.
-        await asyncio.shield(self.rotation)
-        self.snapshot_seq, self.last_compaction_at = seq, now
+        rotated = await asyncio.shield(self.rotation)
+        self.snapshot_seq, self.last_compaction_at = seq, now  # the snapshot is in place
         self.records_since_snapshot = self.seq - seq
+        if not rotated:
+            return self._compaction_failed(now, f"cutting {self.path} (the snapshot is written)")
+        return True
+
+    def _compaction_failed(self, now: float, what: str) -> bool:
+        self.compact_after = now + COMPACT_RETRY_S
+        log.error("JOURNAL compaction failed %s; the snapshot and journal on disk stay valid, "
+                  "trying again in %.0f s", what, COMPACT_RETRY_S)
+        return False
+
+    def abandon_compaction(self) -> None:
+        """Shutdown: stop a snapshot writer rather than wait for it. What it leaves is a
+        temporary file, removed at the next start; the old snapshot stays valid."""
+        self.closing = True
+        if self.compaction_pid:
+            try:
+                os.kill(self.compaction_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _write_snapshot(self, data: bytes) -> None:
         tmp = self.snapshot_path.with_name(SNAPSHOT_FILE + ".tmp")
-        write_synced(tmp, data)
+        try:
+            write_synced(tmp, data)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # give the room back
+            raise
         self.step_done("snapshot-written")
         os.replace(tmp, self.snapshot_path)
         fsync_folder(self.folder)
         self.step_done("snapshot-renamed")
 
-    async def _rotation(self, cut: int) -> None:
+    async def _rotation(self, cut: int) -> bool:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._rotate, cut)
-        except OSError as err:
-            fatal("journal compaction in %s failed: %s", self.folder, err)
-        self.end_offset -= cut
-        self.rotation = None
+            rotated = True
+        except OSError as err:  # before the switch of files: the old journal is intact
+            log.error("JOURNAL cutting %s failed: %s", self.path, err.strerror)
+            rotated = False
+        else:
+            self.end_offset -= cut
+        finally:
+            self.rotation = None
         self.flush()
+        return rotated
 
     def _rotate(self, cut: int) -> None:
         """Keep only the records after the snapshot: copy the journal from `cut` on."""
@@ -1965,16 +2152,24 @@ class Journal:
             f.seek(cut)
             tail = f.read()
         tmp = self.path.with_name(JOURNAL_FILE + ".tmp")
-        write_synced(tmp, tail)
+        try:
+            write_synced(tmp, tail)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         self.step_done("journal-written")
         os.replace(tmp, self.path)
-        fsync_folder(self.folder)
-        self.step_done("journal-renamed")
-        os.close(self.fd)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:  # past the rename: the old file is gone, so a failure here cannot be undone
+            fsync_folder(self.folder)
+            self.step_done("journal-renamed")
+            os.close(self.fd)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as err:
+            fatal("journal %s was switched to its cut copy, but then: %s", self.path, err)
         self.size = len(tail)
 
     async def close(self) -> None:
+        self.closing, self.on_fault = True, None
         if self.rotation is not None:
             await self.rotation
         self.flush()
@@ -2238,6 +2433,7 @@ class Hub:
         self.started_at = clock()
         self.events = EventLog(self.started_at)
         self.metrics = Metrics()
+        self.journal.on_fault = self._storage_fault  # disk faults: writes refused
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -2256,8 +2452,12 @@ class Hub:
         self.ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
     async def release_waiters(self) -> None:
-        """Shutdown: long polls and event streams answer now instead of holding it up."""
+        """Shutdown: long polls and event streams answer now instead of holding it up;
+        a snapshot being written is abandoned rather than waited for."""
         self.stopping = True
+        if self.ticker is not None:
+            self.ticker.cancel()
+        self.journal.abandon_compaction()
         self._wake_ended(list(self.end_waiters))
         await self._notify()
 
@@ -2271,12 +2471,17 @@ class Hub:
         while True:
             await asyncio.sleep(1.0)
             try:
+                # Disk faults: while writes are refused, only look for room again.
+                if self.journal.fault is not None and not self.journal.probe():
+                    continue
                 await self._change(self.broker.expire)
                 await self.drop_retained()
                 if self.journal.fsync == "everysec":
                     await loop.run_in_executor(None, self.journal.sync)
                 if self.journal.size >= self.config.compact_bytes:
                     await self.compact()
+            except (StorageFull, StorageLost):  # logged where it happened; probed next round
+                pass
             except Exception:  # the loop must outlive any bug in one round
                 log.exception("background round failed")
 
@@ -2290,16 +2495,72 @@ class Hub:
         while n := await self.drop_retained():
             dropped += n
         before = self.journal.size
-        await self.journal.compact(self.broker.snapshot, self.clock())
-        log.info("journal compacted: %d -> %d bytes, %d old ended tasks dropped",
-                 before, self.journal.size, dropped)
+        if await self.journal.compact(self.broker.snapshot, self.clock()):
+            log.info("journal compacted: %d -> %d bytes, %d old ended tasks dropped",
+                     before, self.journal.size, dropped)
+
+    # ---------------------------------------------------------------- disk faults
+
+    def _storage_fault(self) -> None:
+        if isinstance(self.journal.fault, StorageFull):
+            self._back_to_disk()
+        else:
+            self._rescue()
+
+    def _back_to_disk(self) -> None:
+        """A write was refused for want of room, so memory goes back to what is on disk,
+        rebuilt as a restart would rebuild it but with every connection kept. What never
+        depended on the disk stays: urgent tasks (same objects, so their waiters keep
+        waiting) and agents' last contact. Offers lapse (the agent polls again). Clients
+        waiting on a regular task get the 507 (what they saw may have been undone: they
+        ask again); event streams get a `reset` event and reload."""
+        started, old = time.perf_counter(), self.broker
+        fresh = Broker(self.config.client_api_keys, self.clock(), old.rng, old.ids, old.new_secret)
+        try:
+            self.journal.reload(fresh)
+        except (OSError, JournalCorrupt) as err:
+            fatal("after a refused write, reading back %s failed: %s", self.config.data_path, err)
+        for agent in old.online.values():  # oldest contact first, as `online` wants
+            if agent.uid in fresh.agents:
+                fresh.touch(agent.uid, agent.last_contact)
+        fresh.adopt_memory_only(old)
+        self.broker = fresh
+        for key in [k for k in self.end_waiters if fresh.tasks.get(k) is not old.tasks.get(k)]:
+            for waiter in self.end_waiters.pop(key):
+                if not waiter.done():
+                    waiter.set_exception(self.journal.fault)
+        self.events.add(None, None, "reset", {"op": "storage.restored", "uid": None})
+        asyncio.get_running_loop().create_task(self._notify())
+        log.warning("back to the state on disk: %d tasks, %d agents, in %.2f s",
+                    len(fresh.tasks), len(fresh.agents), time.perf_counter() - started)
+
+    def _rescue(self) -> None:
+        """The journal is lost (data folder removed, journal replaced), so memory holds
+        the only copy of what was acknowledged: save it, in the snapshot format, next to
+        the data folder, for the operator to start from."""
+        folder = self.config.data_path.absolute()
+        path = folder.with_name(f"{folder.name}-rescued-{time.strftime('%Y%m%dT%H%M%S')}.json")
+        state = self.broker.snapshot()
+        try:
+            write_synced(path, orjson.dumps({"seq": self.journal.seq, "at": iso(self.clock()), **state}))
+        except (OSError, TypeError) as err:
+            log.critical("JOURNAL could not save the state in memory to %s: %s", path, err)
+            return
+        log.critical("JOURNAL the state in memory (%d tasks, %d agents) is saved in %s: to go on "
+                     "from it, stop the server, make it snapshot.json of an empty data folder "
+                     "and start", len(state["tasks"]), len(state["agents"]), path)
 
     # ---------------------------------------------------------------- changing state
 
-    async def _change(self, method: Callable, *args: Any, on_disk: bool = True, **kwargs: Any) -> Any:
+    async def _change(self, method: Callable, *args: Any, on_disk: bool = True,
+                      writes: bool = True, **kwargs: Any) -> Any:
         """Run a broker method with the time now; journal the changes it returned; wake
         waiters. With `on_disk` False the answer does not wait for the fsync (progress
-        logs: a crash may lose the last moment of log text, never a result)."""
+        logs: a crash may lose the last moment of log text, never a result). While the
+        disk refuses writes, a change is refused before it touches memory, unless it
+        `writes` no record (a contact, an offer let go)."""
+        if writes:
+            self.journal.check_writable()
         changes: list[Change] = []
         try:
             return method(*args, now=self.clock(), changes=changes, **kwargs)
@@ -2308,13 +2569,13 @@ class Hub:
                 await self._store_and_notify(changes, on_disk)
 
     async def _store_and_notify(self, changes: list[Change], on_disk: bool) -> None:
-        self.metrics.count(changes)
         ended = self.events.publish(changes)
         lines = [c.line for c in changes if c.durable]
         on_disk_soon = self.journal.enqueue(lines, on_disk) if lines else None
         await self._notify(self.offers_changed)  # after the enqueue: a take's record must follow
         if on_disk_soon is not None:
-            await on_disk_soon
+            await on_disk_soon  # a refused write raises here (memory went back to the disk)
+        self.metrics.count(changes)
         if ended:
             self._wake_ended(ended)
         if changes[-1].scope == "tasks":  # every task went away: so do their waits
@@ -2422,8 +2683,12 @@ class Hub:
 
     async def ping(self, uid: str, holding: set[TaskKey] | None) -> dict:
         """A contact; with `holding` (what the agent says it holds) the tasks assigned to
-        it that it does not hold are released. The health body, plus `released`."""
-        released = await self._change(self.broker.ping, uid, holding)
+        it that it does not hold are released. The health body, plus `released`.
+        While the disk refuses writes a ping is a contact only: releases wait for a ping
+        after that."""
+        reconcile = holding is not None and self.journal.fault is None
+        released = await self._change(self.broker.ping, uid, holding if reconcile else None,
+                                      writes=reconcile)
         if holding is None:
             return self.health()
         return {**self.health(), "released": [task_id_json(t) for t in released]}
@@ -2446,7 +2711,7 @@ class Hub:
         if not ready() and wait_s > 0:
             await self._wait_until(ready, wait_s, self.offers_changed)
         if task is not None and gone():  # nobody is left to hand it to
-            await self._change(self.broker.release_offer, task.key)
+            await self._change(self.broker.release_offer, task.key, writes=False)
             return None
         if task is not None and take:
             task = await self._change(self.broker.take, uid, task.cap, task.id)
@@ -2549,8 +2814,12 @@ class Hub:
         return list(self.broker.keys.values())
 
     def health(self, **extra: Any) -> dict:
-        return {"status": "healthy", "cached_agents": len(self.broker.agents),
+        body = {"status": "healthy", "cached_agents": len(self.broker.agents),
                 "timestamp": iso(self.clock()), **extra}
+        fault = self.journal.fault  # disk faults: reads go on, writes are refused
+        if fault is not None:
+            body.update(status="unhealthy", reason=fault.type, message=fault.message)
+        return body
 
     def stats(self) -> dict:
         return {**self.broker.stats(self.clock()), "journal": self.journal.stats(),
@@ -3050,7 +3319,8 @@ async def handle_capabilities_online(request: web.Request, client: Client) -> we
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    return json_response(request.app[HUB].health(cached_tokens=len(request.app[TOKENS])))
+    body = request.app[HUB].health(cached_tokens=len(request.app[TOKENS]))
+    return json_response(body, 200 if body["status"] == "healthy" else 503)
 
 
 async def handle_stats(request: web.Request) -> web.Response:
@@ -3444,7 +3714,8 @@ OPENAPI_SCHEMAS = {
                          capabilities={"type": "array", "items": STR}, isPredefined=BOOL,
                          created=TIME, isRevoked=BOOL, maxInFlight=_opt("integer")),
     "Health": _obj("status cached_agents cached_tokens timestamp", status=STR,
-                   cached_agents=INT, cached_tokens=INT, timestamp=TIME),
+                   cached_agents=INT, cached_tokens=INT, timestamp=TIME,
+                   reason={"type": "string", "enum": ["storage_full", "storage_lost"]}, message=STR),
     "PingAnswer": {**_obj("status cached_agents cached_tokens timestamp", status=STR,
                           cached_agents=INT, cached_tokens=INT, timestamp=TIME,
                           released={"type": "array", "items": _ref("TaskId")}),
@@ -3462,7 +3733,18 @@ _ERROR_TEXT = {400: "Malformed request", 401: "Missing or wrong credentials",
                403: "Not allowed", 404: "No such task, agent or key", 409: "Conflicts with the state",
                413: "Body over the limit", 429: "The key's maxInFlight is reached",
                503: "No online agent serves the capability, or nobody took the task in time",
-               504: "The task outlived the hold; it goes on and stays pollable"}
+               504: "The task outlived the hold; it goes on and stays pollable",
+               507: "The disk refused the change (storage_full, storage_lost); nothing changed"}
+# The operations that change state: while the disk refuses writes they answer 507.
+_WRITES = {"/api/task/submit", "/api/task/submit_blocking", "/api/task/cancel/{cap}/{id}",
+           "/agent/register", "/private/agent/info/update", "/private/agent/task/poll",
+           "/private/agent/task/poll_urgent", "/private/agent/take/{cap}/{id}",
+           "/private/agent/task/progress/{cap}/{id}", "/private/agent/task/resolve/{cap}/{id}",
+           "/management/agents/delete/{agent_id}", "/management/agents/drain/{agent_id}",
+           "/management/agents/resume/{agent_id}", "/management/agents/reset",
+           "/management/tasks/reset", "/management/tasks/cancel/{cap}/{id}",
+           "/management/tasks/requeue/{cap}/{id}", "/management/client_api_keys/update",
+           "/management/client_api_keys/revoke/{key}"}
 
 
 def _query(name: str, schema: dict, text: str) -> dict:
@@ -3513,7 +3795,8 @@ OPENAPI_OPS = {
     "/api/task/events": _op("The key's tasks as Server-Sent Events", STR, "400 404",
                             params=tuple(_EVENT_PARAMS), media=_SSE),
     "/api/capabilities/online": _op("Capabilities online agents serve, that the key may use", _STRINGS),
-    "/api/ping": _op("Health", "Health"),
+    "/api/ping": _op("Health; 503 with a reason while the disk refuses writes", "Health",
+                     status=(200, 503)),
     "/agent/register": _op("Register an agent", "AgentIdentity", "401", "AgentRegistration"),
     "/agent/auth": _op("Exchange an agent's id and key for a JWT", _obj(
         "token expiresIn", token=STR, expiresIn=INT), "400 401",
@@ -3567,7 +3850,8 @@ OPENAPI_OPS = {
                                                           capabilities=_STRINGS,
                                                           maxInFlight=_opt("integer", minimum=1))),
     "/management/client_api_keys/revoke/{key}": _op("Revoke a client API key", "ClientApiKey", "404"),
-    "/health": _op("Health", "Health"),
+    "/health": _op("Health; 503 with a reason while the disk refuses writes", "Health",
+                   status=(200, 503)),
     "/stats": _op("Counts of agents and tasks", {"type": "object"}),
     "/metrics": _op("Prometheus metrics", STR, media={"text/plain": {"schema": STR}}),
     "/openapi.json": _op("This document", {"type": "object"}),
@@ -3613,13 +3897,15 @@ def openapi_document(routes: list) -> dict:
         errors |= {401} if kind != "open" or path == "/metrics" else set()
         errors |= {400, 413} if spec["body"] or (kind == "client" and method == "POST") else set()
         errors |= {400, 404} if "cap" in names else set()
+        errors |= {507} if path in _WRITES and (method == "POST" or _TAKE in spec["params"]) else set()
         operation = {
             "operationId": method.lower() + re.sub(r"\W+", "_", path).rstrip("_"),
             "summary": spec["summary"], "tags": [kind],
             "parameters": [{"name": n, "in": "path", "required": True, "description": _PATH_PARAMS[n],
                             "schema": _CAP if n == "cap" else {"type": "string", "minLength": 1}}
                            for n in names] + spec["params"],
-            "responses": {**{str(s): {"description": "OK", "content": c} for s, c in spec["ok"].items()},
+            "responses": {**{str(s): {"description": "OK" if s < 400 else "Unhealthy", "content": c}
+                             for s, c in spec["ok"].items()},
                           **{str(e): {"description": _ERROR_TEXT[e], "content": {
                               "application/json": {"schema": _ref("Error")}}} for e in sorted(errors)}},
             # /metrics takes the management token, unless the server runs --metrics-public
@@ -3679,31 +3965,61 @@ def print_first_start(config: Config) -> None:
     sys.stdout.flush()
 
 
+SHUTDOWN_S = 3.0  # SIGTERM to exit, at most (plus closing the journal)
+
+
+def unusable_data_folder(err: OSError) -> str:
+    """One line naming the file and what to do about it."""
+    where, problem = err.filename or "the data folder", err.strerror
+    if err.errno in (errno.EACCES, errno.EPERM):
+        remedy = "give the server's user read and write access to it, or point --data elsewhere"
+    elif err.errno == errno.EROFS:
+        remedy = "the file system is mounted read-only: remount it read-write or point --data elsewhere"
+    elif err.errno in (errno.ENOTDIR, errno.EEXIST):
+        problem = "a file is where a folder should be"
+        remedy = ("the data path (--data, DATABASE_ROOT_PATH) must be a folder: move that file away "
+                  "or point --data elsewhere")
+    elif err.errno in FULL_ERRNOS:
+        remedy = "free some room on that disk"
+    else:
+        remedy = "make the data folder readable and writable, or point --data elsewhere"
+    return f"{where}: {problem}. Remedy: {remedy}"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and not argv[0].startswith("-"):  # a CLI command (submit, status, cancel)
         sys.exit(cli_main(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    config = load_config(argv)
-    print_first_start(config)
-    hub = Hub(config)
+    # Past a file size limit (RLIMIT_FSIZE) a write should fail with EFBIG, refused like a
+    # full disk, rather than kill the server with SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # The cyclic GC would rescan the growing state again and again while replay only
     # adds to it (and makes next to no cyclic garbage): keep it off, then freeze the
     # survivors so later collections skip them too.
     gc.disable()
     try:
+        config = load_config(argv)
+        print_first_start(config)
+        hub = Hub(config)
         hub.recover()
     except JournalCorrupt as err:
         log.critical("cannot start: %s", err)
+        sys.exit(2)
+    except OSError as err:  # the data folder cannot be opened or written
+        log.critical("cannot start: %s", unusable_data_folder(err))
         sys.exit(2)
     finally:
         gc.freeze()
         gc.enable()
     log.info("OffloadMQ %s on http://%s:%d (data in %s, fsync %s)", __version__,
              config.host, config.port, config.data_path, config.fsync)
+    # aiohttp waits its shutdown_timeout twice for a handler that does not end (a stream
+    # stuck writing to a client that does not read): once for it to finish, once more
+    # after cancelling it. Half each keeps the whole shutdown within SHUTDOWN_S.
     web.run_app(create_app(config, hub), host=config.host, port=config.port,
-                access_log=None, print=None, shutdown_timeout=3.0)
+                access_log=None, print=None, shutdown_timeout=SHUTDOWN_S / 2)
 
 
 # ============================================================================ cli

@@ -160,6 +160,44 @@ def make_server(tmp_path):
         srv.stop()
 
 
+# ---------------------------------------------------------------- a small disk, filled for real
+
+def mount_tmpfs(path: Path, size: str) -> None:
+    """A tmpfs of `size` at `path`: a disk that fills up for real (ENOSPC). Skips, saying
+    so, where mounting is not permitted (it needs root, as in CI)."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()}); "
+                    "these tests need root, as in CI")
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs to keep a data folder on."""
+    mnt = tmp_path / "disk"
+    mount_tmpfs(mnt, "1m")
+    yield mnt
+    unmount(mnt)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(folder: Path, leave: int) -> Path:
+    """A filler file that leaves about `leave` bytes free."""
+    filler = folder / "filler"
+    filler.write_bytes(b"\0" * max(0, free_bytes(folder) - leave))
+    return filler
+
+
 # ---------------------------------------------------------------- the core's changes
 
 def recorded(broker):

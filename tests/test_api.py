@@ -1622,9 +1622,13 @@ def test_document_names_every_route():
         if kind != "open":
             assert "401" in operation["responses"], (method, path)
         for status, answer in operation["responses"].items():
+            health = status == "503" and path in ("/health", "/api/ping")  # unhealthy: the Health body
             if int(status) >= 400:
                 assert answer["content"]["application/json"]["schema"] == {
-                    "$ref": "#/components/schemas/Error"}
+                    "$ref": "#/components/schemas/" + ("Health" if health else "Error")}
+    assert "507" in paths["/api/task/submit"]["post"]["responses"]
+    assert "507" in paths["/private/agent/task/poll"]["get"]["responses"], "?take=1 writes"
+    assert "507" not in paths["/private/agent/ping"]["post"]["responses"], "a contact only"
 
 
 def test_served_document_is_the_built_one(server):

@@ -316,6 +316,30 @@ def test_overview_shows_online_agents_capabilities_and_queue_depth(console, serv
     expect(view.locator("[data-ref=waiting]")).to_have_text("2")
 
 
+def test_health_says_unhealthy_and_why_while_the_disk_refuses_writes(console, server):
+    """The journal replaced under the running server (storage_lost, for real): /health
+    answers 503 with the reason, and the console shows the server up but unhealthy, with
+    that reason, rather than unreachable; the overview still shows the counts."""
+    server.submit("train/big", {"n": 1})
+    journal = server.data / "journal.jsonl"
+    replacement = server.data / "journal.jsonl.new"
+    replacement.write_bytes(journal.read_bytes())
+    os.replace(replacement, journal)
+    deadline = time.monotonic() + 10
+    while http("GET", server.url + "/health")[0] != 503:  # the next background round sees it
+        assert time.monotonic() < deadline, "the lost journal was not noticed"
+        time.sleep(0.1)
+    console.expect_http_errors(503)
+    page = console.sign_in()
+
+    expect(page.locator("#health-text")).to_have_text("unhealthy")
+    expect(page.locator("#health")).to_have_attribute("title", re.compile("no longer the journal"))
+    view = page.locator("#view")
+    expect(view.locator("[data-ref=health]")).to_have_text("unhealthy")
+    expect(view.locator("[data-ref=health-note]")).to_contain_text("restart the server")
+    expect(view.locator("[data-ref=waiting]")).to_have_text("1")
+
+
 def test_agents_page_shows_an_agent_and_deletes_it_after_confirmation(console, server):
     agent = Agent(server, ["shell.bash", "llm.test"], capacity=2, tier=3)
     task_id = server.submit("shell.bash", {"command": "sleep 1"})

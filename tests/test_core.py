@@ -1115,3 +1115,23 @@ def test_a_snapshot_keeps_the_order_tasks_ended_in():
     again.end_loading()
     assert list(again.ended) == list(b.ended) == [t.key for t in reversed(tasks)]
 
+
+def test_adopting_memory_only_tasks_keeps_urgent_ones_as_they_were():
+    """How the hub goes back to the disk: the rebuilt broker takes the urgent tasks
+    (never journaled) of the one it replaces, same objects, with their timers."""
+    b = recorded(Broker())
+    uid = agent(b, capacity=3)
+    regular = submit(b)
+    held, waiting, ended = (submit(b, urgent=True) for _ in range(3))
+    b.take(uid, held.cap, held.id, T0)
+    b.take(uid, ended.cap, ended.id, T0)
+    b.resolve(uid, ended.cap, ended.id, "success", None, 1, T0)
+    rebuilt = replayed(b)
+    rebuilt.touch(uid, T0)
+    rebuilt.adopt_memory_only(b)
+    assert rebuilt.tasks[held.key] is held and held.key in rebuilt.agents[uid].held
+    assert rebuilt.tasks[ended.key] is ended and rebuilt.tasks[regular.key] is not regular
+    assert rebuilt.offer(uid, T0) is waiting
+    assert rebuilt.counts[(True, PENDING)] == 1 and rebuilt.counts[(True, COMPLETED)] == 1
+    rebuilt.expire(T0 + URGENT_KEEP_S + URGENT_TAKE_S + 1)
+    assert ended.key not in rebuilt.tasks, "an ended urgent task is still forgotten in time"

@@ -114,7 +114,12 @@ const taskPath = (id) => `${seg(id.cap)}/${seg(id.id)}`;
 
 // Every route the console uses, named after what it does.
 export const api = {
-  health: () => request("GET", "/health"),
+  // A 503 is still the health body: the server is up but refuses writes (a full or lost disk).
+  health: () =>
+    request("GET", "/health").catch((err) => {
+      if (err.status === 503 && err.body && err.body.status) return err.body;
+      throw err;
+    }),
   stats: () => request("GET", "/stats"),
   // Sign-in checks a candidate token without storing it first.
   checkToken: (token) => request("GET", "/management/capabilities/list/online", { token }),
