@@ -23,7 +23,7 @@ import pytest
 
 from conftest import (
     AGENT_KEY, CLIENT, CLIENT_KEY, JWT_SECRET as SECRET, MGMT as MGMT_H,
-    MGMT_TOKEN as MGMT, api_config, call, fails, http, new_agent, new_agent as agent, submit,
+    MGMT_TOKEN as MGMT, api_config, call, fails, fill, http, new_agent, new_agent as agent, submit,
 )
 from openapi_spec_validator import validate
 
@@ -1064,6 +1064,42 @@ async def test_an_idempotent_retry_is_answered_only_once_the_first_submit_is_on_
         assert on_disk and not created
         assert (await first) == (task, True)
         # Later retries are answered from memory: that task is on disk already.
+        assert (await hub.submit(data, "o", None, "key-1")) == (task, False)
+    finally:
+        await hub.release_waiters()
+        await hub.stop()
+
+
+async def test_an_idempotent_retry_waiting_for_a_write_that_fails_gets_the_same_507(tiny_disk):
+    """The disk fills up under the first submit's write (a tmpfs, for real): a retry that
+    arrived while that write was pending is answered what the first submit is, 507, and
+    no id is ever told that is not on disk; once there is room the key makes a new task."""
+    from offloadmq import StorageFull, parse_submission
+    config = Config(data_path=tiny_disk, jwt_secret=SECRET, client_api_keys=(CLIENT_KEY,))
+    hub = Hub(config)
+    hub.recover()
+    journal_path = tiny_disk / "journal.jsonl"
+    data = parse_submission({"capability": "echo", "payload": {"pad": "x" * 60_000}})
+    try:
+        filler = fill(tiny_disk, leave=30_000)
+        first = asyncio.ensure_future(hub.submit(data, "o", None, "key-1"))
+        while not hub.journal.buffer:  # the first submit's record waits for the write
+            await asyncio.sleep(0)
+        [refused] = hub.broker.tasks.values()
+
+        async def retry():
+            assert ("o", "key-1") in hub.submitting and not first.done(), "it must wait for the first"
+            return await hub.submit(data, "o", None, "key-1")
+
+        answers = await asyncio.gather(retry(), first, return_exceptions=True)
+        assert [type(a) for a in answers] == [StorageFull, StorageFull], answers
+        assert answers[0] is answers[1], "the retry gets what the first submit got"
+        assert refused.id.encode() not in journal_path.read_bytes() and not hub.broker.tasks
+
+        filler.unlink()
+        assert hub.journal.probe()
+        task, created = await hub.submit(data, "o", None, "key-1")
+        assert created and task.id != refused.id and task.id.encode() in journal_path.read_bytes()
         assert (await hub.submit(data, "o", None, "key-1")) == (task, False)
     finally:
         await hub.release_waiters()
