@@ -3500,8 +3500,11 @@ async def handle_openapi(request: web.Request) -> web.Response:
 
 # ============================================================================ routes
 #
-# The middleware that turns exceptions into error bodies, the auth each kind of route
-# needs, and ROUTES: method, path, kind (client, agent, mgmt, open), handler.
+# The middleware that turns exceptions into error bodies, the one that refuses paths
+# and headers that cannot be decoded (and methods a path does not take), the one that
+# closes connections whose body was unusable; the security headers and the log filter
+# for untrusted text; the auth each kind of route needs, with failed credentials
+# throttled; and ROUTES: method, path, kind (client, agent, mgmt, open), handler.
 
 ERROR_TYPES = {400: "bad_request", 401: "authentication_error", 403: "authorization_error",
                404: "not_found", 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large"}
