@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run dev-mq test test-unit browser clean bench bench-tools
+.PHONY: run dev-mq test test-unit browser clean bench bench-tools torture
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -107,3 +107,8 @@ dev-agent: $(STAMP)
 	  test -n "$$OFFLOAD_AGENT_KEY" || { echo "set OFFLOAD_AGENT_KEY to an agent key of the server"; exit 1; }; \
 	  $(PY) offload_agent.py register --server $(SERVER_URL) --caps $(AGENT_CAPS); }
 	$(PY) offload_agent.py serve
+
+# The whole queue under repeated kill -9: acknowledged, lost, duplicated, stuck.
+# `make torture TORTURE_ARGS="--tasks 2000 --kills 20"` for a longer run.
+torture: $(STAMP)
+	$(PY) bench/torture.py $(TORTURE_ARGS)

@@ -3,25 +3,34 @@
 One file, aiohttp its only dependency. It speaks the wire contract of API.md: registers
 with an agent key, logs in for a JWT, long-polls for tasks, takes them, runs up to
 `capacity` at once, streams progress and reports each result. Our server's extensions
-(take on poll, the next task with a result, cancel requests, `runtimeSecs`) are used
-when the server answers them; any other server gets the original protocol
-(`serve --original-protocol` forces it).
+(take on poll, the next task with a result, cancel requests, `runtimeSecs`, the holding
+report) are used when the server answers them; any other server gets the original
+protocol (`serve --original-protocol` forces it).
 
     python offload_agent.py register --server http://HOST:3069 --key AGENT_KEY \\
         --caps debug.echo shell.bash [--tier 0] [--capacity 1]
     python offload_agent.py serve            # until SIGINT/SIGTERM
+    python offload_agent.py rotate-key       # a fresh login secret from the server
     python offload_agent.py sysinfo          # what it reports about this machine
 
 The identity (agent id and its login secret) is kept in `.offload-agent.json` in the
-working directory (`--config PATH` moves it), written with mode 0600.
+working directory (`--config PATH` moves it), written with mode 0600 and synced.
+
+Nothing the server or a task sends is trusted: task ids must be ULIDs, files are opened
+inside the task folder without following links, fetches reach only public addresses
+unless `--allow-fetch` lists more, tasks get an allowlisted environment and (with
+`--task-user`, agent as root) another account; the README's threat model says what each
+option leaves reachable.
 
 Sections (`grep '^# ===' offload_agent.py`):
   1. imports, version, logger
   2. config        — the saved identity, runtime settings, system info
-  3. server client — keep-alive HTTP/1.1, re-auth on 401, backoff doubling to 30 s
-  4. executors     — a table from capability to coroutine, file fetching, artifacts
-  5. serve loop    — long poll, take, run up to `capacity` tasks, graceful stop
-  6. CLI           — register, serve, sysinfo; `main()`
+  3. server client — keep-alive HTTP/1.1, re-auth on 401 (re-registration), backoff to 30 s
+  4. executors     — confinement (ids, environment, reaper), the executor table, files
+                     through descriptors, guarded fetches, artifacts
+  5. serve loop    — long poll, take, run up to `capacity` tasks, heartbeat with the
+                     holding report, graceful stop
+  6. CLI           — register, serve, rotate-key, sysinfo; `main()`
 """
 
 # ============================================================================ imports, version, logger
@@ -33,14 +42,19 @@ import base64
 import codecs
 import contextlib
 import dataclasses
+import errno
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -48,9 +62,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
+import aiohttp.abc
 
 __version__ = "0.1.0"
 
@@ -68,12 +83,18 @@ BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
 PROGRESS_INTERVAL_S = 0.5         # log updates are batched at most this often
 RUNNING_AFTER_S = 0.5             # a task running this long is reported running, watched for cancels
-HEARTBEAT_S = 30.0                # ping when nothing else reached the server for this long
+HEARTBEAT_S = 8.0                 # declared to the server; the holding report goes out this often
 GRACE_S = 30.0                    # SIGTERM: how long running tasks may still finish
 FINAL_REPORT_S = 10.0             # after the grace: time left to deliver the last reports
 ARTIFACT_MAX_BYTES = 10 * 1024 * 1024
 OUTPUT_MAX_BYTES = 1024 * 1024    # captured stdout/stderr per stream; the tail is kept
 LOG_BUFFER_MAX_CHARS = 1024 * 1024  # unsent log kept while the server is unreachable
+FETCH_MAX_BYTES = 1024 * 1024 * 1024  # what one task's fetchFiles may bring in, all files together
+FETCH_TIMEOUT_S = 600.0           # the fetch phase of one task, all files together
+FETCH_MAX_REDIRECTS = 5
+LLM_MAX_CTX = 32768               # Ollama options a task may set are capped (see LLM_OPTIONS)
+LLM_MAX_PREDICT = 8192
+EXIT_CREDENTIAL_REVOKED = 3       # serve: the server no longer knows this agent's credential
 
 
 @dataclass
@@ -100,20 +121,49 @@ class AgentIdentity:
 
 
 def save_identity(path: Path, identity: AgentIdentity) -> None:
-    """Write the identity atomically with mode 0600: it holds the agent's login secret."""
+    """Write the identity atomically with mode 0600: it holds the agent's login secret.
+    Synced (file, then folder) before it counts: a crash must not leave an agent whose
+    only copy of a fresh credential was lost."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(path.name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)  # a leftover could be a link planted to redirect the write
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)  # whatever the umask
         json.dump(identity.to_json(), out, indent=2)
         out.write("\n")
-    os.chmod(temp, 0o600)  # O_CREAT's mode does not apply to a leftover temp file
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(temp, path)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def load_identity(path: Path) -> AgentIdentity:
     return AgentIdentity.from_json(json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class TaskUser:
+    """`--task-user`: the account tasks run as when the agent runs as root."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+    @classmethod
+    def lookup(cls, name: str) -> TaskUser:
+        import grp
+        import pwd
+        entry = pwd.getpwnam(name)  # KeyError when there is no such user
+        groups = tuple(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)
+        return cls(name, entry.pw_uid, entry.pw_gid, groups)
 
 
 @dataclass(frozen=True)
@@ -134,6 +184,14 @@ class Settings:
     # Our server's extensions (take on poll, next task on resolve, cancel requests); each
     # falls back to the original protocol on a server that does not know it.
     use_extensions: bool = True
+    # What fetchFiles may reach beyond public addresses: host names, IPs, CIDRs.
+    allow_fetch: tuple[str, ...] = ()
+    fetch_max_bytes: int = FETCH_MAX_BYTES
+    fetch_timeout_s: float = FETCH_TIMEOUT_S
+    task_user: TaskUser | None = None
+    heartbeat_s: float = HEARTBEAT_S
+    llm_max_ctx: int = LLM_MAX_CTX
+    llm_max_predict: int = LLM_MAX_PREDICT
 
 
 def base_capability(capability: str) -> str:
@@ -294,17 +352,40 @@ class ServerHttp:
         self.idle.clear()
 
 
+class CredentialRevoked(ServerRefused):
+    """The server refuses this agent's login and no registration key is at hand (or the new
+    registration is refused too): only the operator can fix it, so serve stops."""
+
+    def __init__(self, message: str):
+        super().__init__(401, "authentication_error", message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class ServerClient:
     """The agent side of API.md: calls over `ServerHttp`.
 
     Every private call carries the JWT; a 401 logs in again with the saved identity and
     retries once, so an expired token or a server with a new secret costs one round trip.
+    A login the server refuses (agent deleted, credential revoked) registers again when a
+    registration key was given, and `on_new_identity` gets the new identity to save.
     """
 
-    def __init__(self, server_url: str, identity: AgentIdentity | None = None):
+    def __init__(self, server_url: str, identity: AgentIdentity | None = None, *,
+                 registration_key: str | None = None, heartbeat_s: float | None = None,
+                 on_new_identity: Callable[[AgentIdentity], None] | None = None):
         self.http = ServerHttp(server_url)
         self.identity = identity
+        self.registration_key = registration_key
+        self.heartbeat_s = heartbeat_s
+        self.on_new_identity = on_new_identity
+        self.on_login: Callable[[], None] | None = None
+        self.on_revoked: Callable[[CredentialRevoked], None] | None = None
+        self.register_hint = ""   # extra `register` arguments the operator needs (--config)
         self.token: str | None = None
+        self.login_lock = asyncio.Lock()
+        self.post_ping = True   # the holding report; False once the server showed it lacks it
         self.last_contact_at = time.monotonic()  # last exchange the server answered
 
     async def _send(self, method: str, path: str, body: Any = None, *,
@@ -331,16 +412,22 @@ class ServerClient:
             raise _refusal(status, parsed)
         return parsed
 
+    async def _fresh_token(self, refused: str | None) -> str:
+        """The current token, logging in first when there is none or it is the one just
+        refused; concurrent calls that were all refused log in once."""
+        async with self.login_lock:
+            if self.token is None or self.token == refused:
+                await self.authenticate()
+            return self.token
+
     async def _call_private(self, method: str, path: str, body: Any = None,
                             timeout_s: float = REQUEST_TIMEOUT_S) -> Any:
-        if self.token is None:
-            await self.authenticate()
-        status, parsed = await self._send(method, path, body, token=self.token,
-                                          timeout_s=timeout_s)
+        token = self.token or await self._fresh_token(None)
+        status, parsed = await self._send(method, path, body, token=token, timeout_s=timeout_s)
         if status == 401:
             log.info("token refused, logging in again")
-            await self.authenticate()
-            status, parsed = await self._send(method, path, body, token=self.token,
+            token = await self._fresh_token(token)
+            status, parsed = await self._send(method, path, body, token=token,
                                               timeout_s=timeout_s)
         if status >= 400:
             raise _refusal(status, parsed)
@@ -350,27 +437,92 @@ class ServerClient:
 
     async def register(self, api_key: str, capabilities: list[str], tier: int,
                        capacity: int, info: dict) -> dict:
-        return await self._call_public("POST", "/agent/register", {
-            "capabilities": capabilities, "tier": tier, "capacity": capacity,
-            "systemInfo": info, "apiKey": api_key})
+        body = {"capabilities": capabilities, "tier": tier, "capacity": capacity,
+                "systemInfo": info, "apiKey": api_key}
+        if self.heartbeat_s:
+            body["heartbeatSecs"] = self.heartbeat_s
+        return await self._call_public("POST", "/agent/register", body)
 
     async def authenticate(self) -> None:
         if self.identity is None:
             raise RuntimeError("authenticate needs a registered identity")
-        answer = await self._call_public("POST", "/agent/auth", {
+        status, answer = await self._send("POST", "/agent/auth", {
             "agentId": self.identity.agent_id, "key": self.identity.key})
+        if status == 401:
+            if not self.registration_key:
+                raise self._revoked(
+                    f"the server refuses agent {self.identity.agent_id}'s credential "
+                    f"({_error_message(answer) or 'unknown agent or wrong key'}): register it again "
+                    f"with `offload_agent.py register --server {self.http_url} --key <agent key> "
+                    f"--caps {' '.join(self.identity.capabilities)}{self.register_hint}`, or serve with "
+                    f"OFFLOAD_AGENT_KEY set to re-register by itself")
+            await self._register_again()
+            status, answer = await self._send("POST", "/agent/auth", {
+                "agentId": self.identity.agent_id, "key": self.identity.key})
+            if status == 401:
+                raise self._revoked(f"the server refuses the credential it has just "
+                                        f"issued to agent {self.identity.agent_id}")
+        if status >= 400:
+            raise _refusal(status, answer)
+        if not isinstance(answer, dict) or not isinstance(answer.get("token"), str):
+            raise ServerUnavailable("POST /agent/auth: the answer carries no token")
         self.token = answer["token"]
+        if self.on_login is not None:
+            self.on_login()
+
+    def _revoked(self, message: str) -> CredentialRevoked:
+        err = CredentialRevoked(message)
+        if self.on_revoked is not None:
+            self.on_revoked(err)
+        return err
+
+    async def _register_again(self) -> None:
+        old = self.identity
+        try:
+            answer = await self.register(self.registration_key, old.capabilities, old.tier,
+                                         old.capacity, system_info())
+        except ServerRefused as err:
+            if err.status not in (401, 403):
+                raise
+            raise self._revoked(f"the server no longer accepts agent {old.agent_id} and refuses "
+                                f"the registration key too ({err.message}): check OFFLOAD_AGENT_KEY "
+                                f"against the server's AGENT_API_KEYS") from None
+        if not isinstance(answer, dict) or not isinstance(answer.get("agentId"), str) \
+                or not isinstance(answer.get("key"), str):
+            raise ServerUnavailable("POST /agent/register: the answer carries no identity")
+        self.identity = dataclasses.replace(old, agent_id=answer["agentId"], key=answer["key"])
+        log.warning("the server no longer accepts agent %s (deleted or credential revoked); "
+                    "registered again as %s", old.agent_id, self.identity.agent_id)
+        if self.on_new_identity is not None:
+            self.on_new_identity(self.identity)
+
+    @property
+    def http_url(self) -> str:
+        return self.identity.server if self.identity else ""
 
     # -- private agent routes -------------------------------------------------
 
-    async def ping(self) -> dict:
+    async def ping(self, holding: list[dict] | None = None) -> dict:
+        """A contact; with `holding` (WIRE.md) also tells the server which tasks this agent
+        holds, so it releases the rest. A server without it (404/405) gets GET pings."""
+        if holding is not None and self.post_ping:
+            try:
+                return await self._call_private("POST", "/private/agent/ping",
+                                                {"holding": holding})
+            except ServerRefused as err:
+                if err.status not in (404, 405):
+                    raise
+                self.post_ping = False
+                log.info("server takes no holding report; pinging with GET")
         return await self._call_private("GET", "/private/agent/ping")
 
     async def update_info(self, capabilities: list[str], info: dict) -> dict:
         ident = self.identity
-        return await self._call_private("POST", "/private/agent/info/update", {
-            "capabilities": capabilities, "tier": ident.tier,
-            "capacity": ident.capacity, "systemInfo": info})
+        body = {"capabilities": capabilities, "tier": ident.tier,
+                "capacity": ident.capacity, "systemInfo": info}
+        if self.heartbeat_s:
+            body["heartbeatSecs"] = self.heartbeat_s
+        return await self._call_private("POST", "/private/agent/info/update", body)
 
     async def poll_task(self, wait_s: int, take: bool = False) -> dict | None:
         """An UnassignedTask or None. With `take` (extension) a server that knows it also
@@ -409,6 +561,10 @@ class ServerClient:
             {"id": task_id, "capability": task_id["cap"], "status": status, "output": output},
             timeout_s=REQUEST_TIMEOUT_S * 4)  # artifacts can make this body large
         return answer.get("next") if isinstance(answer, dict) else None
+
+    async def rotate_key(self) -> dict:
+        """Extension (WIRE.md): a fresh login secret; tokens issued before stop working."""
+        return await self._call_private("POST", "/private/agent/rotate_key")
 
     async def cancel_requests(self, wait_s: int) -> list[dict]:
         """Extension: ids of held tasks the server wants stopped (long poll)."""
@@ -553,7 +709,9 @@ class ProgressReporter:
 
 @dataclass
 class TaskRun:
-    """Everything an executor gets: the task, its private folder, and a way to report progress."""
+    """Everything an executor gets: the task, its private folder, and a way to report progress.
+    `fetch_http` is the session for fetchFiles (its resolver refuses internal addresses);
+    `http` reaches the operator's own services (Ollama). `reaper` holds task processes."""
 
     task_id: dict
     data: dict
@@ -561,6 +719,8 @@ class TaskRun:
     settings: Settings
     http: aiohttp.ClientSession
     progress: ProgressReporter
+    fetch_http: aiohttp.ClientSession | None = None
+    reaper: TaskReaper | None = None
     executor_started: bool = False
 
     @property
@@ -573,6 +733,107 @@ class TaskRun:
 
     def log(self, text: str) -> None:
         self.progress.write(text)
+
+
+# -- what a task may reach: ids, environment, processes -------------------------
+# Everything the server sends is untrusted: a task id becomes a folder name, file paths
+# become opens, URLs become connections. Each is checked where it is used.
+
+ULID_RE = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
+TASK_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
+
+
+def valid_task_id(task_id: Any) -> bool:
+    """`{"cap": str, "id": ULID}`: the id names a folder, so nothing else is accepted."""
+    return (isinstance(task_id, dict) and isinstance(task_id.get("cap"), str)
+            and isinstance(task_id.get("id"), str) and ULID_RE.fullmatch(task_id["id"]) is not None)
+
+
+def task_environment(folder: Path, user: TaskUser | None) -> dict[str, str]:
+    """What a task's processes see of the agent's environment: an allowlist, so no key,
+    token or secret of the agent's; under --task-user HOME is the task folder."""
+    env = {name: value for name, value in os.environ.items()
+           if name in TASK_ENV_NAMES or name.startswith("LC_")}
+    env.setdefault("PATH", os.defpath)
+    if user is not None:
+        env.update(HOME=str(folder), USER=user.name, LOGNAME=user.name)
+    return env
+
+
+def _as_user(user: TaskUser | None) -> dict:
+    if user is None:
+        return {}
+    return {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
+
+
+REAPER_CODE = """\
+import os, sys
+held = set()
+for line in sys.stdin:
+    (held.add if line[0] == "+" else held.discard)(int(line[1:]))
+for group in held:
+    try:
+        os.killpg(group, 9)
+    except OSError:
+        pass
+"""
+
+
+class TaskReaper:
+    """A small process that outlives the agent by a moment: it is told the process group of
+    each running task, and when its pipe from the agent closes (the agent exited, kill -9
+    included) it kills those groups. PR_SET_PDEATHSIG would reach only direct children."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", REAPER_CODE], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, start_new_session=True)  # Ctrl-C does not reach it
+
+    def _tell(self, line: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.write(line.encode())
+            self.proc.stdin.flush()
+
+    def hold(self, group: int) -> None:
+        self._tell(f"+{group}\n")
+
+    def release(self, group: int) -> None:
+        self._tell(f"-{group}\n")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
+async def _spawn(run: TaskRun, argv: list[str], **kwargs) -> asyncio.subprocess.Process:
+    """A task process: in the task folder, with the task's environment, as --task-user,
+    in a session (and so a process group) of its own that the reaper holds."""
+    kwargs.setdefault("env", task_environment(run.folder, run.settings.task_user))
+    kwargs.setdefault("cwd", run.folder)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+        **_as_user(run.settings.task_user), **kwargs)
+    if run.reaper is not None:
+        run.reaper.hold(proc.pid)
+    return proc
+
+
+async def _end_group(run: TaskRun, proc: asyncio.subprocess.Process) -> None:
+    """Kills what is left of a task's processes and collects the exit status. Waiting here,
+    on a cancel too, keeps the child ours to reap: left to garbage collection, another
+    subprocess call could reap it first ("Unknown child process pid" from asyncio)."""
+    _kill_group(proc.pid)
+    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(proc.wait()), 5)
+    if run.reaper is not None:
+        run.reaper.release(proc.pid)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 # -- shell.bash / shellcmd.bash ----------------------------------------------
@@ -626,21 +887,14 @@ class _CapturedStream:
         return text
 
 
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
 async def _run_bash(run: TaskRun, stream: bool) -> dict:
     command, timeout_s = _shell_command(run.payload)
     on_line = run.log if stream else None
     stdout, stderr = _CapturedStream(on_line), _CapturedStream(on_line)
     # A session of its own makes the process group killable as a whole: children
     # started by the command die with it on timeout or shutdown.
-    proc = await asyncio.create_subprocess_exec(
-        "bash", "-c", command, cwd=run.folder, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        start_new_session=True)
+    proc = await _spawn(run, ["bash", "-c", command], stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.PIPE)
 
     async def pump(reader: asyncio.StreamReader, sink: _CapturedStream) -> None:
         while chunk := await reader.read(65536):
@@ -660,10 +914,9 @@ async def _run_bash(run: TaskRun, stream: bool) -> dict:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(pumps), 5)
     finally:
-        if proc.returncode is None:  # cancelled (agent shutdown): leave nothing behind
-            _kill_group(proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+        # Cancelled (agent shutdown, a cancel request): leave nothing behind. The group
+        # kill reaches the shell too; asyncio's watcher collects its exit status.
+        await _end_group(run, proc)
         pumps.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await pumps
@@ -696,14 +949,58 @@ async def run_echo(run: TaskRun) -> Any:
 
 # -- llm.<model> (Ollama) ------------------------------------------------------
 
-def ollama_chat_request(model: str, payload: Any) -> dict:
+# What a task may put in the Ollama request. Options that pick hardware or hold memory
+# (num_gpu, num_thread, use_mlock, keep_alive...) are the operator's, and the context and
+# output lengths are capped (--llm-max-ctx, --llm-max-predict).
+LLM_BODY_FIELDS = frozenset({"messages", "prompt", "system", "format", "options", "stream",
+                             "tools", "think", "model"})
+LLM_NUMBER_OPTIONS = frozenset({
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "tfs_z", "repeat_last_n",
+    "repeat_penalty", "presence_penalty", "frequency_penalty", "mirostat", "mirostat_tau",
+    "mirostat_eta", "seed"})
+LLM_OPTIONS = LLM_NUMBER_OPTIONS | {"stop", "penalize_newline", "num_ctx", "num_predict"}
+
+
+def _llm_options(options: Any, max_ctx: int, max_predict: int) -> dict:
+    if not isinstance(options, dict):
+        raise TaskFailed("payload.options must be an object")
+    unknown = sorted(set(options) - LLM_OPTIONS)
+    if unknown:
+        raise TaskFailed(f"payload.options {', '.join(unknown)} not allowed on this agent; "
+                         f"allowed: {', '.join(sorted(LLM_OPTIONS))}")
+    for name in LLM_NUMBER_OPTIONS & set(options):
+        value = options[name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TaskFailed(f"payload.options.{name} must be a number")
+    for name, cap in (("num_ctx", max_ctx), ("num_predict", max_predict)):
+        value = options.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 1 <= value <= cap):
+            raise TaskFailed(f"payload.options.{name} must be an integer from 1 to {cap} on this agent")
+    stop = options.get("stop")
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise TaskFailed("payload.options.stop must be a list of strings")
+    if "penalize_newline" in options and not isinstance(options["penalize_newline"], bool):
+        raise TaskFailed("payload.options.penalize_newline must be true or false")
+    return dict(options)
+
+
+def ollama_chat_request(model: str, payload: Any, max_ctx: int = LLM_MAX_CTX,
+                        max_predict: int = LLM_MAX_PREDICT) -> dict:
     """Turns a task payload into an Ollama /api/chat body: a prompt string, a
-    `{"prompt", "system"?}` object, or a chat body with `messages` are all accepted."""
+    `{"prompt", "system"?}` object, or a chat body with `messages` are all accepted.
+    The model is the capability's; fields beyond LLM_BODY_FIELDS are refused."""
     if isinstance(payload, str):
         payload = {"prompt": payload}
     if not isinstance(payload, dict):
         raise TaskFailed('payload must be a prompt string or an object with "messages" or "prompt"')
-    body = {k: v for k, v in payload.items() if k not in ("prompt", "system")}
+    unknown = sorted(set(payload) - LLM_BODY_FIELDS)
+    if unknown:
+        raise TaskFailed(f"payload field(s) {', '.join(unknown)} not allowed on this agent; "
+                         f"allowed: {', '.join(sorted(LLM_BODY_FIELDS - {'model'}))}")
+    body = {k: v for k, v in payload.items() if k not in ("prompt", "system", "model")}
+    if "options" in body:
+        body["options"] = _llm_options(body["options"], max_ctx, max_predict)
     if "messages" not in body:
         if not payload.get("prompt"):
             raise TaskFailed('payload needs "messages" or "prompt"')
@@ -724,7 +1021,8 @@ async def run_llm(run: TaskRun) -> dict:
     asks for `stream`, the text also streams into the task log as it is generated.
     """
     model = run.capability.removeprefix("llm.")
-    request = ollama_chat_request(model, run.payload)
+    request = ollama_chat_request(model, run.payload, run.settings.llm_max_ctx,
+                                  run.settings.llm_max_predict)
     base = run.settings.ollama_url.rstrip("/")
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
     try:
@@ -804,9 +1102,21 @@ def needs_folder(executor: Executor | None, data: dict) -> bool:
     return executor in FOLDER_EXECUTORS or bool(data.get("fetchFiles") or data.get("artifacts"))
 
 
-def _fresh_folder(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)  # a retried task starts afresh
-    folder.mkdir(parents=True)
+def task_folders(work_root: Path, uid: str) -> tuple[Path, Path]:
+    """(private parent, task folder). The parent (mode 0700, the agent's) is what a task
+    run as --task-user cannot list or cross: no other task's folder and nothing of the
+    agent's is reachable by walking up from its own."""
+    parent = work_root / uid
+    return parent, parent / "task"
+
+
+def _fresh_folder(parent: Path, folder: Path, user: TaskUser | None) -> None:
+    shutil.rmtree(parent, ignore_errors=True)  # a retried task starts afresh
+    os.mkdir(parent, 0o700)
+    os.chmod(parent, 0o700)  # whatever the umask
+    os.mkdir(folder, 0o700)
+    if user is not None:
+        os.chown(folder, user.uid, user.gid)
 
 
 def find_executor(capability: str) -> Executor | None:
@@ -819,85 +1129,435 @@ def find_executor(capability: str) -> Executor | None:
     return None
 
 
-# -- files in and out ------------------------------------------------------------
+# -- files in and out: never through a symbolic link ------------------------------
 
-def path_inside(folder: Path, relative: Any) -> Path:
-    """The absolute path of `relative` inside `folder`; refuses absolute paths and escapes
-    (`..`, or a symlink pointing out), so a task can only touch its own folder."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def relative_parts(relative: Any) -> list[str]:
+    """The components of a path relative to the task folder; absolute paths and `..` are
+    refused before anything is touched (links are dealt with at each use, TaskFolder)."""
     if not isinstance(relative, str) or not relative.strip():
         raise TaskFailed(f"file path {relative!r} must be a non-empty relative path")
     if os.path.isabs(relative) or re.match(r"^[A-Za-z]:[\\/]", relative) or "\x00" in relative:
         raise TaskFailed(f"file path {relative!r} is absolute; paths are relative to the task folder")
-    root = folder.resolve()
-    target = (root / relative).resolve()
-    if target != root and not target.is_relative_to(root):
+    parts = [part for part in relative.split("/") if part not in ("", ".")]
+    if ".." in parts:
         raise TaskFailed(f"file path {relative!r} escapes the task folder")
-    return target
+    if not parts:
+        raise TaskFailed(f"file path {relative!r} names the task folder itself")
+    return parts
 
 
-def _git_url_allowed(url: str, settings: Settings) -> bool:
-    scheme = urlsplit(url).scheme.lower()
-    if scheme in ("https", "http", "ssh", "git"):
-        return True
-    if scheme == "file":
-        return settings.allow_local_git
-    # scp-like `git@host:owner/repo.git`
-    return bool(re.match(r"^[\w.-]+@[\w.-]+:[^/]", url))
+class TaskFolder:
+    """Paths inside a task folder, opened one component at a time with O_NOFOLLOW from a
+    descriptor of the folder: whatever a cloned repository or the task placed there, a
+    path cannot leave it, and the check happens at the moment of the write or read."""
+
+    def __init__(self, root: Path, owner: TaskUser | None):
+        self.root = root
+        self.owner = owner
+
+    def own(self, name: str, dir_fd: int) -> None:
+        if self.owner is not None:
+            os.chown(name, self.owner.uid, self.owner.gid, dir_fd=dir_fd, follow_symlinks=False)
+
+    def open_root(self) -> int:
+        return os.open(self.root, _DIR_FLAGS)
+
+    def open_parent(self, relative: str, parts: list[str], create: bool) -> int:
+        """A descriptor of the folder that holds `parts[-1]`, made on the way if `create`."""
+        fd = self.open_root()
+        try:
+            for name in parts[:-1]:
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                        self.own(name, fd)
+                try:
+                    inner = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError as err:
+                    raise self._refusal(relative, name, fd, err) from None
+                os.close(fd)
+                fd = inner
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def _refusal(relative: str, name: str, dir_fd: int, err: OSError) -> Exception:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            with contextlib.suppress(OSError):
+                if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                    return TaskFailed(f"file path {relative!r} escapes the task folder "
+                                      f"through the symbolic link {name!r}")
+            return TaskFailed(f"file path {relative!r}: {name!r} is not a folder")
+        return err
+
+    def read(self, relative: str, max_bytes: int) -> bytes:
+        """A regular file's bytes: not through a link, not a FIFO or device, not a file with
+        other hard links (it could be one outside, linked in by the task)."""
+        parts = relative_parts(relative)
+        try:
+            parent = self.open_parent(relative, parts, create=False)
+        except FileNotFoundError:
+            raise TaskFailed(f"artifact {relative!r} was not produced") from None
+        try:
+            name = parts[-1]
+            try:
+                before = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                raise TaskFailed(f"artifact {relative!r} was not produced") from None
+            if stat.S_ISLNK(before.st_mode):
+                raise TaskFailed(f"file path {relative!r} escapes the task folder "
+                                 f"through the symbolic link {name!r}")
+            if not stat.S_ISREG(before.st_mode):
+                raise TaskFailed(f"artifact {relative!r} is not a regular file")
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=parent)
+        except OSError as err:
+            raise self._refusal(relative, parts[-1], parent, err) from None
+        finally:
+            os.close(parent)
+        with open(fd, "rb") as source:
+            now = os.fstat(fd)
+            if (now.st_ino, now.st_dev) != (before.st_ino, before.st_dev) or not stat.S_ISREG(now.st_mode):
+                raise TaskFailed(f"artifact {relative!r} changed while it was read")
+            if now.st_nlink > 1:
+                raise TaskFailed(f"artifact {relative!r} has other hard links; "
+                                 f"only files made in the task folder are sent back")
+            if now.st_size > max_bytes:
+                raise TaskFailed(f"artifact {relative!r} is {now.st_size} bytes, "
+                                 f"over the limit of {max_bytes} bytes")
+            content = source.read(max_bytes + 1)
+        if len(content) > max_bytes:
+            raise TaskFailed(f"artifact {relative!r} is over the limit of {max_bytes} bytes")
+        return content
+
+
+# -- fetching: only what the operator allows ---------------------------------------
+
+class FetchRefused(OSError):
+    """A fetch would reach an address this agent does not fetch from."""
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, NAT64, 6to4): it reaches that host."""
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip in ipaddress.IPv6Network("64:ff9b::/96"):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.sixtofour
+
+
+def internal_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why an address is not a public one (None when it is)."""
+    if ip.version == 6 and (inner := _embedded_ipv4(ip)) is not None:
+        return internal_reason(inner)
+    for kind in ("loopback", "link_local", "multicast", "unspecified", "private", "reserved"):
+        if getattr(ip, f"is_{kind}"):
+            return f"a {kind.replace('_', '-')} address"
+    if not ip.is_global or (ip.version == 6 and ip.is_site_local):
+        return "not a public address"
+    return None
+
+
+class FetchPolicy:
+    """Public addresses are fetched from; loopback, link-local, private, multicast,
+    unspecified and reserved ones only when `--allow-fetch` lists them (an IP, a CIDR,
+    or a host name, which then may resolve to anything)."""
+
+    def __init__(self, allowed: tuple[str, ...] = ()):
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.hosts: set[str] = set()
+        for entry in allowed:
+            entry = entry.strip()
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                if not re.fullmatch(r"[A-Za-z0-9.-]+", entry):
+                    raise ValueError(f"--allow-fetch {entry!r} is neither a host name, an IP "
+                                     f"nor a CIDR") from None
+                self.hosts.add(entry.lower().rstrip("."))
+
+    def host_allowed(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self.hosts
+
+    def refusal(self, address: str) -> str | None:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        plain = _embedded_ipv4(ip) if ip.version == 6 else None
+        if any((plain or ip) in net for net in self.networks if net.version == (plain or ip).version):
+            return None
+        reason = internal_reason(ip)
+        return None if reason is None else f"{address} is {reason} (see --allow-fetch)"
+
+    def literal(self, host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The address of a host written as one (aiohttp connects to such hosts without
+        its resolver, so they are checked here); None for a name."""
+        host = host.strip("[]")
+        if not (":" in host or host.replace(".", "").isdigit()):
+            return None
+        with contextlib.suppress(ValueError):
+            return ipaddress.ip_address(host.split("%", 1)[0])
+        try:  # the legacy forms the C library still accepts: 2130706433, 127.1
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            raise FetchRefused(f"{host!r} is not an address this agent can check") from None
+
+    def check_literal(self, host: str) -> None:
+        ip = self.literal(host)
+        if ip is not None and not self.host_allowed(host) and (why := self.refusal(str(ip))):
+            raise FetchRefused(why)
+
+    async def addresses(self, host: str, port: int) -> list[str]:
+        """The resolved addresses of `host` this agent may connect to; FetchRefused if none."""
+        ip = self.literal(host)
+        if ip is not None:
+            self.check_literal(host)
+            return [str(ip)]
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = list(dict.fromkeys(info[4][0] for info in infos))
+        if self.host_allowed(host):
+            return found
+        kept = [address for address in found if self.refusal(address) is None]
+        if not kept:
+            raise FetchRefused(f"{host} resolves to {self.refusal(found[0]) if found else 'nothing'}")
+        return kept
+
+
+class GuardedResolver(aiohttp.abc.AbstractResolver):
+    """aiohttp connects to what its resolver answers: answering only checked addresses
+    means the address checked is the one connected to (no DNS rebinding between)."""
+
+    def __init__(self, policy: FetchPolicy):
+        self.policy = policy
+        self.inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[dict]:
+        found = await self.inner.resolve(host, port, family)
+        if self.policy.host_allowed(host):
+            return found
+        kept = [info for info in found if self.policy.refusal(info["host"]) is None]
+        if not kept:
+            raise FetchRefused(f"{host.rstrip('.')} resolves to "
+                               f"{self.policy.refusal(found[0]['host']) if found else 'nothing'}")
+        return kept
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def make_fetch_session(settings: Settings) -> aiohttp.ClientSession:
+    """The session every `get` goes through: no proxies from the environment, no cookies
+    kept between tasks, and the guarded resolver."""
+    connector = aiohttp.TCPConnector(resolver=GuardedResolver(FetchPolicy(settings.allow_fetch)),
+                                     force_close=True)
+    return aiohttp.ClientSession(connector=connector, trust_env=False,
+                                 cookie_jar=aiohttp.DummyCookieJar())
+
+
+class FetchBudget:
+    """The bytes one task's fetchFiles may still bring in."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.used = 0
+
+    def take(self, count: int, path: str) -> None:
+        self.used += count
+        if self.used > self.max_bytes:
+            raise TaskFailed(f"fetchFiles {path!r}: over this agent's limit of "
+                             f"{self.max_bytes} fetched bytes per task")
 
 
 def _request_headers(ref: dict) -> dict[str, str]:
     """Headers a FileReference asks for: `customHeader`, then `httpAuthHeader` as the
     Authorization value, else HTTP basic auth from `httpLogin`/`httpPassword`."""
-    headers = {str(k): str(v) for k, v in (ref.get("customHeader") or {}).items()}
+    custom = ref.get("customHeader") or {}
+    if not isinstance(custom, dict):
+        raise TaskFailed(f"fetchFiles {ref.get('path')!r}: customHeader must be an object")
+    headers = {str(k): str(v) for k, v in custom.items()}
     if ref.get("httpAuthHeader"):
         headers["Authorization"] = str(ref["httpAuthHeader"])
     elif ref.get("httpLogin") is not None:
         pair = f"{ref['httpLogin']}:{ref.get('httpPassword') or ''}".encode()
         headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+    for name, value in headers.items():
+        # A line break would add headers of the task's choosing (and, for git, config lines).
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) or re.search(r"[\r\n\0]", value):
+            raise TaskFailed(f"fetchFiles {ref.get('path')!r}: header {name[:40]!r} is not a valid header")
     return headers
 
 
-async def _fetch_http(run: TaskRun, ref: dict, target: Path) -> None:
-    url = ref["get"]
-    if urlsplit(url).scheme.lower() not in ("http", "https"):
-        raise TaskFailed(f"fetchFiles {ref['path']!r}: only http(s) URLs can be fetched with get")
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _origin(url: str) -> tuple:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.hostname, parts.port
+
+
+async def _fetch_http(run: TaskRun, ref: dict, budget: FetchBudget) -> None:
+    """One `get` into a part file renamed over `path` (the rename replaces the name itself,
+    so a link or hard link planted there is never written through). Redirects are followed here, each hop checked like the first, and the
+    request's credentials go only to the origin they were given for."""
+    path, url, headers = ref["path"], ref["get"], _request_headers(ref)
+    policy = FetchPolicy(run.settings.allow_fetch)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
     try:
-        async with run.http.get(url, headers=_request_headers(ref), timeout=timeout) as resp:
-            if resp.status >= 400:
-                raise TaskFailed(f"fetchFiles {ref['path']!r}: HTTP {resp.status} from {_safe_url(url)}")
-            with open(target, "wb") as out:
-                async for chunk in resp.content.iter_chunked(65536):
-                    out.write(chunk)
+        for _ in range(FETCH_MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+                raise TaskFailed(f"fetchFiles {path!r}: only http(s) URLs can be fetched with get")
+            policy.check_literal(parts.hostname)
+            async with run.fetch_http.get(url, headers=headers, timeout=timeout,
+                                          allow_redirects=False) as resp:
+                location = resp.headers.get("Location")
+                if resp.status in (301, 302, 303, 307, 308) and location:
+                    following = urljoin(url, location)
+                    if _origin(following) != _origin(url):
+                        headers = {}
+                    url = following
+                    continue
+                if resp.status >= 400:
+                    raise TaskFailed(f"fetchFiles {path!r}: HTTP {resp.status} from {_safe_url(url)}")
+                if (resp.content_length or 0) > budget.max_bytes - budget.used:
+                    budget.take(resp.content_length, path)
+                await _receive(run, path, resp.content, budget)
+                return
+        raise TaskFailed(f"fetchFiles {path!r}: more than {FETCH_MAX_REDIRECTS} redirects")
+    except FetchRefused as err:
+        raise TaskFailed(f"fetchFiles {path!r}: refused: {err}") from None
+    except aiohttp.ClientConnectorError as err:
+        if isinstance(err.os_error, FetchRefused):
+            raise TaskFailed(f"fetchFiles {path!r}: refused: {err.os_error}") from None
+        raise TaskFailed(f"fetchFiles {path!r}: {_safe_url(url)}: {err}") from err
     except aiohttp.ClientError as err:
-        raise TaskFailed(f"fetchFiles {ref['path']!r}: {_safe_url(url)}: {err}") from err
+        raise TaskFailed(f"fetchFiles {path!r}: {_safe_url(url)}: {err}") from err
 
 
-async def _fetch_git(run: TaskRun, ref: dict, target: Path) -> None:
-    url = ref["gitClone"]
-    if not _git_url_allowed(url, run.settings):
-        raise TaskFailed(f"fetchFiles {ref['path']!r}: git URL scheme not allowed: {_safe_url(url)}")
-    # Credentials go to git through GIT_CONFIG_* variables, not argv: argv is public in ps.
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
-    extra_headers = [f"{k}: {v}" for k, v in _request_headers(ref).items()]
-    for index, header in enumerate(extra_headers):
-        env[f"GIT_CONFIG_KEY_{index}"] = "http.extraHeader"
-        env[f"GIT_CONFIG_VALUE_{index}"] = header
-    env["GIT_CONFIG_COUNT"] = str(len(extra_headers))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    proc = await asyncio.create_subprocess_exec(
-        "git", "clone", "--quiet", "--depth", "1", "--", url, str(target),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True)
+def _check_placeable(run: TaskRun, path: str) -> None:
+    """Fails now, before a download, when `path` cannot be reached without a link."""
+    parts = relative_parts(path)
+    os.close(TaskFolder(run.folder, run.settings.task_user).open_parent(path, parts, create=True))
+
+
+async def _receive(run: TaskRun, path: str, content: aiohttp.StreamReader,
+                   budget: FetchBudget) -> None:
+    parts = relative_parts(path)
+    folder = TaskFolder(run.folder, run.settings.task_user)
+    parent = folder.open_parent(path, parts, create=True)
+    temp = f".offload-part-{secrets.token_hex(8)}"
+    placed = False
     try:
-        _, err = await proc.communicate()
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=parent)
+        folder.own(temp, parent)
+        with open(fd, "wb") as out:
+            async for chunk in content.iter_chunked(65536):
+                budget.take(len(chunk), path)
+                out.write(chunk)
+        os.rename(temp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+        placed = True
+    except OSError as err:
+        raise TaskFailed(f"fetchFiles {path!r}: cannot be written: {err.strerror}") from None
     finally:
-        if proc.returncode is None:
-            _kill_group(proc.pid)
-    if proc.returncode != 0:
-        raise TaskFailed(f"fetchFiles {ref['path']!r}: git clone failed: "
-                         f"{err.decode(errors='replace').strip()[-500:]}")
+        if not placed:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=parent)
+        os.close(parent)
+
+
+async def _git_pins(run: TaskRun, path: str, url: str) -> tuple[str, list[str]]:
+    """(GIT_ALLOW_PROTOCOL, http.curloptResolve entries). git resolves names itself, so
+    the addresses checked here are pinned for it: it connects to no other."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "file" and run.settings.allow_local_git:
+        return "file", []
+    if scheme not in ("http", "https"):
+        raise TaskFailed(f"fetchFiles {path!r}: git URL scheme not allowed: {_safe_url(url)}; "
+                         f"this agent clones over http(s)")
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise TaskFailed(f"fetchFiles {path!r}: git URL without a host: {_safe_url(url)}")
+    port = parts.port or (443 if scheme == "https" else 80)
+    addresses = await FetchPolicy(run.settings.allow_fetch).addresses(parts.hostname, port)
+    pinned = ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+    return "http:https", [f"{parts.hostname}:{port}:{pinned}"]
+
+
+def _tree_size(top: str) -> int:
+    total = 0
+    for folder, _, files in os.walk(top):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
+async def _fetch_git(run: TaskRun, ref: dict, budget: FetchBudget) -> None:
+    """A shallow clone into a fresh folder of the agent's making, then renamed into place
+    through descriptors (no link on the way is followed); bounded by the byte budget."""
+    path, url = ref["path"], ref["gitClone"]
+    try:
+        protocols, pins = await _git_pins(run, path, url)
+    except FetchRefused as err:
+        raise TaskFailed(f"fetchFiles {path!r}: refused: {err}") from None
+    except OSError as err:
+        raise TaskFailed(f"fetchFiles {path!r}: {_safe_url(url)}: {err}") from None
+    parts = relative_parts(path)
+    folder = TaskFolder(run.folder, run.settings.task_user)
+    await asyncio.to_thread(_check_placeable, run, path)
+    temp = f".offload-clone-{secrets.token_hex(8)}"
+    root = folder.open_root()
+    try:
+        os.mkdir(temp, 0o755, dir_fd=root)
+        folder.own(temp, root)
+        # Credentials go to git through GIT_CONFIG_* variables, not argv: argv is public in
+        # ps. No system or user config: no credential helpers, url rewrites or proxies of
+        # the agent's user apply to a task's clone. No redirects: each hop would need a check.
+        config = [("http.followRedirects", "false")]
+        config += [("http.curloptResolve", pin) for pin in pins]
+        config += [("http.extraHeader", f"{k}: {v}") for k, v in _request_headers(ref).items()]
+        env = {**task_environment(run.folder, run.settings.task_user),
+               "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
+               "GIT_CONFIG_GLOBAL": os.devnull, "GIT_ALLOW_PROTOCOL": protocols,
+               "GIT_CONFIG_COUNT": str(len(config))}
+        for index, (key, value) in enumerate(config):
+            env[f"GIT_CONFIG_KEY_{index}"] = key
+            env[f"GIT_CONFIG_VALUE_{index}"] = value
+        proc = await _spawn(run, ["git", "clone", "--quiet", "--depth", "1", "--no-recurse-submodules",
+                                  "--", url, temp], env=env, stdout=asyncio.subprocess.DEVNULL,
+                            stderr=asyncio.subprocess.PIPE)
+        errors = asyncio.ensure_future(proc.stderr.read())
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(proc.wait()), 0.5)
+                    break
+                except asyncio.TimeoutError:
+                    pass
+                size = await asyncio.to_thread(_tree_size, str(run.folder / temp))
+                if size + budget.used > budget.max_bytes:
+                    budget.take(size, path)  # raises
+            err = await errors
+        finally:
+            await _end_group(run, proc)
+            errors.cancel()
+        if proc.returncode != 0:
+            message = err.decode(errors="replace").strip()[-500:]
+            raise TaskFailed(f"fetchFiles {path!r}: git clone failed: {message}")
+        budget.take(await asyncio.to_thread(_tree_size, str(run.folder / temp)), path)
+        parent = folder.open_parent(path, parts, create=True)
+        try:
+            os.rename(temp, parts[-1], src_dir_fd=root, dst_dir_fd=parent)
+        except OSError as err:
+            raise TaskFailed(f"fetchFiles {path!r}: cannot be placed: {err.strerror}") from None
+        finally:
+            os.close(parent)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(temp, dir_fd=root)
+        os.close(root)
 
 
 def _safe_url(url: str) -> str:
@@ -909,34 +1569,38 @@ def _safe_url(url: str) -> str:
 
 
 async def fetch_files(run: TaskRun) -> None:
-    """Downloads `fetchFiles` into the task folder; every path is checked before any fetch."""
+    """Downloads `fetchFiles` into the task folder; every path is checked before any
+    fetch, and again (through descriptors) at the moment it is written."""
     refs = run.data.get("fetchFiles") or []
     if not refs:
         return
-    targets = []
+    if not isinstance(refs, list):
+        raise TaskFailed("fetchFiles must be a list")
     for ref in refs:
         if not isinstance(ref, dict):
             raise TaskFailed("fetchFiles entries must be objects with a path")
-        targets.append((ref, path_inside(run.folder, ref.get("path"))))
-    run.progress.set_stage("fetching files")
-    for ref, target in targets:
-        if ref.get("gitClone"):
-            await _fetch_git(run, ref, target)
-        elif ref.get("get"):
-            await _fetch_http(run, ref, target)
-        else:
+        relative_parts(ref.get("path"))
+        if not (isinstance(ref.get("gitClone"), str) or isinstance(ref.get("get"), str)):
             raise TaskFailed(f"fetchFiles {ref['path']!r} has neither get nor gitClone")
+    run.progress.set_stage("fetching files")
+    budget = FetchBudget(run.settings.fetch_max_bytes)
+    try:
+        async with asyncio.timeout(run.settings.fetch_timeout_s) as deadline:
+            for ref in refs:
+                if isinstance(ref.get("gitClone"), str):
+                    await _fetch_git(run, ref, budget)
+                else:
+                    await _fetch_http(run, ref, budget)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise TaskFailed(f"fetchFiles took longer than this agent's limit of "
+                         f"{run.settings.fetch_timeout_s:g} s") from None
 
 
-def _read_artifact(folder: Path, ref: Any, max_bytes: int) -> dict:
+def _read_artifact(run: TaskRun, ref: Any) -> dict:
     relative = ref.get("path") if isinstance(ref, dict) else None
-    target = path_inside(folder, relative)
-    if not target.is_file():
-        raise TaskFailed(f"artifact {relative!r} was not produced")
-    size = target.stat().st_size
-    if size > max_bytes:
-        raise TaskFailed(f"artifact {relative!r} is {size} bytes, over the limit of {max_bytes} bytes")
-    content = target.read_bytes()
+    content = TaskFolder(run.folder, None).read(relative, run.settings.artifact_max_bytes)
     return {"path": relative, "size": len(content),
             "sha256": hashlib.sha256(content).hexdigest(),
             "contentBase64": base64.b64encode(content).decode("ascii")}
@@ -946,9 +1610,10 @@ async def collect_artifacts(run: TaskRun) -> list[dict]:
     refs = run.data.get("artifacts") or []
     if not refs:
         return []
+    if not isinstance(refs, list):
+        raise TaskFailed("artifacts must be a list")
     run.progress.set_stage("collecting artifacts")
-    return await asyncio.to_thread(
-        lambda: [_read_artifact(run.folder, ref, run.settings.artifact_max_bytes) for ref in refs])
+    return await asyncio.to_thread(lambda: [_read_artifact(run, ref) for ref in refs])
 
 
 def _positive_number(value: Any) -> float | None:
@@ -968,52 +1633,57 @@ def _with_artifacts(output: Any, artifacts: list[dict]) -> Any:
 
 @dataclass
 class Outcome:
-    """A finished task as the resolve call wants it: the wire `status` and the `output`."""
+    """A finished task as the resolve call wants it: the wire `status` and the `output`.
+    `note` replaces the kind in the agent's own log (a cancel is reported as a failure)."""
 
     status: dict
     output: Any = None
+    note: str | None = None
 
     @property
     def kind(self) -> str:
         return next(iter(self.status))
 
 
-async def _run_within_runtime(run: TaskRun, executor: Executor) -> Any:
-    """`runtimeSecs` (extension) bounds the executor; cancelling it kills what it started."""
-    runtime_s = _positive_number(run.data.get("runtimeSecs"))
-    if runtime_s is None:
-        return await executor(run)
-    try:
-        async with asyncio.timeout(runtime_s) as deadline:
-            return await executor(run)
-    except TimeoutError:
-        if not deadline.expired():
-            raise  # the executor's own timeout, not ours
-        raise TaskFailed(f"ran past runtimeSecs ({runtime_s:g} s) and was stopped") from None
+def _without_paths(text: str, run: TaskRun) -> str:
+    """A message as the client sees it: paths relative to the task folder, never where the
+    agent keeps its work."""
+    folder, root = str(run.folder), str(run.settings.work_root)
+    return text.replace(folder + "/", "").replace(folder, ".").replace(root, "<work>")
 
 
 async def execute_task(run: TaskRun, executor: Executor | None) -> Outcome:
     """Runs one task to an Outcome. This is the one place where exceptions become results,
-    so a task can fail in any way without the agent noticing beyond a log line."""
+    so a task can fail in any way without the agent noticing beyond a log line.
+    `runtimeSecs` (extension) bounds fetching and running; cancelling kills what started."""
     started = time.monotonic()
+    runtime_s = _positive_number(run.data.get("runtimeSecs"))
     try:
         if executor is None:
             raise NotExecuted(f"this agent has no executor for {run.capability!r}")
-        await fetch_files(run)
-        run.progress.set_stage("running", deferred=True)
-        run.executor_started = True
-        output = await _run_within_runtime(run, executor)
+        try:
+            async with asyncio.timeout(runtime_s) as deadline:
+                await fetch_files(run)
+                run.progress.set_stage("running", deferred=True)
+                run.executor_started = True
+                output = await executor(run)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the executor's own timeout, not ours
+            raise TaskFailed(f"ran past runtimeSecs ({runtime_s:g} s) and was stopped") from None
         artifacts = await collect_artifacts(run)
         return Outcome({"success": time.monotonic() - started}, _with_artifacts(output, artifacts))
     except NotExecuted as err:
         return Outcome({"notExecuted": str(err)})
     except TaskFailed as err:
-        return Outcome({"failure": [err.message, time.monotonic() - started]}, err.output)
+        return Outcome({"failure": [_without_paths(err.message, run), time.monotonic() - started]},
+                       err.output)
     except asyncio.CancelledError:
         raise
     except Exception as err:  # an executor bug must not take the agent down
         log.exception("task %s/%s: executor raised", run.capability, run.task_id["id"])
-        return Outcome({"failure": [f"{type(err).__name__}: {err}", time.monotonic() - started]})
+        message = _without_paths(f"{type(err).__name__}: {err}", run)
+        return Outcome({"failure": [message, time.monotonic() - started]})
     finally:
         await run.progress.close()
 
@@ -1025,11 +1695,14 @@ class Agent:
     runs each task as an asyncio task, and reports it."""
 
     def __init__(self, client: ServerClient, identity: AgentIdentity, settings: Settings,
-                 session: aiohttp.ClientSession):
+                 session: aiohttp.ClientSession, fetch_session: aiohttp.ClientSession | None = None,
+                 reaper: TaskReaper | None = None):
         self.client = client
         self.identity = identity
         self.settings = settings
         self.session = session
+        self.fetch_session = fetch_session
+        self.reaper = reaper
         # Announcing a capability without an executor would draw its tasks here only to
         # hand them back as notExecuted (and a restartable one could come straight back).
         self.announced = [c for c in identity.capabilities if find_executor(c)]
@@ -1050,6 +1723,25 @@ class Agent:
         self.stopping = asyncio.Event()
         self.forced = asyncio.Event()
         self.report_deadline: float | None = None   # set once the grace period is over
+        # Tasks the server assigned here and not yet resolved (id -> cap): the holding report.
+        self.holding: dict[str, str] = {}
+        self.logged_in = asyncio.Event()           # a (re)login happened: report at once
+        self.revoked: str | None = None            # why serve stopped: the credential is gone
+        client.on_login = self.logged_in.set
+        client.on_revoked = self.credential_revoked
+        self.poll: asyncio.Future | None = None    # the long poll in flight
+        save = client.on_new_identity
+
+        def identity_changed(new: AgentIdentity) -> None:
+            # A poll sent with the old credential could still be handed a task for the old
+            # agent record, one this identity could never report: drop it (the server hands
+            # back a task whose poll went away).
+            if save is not None:
+                save(new)
+            self.identity = new
+            if self.poll is not None:
+                self.poll.cancel()
+        client.on_new_identity = identity_changed
 
     def request_stop(self) -> None:
         """First call: stop taking work and let tasks finish. Second call: do not wait."""
@@ -1075,9 +1767,19 @@ class Agent:
             await work
         return False, None
 
+    def credential_revoked(self, err: CredentialRevoked) -> None:
+        """Only the operator can help now: stop at once and say what to run."""
+        if self.revoked is None:
+            self.revoked = str(err)
+            log.error("%s", err)
+        self.stopping.set()
+        self.forced.set()
+
     async def serve(self) -> None:
         backoff = Backoff()
         await self._announce(backoff)
+        if self.revoked:
+            return
         helpers = [asyncio.create_task(self._heartbeat())]
         if self.settings.use_extensions:
             helpers.append(asyncio.create_task(self._watch_cancels()))
@@ -1131,28 +1833,48 @@ class Agent:
             execution.cancel()
 
     async def _heartbeat(self) -> None:
-        """The server counts an agent online while it heard from it in the last 120 s; with
-        every slot busy there is no long poll, so a long quiet task needs these pings."""
+        """Every heartbeat (whatever else runs, all slots busy included) and right after
+        each (re)login: a ping that says which tasks this agent holds, so the server
+        releases any it thinks we hold but we do not (a take whose answer was lost)."""
         while True:
-            await asyncio.sleep(HEARTBEAT_S / 3)
-            if time.monotonic() - self.client.last_contact_at >= HEARTBEAT_S:
-                with contextlib.suppress(ServerUnavailable, ServerRefused):
-                    await self.client.ping()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.logged_in.wait(), self.settings.heartbeat_s)
+            self.logged_in.clear()
+            holding = [{"cap": cap, "id": uid} for uid, cap in self.holding.items()]
+            try:
+                answer = await self.client.ping(holding)
+            except (ServerUnavailable, ServerRefused) as err:
+                log.debug("heartbeat: %s", err)
+                continue
+            released = answer.get("released") if isinstance(answer, dict) else None
+            if released:
+                log.info("server released %d task(s) this agent does not hold", len(released))
 
     async def _poll_loop(self, backoff: Backoff) -> None:
         while not self.stopping.is_set():
             finished, _ = await self._until_stopped(self.slots.acquire())
             if not finished:
                 break
+            poll = self.poll = asyncio.ensure_future(
+                self.client.poll_task(self.settings.poll_wait_s, take=self.settings.use_extensions))
             try:
-                finished, task = await self._until_stopped(
-                    self.client.poll_task(self.settings.poll_wait_s, take=self.settings.use_extensions))
+                try:
+                    finished, task = await self._until_stopped(poll)
+                finally:
+                    self.poll = None
                 if not finished or not task:
                     task = None
                 elif "agentId" not in task:  # unassigned: the original two-step protocol
                     task = None if self.stopping.is_set() else await self.client.take_task(task["id"])
+            except asyncio.CancelledError:
+                if not poll.cancelled() or asyncio.current_task().cancelling():
+                    raise
+                self.slots.release()  # dropped after a new registration: poll again
+                continue
             except (ServerUnavailable, ServerRefused) as err:
                 self.slots.release()
+                if self.revoked:
+                    break
                 delay = backoff.next_delay()
                 log.warning("server: %s; retrying in %.1f s", err, delay)
                 await self._until_stopped(asyncio.sleep(delay))
@@ -1174,11 +1896,13 @@ class Agent:
         while not self.stopping.is_set():
             try:
                 await self.client.update_info(self.announced, system_info())
-                log.info("agent %s online, serving %s (capacity %d)", self.identity.agent_id,
+                log.info("agent %s online, serving %s (capacity %d)", self.client.identity.agent_id,
                          ", ".join(sorted(self.served)), self.identity.capacity)
                 backoff.reset()
                 return
             except (ServerUnavailable, ServerRefused) as err:
+                if self.revoked:
+                    return
                 delay = backoff.next_delay()
                 log.warning("server: %s; retrying in %.1f s", err, delay)
                 await self._until_stopped(asyncio.sleep(delay))
@@ -1187,34 +1911,48 @@ class Agent:
         """Runs a taken task and reports it; a report may bring the next task (extension),
         which then runs in the same slot."""
         while assigned is not None:
-            task_id = assigned["id"]
-            outcome, progress = await self._execute(assigned)
-            assigned = await self._report(task_id, outcome, progress)
+            task_id = assigned.get("id") if isinstance(assigned, dict) else None
+            if not (isinstance(task_id, dict) and isinstance(task_id.get("cap"), str)
+                    and isinstance(task_id.get("id"), str)):
+                log.warning("the server handed over a task without a usable id; ignored")
+                return
+            self.holding[task_id["id"]] = task_id["cap"]
+            try:
+                outcome, progress = await self._execute(assigned)
+                assigned = await self._report(task_id, outcome, progress)
+            finally:
+                self.holding.pop(task_id["id"], None)
 
     async def _execute(self, assigned: dict) -> tuple[Outcome, ProgressReporter]:
         task_id = assigned["id"]
         uid = task_id["id"]
         log.debug("task %s/%s taken", task_id["cap"], uid)
-        folder = self.settings.work_root / uid
         started = time.monotonic()
         progress = ProgressReporter(self._progress_sender(task_id),
                                     self.settings.progress_interval_s,
                                     self.settings.running_after_s)
-        data = assigned.get("data") or {}
-        run = TaskRun(task_id=task_id, data=data, folder=folder,
-                      settings=self.settings, http=self.session, progress=progress)
+        if not valid_task_id(task_id):  # it would name a folder: `../victim` must not
+            log.warning("task id %r from the server is not a ULID; not run", uid[:64])
+            return Outcome({"notExecuted": "the task id is not a ULID; this agent did not run it"}), progress
+        parent, folder = task_folders(self.settings.work_root, uid)
+        data = assigned.get("data")
+        data = data if isinstance(data, dict) else {}
+        run = TaskRun(task_id=task_id, data=data, folder=folder, settings=self.settings,
+                      http=self.session, progress=progress, fetch_http=self.fetch_session,
+                      reaper=self.reaper)
         executor = find_executor(task_id["cap"]) if task_id["cap"] in self.served else None
         with_folder = needs_folder(executor, data)
         if with_folder:
             earlier = self.cleanups.get(uid)
             if earlier is not None:  # the same task ran here before: let its removal finish
                 await asyncio.wait({earlier})
-            self.folders.add(folder)
+            self.folders.add(parent)
             try:
-                await asyncio.to_thread(_fresh_folder, folder)
+                await asyncio.to_thread(_fresh_folder, parent, folder, self.settings.task_user)
             except OSError as err:
-                self._remove_folder_later(uid, folder)
-                return Outcome({"failure": [f"cannot create the task folder: {err}", 0.0]}), progress
+                self._remove_folder_later(uid, parent)
+                reason = f"cannot create the task folder: {err.strerror}"
+                return Outcome({"failure": [reason, 0.0]}), progress
         execution = asyncio.create_task(execute_task(run, executor))
         self.executions[uid] = execution
         # Only a task that runs for a while is worth watching for cancel requests.
@@ -1227,7 +1965,7 @@ class Agent:
             elapsed = time.monotonic() - started
             reason = self.cancel_reasons.get(task_id["id"])
             if reason:
-                outcome = Outcome({"failure": [reason, elapsed]})
+                outcome = Outcome({"failure": [reason, elapsed]}, note="stopped as the server asked")
             elif run.executor_started:
                 outcome = Outcome({"failure": ["agent shut down before the task finished", elapsed]})
             else:
@@ -1243,7 +1981,7 @@ class Agent:
             if not self.long_running:
                 self.busy.clear()
             if with_folder:
-                self._remove_folder_later(uid, folder)
+                self._remove_folder_later(uid, parent)
 
     def _mark_long_running(self, uid: str) -> None:
         if uid in self.executions:
@@ -1283,7 +2021,7 @@ class Agent:
                 take_next = self.settings.use_extensions and not self.stopping.is_set()
                 following = await self.client.resolve_task(task_id, outcome.status,
                                                             outcome.output, take_next)
-                log.info("task %s resolved: %s", label, outcome.kind)
+                log.info("task %s resolved: %s", label, outcome.note or outcome.kind)
                 return following if isinstance(following, dict) else None
             except ServerRefused as err:
                 if err.status == 413 and outcome.kind == "success":
@@ -1353,13 +2091,72 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="let gitClone use file:// URLs (tasks could read local repositories)")
     serve.add_argument("--original-protocol", action="store_true",
                        help="use only the original protocol: poll then take, no cancel requests")
+    serve.add_argument("--key", default=os.environ.get("OFFLOAD_AGENT_KEY"),
+                       help="agent registration key (or env OFFLOAD_AGENT_KEY): lets the agent "
+                            "register again by itself when the server no longer knows it; "
+                            "never saved")
+    serve.add_argument("--heartbeat", type=float, default=HEARTBEAT_S, metavar="S",
+                       help=f"seconds between holding reports, declared to the server (1-60, "
+                            f"default {HEARTBEAT_S:g})")
+    serve.add_argument("--allow-fetch", action="append", metavar="HOST|CIDR",
+                       default=os.environ.get("OFFLOAD_AGENT_ALLOW_FETCH", "").replace(",", " ").split(),
+                       help="let fetchFiles reach this non-public host or network (repeatable; "
+                            "or env OFFLOAD_AGENT_ALLOW_FETCH, comma-separated)")
+    serve.add_argument("--fetch-max-bytes", type=int, default=FETCH_MAX_BYTES,
+                       help=f"bytes one task's fetchFiles may bring in (default {FETCH_MAX_BYTES})")
+    serve.add_argument("--fetch-timeout", type=float, default=FETCH_TIMEOUT_S, metavar="S",
+                       help=f"seconds one task's fetchFiles may take (default {FETCH_TIMEOUT_S:g})")
+    serve.add_argument("--task-user", metavar="USER",
+                       help="run tasks as this user (the agent must run as root)")
+    serve.add_argument("--llm-max-ctx", type=int, default=LLM_MAX_CTX,
+                       help=f"largest options.num_ctx an llm task may ask (default {LLM_MAX_CTX})")
+    serve.add_argument("--llm-max-predict", type=int, default=LLM_MAX_PREDICT,
+                       help=f"largest options.num_predict (default {LLM_MAX_PREDICT})")
     add_config(serve)
+
+    rotate = commands.add_parser("rotate-key", help="replace this agent's login secret with a "
+                                                     "fresh one from the server")
+    add_config(rotate)
 
     commands.add_parser("sysinfo", help="print the system info this agent reports")
     return parser.parse_args(argv)
 
 
+def hide_from_proc(secret: str | None) -> None:
+    """Overwrites `secret` where /proc/<pid>/environ and /proc/<pid>/cmdline read it: the
+    process's original argument and environment areas. Removing it from os.environ alone
+    leaves those bytes there for anyone who may read this process's /proc entries."""
+    if not secret or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        # /proc/self/stat fields 48-51 (after the command name, field 3 is at index 0)
+        bounds = [int(fields[n - 3]) for n in (48, 49, 50, 51)]
+    except (OSError, ValueError, IndexError):
+        return
+    needle = secret.encode()
+    for start, end in ((bounds[0], bounds[1]), (bounds[2], bounds[3])):
+        if not 0 < start < end:
+            continue
+        area = ctypes.string_at(start, end - start)
+        at = area.find(needle)
+        while at != -1:
+            ctypes.memset(start + at, ord("*"), len(needle))
+            at = area.find(needle, at + len(needle))
+
+
+def take_registration_key(args: argparse.Namespace) -> str | None:
+    """The registration key, then gone from this process's environment and /proc entries:
+    tasks and other local users must not find it there."""
+    key = args.key
+    os.environ.pop("OFFLOAD_AGENT_KEY", None)
+    hide_from_proc(key)
+    return key
+
+
 async def _register(args: argparse.Namespace) -> int:
+    args.key = take_registration_key(args)
     if not args.key:
         print("register needs --key or OFFLOAD_AGENT_KEY", file=sys.stderr)
         return 2
@@ -1395,34 +2192,108 @@ async def _register(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _rotate_key(args: argparse.Namespace) -> int:
+    """The server replaces the secret at once, so the new one is saved (synced) before
+    anything else; a server without the route changes nothing."""
+    config_path = Path(args.config)
     try:
-        identity = load_identity(Path(args.config))
+        identity = load_identity(config_path)
+        client = ServerClient(identity.server, identity)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"cannot use {args.config} ({err}); run `register` first", file=sys.stderr)
+        return 2
+    try:
+        answer = await client.rotate_key()
+    except ServerRefused as err:
+        if err.status in (404, 405):
+            print("this server cannot rotate an agent's key; `register` again for a new identity",
+                  file=sys.stderr)
+        else:
+            print(f"key rotation refused: {err}", file=sys.stderr)
+        return 1
+    except ServerUnavailable as err:
+        print(f"key rotation failed: {err}", file=sys.stderr)
+        return 1
+    finally:
+        await client.http.close()
+    if not isinstance(answer, dict) or answer.get("agentId") != identity.agent_id \
+            or not isinstance(answer.get("key"), str):
+        print("key rotation: the server's answer carries no key for this agent", file=sys.stderr)
+        return 1
+    save_identity(config_path, dataclasses.replace(identity, key=answer["key"]))
+    print(f"agent {identity.agent_id}: new login secret saved to {args.config}")
+    return 0
+
+
+def _serve_settings(args: argparse.Namespace, work_root: Path) -> Settings:
+    """Settings from argv; ValueError with a message for the operator when one is wrong."""
+    if not 1 <= args.heartbeat <= 60:
+        raise ValueError("--heartbeat must be from 1 to 60 seconds")
+    FetchPolicy(tuple(args.allow_fetch))  # refuses an entry it cannot read
+    task_user = None
+    if args.task_user:
+        if os.geteuid() != 0:
+            raise ValueError("--task-user needs the agent to run as root")
+        try:
+            task_user = TaskUser.lookup(args.task_user)
+        except KeyError:
+            raise ValueError(f"--task-user {args.task_user!r}: no such user") from None
+        if task_user.uid == 0:
+            raise ValueError("--task-user must not be root")
+    elif os.geteuid() == 0:
+        log.warning("running as root without --task-user: tasks run as root")
+    return Settings(
+        work_root=work_root, ollama_url=os.environ.get("OLLAMA_URL", DEFAULT_OLLAMA_URL),
+        grace_s=args.grace, poll_wait_s=args.poll_wait,
+        artifact_max_bytes=args.artifact_max_bytes, allow_local_git=args.allow_local_git,
+        use_extensions=not args.original_protocol, allow_fetch=tuple(args.allow_fetch),
+        fetch_max_bytes=args.fetch_max_bytes, fetch_timeout_s=args.fetch_timeout,
+        task_user=task_user, heartbeat_s=args.heartbeat, llm_max_ctx=args.llm_max_ctx,
+        llm_max_predict=args.llm_max_predict)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    registration_key = take_registration_key(args)
+    config_path = Path(args.config)
+    try:
+        identity = load_identity(config_path)
     except (OSError, ValueError, KeyError) as err:
         print(f"cannot read {args.config} ({err}); run `register` first", file=sys.stderr)
         return 2
     if args.server:
         identity = dataclasses.replace(identity, server=args.server)
+
+    def saved(new: AgentIdentity) -> None:
+        save_identity(config_path, new)
+        log.info("new identity saved to %s", config_path)
+
     try:
-        client = ServerClient(identity.server, identity)
+        client = ServerClient(identity.server, identity, registration_key=registration_key,
+                              heartbeat_s=args.heartbeat, on_new_identity=saved)
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
+    if args.config != DEFAULT_CONFIG_PATH:
+        client.register_hint = f" --config {args.config}"
     if not any(find_executor(c) for c in identity.capabilities):
         print(f"none of {', '.join(identity.capabilities)} has an executor here; "
               f"register with some of: {', '.join([*EXECUTORS, 'llm.<model>'])}", file=sys.stderr)
         return 2
     temp_root = None if args.work_dir else Path(tempfile.mkdtemp(prefix="offload-agent-"))
     work_root = Path(args.work_dir).resolve() if args.work_dir else temp_root
-    work_root.mkdir(parents=True, exist_ok=True)
-    settings = Settings(
-        work_root=work_root, ollama_url=os.environ.get("OLLAMA_URL", DEFAULT_OLLAMA_URL),
-        grace_s=args.grace, poll_wait_s=args.poll_wait,
-        artifact_max_bytes=args.artifact_max_bytes, allow_local_git=args.allow_local_git,
-        use_extensions=not args.original_protocol)
     try:
-        async with aiohttp.ClientSession() as session:
-            agent = Agent(client, identity, settings, session)
+        settings = _serve_settings(args, work_root)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        if temp_root is not None:
+            shutil.rmtree(temp_root, ignore_errors=True)
+        return 2
+    work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    reaper = TaskReaper()
+    agent = None
+    try:
+        async with aiohttp.ClientSession() as session, make_fetch_session(settings) as fetch_session:
+            agent = Agent(client, identity, settings, session, fetch_session, reaper)
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, agent.request_stop)
@@ -1431,8 +2302,12 @@ async def _serve(args: argparse.Namespace) -> int:
             finally:
                 await client.http.close()
     finally:
+        reaper.close()
         if temp_root is not None:
             shutil.rmtree(temp_root, ignore_errors=True)
+    if agent is not None and agent.revoked:
+        print(agent.revoked, file=sys.stderr)
+        return EXIT_CREDENTIAL_REVOKED
     return 0
 
 
@@ -1445,6 +2320,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "register":
         return asyncio.run(_register(args))
+    if args.command == "rotate-key":
+        return asyncio.run(_rotate_key(args))
     return asyncio.run(_serve(args))
 
 

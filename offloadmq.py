@@ -26,6 +26,7 @@ import gc
 import hashlib
 import heapq
 import hmac
+import ipaddress
 import itertools
 import logging
 import math
@@ -38,7 +39,7 @@ import sys
 import time
 import zlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -58,6 +59,8 @@ log = logging.getLogger("offloadmq")
 SECRET_NAMES = ("JWT_SECRET", "AGENT_API_KEYS", "CLIENT_API_KEYS", "MGMT_TOKEN")
 SECRETS_FILE = "secrets.json"
 FSYNC_POLICIES = ("always", "everysec", "no")
+MAX_BODY_TIMEOUT_S = 60.0
+MIN_SECRET_CHARS = 16  # client keys created over HTTP; shorter ones set at start get a warning
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,12 @@ class Config:
     repair: bool = False
     metrics_public: bool = False  # /metrics without the management token
     static_path: Path = Path(__file__).resolve().parent / "static"
+    # Hostile bodies: a body must arrive within body_timeout_s (at most MAX_BODY_TIMEOUT_S),
+    # and the bodies being read at once hold at most body_budget_bytes (past it: 503).
+    body_timeout_s: float = 30.0
+    body_budget_bytes: int = 64 * 1024 * 1024
+    # Failed authentications allowed per client address and minute before 429.
+    auth_failures_per_min: int = 60
     # Names of secrets generated at this start, so main() can print them once.
     generated: tuple[str, ...] = ()
 
@@ -206,6 +215,8 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         repair=args.repair,
         metrics_public=args.metrics_public or settings.get("OFFLOADMQ_METRICS_PUBLIC", "") in ("1", "true"),
         generated=generated,
+        body_timeout_s=min(MAX_BODY_TIMEOUT_S, max(0.1, float(settings.get("OFFLOADMQ_BODY_TIMEOUT") or 30))),
+        body_budget_bytes=int(float(settings.get("OFFLOADMQ_BODY_BUDGET_MB") or 64) * 1024 * 1024),
     )
 
 
@@ -269,6 +280,14 @@ class TooManyRequests(OffloadError):
     status, type = 429, "too_many_requests"
 
 
+class RequestTimeout(OffloadError):
+    status, type = 408, "request_timeout"
+
+
+class Overloaded(OffloadError):
+    status, type = 503, "overloaded"
+
+
 class StorageFull(OffloadError):
     """The journal could not be written (disk full, quota, file size limit): the change
     was not made; writes go on once there is room again."""
@@ -279,6 +298,12 @@ class StorageLost(OffloadError):
     """The journal is no longer the file at its path (data folder removed, journal
     replaced): writes are refused until an operator restarts the server."""
     status, type = 507, "storage_lost"
+
+
+def retry_after(err: OffloadError, seconds: float) -> OffloadError:
+    """The error, answered with `Retry-After: seconds` (see error_middleware)."""
+    err.retry_after_s = max(1, math.ceil(seconds))
+    return err
 
 
 # ============================================================================ models
@@ -321,6 +346,13 @@ DEFAULT_RETRY_DELAY_S = 5.0
 MAX_RETRY_DELAY_S = 600.0
 LOG_KEEP_CHARS = 1 << 20  # the server keeps the last 1 MiB of a task's log
 CAP_MAX_CHARS = 256
+MAX_CAPACITY = 65_536  # tasks one agent runs at once
+MAX_KEY_CHARS = 512
+# A new client key: no spaces (a header would strip them), no '/' (revoke/{key} takes
+# one path segment), long enough not to be guessed.
+NEW_KEY_PATTERN = re.compile(r"[\x21-\x2e\x30-\x7e]{%d,%d}" % (MIN_SECRET_CHARS, MAX_KEY_CHARS))
+KEY_RULE = (f"key must be {MIN_SECRET_CHARS} to {MAX_KEY_CHARS} printable ASCII characters "
+            "without spaces or '/' (the console's Generate makes one)")
 
 
 def _writer_nesting() -> int:
@@ -408,12 +440,22 @@ def base_capability(cap: str) -> str:
     return cap.split("[", 1)[0]
 
 
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, line separators
+
+
 def check_capability(cap: Any, what: str = "capability") -> str:
     if not isinstance(cap, str) or not cap.strip():
         raise BadRequest(f"{what} must be a non-empty string")
     if len(cap) > CAP_MAX_CHARS:
         raise BadRequest(f"{what} is longer than {CAP_MAX_CHARS} characters")
+    if CONTROL_CHARS.search(cap):  # a newline in a name would forge lines in logs and streams
+        raise BadRequest(f"{what} must not contain control characters")
     return cap
+
+
+def plain_number(x: float) -> str:
+    """31622400, 0.001: never 3.16224e+07 in a message."""
+    return f"{x:f}".rstrip("0").rstrip(".") if isinstance(x, float) else str(x)
 
 
 def pattern_allows(patterns: list[str], cap: str) -> bool:
@@ -465,6 +507,7 @@ class Task:
     attempts: int = 0
     history: list = field(default_factory=list)  # [(at, description)]
     in_heap: bool = False   # has a live entry in its ready queue (see Broker)
+    size: int = -1          # bytes of its submission encoded (maxQueuedBytes); -1: not yet known
     # Derived once: the hot paths read them on every move.
     key: TaskKey = field(init=False)
     base: str = field(init=False)  # the base capability that agents serve
@@ -498,6 +541,12 @@ class Task:
     @property
     def retries_left(self) -> bool:
         return self.attempts <= self.max_retries
+
+    def encoded_size(self) -> int:
+        """The submission's bytes: recorded at submit, measured for tasks from older journals."""
+        if self.size < 0:
+            self.size = len(orjson.dumps(self.data))
+        return self.size
 
     def to_record(self) -> dict:
         return {"cap": self.cap, "id": self.id, "data": self.data, "owner": self.owner,
@@ -540,6 +589,7 @@ class Agent:
     heartbeat_s: float | None = None           # declared: offline after 3 missed beats
     online_s: float = ONLINE_S                 # offline after this long without contact
     draining: bool = False                     # gets no new tasks, keeps its running ones
+    tokens_after: float = 0.0                  # JWTs issued before this were revoked (rotation)
     held: set = field(default_factory=set)     # keys of tasks it holds (assigned/running)
     offered: set = field(default_factory=set)  # keys polled but not yet taken
 
@@ -551,7 +601,8 @@ class Agent:
         return {"uid": self.uid, "key": self.key, "registeredAt": self.registered_at,
                 "capabilities": self.capabilities, "tier": self.tier,
                 "capacity": self.capacity, "systemInfo": self.system_info,
-                "draining": self.draining, "heartbeatSecs": self.heartbeat_s}
+                "draining": self.draining, "heartbeatSecs": self.heartbeat_s,
+                "tokensAfter": self.tokens_after}
 
     def set_heartbeat(self, heartbeat_s: float | None) -> None:
         self.heartbeat_s = heartbeat_s
@@ -566,11 +617,13 @@ class ClientKey:
     created_at: float
     is_revoked: bool = False
     max_in_flight: int | None = None  # queued + running tasks allowed at once
+    max_queued_bytes: int | None = None  # encoded bytes of its tasks not yet ended
 
     def to_record(self) -> dict:
         return {"key": self.key, "capabilities": self.capabilities,
                 "isPredefined": self.is_predefined, "created": self.created_at,
-                "isRevoked": self.is_revoked, "maxInFlight": self.max_in_flight}
+                "isRevoked": self.is_revoked, "maxInFlight": self.max_in_flight,
+                "maxQueuedBytes": self.max_queued_bytes}
 
 
 @dataclass(slots=True, eq=False)
@@ -687,6 +740,14 @@ class ReadyQueue:
                 del self.levels[task.priority]
 
 
+def storable(value: Any) -> bytes:
+    """`value` encoded as the journal writes it, or BadRequest (nothing changed yet)."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as err:
+        raise BadRequest(f"this cannot be stored: {err}") from None
+
+
 def changing(method: Callable) -> Callable:
     """A core method that changes state: its caller may pass `changes=`, a list that gets
     a Change for everything the call did (calls within it add to the same list)."""
@@ -774,6 +835,7 @@ class Broker:
         self.counts: dict[tuple[bool, str], int] = {}        # (urgent, status) -> tasks
         self.pending_by_cap: dict[str, int] = {}             # base capability -> pending tasks
         self.in_flight_by_owner: dict[str, int] = {}         # owner -> tasks not ended
+        self.bytes_by_owner: dict[str, int] = {}             # owner -> their encoded bytes
         self.idempotent: dict[tuple[str, str], TaskKey] = {}  # (owner, Idempotency-Key) -> task
         # Ended regular tasks, the earliest ended first: retention drops from the front
         # without looking at the others.
@@ -798,12 +860,7 @@ class Broker:
         """Encode the record, then apply it: a record that cannot be stored (or a move
         the table forbids) raises before anything changed."""
         record = {"op": op, "at": iso(now), **fields}
-        line = None
-        if durable:
-            try:
-                line = orjson.dumps(record)
-            except orjson.JSONEncodeError as err:
-                raise BadRequest(f"this cannot be stored: {err}") from None
+        line = storable(record) if durable else None
         task = subject
         before = task.status if task is not None else None
         APPLY[op](self, record, parse_iso(record["at"]))  # as replay will: to the millisecond
@@ -853,6 +910,8 @@ class Broker:
         if status not in ENDED:
             owners = self.in_flight_by_owner
             owners[task.owner] = owners.get(task.owner, 0) + delta
+            sizes = self.bytes_by_owner
+            sizes[task.owner] = sizes.get(task.owner, 0) + delta * task.encoded_size()
 
     def _timer(self, due: float, kind: str, task: Task, anchor: Any = None) -> None:
         heapq.heappush(self.timers, (due, next(self.timer_seq), kind, task.key, anchor))
@@ -891,6 +950,7 @@ class Broker:
         self.counts.clear()
         self.pending_by_cap.clear()
         self.in_flight_by_owner.clear()
+        self.bytes_by_owner.clear()
         for task in self.tasks.values():
             self._count(task, +1)
             if task.in_heap:  # pushed while loading, and not queued yet
@@ -1002,6 +1062,15 @@ class Broker:
         return agent
 
     @changing
+    def rotate_agent_key(self, uid: str, now: float) -> Agent:
+        """A new login secret; every JWT issued to the agent before now stops working.
+        The agent keeps its id, its tasks and its settings."""
+        agent = self._agent(uid)
+        self._emit("agent.key_rotated", now, agent_uid=uid, scope="agent", uid=uid,
+                   key=self.new_secret(), tokensAfter=now)
+        return agent
+
+    @changing
     def delete_agent(self, uid: str, now: float) -> None:
         agent = self._agent(uid)
         self._lose_agent(agent, now, f"agent {uid} was deleted")
@@ -1062,13 +1131,13 @@ class Broker:
 
     @changing
     def update_key(self, key: str, capabilities: list[str], max_in_flight: int | None,
-                   now: float) -> ClientKey:
+                   now: float, max_queued_bytes: int | None = None) -> ClientKey:
         existing = self.client_key(key)
         self._emit("key.updated", now, scope="key", key={
             "key": key, "capabilities": capabilities,
             "isPredefined": existing.is_predefined if existing else False,
             "created": existing.created_at if existing else now, "isRevoked": False,
-            "maxInFlight": max_in_flight})
+            "maxInFlight": max_in_flight, "maxQueuedBytes": max_queued_bytes})
         return self.client_key(key)
 
     @changing
@@ -1092,15 +1161,21 @@ class Broker:
 
     @changing
     def submit(self, data: dict, owner: str, max_in_flight: int | None, now: float,
-               idempotency_key: str | None = None) -> Task:
+               idempotency_key: str | None = None, max_queued_bytes: int | None = None) -> Task:
         base = base_capability(data["capability"])
         if data["urgent"] and base not in self.serving:
             raise SchedulingImpossible(f"no online agent serves {base}")
         if max_in_flight is not None and self.in_flight_by_owner.get(owner, 0) >= max_in_flight:
             raise TooManyRequests(f"this key already has {max_in_flight} tasks queued or running")
+        size = len(storable(data))
+        held = self.bytes_by_owner.get(owner, 0)
+        if max_queued_bytes is not None and held + size > max_queued_bytes:
+            raise TooManyRequests(
+                f"this task ({size} bytes) would take the key's tasks queued or running to "
+                f"{held + size} bytes; its maxQueuedBytes is {max_queued_bytes}")
         task_id = self.ids.new(now)
         record = {"cap": data["capability"], "id": task_id, "data": data, "owner": owner,
-                  "createdAt": now}
+                  "createdAt": now, "size": size}
         if idempotency_key is not None:
             record.update(idempotencyKey=idempotency_key, bodyDigest=submission_digest(data))
         change = self._emit("task.submitted", now, not data["urgent"], task=record)
@@ -1366,7 +1441,8 @@ class Broker:
             return
         if task.status == PENDING:
             self._drop_offer(task.key)
-            self._emit_task("task.failed", task, now, reason=f"timeout: not done within {limit:g} s")
+            self._emit_task("task.failed", task, now,
+                            reason=f"timeout: not done within {plain_number(limit)} s")
         elif task.status in (ASSIGNED, RUNNING) and task.cancel_requested_at is None:
             self._emit_task("task.cancel_requested", task, now, reason="timeout")
 
@@ -1467,7 +1543,7 @@ class Broker:
                       capabilities=r["capabilities"], tier=r["tier"], capacity=r["capacity"],
                       system_info=r["systemInfo"], last_contact=r["registeredAt"],
                       bases=frozenset(map(base_capability, r["capabilities"])),
-                      draining=r.get("draining", False))
+                      draining=r.get("draining", False), tokens_after=r.get("tokensAfter", 0.0))
         agent.set_heartbeat(r.get("heartbeatSecs"))
         self.agents[agent.uid] = agent
         return agent
@@ -1477,7 +1553,8 @@ class Broker:
         if r["isPredefined"] and digest not in self.keys:
             return  # no longer in the configuration: it must stop working
         self.keys[digest] = ClientKey(r["key"], r["capabilities"], r["isPredefined"],
-                                      r["created"], r["isRevoked"], r.get("maxInFlight"))
+                                      r["created"], r["isRevoked"], r.get("maxInFlight"),
+                                      r.get("maxQueuedBytes"))
 
     def _add_task(self, task: Task) -> None:
         """A task enters the state (submitted, or loaded from a snapshot)."""
@@ -1526,6 +1603,10 @@ class Broker:
         for key in list(agent.offered):
             self._lapse_offer(key, now)
 
+    def _on_agent_key_rotated(self, r: dict, now: float) -> None:
+        agent = self.agents[r["uid"]]
+        agent.key, agent.tokens_after = r["key"], r["tokensAfter"]
+
     def _on_agent_resumed(self, r: dict, now: float) -> None:
         self.agents[r["uid"]].draining = False
 
@@ -1550,6 +1631,7 @@ class Broker:
         task = Task(t["cap"], t["id"], t["data"], t["owner"], t["createdAt"])
         task.queued_at = now
         task.idempotency_key, task.body_digest = t.get("idempotencyKey"), t.get("bodyDigest")
+        task.size = t.get("size", -1)
         if task.run_at is not None:
             task.not_before = task.run_at
         elif task.delay_s is not None:
@@ -1650,6 +1732,7 @@ class Broker:
         self.counts.clear()
         self.pending_by_cap.clear()
         self.in_flight_by_owner.clear()
+        self.bytes_by_owner.clear()
         self.idempotent.clear()
         self.ended.clear()
         for agent in self.agents.values():
@@ -1676,6 +1759,7 @@ APPLY: dict[str, Callable[[Broker, dict, float], None]] = {
     "agent.updated": Broker._on_agent_updated,
     "agent.drained": Broker._on_agent_drained,
     "agent.resumed": Broker._on_agent_resumed,
+    "agent.key_rotated": Broker._on_agent_key_rotated,
     "agent.deleted": Broker._on_agent_deleted,
     "agents.reset": Broker._on_agents_reset,
     "key.updated": Broker._on_key_updated,
@@ -2608,11 +2692,12 @@ class Hub:
     # ---------------------------------------------------------------- client verbs
 
     async def submit(self, data: dict, owner: str, max_in_flight: int | None,
-                     idempotency_key: str | None) -> tuple[Task, bool]:
+                     idempotency_key: str | None, max_queued_bytes: int | None = None) -> tuple[Task, bool]:
         """(task, created): with an Idempotency-Key seen before, the earlier task - once it
         is on disk, and the earlier submit's error if its write failed."""
         if idempotency_key is None:
-            return await self._change(self.broker.submit, data, owner, max_in_flight), True
+            return await self._change(self.broker.submit, data, owner, max_in_flight,
+                                      max_queued_bytes=max_queued_bytes), True
         earlier = self.broker.find_idempotent(owner, idempotency_key, data, self.clock())
         first = self.submitting.get((owner, idempotency_key))
         if first is not None:
@@ -2622,16 +2707,19 @@ class Hub:
         # A task of its own: the first submit's answer must not depend on its client
         # staying, since a retry waits for it.
         first = asyncio.ensure_future(self._change(self.broker.submit, data, owner, max_in_flight,
-                                                   idempotency_key=idempotency_key))
+                                                   idempotency_key=idempotency_key,
+                                                   max_queued_bytes=max_queued_bytes))
         self.submitting[(owner, idempotency_key)] = first
         first.add_done_callback(lambda done: (
             self.submitting.pop((owner, idempotency_key), None),
             done.cancelled() or done.exception()))  # seen, even if its client went away
         return await asyncio.shield(first), True
 
-    async def submit_and_wait(self, data: dict, owner: str, max_in_flight: int | None) -> Task:
+    async def submit_and_wait(self, data: dict, owner: str, max_in_flight: int | None,
+                              max_queued_bytes: int | None = None) -> Task:
         """submit_blocking: the ended task, or the contract's 503/504."""
-        task = await self._change(self.broker.submit, data, owner, max_in_flight)
+        task = await self._change(self.broker.submit, data, owner, max_in_flight,
+                                  max_queued_bytes=max_queued_bytes)
         await self._wait_for_end(task, self.config.blocking_hold_s)
         if self.broker.tasks.get(task.key) is not task:
             raise NotFound(f"task {task.id} was removed by a reset", id=task_id_json(task))
@@ -2773,6 +2861,13 @@ class Hub:
         agent = await self._change(self.broker.drain_agent, uid, False)
         return agent, self.broker.is_online(agent, self.clock())
 
+    async def rotate_agent_key(self, uid: str) -> tuple[Agent, bool]:
+        """A new login secret for the agent; its earlier JWTs are refused from now on.
+        (the agent, whether it is online)."""
+        agent = await self._change(self.broker.rotate_agent_key, uid)
+        log.info("agent %s credential rotated", uid)
+        return agent, self.broker.is_online(agent, self.clock())
+
     async def delete_agent(self, uid: str) -> None:
         await self._change(self.broker.delete_agent, uid)
         log.info("agent %s deleted", uid)
@@ -2780,8 +2875,13 @@ class Hub:
     async def reset_agents(self) -> None:
         await self._change(self.broker.reset_agents)
 
-    async def update_key(self, key: str, patterns: list[str], max_in_flight: int | None) -> ClientKey:
-        return await self._change(self.broker.update_key, key, patterns, max_in_flight)
+    async def update_key(self, key: str, patterns: list[str], max_in_flight: int | None,
+                         max_queued_bytes: int | None) -> ClientKey:
+        # A new key must be hard to guess; one that exists (say set at start) keeps its shape.
+        if self.broker.client_key(key) is None and not NEW_KEY_PATTERN.fullmatch(key):
+            raise BadRequest(KEY_RULE)
+        return await self._change(self.broker.update_key, key, patterns, max_in_flight,
+                                  max_queued_bytes=max_queued_bytes)
 
     async def revoke_key(self, key: str) -> ClientKey:
         return await self._change(self.broker.revoke_key, key)
@@ -2821,9 +2921,11 @@ class Hub:
             body.update(status="unhealthy", reason=fault.type, message=fault.message)
         return body
 
-    def stats(self) -> dict:
-        return {**self.broker.stats(self.clock()), "journal": self.journal.stats(),
-                "uptimeSecs": round(self.clock() - self.started_at, 3), "version": __version__}
+    def stats(self, internal: bool = False) -> dict:
+        """Counts; `internal` adds the journal (its path, its size): for management only."""
+        stats = {**self.broker.stats(self.clock()),
+                 "uptimeSecs": round(self.clock() - self.started_at, 3), "version": __version__}
+        return {**stats, "journal": self.journal.stats()} if internal else stats
 
     def metrics_text(self) -> str:
         return self.metrics.text(self.broker, self.journal, self.clock())
@@ -2878,7 +2980,9 @@ TOKEN_CACHE_SIZE = 10_000
 
 
 def secret_equal(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
+    # surrogateescape: a header with bytes that are not UTF-8 arrives with surrogates
+    return hmac.compare_digest(given.encode(errors="surrogateescape"),
+                               expected.encode(errors="surrogateescape"))
 
 
 def bearer(request: web.Request) -> str | None:
@@ -2889,23 +2993,28 @@ def bearer(request: web.Request) -> str | None:
 
 class AgentTokens:
     """Agents' JWTs: issued here, and checked once each - later requests find the token
-    in a bounded cache, oldest first, so the expired ones leave from the front."""
+    in a bounded cache, oldest first, so the expired ones leave from the front. A token
+    carries its issue time in microseconds (`us`), so a rotation of the agent's key
+    refuses exactly the tokens issued before it."""
 
     def __init__(self, secret: str, lifetime_s: int, clock: Callable[[], float]):
         self.secret, self.lifetime_s, self.clock = secret, lifetime_s, clock
-        self.cache: OrderedDict[str, tuple[str, float]] = OrderedDict()  # JWT -> (uid, exp)
+        # JWT -> (uid, exp, issued at in whole microseconds)
+        self.cache: OrderedDict[str, tuple[str, float, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.cache)
 
     def issue(self, agent: Agent) -> dict:
-        now = int(self.clock())
-        claims = {"sub": agent.uid, "iat": now, "exp": now + self.lifetime_s}
+        issued = self.clock()
+        now = int(issued)
+        claims = {"sub": agent.uid, "iat": now, "exp": now + self.lifetime_s, "us": int(issued * 1e6)}
         return {"token": jwt.encode(claims, self.secret, algorithm="HS256"),
                 "expiresIn": self.lifetime_s}
 
-    def uid(self, token: str) -> str:
-        """The agent id the token was issued to, or Unauthenticated."""
+    def agent(self, token: str, find: Callable[[str], Agent | None]) -> Agent:
+        """The agent (`find` looks it up by id) the token was issued to, or Unauthenticated:
+        a bad or expired token, a deleted agent, or a token from before a rotation."""
         now = self.clock()
         cached = self.cache.get(token)
         if cached is None or cached[1] <= now:
@@ -2914,14 +3023,20 @@ class AgentTokens:
                                     options={"require": ["exp", "iat", "sub"]})
             except jwt.PyJWTError as err:
                 raise Unauthenticated(f"invalid agent token: {err}") from None
-            cached = self.cache[token] = (str(claims["sub"]), float(claims["exp"]))
+            issued_us = claims["us"] if isinstance(claims.get("us"), int) else int(claims["iat"]) * 1_000_000
+            cached = self.cache[token] = (str(claims["sub"]), float(claims["exp"]), issued_us)
             while self.cache and (len(self.cache) > TOKEN_CACHE_SIZE
                                   or next(iter(self.cache.values()))[1] <= now):
                 self.cache.popitem(last=False)
-        return cached[0]
-
-    def forget(self, token: str) -> None:
-        self.cache.pop(token, None)
+        agent = find(cached[0])
+        if agent is None:
+            self.cache.pop(token, None)
+            raise Unauthenticated("this agent no longer exists; register again")
+        if cached[2] < int(agent.tokens_after * 1e6):  # as `issue` counts: whole microseconds
+            self.cache.pop(token, None)
+            raise Unauthenticated("this agent's credential was revoked; register again "
+                                  "(or log in with its new key)")
+        return agent
 
 
 @dataclass(frozen=True, slots=True)
@@ -2932,6 +3047,13 @@ class Client:
     patterns: list
     body: Any
     max_in_flight: int | None = None
+    max_queued_bytes: int | None = None
+
+
+def header_credential(request: web.Request) -> bool:
+    """A client credential in the headers: checked before the body is read."""
+    headers = request.headers
+    return "X-Mgmt-Token" in headers or "X-API-Key" in headers or bearer(request) is not None
 
 
 def client_caller(hub: Hub, request: web.Request, body: Any) -> Client:
@@ -2950,7 +3072,7 @@ def client_caller(hub: Hub, request: web.Request, body: Any) -> Client:
         return Client(MGMT_OWNER, ["*"], body)
     if found is None or found.is_revoked:
         raise Unauthenticated("unknown or revoked API key")
-    return Client(owner_of(key), found.capabilities, body, found.max_in_flight)
+    return Client(owner_of(key), found.capabilities, body, found.max_in_flight, found.max_queued_bytes)
 
 
 def check_agent_registration_key(hub: Hub, key: Any) -> None:
@@ -2962,15 +3084,11 @@ def check_agent_registration_key(hub: Hub, key: Any) -> None:
 
 
 def agent_caller(hub: Hub, tokens: AgentTokens, request: web.Request) -> Agent:
-    """The agent behind `Authorization: Bearer <JWT>`; a deleted agent's token fails."""
+    """The agent behind `Authorization: Bearer <JWT>`; a deleted or rotated agent's token fails."""
     token = bearer(request)
     if token is None:
         raise Unauthenticated("missing agent token: send Authorization: Bearer <token>")
-    agent = hub.agent(tokens.uid(token))
-    if agent is None:
-        tokens.forget(token)
-        raise Unauthenticated("this agent no longer exists; register again")
-    return agent
+    return tokens.agent(token, hub.agent)
 
 
 def check_management(hub: Hub, request: web.Request) -> None:
@@ -2981,12 +3099,94 @@ def check_management(hub: Hub, request: web.Request) -> None:
         raise Unauthenticated("wrong management token")
 
 
+def management_credential(request: web.Request) -> bool:
+    """A management token was sent (right or wrong): routes open to all show it more."""
+    return "X-Mgmt-Token" in request.headers or bearer(request) is not None
+
+
+# Open routes that check a credential themselves (registration key, agent key, token):
+# with client and management routes, those AuthThrottle counts. Agents' JWTs are
+# signatures nobody guesses, so agent routes are not counted.
+CREDENTIAL_HANDLERS = {"handle_agent_register", "handle_agent_auth", "handle_metrics", "handle_stats"}
+
+
+class AuthThrottle:
+    """Failed authentications per client address, as a token bucket: a burst of
+    `per_min` failures, then one more each 60/per_min s. An address out of tokens gets 429
+    on every credential check (a right key too: otherwise the 429 would tell a guess
+    right from wrong) until a token refills. Pure: the caller passes `now`. The table is
+    capped: the address that failed longest ago goes first. IPv6 counts per /64."""
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self, per_min: int = 60, window_s: float = 60.0):
+        self.burst = float(per_min)
+        self.rate = per_min / window_s  # tokens back per second
+        self.window_s = window_s
+        # address -> [tokens, updated at, failures not yet logged]
+        self.table: OrderedDict[str, list] = OrderedDict()
+
+    @staticmethod
+    def address_key(addr: str | None) -> str:
+        try:
+            ip = ipaddress.ip_address(addr or "")
+        except ValueError:
+            return str(addr)
+        if ip.version == 6:
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
+
+    def _tokens(self, entry: list, now: float) -> float:
+        entry[0] = min(self.burst, entry[0] + (now - entry[1]) * self.rate)
+        entry[1] = now
+        return entry[0]
+
+    def wait_s(self, addr: str | None, now: float) -> float:
+        """0 when this address may try a credential, else the seconds until it may."""
+        entry = self.table.get(self.address_key(addr))
+        if entry is None:
+            return 0.0
+        tokens = self._tokens(entry, now)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def failed(self, addr: str | None, now: float) -> bool:
+        """Count a failure; True when it is the address's first since the last summary
+        (log it now; the rest are summed up by `summaries`)."""
+        key = self.address_key(addr)
+        entry = self.table.get(key)
+        if entry is None:
+            entry = self.table[key] = [self.burst, now, 0]
+            if len(self.table) > self.MAX_ADDRESSES:
+                self.table.popitem(last=False)
+        self.table.move_to_end(key)
+        # Failures already past the check when the tokens ran out still count, but never
+        # push the wait past one window (Retry-After stays at most 60 s).
+        entry[0] = max(self._tokens(entry, now) - 1, 1 - self.burst)
+        entry[2] += 1
+        return entry[2] == 1
+
+    def summaries(self, now: float) -> list[tuple[str, int]]:
+        """(address, failures) since the last call, beyond the first one already logged;
+        forgets addresses whose bucket is full again."""
+        out = []
+        for key, entry in list(self.table.items()):
+            if entry[2] > 1:
+                out.append((key, entry[2]))
+            entry[2] = 0
+            if self._tokens(entry, now) >= self.burst:
+                del self.table[key]
+        return out
+
+
 # ============================================================================ handlers
 
 HUB = web.AppKey("hub", Hub)
 TOKENS = web.AppKey("tokens", AgentTokens)
 OPENAPI = web.AppKey("openapi", dict)
+THROTTLE = web.AppKey("auth_throttle", AuthThrottle)
 MAX_HOLDING = 10_000  # task ids an agent may list in one ping
+MAX_QUEUED_BYTES = 1 << 50
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -2998,8 +3198,66 @@ def error_response(status: int, error_type: str, message: str, **extra: Any) -> 
                           **extra}, status)
 
 
+class BodyBudget:
+    """Bytes of request bodies being read at once, across all requests: past the limit a
+    request is answered 503 `overloaded` instead of being read into memory."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise retry_after(Overloaded("the server is reading too many request bodies at "
+                                         "once; retry shortly"), BODY_RETRY_AFTER_S)
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
+BODY_RETRY_AFTER_S = 2
+# Set on a request whose body is unusable: answer, then close the connection.
+CUT = web.RequestKey("cut", bool)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within the body timeout, the size limit and the body budget.
+    Content-Length is reserved up front; a chunked or compressed body as it grows."""
+    config, budget = request.app[HUB].config, request.app[BODY_BUDGET]
+    limit = config.max_body_bytes
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
+    reserved, body = 0, bytearray()
+    try:
+        if declared:
+            budget.take(declared)
+            reserved = declared
+        async with asyncio.timeout(config.body_timeout_s):
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+                if len(body) > reserved:
+                    budget.take(len(body) - reserved)
+                    reserved = len(body)
+    except TimeoutError:
+        request[CUT] = True
+        raise RequestTimeout("the body did not arrive within "
+                             f"{plain_number(config.body_timeout_s)} s") from None
+    except (aiohttp.http_exceptions.BadHttpMessage, web.RequestPayloadError):  # e.g. a broken gzip body
+        request[CUT] = True  # the rest of the stream cannot be read either
+        encoding = request.headers.get("Content-Encoding", "identity")
+        raise BadRequest(f"the body cannot be read (Content-Encoding: {encoding}, "
+                         "Transfer-Encoding or length broken)") from None
+    finally:
+        budget.give(reserved)
+    return bytes(body)
+
+
 async def read_json(request: web.Request, required: bool = True) -> Any:
-    raw = await request.read()  # over client_max_size raises 413
+    raw = await read_body(request)
     if not raw.strip():
         if required:
             raise BadRequest("a JSON body is required")
@@ -3007,6 +3265,10 @@ async def read_json(request: web.Request, required: bool = True) -> Any:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
+        try:
+            raw.decode()
+        except UnicodeDecodeError as bad:
+            raise BadRequest(f"the body is not valid UTF-8 (byte {bad.start})") from None
         raise BadRequest(f"malformed JSON: {err}") from None
     # Nesting needs one bracket per level: a body with fewer brackets cannot be too deep.
     if raw.count(b"[") + raw.count(b"{") > MAX_BODY_DEPTH and not storable_depth(body):
@@ -3098,7 +3360,7 @@ def _number(body: dict, name: str, low: float, high: float, integer: bool = Fals
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
             or not low <= value <= high:
         kind = "an integer" if integer else "a number"
-        raise BadRequest(f"{name} must be {kind} from {low:g} to {high:g}")
+        raise BadRequest(f"{name} must be {kind} from {plain_number(low)} to {plain_number(high)}")
     return value
 
 
@@ -3154,13 +3416,16 @@ def parse_agent_info(body: Any) -> dict:
     if not isinstance(caps, list):
         raise BadRequest("capabilities must be a list of strings")
     caps = [check_capability(c, "each capability") for c in caps]
-    tier = body.get("tier", 0)
+    tier = body.get("tier")
+    tier = 0 if tier is None else tier  # null is absent, as the document says
     if not isinstance(tier, int) or isinstance(tier, bool) or not 0 <= tier <= 255:
         raise BadRequest("tier must be an integer from 0 to 255")
-    capacity = body.get("capacity", 1)
-    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
-        raise BadRequest("capacity must be an integer of at least 1")
-    system_info = body.get("systemInfo") or {}
+    capacity = body.get("capacity")
+    capacity = 1 if capacity is None else capacity
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or not 1 <= capacity <= MAX_CAPACITY:
+        raise BadRequest(f"capacity must be an integer from 1 to {MAX_CAPACITY}")
+    system_info = body.get("systemInfo")
+    system_info = {} if system_info is None else system_info
     if not isinstance(system_info, dict):
         raise BadRequest("systemInfo must be an object")
     info = {"capabilities": caps, "tier": tier, "capacity": capacity, "systemInfo": system_info}
@@ -3228,18 +3493,25 @@ def parse_outcome(status: Any) -> tuple[str, str | None]:
     return outcome, None if message is None else str(message)
 
 
-def parse_key_update(body: Any) -> tuple[str, list[str], int | None]:
+def parse_key_update(body: Any) -> tuple[str, list[str], int | None, int | None]:
+    """(key, capability patterns, maxInFlight, maxQueuedBytes); a new key's own rule is
+    the hub's (Hub.update_key), since a key that exists may be shorter."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     key, patterns = body.get("key"), body.get("capabilities")
-    if not isinstance(key, str) or not key.strip() or len(key) > 512:
-        raise BadRequest("key must be a non-empty string of at most 512 characters")
-    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+    if not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_CHARS:
+        raise BadRequest(KEY_RULE)
+    if not isinstance(patterns, list) or not all(isinstance(p, str) and p and not CONTROL_CHARS.search(p)
+                                                 for p in patterns):
         raise BadRequest("capabilities must be a list of non-empty strings (patterns like *, llm.*)")
     limit = body.get("maxInFlight")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise BadRequest("maxInFlight must be a positive integer or null")
-    return key, patterns, limit
+    max_bytes = body.get("maxQueuedBytes")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
+                                  or not 1 <= max_bytes <= MAX_QUEUED_BYTES):
+        raise BadRequest(f"maxQueuedBytes must be an integer from 1 to {MAX_QUEUED_BYTES} or null")
+    return key, patterns, limit, max_bytes
 
 
 def allowed_submission(client: Client, urgent_only: bool = False) -> dict:
@@ -3275,18 +3547,22 @@ async def stream(request: web.Request, chunks: Any) -> web.StreamResponse:
 
 async def handle_task_submit(request: web.Request, client: Client) -> web.Response:
     data, key = allowed_submission(client), idempotency_key(request)
-    task, created = await request.app[HUB].submit(data, client.owner, client.max_in_flight, key)
+    task, created = await request.app[HUB].submit(data, client.owner, client.max_in_flight, key,
+                                                  client.max_queued_bytes)
     code = (202 if task.urgent else 201) if created else 200
     # A new task is answered as submitted: an agent's long poll may already have taken it
     # while its record reached the disk.
     return json_response({"id": task_id_json(task), "capability": task.cap,
                           "status": PENDING if created else task.status,
-                          "message": "Added to tasks queue"}, code)
+                          "message": "Added to tasks queue" if created else
+                          f"An earlier submit with this Idempotency-Key made this task; it is {task.status}"},
+                         code)
 
 
 async def handle_task_submit_blocking(request: web.Request, client: Client) -> web.Response:
     data = allowed_submission(client, urgent_only=True)
-    task = await request.app[HUB].submit_and_wait(data, client.owner, client.max_in_flight)
+    task = await request.app[HUB].submit_and_wait(data, client.owner, client.max_in_flight,
+                                                  client.max_queued_bytes)
     return json_response(assigned_json(task))
 
 
@@ -3324,7 +3600,11 @@ async def handle_health(request: web.Request) -> web.Response:
 
 
 async def handle_stats(request: web.Request) -> web.Response:
-    return json_response(request.app[HUB].stats())
+    """Counts for anyone; the journal (its path, its size) only with the management token."""
+    hub, internal = request.app[HUB], management_credential(request)
+    if internal:
+        check_management(hub, request)
+    return json_response(hub.stats(internal))
 
 
 # ---------------------------------------------------------------- agent API
@@ -3353,6 +3633,12 @@ async def handle_agent_ping(request: web.Request, agent: Agent) -> web.Response:
     body = await read_json(request, required=False) if request.method == "POST" else {}
     answer = await request.app[HUB].ping(agent.uid, parse_holding(body))
     return json_response({**answer, "cached_tokens": len(request.app[TOKENS])})
+
+
+async def handle_agent_rotate_key(request: web.Request, agent: Agent) -> web.Response:
+    """Extension: a fresh login secret and a token for it; earlier tokens stop working."""
+    agent, _ = await request.app[HUB].rotate_agent_key(agent.uid)
+    return json_response({"agentId": agent.uid, "key": agent.key, **request.app[TOKENS].issue(agent)})
 
 
 async def handle_agent_info_update(request: web.Request, agent: Agent) -> web.Response:
@@ -3450,6 +3736,11 @@ async def handle_mgmt_agent_delete(request: web.Request) -> web.Response:
     return json_response("Agent deleted")
 
 
+async def handle_mgmt_agent_rotate_key(request: web.Request) -> web.Response:
+    """Extension: revoke the agent's credential (a new secret, earlier JWTs refused)."""
+    return json_response(agent_json(*await request.app[HUB].rotate_agent_key(request.match_info["agent_id"])))
+
+
 async def handle_mgmt_agents_reset(request: web.Request) -> web.Response:
     await request.app[HUB].reset_agents()
     return json_response({"result": "Reset successful"})
@@ -3494,8 +3785,8 @@ async def handle_mgmt_keys_list(request: web.Request) -> web.Response:
 
 
 async def handle_mgmt_key_update(request: web.Request) -> web.Response:
-    key, patterns, limit = parse_key_update(await read_json(request))
-    return json_response(key_json(await request.app[HUB].update_key(key, patterns, limit)))
+    key, patterns, limit, max_bytes = parse_key_update(await read_json(request))
+    return json_response(key_json(await request.app[HUB].update_key(key, patterns, limit, max_bytes)))
 
 
 async def handle_mgmt_key_revoke(request: web.Request) -> web.Response:
@@ -3532,11 +3823,14 @@ async def handle_openapi(request: web.Request) -> web.Response:
 
 # ============================================================================ routes
 #
-# The middleware that turns exceptions into error bodies, the auth each kind of route
-# needs, and ROUTES: method, path, kind (client, agent, mgmt, open), handler.
+# The middleware that turns exceptions into error bodies, the one that refuses paths
+# and headers that cannot be decoded (and methods a path does not take), the one that
+# closes connections whose body was unusable; the security headers and the log filter
+# for untrusted text; the auth each kind of route needs, with failed credentials
+# throttled; and ROUTES: method, path, kind (client, agent, mgmt, open), handler.
 
 ERROR_TYPES = {400: "bad_request", 401: "authentication_error", 403: "authorization_error",
-               404: "not_found", 409: "conflict", 413: "payload_too_large"}
+               404: "not_found", 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large"}
 
 
 @web.middleware
@@ -3545,18 +3839,127 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
     try:
         return await handler(request)
     except OffloadError as err:
-        return error_response(err.status, err.type, err.message, **err.extra)
+        response = error_response(err.status, err.type, err.message, **err.extra)
+        if getattr(err, "retry_after_s", None):
+            response.headers["Retry-After"] = str(err.retry_after_s)
+        return response
     except web.HTTPException as err:
         if err.status < 400:
             raise
         if err.status == 413:
             message = f"the body is larger than the limit of {request.app[HUB].config.max_body_bytes} bytes"
+        elif err.status == 405:
+            allowed = err.headers.get("Allow", "another method")
+            message = f"{request.method} is not allowed here; use {allowed}"
         else:
             message = f"{err.reason}: {request.method} {request.path}"
-        return error_response(err.status, ERROR_TYPES.get(err.status, "bad_request"), message)
+        response = error_response(err.status, ERROR_TYPES.get(err.status, "bad_request"), message)
+        if "Allow" in err.headers:
+            response.headers["Allow"] = err.headers["Allow"]
+        return response
     except Exception:
         log.exception("bug while handling %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; the server log has details")
+
+
+@web.middleware
+async def cut_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """A body that never ended or cannot be decoded: answer with `Connection: close`, then
+    close the connection instead of reading on. (A body refused unread, say for a wrong
+    credential, is read and discarded by aiohttp for at most 10 s after the answer, so
+    that closing with data unread does not reset the connection before the answer.)"""
+    response = await handler(request)
+    if request.get(CUT) and request.transport is not None and not response.prepared:
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+    return response
+
+
+STATIC_PATH = "/{path}"  # the console's catch-all, as the router names it
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# Headers the server reads; aiohttp hands bytes that are not UTF-8 over as surrogates.
+READ_HEADERS = ("X-API-Key", "X-Mgmt-Token", "Authorization", "Idempotency-Key", "Last-Event-ID")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@web.middleware
+async def path_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """One answer (400) for every path, and every header the server reads, that cannot be
+    decoded; and 405 with `Allow` for a method a route does not take, also where the
+    console's catch-all GET would match."""
+    for name in READ_HEADERS:
+        if _SURROGATE.search(request.headers.get(name, "")):
+            raise BadRequest(f"the {name} header is not valid UTF-8")
+    raw = request.rel_url.raw_path
+    if "%" in raw:
+        if _BAD_ESCAPE.search(raw):
+            raise BadRequest("bad percent-encoding in the path (% must be followed by two hex digits)")
+        try:
+            unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            raise BadRequest("the path is not UTF-8 once percent-decoded") from None
+    match = request.match_info
+    refused = getattr(match, "http_exception", None)  # the router found no route
+    if getattr(match.route.handler, "__name__", "") == "handle_static" or (
+            refused is not None and refused.status == 405):
+        # The methods of the API routes for this path; the catch-all's GET counts only
+        # where no API route has the path.
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource.canonical != STATIC_PATH:
+                allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+    return await handler(request)
+
+
+async def count_failures(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Run `handler`, counting a failed authentication against the caller's address
+    (AuthThrottle); an address out of tries gets 429 with Retry-After."""
+    throttle, now = request.app[THROTTLE], time.monotonic()
+    wait_s = throttle.wait_s(request.remote, now)
+    if wait_s > 0:
+        raise retry_after(TooManyRequests("too many failed authentications from this address; "
+                                          f"retry in {math.ceil(wait_s)} s"), wait_s)
+    try:
+        return await handler(request)
+    except Unauthenticated:
+        if throttle.failed(request.remote, now):
+            log.warning("failed authentication from %s (%s %s)", throttle.address_key(request.remote),
+                        request.method, request.rel_url.raw_path)
+        raise
+
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Server": "OffloadMQ",  # not aiohttp's version banner
+}
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(SECURITY_HEADERS)
+
+
+def escape_control(text: str) -> str:
+    """Each control character as Python writes it in a string literal (a newline as \\n)."""
+    return CONTROL_CHARS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class UntrustedTextFilter(logging.Filter):
+    """Log arguments may come from clients and agents: their control characters are
+    escaped, so no argument can forge a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(escape_control(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+log.addFilter(UntrustedTextFilter())
 
 
 @web.middleware
@@ -3572,17 +3975,27 @@ async def timing_middleware(request: web.Request, handler: Callable) -> web.Stre
 
 def guarded(kind: str, handler: Callable) -> Callable:
     """Wrap a handler with the auth its route needs (see ROUTES); client and agent
-    handlers get the caller as their second argument."""
-    async def wrapper(request: web.Request) -> web.StreamResponse:
+    handlers get the caller as their second argument. Where a credential could be
+    guessed, failures count in the AuthThrottle."""
+    async def authenticated(request: web.Request) -> web.StreamResponse:
         hub = request.app[HUB]
         if kind == "client":
+            # A credential in the headers is checked before the body is read.
+            early = client_caller(hub, request, None) if header_credential(request) else None
             body = await read_json(request, required=False) if request.method == "POST" else {}
-            return await handler(request, client_caller(hub, request, body))
+            client = replace(early, body=body) if early else client_caller(hub, request, body)
+            return await handler(request, client)
         if kind == "agent":
             return await handler(request, agent_caller(hub, request.app[TOKENS], request))
         if kind == "mgmt":
             check_management(hub, request)
         return await handler(request)
+
+    async def throttled(request: web.Request) -> web.StreamResponse:
+        return await count_failures(request, authenticated)
+
+    counted = kind in ("client", "mgmt") or handler.__name__ in CREDENTIAL_HANDLERS
+    wrapper = throttled if counted else authenticated
     wrapper.__name__ = handler.__name__
     return wrapper
 
@@ -3604,6 +4017,7 @@ ROUTES = [
     ("GET", "/private/agent/ping", "agent", handle_agent_ping),
     ("POST", "/private/agent/ping", "agent", handle_agent_ping),
     ("POST", "/private/agent/info/update", "agent", handle_agent_info_update),
+    ("POST", "/private/agent/rotate_key", "agent", handle_agent_rotate_key),
     ("GET", "/private/agent/task/poll", "agent", handle_agent_task_poll),
     ("POST", "/private/agent/task/poll", "agent", handle_agent_task_poll),
     ("GET", "/private/agent/task/poll_urgent", "agent", handle_agent_task_poll_urgent),
@@ -3619,6 +4033,7 @@ ROUTES = [
     ("POST", "/management/agents/delete/{agent_id}", "mgmt", handle_mgmt_agent_delete),
     ("POST", "/management/agents/drain/{agent_id}", "mgmt", handle_mgmt_agent_drain),
     ("POST", "/management/agents/resume/{agent_id}", "mgmt", handle_mgmt_agent_resume),
+    ("POST", "/management/agents/rotate_key/{agent_id}", "mgmt", handle_mgmt_agent_rotate_key),
     ("POST", "/management/agents/reset", "mgmt", handle_mgmt_agents_reset),
     ("GET", "/management/tasks/list", "mgmt", handle_mgmt_tasks_list),
     ("POST", "/management/tasks/reset", "mgmt", handle_mgmt_tasks_reset),
@@ -3639,9 +4054,10 @@ ROUTES = [
 #
 # `GET /openapi.json` describes every route of ROUTES (but the console's catch-all).
 # OPENAPI_OPS says what each path takes and answers; `openapi_document()` adds what
-# follows from the route's kind: its security scheme, 401 for guarded routes, 400/413
-# for routes that read a body, 400/404 for task paths. Building it is pure: the same
-# routes give the same document.
+# follows from the route's kind: its security scheme, 401 for guarded routes (and open
+# ones that check a credential), 400/408/413/503 for routes that read a body, 429 where
+# failed credentials are throttled, 400/404 for task paths. Building it is pure: the
+# same routes give the same document.
 
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -3659,7 +4075,8 @@ def _opt(kind: str, **extra: Any) -> dict:
 
 STR, INT, BOOL, TIME = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "string"}
 _STATUS = {"type": "string", "enum": list(TASK_STATUSES)}
-_CAP = {"type": "string", "minLength": 1, "maxLength": CAP_MAX_CHARS}
+_NO_CONTROL = "^[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]+$"  # CONTROL_CHARS, as a JSON Schema pattern
+_CAP = {"type": "string", "minLength": 1, "maxLength": CAP_MAX_CHARS, "pattern": _NO_CONTROL}
 _SECS = {"type": ["number", "null"], "minimum": 0.001, "maximum": 366 * 86400}
 _SUBMISSION_FIELDS = {
     "capability": _CAP, "payload": {}, "urgent": _opt("boolean"), "restartable": _opt("boolean"),
@@ -3670,11 +4087,20 @@ _SUBMISSION_FIELDS = {
     "retryOnSameNode": _opt("boolean"), "runAt": _opt("string", format="date-time"),
 }
 _AGENT_INFO = _obj("capabilities", capabilities={"type": "array", "items": _CAP},
-                   tier=_opt("integer", minimum=0, maximum=255), capacity=_opt("integer", minimum=1),
+                   tier=_opt("integer", minimum=0, maximum=255),
+                   capacity=_opt("integer", minimum=1, maximum=MAX_CAPACITY),
                    systemInfo=_opt("object"),
                    heartbeatSecs=_opt("number", minimum=1, maximum=MAX_HEARTBEAT_S, description=(
                        "the agent pings at least this often; it is offline after "
                        f"{HEARTBEATS_MISSED} missed beats (without it: after {ONLINE_S:.0f} s)")))
+# What parse_submission refuses beyond the fields' own schemas: runAt with delaySecs, and
+# an urgent task with runAt, delaySecs or priority (null counts as absent).
+_SUBMISSION_RULES = {"allOf": [
+    {"not": {"required": ["runAt", "delaySecs"], "properties": {
+        "runAt": {"type": "string"}, "delaySecs": {"type": "number"}}}},
+    {"if": {"required": ["urgent"], "properties": {"urgent": {"const": True}}},
+     "then": {"properties": {name: {"type": "null"} for name in ("runAt", "delaySecs", "priority")}}},
+]}
 
 OPENAPI_SCHEMAS = {
     "Error": {**_obj("error", error=_obj("type message status", type=STR, message=STR, status=INT)),
@@ -3683,7 +4109,7 @@ OPENAPI_SCHEMAS = {
     "FileReference": _obj("path", path={"type": "string", "minLength": 1},
                           **{k: _opt("string") for k in _FILE_REF_FIELDS[1:]},
                           customHeader=_opt("object")),
-    "Submission": _obj("capability", **_SUBMISSION_FIELDS, apiKey=STR),
+    "Submission": {**_obj("capability", **_SUBMISSION_FIELDS, apiKey=STR), **_SUBMISSION_RULES},
     "UrgentSubmission": {"allOf": [_ref("Submission"), _obj("urgent", urgent={"const": True})],
                          "description": "runAt, delaySecs and priority are for regular tasks"},
     "TaskData": _obj("capability urgent restartable payload fetchFiles artifacts",
@@ -3712,7 +4138,10 @@ OPENAPI_SCHEMAS = {
                   heartbeatSecs=_opt("number")),
     "ClientApiKey": _obj("key capabilities isPredefined created isRevoked", key=STR,
                          capabilities={"type": "array", "items": STR}, isPredefined=BOOL,
-                         created=TIME, isRevoked=BOOL, maxInFlight=_opt("integer")),
+                         created=TIME, isRevoked=BOOL, maxInFlight=_opt("integer"),
+                         maxQueuedBytes=_opt("integer")),
+    "AgentCredential": _obj("agentId key token expiresIn", agentId=STR, key=STR, token=STR,
+                            expiresIn=INT),
     "Health": _obj("status cached_agents cached_tokens timestamp", status=STR,
                    cached_agents=INT, cached_tokens=INT, timestamp=TIME,
                    reason={"type": "string", "enum": ["storage_full", "storage_lost"]}, message=STR),
@@ -3731,17 +4160,23 @@ OPENAPI_SCHEMAS = {
 
 _ERROR_TEXT = {400: "Malformed request", 401: "Missing or wrong credentials",
                403: "Not allowed", 404: "No such task, agent or key", 409: "Conflicts with the state",
-               413: "Body over the limit", 429: "The key's maxInFlight is reached",
-               503: "No online agent serves the capability, or nobody took the task in time",
+               408: "The body did not arrive within the body timeout",
+               413: "Body over the limit",
+               429: "Too many failed authentications from this address (see Retry-After), "
+                    "or the key's maxInFlight or maxQueuedBytes is reached",
+               503: "No online agent serves the capability, nobody took the task in time, or the "
+                    "server is reading too many bodies at once (`overloaded`, see Retry-After)",
                504: "The task outlived the hold; it goes on and stays pollable",
                507: "The disk refused the change (storage_full, storage_lost); nothing changed"}
 # The operations that change state: while the disk refuses writes they answer 507.
 _WRITES = {"/api/task/submit", "/api/task/submit_blocking", "/api/task/cancel/{cap}/{id}",
-           "/agent/register", "/private/agent/info/update", "/private/agent/task/poll",
+           "/agent/register", "/private/agent/info/update", "/private/agent/rotate_key",
+           "/private/agent/task/poll",
            "/private/agent/task/poll_urgent", "/private/agent/take/{cap}/{id}",
            "/private/agent/task/progress/{cap}/{id}", "/private/agent/task/resolve/{cap}/{id}",
            "/management/agents/delete/{agent_id}", "/management/agents/drain/{agent_id}",
-           "/management/agents/resume/{agent_id}", "/management/agents/reset",
+           "/management/agents/resume/{agent_id}", "/management/agents/rotate_key/{agent_id}",
+           "/management/agents/reset",
            "/management/tasks/reset", "/management/tasks/cancel/{cap}/{id}",
            "/management/tasks/requeue/{cap}/{id}", "/management/client_api_keys/update",
            "/management/client_api_keys/revoke/{key}"}
@@ -3807,6 +4242,8 @@ OPENAPI_OPS = {
                                                "items": _ref("TaskId")}), body_required=False),
     "/private/agent/info/update": _op("Update the agent's self-description", "AgentIdentity",
                                       "400", "AgentInfo"),
+    "/private/agent/rotate_key": _op("A fresh login secret and token; earlier tokens stop working",
+                                     "AgentCredential"),
     "/private/agent/task/poll": _op("Long poll for the next task", _TASK_OR_NULL, "400 409",
                                     params=(_wait(), _TAKE)),
     "/private/agent/task/poll_urgent": _op("Long poll for the next urgent task", _TASK_OR_NULL,
@@ -3835,6 +4272,8 @@ OPENAPI_OPS = {
     "/management/agents/delete/{agent_id}": _op("Delete an agent", {"const": "Agent deleted"}, "404"),
     "/management/agents/drain/{agent_id}": _op("Give an agent no new tasks", "Agent", "404"),
     "/management/agents/resume/{agent_id}": _op("Undo a drain", "Agent", "404"),
+    "/management/agents/rotate_key/{agent_id}": _op(
+        "Revoke an agent's credential: a new secret, earlier tokens refused", "Agent", "404"),
     "/management/agents/reset": _op("Delete every agent", "Result"),
     "/management/tasks/list": _op("Tasks by queue", _obj(
         "urgent regular", urgent=_ref("Queue"), regular=_ref("Queue")), "400",
@@ -3845,14 +4284,21 @@ OPENAPI_OPS = {
                                                 "AssignedTask", "409"),
     "/management/client_api_keys/list": _op("Client API keys", {
         "type": "array", "items": _ref("ClientApiKey")}),
-    "/management/client_api_keys/update": _op("Create or replace a client API key", "ClientApiKey",
-                                              "400", _obj("key capabilities", key=STR,
-                                                          capabilities=_STRINGS,
-                                                          maxInFlight=_opt("integer", minimum=1))),
+    "/management/client_api_keys/update": _op(
+        "Create or replace a client API key", "ClientApiKey", "400", _obj(
+            "key capabilities",
+            key={"type": "string", "minLength": MIN_SECRET_CHARS, "maxLength": MAX_KEY_CHARS,
+                 "pattern": "^[!-.0-~]+$",
+                 "description": "a new key; an existing one (set at start) may be shorter"},
+            capabilities={"type": "array", "items": {"type": "string", "minLength": 1,
+                                                     "pattern": _NO_CONTROL}},
+            maxInFlight=_opt("integer", minimum=1),
+            maxQueuedBytes=_opt("integer", minimum=1, maximum=MAX_QUEUED_BYTES))),
     "/management/client_api_keys/revoke/{key}": _op("Revoke a client API key", "ClientApiKey", "404"),
     "/health": _op("Health; 503 with a reason while the disk refuses writes", "Health",
                    status=(200, 503)),
-    "/stats": _op("Counts of agents and tasks", {"type": "object"}),
+    "/stats": _op("Counts of agents and tasks; the journal's too with the management token",
+                  {"type": "object"}),
     "/metrics": _op("Prometheus metrics", STR, media={"text/plain": {"schema": STR}}),
     "/openapi.json": _op("This document", {"type": "object"}),
 }
@@ -3895,7 +4341,10 @@ def openapi_document(routes: list) -> dict:
         names = re.findall(r"\{(\w+)\}", path)
         errors = set(spec["errors"])
         errors |= {401} if kind != "open" or path == "/metrics" else set()
-        errors |= {400, 413} if spec["body"] or (kind == "client" and method == "POST") else set()
+        errors |= {400, 408, 413, 503} if spec["body"] or (kind == "client" and method == "POST") else set()
+        credential = handler.__name__ in CREDENTIAL_HANDLERS
+        errors |= {429} if kind in ("client", "mgmt") or credential else set()
+        errors |= {401} if credential else set()
         errors |= {400, 404} if "cap" in names else set()
         errors |= {507} if path in _WRITES and (method == "POST" or _TAKE in spec["params"]) else set()
         operation = {
@@ -3925,18 +4374,41 @@ def openapi_document(routes: list) -> dict:
 
 # ============================================================================ app
 
+AUTH_LOG_INTERVAL_S = 60.0
+
+
+async def log_auth_failures(throttle: AuthThrottle) -> None:
+    """Once per interval, one line per address that kept failing (never the secret)."""
+    while True:
+        await asyncio.sleep(AUTH_LOG_INTERVAL_S)
+        for addr, failures in throttle.summaries(time.monotonic()):
+            log.warning("%d failed authentications from %s in the last %d s", failures, addr,
+                        AUTH_LOG_INTERVAL_S)
+
+
+async def stop_task(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Application:
     config = config or load_config([])
     hub = hub or Hub(config)
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[timing_middleware, error_middleware])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[
+        cut_middleware, timing_middleware, error_middleware, path_middleware])
     app[HUB] = hub
     app[TOKENS] = AgentTokens(config.jwt_secret, config.jwt_lifetime_s, hub.clock)
     app[OPENAPI] = openapi_document(ROUTES)
+    app[BODY_BUDGET] = BodyBudget(config.body_budget_bytes)
+    app[THROTTLE] = AuthThrottle(config.auth_failures_per_min)
+    app.on_response_prepare.append(add_security_headers)
     for method, path, kind, handler in ROUTES:
         app.router.add_route(method, path, guarded(kind, handler))
 
     async def start(app: web.Application) -> None:
         await hub.start()
+        auth_log = asyncio.get_running_loop().create_task(log_auth_failures(app[THROTTLE]))
+        app.on_cleanup.insert(0, lambda app: stop_task(auth_log))
 
     async def shutdown(app: web.Application) -> None:
         await hub.release_waiters()
@@ -3963,6 +4435,18 @@ def print_first_start(config: Config) -> None:
             label, value = shown[name]
             print(f"  {label:24} {value}")
     sys.stdout.flush()
+
+
+def warn_short_secrets(config: Config) -> None:
+    """Secrets set at start stay as given; short ones are easy to guess, so say so."""
+    named = [("client API key", k) for k in config.client_api_keys] + \
+            [("agent registration key", k) for k in config.agent_api_keys] + \
+            [("management token", config.mgmt_token)]
+    for label, value in named:
+        if len(value) < MIN_SECRET_CHARS:
+            log.warning("a %s set at start has %d characters; use at least %d (e.g. from "
+                        "`python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`)",
+                        label, len(value), MIN_SECRET_CHARS)
 
 
 SHUTDOWN_S = 3.0  # SIGTERM to exit, at most (plus closing the journal)
@@ -4002,6 +4486,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(argv)
         print_first_start(config)
+        warn_short_secrets(config)
         hub = Hub(config)
         hub.recover()
     except JournalCorrupt as err:

@@ -243,8 +243,9 @@ JWT_SECRET = "jwt-secret-for-tests-" + "0123456789abcdef" * 4  # 64+ bytes, so H
 CLIENT = {"X-API-Key": CLIENT_KEY}
 MGMT = {"X-Mgmt-Token": MGMT_TOKEN}
 ERROR_TYPES = {400: "bad_request", 401: "authentication_error", 403: "authorization_error",
-               404: "not_found", 409: "conflict", 413: "payload_too_large", 429: "too_many_requests",
-               503: "scheduling_impossible", 504: "timeout"}
+               404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 409: "conflict",
+               413: "payload_too_large", 429: "too_many_requests", 503: "scheduling_impossible",
+               504: "timeout"}
 
 
 def api_config(folder: Path, **changes) -> Config:
@@ -280,11 +281,12 @@ async def call(client, method, path, status=200, **kw):
     return json.loads(text) if text else None
 
 
-async def fails(client, method, path, status, **kw):
-    """Send a request that must fail with the contract's error body; return that body."""
+async def fails(client, method, path, status, error_type=None, **kw):
+    """Send a request that must fail with the contract's error body (of `error_type`, by
+    default the status's usual one); return that body."""
     body = await call(client, method, path, status, **kw)
     assert set(body["error"]) == {"type", "message", "status"}, body
-    assert body["error"]["type"] == ERROR_TYPES[status], body
+    assert body["error"]["type"] == (error_type or ERROR_TYPES[status]), body
     assert body["error"]["status"] == status
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     return body

@@ -53,9 +53,12 @@ async def http_session():
 
 
 @pytest.fixture
-def make_run(tmp_path, http_session):
-    """Builds a TaskRun with its own folder and progress recorder, as the serve loop would."""
+async def make_run(tmp_path, http_session):
+    """Builds a TaskRun with its own folder and progress recorder, as the serve loop would.
+    The local test services stand for public ones, so 127.0.0.1 is allowed to fetch from
+    unless a test says otherwise."""
     count = 0
+    sessions = []
 
     def factory(capability, payload=None, *, fetch=(), artifacts=(), interval_s=0.5,
                 stage_delay_s=0.0, **settings):
@@ -64,18 +67,24 @@ def make_run(tmp_path, http_session):
         folder = tmp_path / "work" / f"task{count}"
         folder.mkdir(parents=True)
         recorder = ProgressRecorder()
+        settings.setdefault("allow_fetch", ("127.0.0.1",))
+        settings = Settings(work_root=tmp_path / "work", **settings)
+        sessions.append(agent.make_fetch_session(settings))
         run = TaskRun(
             task_id={"cap": capability, "id": f"01TESTTASK{count:016d}"},
             data={"capability": capability, "payload": payload,
                   "fetchFiles": list(fetch), "artifacts": list(artifacts)},
             folder=folder,
-            settings=Settings(work_root=tmp_path / "work", **settings),
+            settings=settings,
             http=http_session,
             progress=ProgressReporter(recorder, interval_s, stage_delay_s),
+            fetch_http=sessions[-1],
         )
         return run, recorder
 
-    return factory
+    yield factory
+    for session in sessions:
+        await session.close()
 
 
 async def run_task(run):
@@ -452,7 +461,8 @@ async def test_artifact_over_the_size_cap_fails_clearly(make_run):
 async def test_artifact_symlink_out_of_the_task_folder_is_refused(make_run):
     run, _ = make_run("shell.bash", "ln -s /etc/hostname stolen", artifacts=[{"path": "stolen"}])
     outcome = await run_task(run)
-    assert failure_message(outcome) == "file path 'stolen' escapes the task folder"
+    assert failure_message(outcome) == \
+        "file path 'stolen' escapes the task folder through the symbolic link 'stolen'"
     assert outcome.output is None
 
 

@@ -416,22 +416,22 @@ def test_api_keys_can_be_created_and_revoked(console, server):
 
     page.click("[data-ref=generate]")
     expect(page.locator("[data-ref=key]")).to_have_value(re.compile(r"^ck-[0-9a-f]{32}$"))
-    page.fill("[data-ref=key]", "ck-console-test")
+    page.fill("[data-ref=key]", "ck-console-test-key")
     page.fill("[data-ref=capabilities]", "llm.*, shell.bash")
     page.click("[data-ref=create]")
-    row = page.locator("tr[data-key='ck-console-test']")
+    row = page.locator("tr[data-key='ck-console-test-key']")
     expect(row.locator(".chip")).to_have_text(["llm.*", "shell.bash"])
     expect(row.locator(".badge")).to_have_text("active")
     keys = {k["key"]: k for k in http("GET", server.url + "/management/client_api_keys/list", headers=server.mgmt)[1]}
-    assert keys["ck-console-test"]["capabilities"] == ["llm.*", "shell.bash"]
+    assert keys["ck-console-test-key"]["capabilities"] == ["llm.*", "shell.bash"]
 
     row.get_by_role("button", name="Revoke").click()
-    expect(page.locator("#confirm-text")).to_contain_text("ck-console-test")
+    expect(page.locator("#confirm-text")).to_contain_text("ck-console-test-key")
     page.click("#confirm-ok")
     expect(row.locator(".badge")).to_have_text("revoked")
     expect(row.get_by_role("button", name="Revoke")).to_have_count(0)
     keys = {k["key"]: k for k in http("GET", server.url + "/management/client_api_keys/list", headers=server.mgmt)[1]}
-    assert keys["ck-console-test"]["isRevoked"] is True
+    assert keys["ck-console-test-key"]["isRevoked"] is True
 
 
 def test_sandbox_submit_completes_with_a_scripted_agent(console, server, scripted_agent):
@@ -707,3 +707,46 @@ def test_sandbox_sends_lifecycle_fields_and_stops_a_bash_command(console, server
     expect(terminal.locator(".term-error").last).to_have_text("canceled")
     expect(page.locator("[data-ref=term-stop]")).to_be_hidden()
     assert len(agent.canceled) == 1
+
+
+def test_an_agents_credential_is_revoked_from_its_row(console, server):
+    agent = Agent(server, ["echo"])
+    task_id = server.submit("echo", {"n": 1})
+    agent.take(agent.poll()["id"])
+    page = console.sign_in()
+    console.go("agents")
+    row = page.locator(f"tr[data-agent='{agent.id}']")
+    row.get_by_role("button", name="Revoke credential").click()
+    expect(page.locator("#confirm-text")).to_contain_text("stops working")
+    page.click("#confirm-ok")
+    expect(page.locator(".toast")).to_contain_text("credential revoked")
+    status, answer = http("GET", server.url + "/private/agent/ping", headers=agent.headers)
+    assert status == 401 and "revoked" in answer["error"]["message"]
+    # Same agent, same task: only its credential changed.
+    expect(row.locator("td[data-label='In flight']")).to_have_text("1 / 2")
+    [listed] = http("GET", server.url + "/management/agents/list", headers=server.mgmt)[1]
+    assert listed["uid"] == agent.id and listed["tasksInFlight"] == 1
+    assert task_id
+
+
+def test_the_console_works_under_its_content_security_policy(console, server):
+    """Every page renders with no inline script or style refused; the fixture fails the
+    test on any console error, which is how Chromium reports a CSP violation too."""
+    Agent(server, ["echo"])
+    server.submit("train/big", {"n": 1})
+    page = console.page
+    page.add_init_script("window.__csp = []; document.addEventListener('securitypolicyviolation',"
+                         " (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
+    response = page.goto(server.url + "/")
+    csp = response.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    console.sign_in()
+    bar = page.locator("[data-ref=queues] .bar > span").first
+    expect(bar).to_be_visible()
+    assert bar.evaluate("el => el.style.width") == "100%"  # set through the CSSOM, allowed
+    for name in PAGES:
+        console.go(name)
+        page.wait_for_timeout(200)
+    assert page.evaluate("window.__csp") == []

@@ -2,6 +2,7 @@
 The state machine, matching, tiers, capacity, leases, the LRU of agents, all-or-nothing
 changes, heartbeats and what agents hold; then lifecycle control: cancel, timeouts,
 retries with backoff, dead letters, priority and fairness, delays, drain, per-key limits."""
+import json
 import random
 
 import pytest
@@ -985,6 +986,50 @@ def test_max_in_flight_limits_queued_plus_running_tasks_per_key():
         submit(b, limit=2)  # running still counts
     b.resolve(uid, first.cap, first.id, "success", None, 1, T0)
     submit(b, limit=2)
+
+
+def replay(records):
+    broker = Broker()
+    broker.begin_loading()
+    for record in records:
+        broker.apply(record)
+    broker.end_loading()
+    return broker
+
+
+def test_max_queued_bytes_counts_the_encoded_tasks_per_key_and_replay_agrees():
+    b = recorded(Broker())
+    data = parse_submission({"capability": "echo", "payload": "x" * 100})
+    size = len(json.dumps(data, separators=(",", ":")))
+    first = b.submit(data, "o1", None, T0, max_queued_bytes=3 * size)
+    b.submit(data, "o1", None, T0)
+    b.submit(data, "o2", None, T0)
+    assert b.bytes_by_owner == {"o1": 2 * size, "o2": size}
+    with pytest.raises(TooManyRequests, match=f"maxQueuedBytes is {2 * size}"):
+        b.submit(data, "o1", None, T0, max_queued_bytes=2 * size)
+    b.cancel(first.cap, first.id, "o1", T0)
+    assert b.bytes_by_owner["o1"] == size
+    records = take_records(b)
+    assert replay(records).bytes_by_owner == {"o1": size, "o2": size}
+    b.requeue(first.cap, first.id, T0)  # management may requeue past the quota
+    assert b.bytes_by_owner["o1"] == 2 * size
+    b.reset_tasks(T0)
+    assert not any(b.bytes_by_owner.values())
+
+
+def test_key_rotation_is_a_record_that_replays_to_the_same_agent():
+    b = recorded(Broker())
+    uid = agent(b)
+    live = b.agents[uid]
+    old_key = live.key
+    rotated = b.rotate_agent_key(uid, T0 + 1)
+    assert rotated is live and live.key != old_key and live.tokens_after == T0 + 1
+    records = take_records(b)
+    assert records[-1]["op"] == "agent.key_rotated" and records[-1]["tokensAfter"] == T0 + 1
+    again = replay(records).agents[uid]
+    assert (again.key, again.tokens_after) == (live.key, T0 + 1)
+    with pytest.raises(NotFound):
+        b.rotate_agent_key("nope", T0)
 
 
 def test_lifecycle_state_survives_replay():

@@ -30,7 +30,7 @@ DONE = ("completed", "failed", "canceled")
 class AgentProcess:
     """`offload_agent.py serve` as a child process, with its own folder, config and log."""
 
-    def __init__(self, server, folder: Path, caps, capacity=1, serve_args=()):
+    def __init__(self, server, folder: Path, caps, capacity=1, serve_args=(), env=None):
         self.server = server
         self.folder = folder
         self.folder.mkdir(parents=True)
@@ -40,6 +40,7 @@ class AgentProcess:
         self.caps = list(caps)
         self.capacity = capacity
         self.serve_args = list(serve_args)
+        self.env = env or {}
         self.proc = None
 
     def register(self):
@@ -59,7 +60,7 @@ class AgentProcess:
             [sys.executable, str(AGENT_SCRIPT), "serve", "--config", str(self.config),
              "--work-dir", str(self.work), *self.serve_args],
             cwd=self.folder, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         self.wait_for_log("online, serving", timeout)
         return self
 
@@ -97,8 +98,8 @@ def start_agent(server, tmp_path):
     """Registers and starts agents against `server`; kills whatever is left at the end."""
     agents = []
 
-    def factory(caps=("debug.echo", "shell.bash"), capacity=1, serve_args=()):
-        agent = AgentProcess(server, tmp_path / f"agent{len(agents)}", caps, capacity, serve_args)
+    def factory(caps=("debug.echo", "shell.bash"), capacity=1, serve_args=(), env=None):
+        agent = AgentProcess(server, tmp_path / f"agent{len(agents)}", caps, capacity, serve_args, env)
         agents.append(agent)
         return agent.register().start()
 
@@ -274,7 +275,7 @@ def test_sigterm_leaves_no_task_folders(server, start_agent):
                  "mkdir d && cd d && seq 20000 | xargs touch && touch ../started; sleep 60")
     assert wait_done(server, big)["status"] == "completed"
     deadline = time.monotonic() + 10
-    while not list(agent.work.glob("*/started")):
+    while not list(agent.work.glob("*/task/started")):
         assert time.monotonic() < deadline, "the long task never started"
         time.sleep(0.05)
     agent.signal(signal.SIGTERM)
@@ -324,6 +325,9 @@ def test_cancel_stops_the_running_work(server, start_agent, protocol, tmp_path):
     body = wait_done(server, task_id, timeout=10)
     assert body["status"] == "canceled"
     assert "the server asked to stop it" in agent.output()
+    agent.wait_for_log("resolved: stopped as the server asked")
+    assert "resolved: failure" not in agent.output()
+    assert "Unknown child process" not in agent.output()
 
 
 def process_alive(pid: int) -> bool:
@@ -369,7 +373,7 @@ def test_fetch_files_by_http_and_git_clone(server, start_agent, file_host, tmp_p
                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e.x"}
     for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "tool"]):
         subprocess.run(["git", *args], cwd=repo, env=git_env, check=True)
-    start_agent(serve_args=["--allow-local-git"])
+    start_agent(serve_args=["--allow-local-git", "--allow-fetch", "127.0.0.1"])
     task = run_blocking(server, "shell.bash", {"command": "bash tools/sum.sh input/numbers.txt"},
                         fetchFiles=[{"path": "input/numbers.txt", "get": file_host.url + "/numbers.txt"},
                                     {"path": "tools", "gitClone": f"file://{repo}"}])
@@ -397,6 +401,7 @@ def test_path_traversal_is_refused(server, start_agent, file_host, tmp_path):
     assert task["status"] == "failed"
     assert "escapes the task folder" in history_text(task)
     assert "stdout" not in (task["result"] or {}), "the command ran after a refused fetch"
+    assert wait_folder_empty(agent.work) == []  # then nothing is removed while we look
     assert not list(tmp_path.rglob("escaped.txt"))
     task = run_blocking(server, "shell.bash", {"command": "true"},
                         artifacts=[{"path": str(agent.config)}])

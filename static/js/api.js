@@ -131,6 +131,8 @@ export const api = {
 
   drainAgent: (uid) => request("POST", `/management/agents/drain/${seg(uid)}`),
   resumeAgent: (uid) => request("POST", `/management/agents/resume/${seg(uid)}`),
+  // A new login secret for the agent; its earlier tokens stop working (it registers again).
+  rotateAgentKey: (uid) => request("POST", `/management/agents/rotate_key/${seg(uid)}`),
 
   // status: only tasks in that status ("failed" lists the dead letters).
   tasks: (status) => request("GET", `/management/tasks/list${status ? `?status=${seg(status)}` : ""}`),
