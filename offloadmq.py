@@ -698,6 +698,10 @@ class Histogram:
 # Agents: `online` is an OrderedDict ordered by last contact, oldest first, holding
 # only online agents, so expiry pops from the front and never visits offline ones.
 # `serving` indexes online agents by base capability for matching and tier checks.
+#
+# Retention: `ended` holds the ended regular tasks in the order they ended, so
+# `drop_retained` (age and count limits) drops from its front through one
+# `tasks.dropped` record, never looking at the tasks it keeps.
 
 class ReadyQueue:
     """Ready tasks of one capability: higher priority first; within a priority the
