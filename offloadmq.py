@@ -11,8 +11,9 @@ CLI for CI runners: python offloadmq.py submit CAP [--payload JSON|@file] [--wai
 status CAP ID, cancel CAP ID (OFFLOADMQ_URL, OFFLOADMQ_API_KEY; see the cli section).
 
 Sections (``grep '^# ===' offloadmq.py``), each using only what is above it:
-  imports · config · errors · models · core (pure) · journal · wire shapes · hub · auth ·
-  handlers · routes · openapi · app · cli (main() hands CLI commands to the last one)
+  imports · config · errors · models · core (pure) · journal · wire shapes · listing ·
+  hub · streams · auth · handlers · routes · openapi · app · cli (main() hands CLI
+  commands to the last one)
 """
 # ============================================================================ imports
 from __future__ import annotations
@@ -33,8 +34,10 @@ import math
 import os
 import random
 import re
+import resource
 import secrets
 import signal
+import socket
 import sys
 import time
 import zlib
@@ -81,6 +84,10 @@ class Config:
     blocking_hold_s: float = 300.0
     repair: bool = False
     metrics_public: bool = False  # /metrics without the management token
+    max_streams_per_key: int = 32  # event streams open at once per client key (and management)
+    stream_buffer_bytes: int = 1 << 20  # a live stream's unsent bytes past this drop its reader
+    stream_stall_s: float = 60.0  # a stream that is starting drops a reader that reads nothing this long
+    max_connections: int = 0  # open at once; 0: the descriptor limit less FD_MARGIN
     static_path: Path = Path(__file__).resolve().parent / "static"
     # Hostile bodies: a body must arrive within body_timeout_s (at most MAX_BODY_TIMEOUT_S),
     # and the bodies being read at once hold at most body_budget_bytes (past it: 503).
@@ -214,6 +221,10 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         retention_tasks=retention_tasks,
         repair=args.repair,
         metrics_public=args.metrics_public or settings.get("OFFLOADMQ_METRICS_PUBLIC", "") in ("1", "true"),
+        max_streams_per_key=int(settings.get("OFFLOADMQ_STREAMS_PER_KEY") or 32),
+        stream_buffer_bytes=int(settings.get("OFFLOADMQ_STREAM_BUFFER_BYTES") or 1 << 20),
+        stream_stall_s=float(settings.get("OFFLOADMQ_STREAM_STALL_S") or 60.0),
+        max_connections=int(settings.get("OFFLOADMQ_MAX_CONNECTIONS") or 0),
         generated=generated,
         body_timeout_s=min(MAX_BODY_TIMEOUT_S, max(0.1, float(settings.get("OFFLOADMQ_BODY_TIMEOUT") or 30))),
         body_budget_bytes=int(float(settings.get("OFFLOADMQ_BODY_BUDGET_MB") or 64) * 1024 * 1024),
@@ -2308,18 +2319,28 @@ def status_json(task: Task) -> dict:
     return body
 
 
-def listing_json(tasks: list[Task]) -> dict:
-    listing = {"urgent": {"assigned": [], "unassigned": []},
-               "regular": {"assigned": [], "unassigned": []}}
-    for task in tasks:
-        queue = listing["urgent" if task.urgent else "regular"]
-        if task.status == PENDING:  # the original shape, plus what a waiting task shows
-            queue["unassigned"].append({
-                **unassigned_json(task), "status": task.status, "attempt": task.attempts,
-                "notBefore": iso(task.not_before), "history": history_json(task)})
-        else:
-            queue["assigned"].append(assigned_json(task))
-    return listing
+def listing_place(task: Task) -> tuple[str, str]:
+    """Where /management/tasks/list shows a task: (queue, "assigned" | "unassigned")."""
+    return "urgent" if task.urgent else "regular", "unassigned" if task.status == PENDING else "assigned"
+
+
+def listing_row(task: Task) -> dict:
+    if task.status == PENDING:  # the original shape, plus what a waiting task shows
+        return {**unassigned_json(task), "status": task.status, "attempt": task.attempts,
+                "notBefore": iso(task.not_before), "history": history_json(task)}
+    return assigned_json(task)
+
+
+def empty_listing() -> dict:
+    return {"urgent": {"assigned": [], "unassigned": []}, "regular": {"assigned": [], "unassigned": []}}
+
+
+def status_event(task: Task, op: str) -> dict:
+    # With what a listing row shows, so a console adds a new task without fetching it.
+    return {"id": task_id_json(task), "status": task.status, "stage": task.stage, "op": op,
+            "attempt": task.attempts, "cancelRequested": task.cancel_requested_at is not None,
+            "agentId": task.agent_id, "urgent": task.urgent, "priority": task.priority,
+            "createdAt": iso(task.created_at)}
 
 
 def agent_json(agent: Agent, online: bool) -> dict:
@@ -2332,6 +2353,129 @@ def agent_json(agent: Agent, online: bool) -> dict:
 
 def key_json(key: ClientKey) -> dict:
     return {**key.to_record(), "created": iso(key.created_at)}
+
+
+# ============================================================================ listing
+#
+# /management/tasks/list at 100,000 tasks without holding the loop: functions over the
+# core's tasks (a live mapping they only read) that yield to the loop every slice. A
+# page is chosen by a scan of the tasks; the original unparameterized listing (tens of
+# MB) is encoded a slice of rows at a time, as its reader takes it. Pages run newest
+# first by id (ULIDs: creation order); the cursor is the last id shown, so a walk sees
+# every task that existed when it began exactly once, however many are submitted meanwhile.
+
+LIST_SCAN_SLICE = 1000        # tasks looked at per loop turn
+LIST_WRITE_BYTES = 256 << 10  # the full listing is written this much at a time...
+LIST_WRITE_ROWS = 50          # ...or this many rows (about 1.5 ms of encoding), whichever first
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+PAGE_LOG_CHARS = 4096         # a page shows the end of each log; `?task=` shows all of it
+PAGE_PARAMS = frozenset({"limit", "cursor", "capability", "queue", "key", "task"})
+CURSOR_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+TASK_STATUSES = (PENDING, "queued", ASSIGNED, "starting", RUNNING, COMPLETED, FAILED, CANCELED)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskQuery:
+    """The filters of a listing (None matches anything) and, for a page, where it starts."""
+    status: str | None = None
+    capability: str | None = None  # the task's capability or its base
+    urgent: bool | None = None
+    owner: str | None = None       # of `client_key`, the key the tasks were submitted with
+    client_key: str | None = None
+    task: TaskKey | None = None    # one task
+    paged: bool = False            # False: every task, in the original shape
+    limit: int = DEFAULT_PAGE
+    cursor: str | None = None      # ids below this one
+
+    def matches(self, task: Task) -> bool:
+        return ((self.status is None or task.status == self.status)
+                and (self.capability is None or self.capability in (task.cap, task.base))
+                and (self.urgent is None or task.urgent == self.urgent)
+                and (self.owner is None or task.owner == self.owner))
+
+
+async def _scan(tasks: dict[TaskKey, Task], names: list[TaskKey]) -> Any:
+    """The tasks of `names` still there, a slice of them per loop turn."""
+    for start in range(0, len(names), LIST_SCAN_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        for key in names[start:start + LIST_SCAN_SLICE]:
+            task = tasks.get(key)
+            if task is not None:
+                yield task
+
+
+async def task_page(tasks: dict[TaskKey, Task], query: TaskQuery) -> dict:
+    """Up to `query.limit` matching tasks with ids below its cursor, newest first, in the
+    listing's shape, plus `next` (the cursor of the following page, or None) and `total`
+    (tasks matching the filters, all pages)."""
+    chosen: list[tuple[str, str]] = []  # a min-heap of the `limit` newest (id, cap) so far
+    total = below = 0
+    async for task in _scan(tasks, [query.task] if query.task is not None else list(tasks)):
+        if not query.matches(task):
+            continue
+        total += 1
+        if query.cursor is not None and task.id >= query.cursor:
+            continue
+        below += 1
+        if len(chosen) < query.limit:
+            heapq.heappush(chosen, (task.id, task.cap))
+        elif (task.id, task.cap) > chosen[0]:
+            heapq.heapreplace(chosen, (task.id, task.cap))
+    chosen.sort(reverse=True)
+    listing = empty_listing()
+    for n, (task_id, cap) in enumerate(chosen):
+        if n and n % LIST_WRITE_ROWS == 0:
+            await asyncio.sleep(0)
+        task = tasks.get((cap, task_id))
+        if task is None:  # gone while the scan yielded
+            continue
+        row = listing_row(task)
+        if query.task is None and len(row.get("log") or "") > PAGE_LOG_CHARS:
+            row["logChars"] = len(row["log"])
+            row["log"] = row["log"][-PAGE_LOG_CHARS:]
+        queue, kind = listing_place(task)
+        listing[queue][kind].append(row)
+    listing["next"] = chosen[-1][0] if below > query.limit else None
+    listing["total"] = total
+    return listing
+
+
+async def full_listing(tasks: dict[TaskKey, Task], status: str | None) -> Any:
+    """The original shape, every task (or those in `status`), as JSON text in chunks:
+    the next is encoded when the reader has taken the last (an async iterator)."""
+    places: dict[tuple[str, str], list[TaskKey]] = {
+        (q, k): [] for q in ("urgent", "regular") for k in ("assigned", "unassigned")}
+    async for task in _scan(tasks, list(tasks)):
+        if status is None or task.status == status:
+            places[listing_place(task)].append(task.key)
+    out, rows, skipped = bytearray(b"{"), 0, 0
+    for queue in ("urgent", "regular"):
+        out += b'"%b":{' % queue.encode()
+        for kind in ("assigned", "unassigned"):
+            out += b'"%b":[' % kind.encode()
+            first = True
+            for key in places[(queue, kind)]:
+                task = tasks.get(key)
+                if task is None:
+                    continue
+                try:
+                    row = orjson.dumps(listing_row(task))
+                except (TypeError, orjson.JSONEncodeError):  # one bad task never fails a listing
+                    skipped += 1
+                    continue
+                out += row if first else b"," + row
+                first, rows = False, rows + 1
+                if rows >= LIST_WRITE_ROWS or len(out) >= LIST_WRITE_BYTES:
+                    yield bytes(out)
+                    out.clear()
+                    rows = 0
+                    await asyncio.sleep(0)
+            out += b"]," if kind == "assigned" else b"]"
+        out += b"}," if queue == "urgent" else b"}"
+    yield bytes(out + b"}")
+    if skipped:
+        log.warning("task listing left out %d tasks that cannot be encoded", skipped)
 
 
 # ============================================================================ hub
@@ -2348,38 +2492,37 @@ EVENT_RING_SIZE = 10_000  # live events kept for Last-Event-ID resumption...
 EVENT_RING_BYTES = 64 << 20  # ...unless they hold more than this (big logs)
 OUTCOME_OPS = {"task.submitted": "submitted", "task.completed": "completed",
                "task.failed": "failed", "task.canceled": "canceled"}
-SSE_HEARTBEAT_S = 15.0
-SSE_BATCH_S = 0.005  # events within this long of the first share one write
+STREAM_DROP_REASONS = ("slow", "stalled", "overrun")
 
 
-@dataclass(slots=True)
+def sse_frame(event_id: int, kind: str, data: bytes) -> bytes:
+    return b"id: %d\nevent: %b\ndata: %b\n\n" % (event_id, kind.encode(), data)
+
+
 class Event:
-    """One server-sent event; `owner` None means every client may see it."""
-    id: int
-    owner: str | None
-    key: TaskKey | None
-    kind: str
-    data: bytes
+    """One server-sent event; `owner` None means every client may see it. Only its wire
+    form is kept, built once here: every stream that shows it writes these same bytes."""
+    __slots__ = ("id", "owner", "key", "frame", "size")
 
-    def encode(self) -> bytes:
-        return b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.kind.encode(), self.data)
-
-
-def status_event(task: Task, op: str) -> dict:
-    return {"id": task_id_json(task), "status": task.status, "stage": task.stage, "op": op,
-            "attempt": task.attempts, "cancelRequested": task.cancel_requested_at is not None}
+    def __init__(self, event_id: int, owner: str | None, key: TaskKey | None, kind: str, data: bytes):
+        self.id, self.owner, self.key = event_id, owner, key
+        self.frame = sse_frame(event_id, kind, data)
+        self.size = len(data)  # what the ring's byte budget counts
 
 
 class EventLog:
     """The live events of every change, in a ring bounded by count and bytes, so a
-    stream that reconnects with a Last-Event-ID resumes where it was."""
+    stream that reconnects with a Last-Event-ID resumes where it was. Streams show the
+    events up to `released`: those of changes on disk (or that need no disk). Each
+    release calls `on_publish` (EventStreams sets it; it must be cheap)."""
 
     def __init__(self, started_at: float):
         self.ring: deque[Event] = deque()
         self.bytes = 0
         # Event ids grow across restarts too, so a Last-Event-ID from an earlier run is
         # recognised as too old rather than mistaken for a recent one.
-        self.seq = int(started_at * 1000) << 12
+        self.seq = self.released = int(started_at * 1000) << 12
+        self.on_publish: Callable[[], None] = lambda: None
 
     def publish(self, changes: list[Change]) -> list[TaskKey]:
         """Events for the changes: `status` on every transition, `log` with each log
@@ -2404,13 +2547,18 @@ class EventLog:
                 self.add(None, None, "reset", {"op": change.op, "uid": None})
         return ended
 
+    def release(self, upto: int) -> None:
+        if upto > self.released:
+            self.released = upto
+            self.on_publish()
+
     def add(self, owner: str | None, key: TaskKey | None, kind: str, data: dict) -> None:
         self.seq += 1
         event = Event(self.seq, owner, key, kind, orjson.dumps(data))
         self.ring.append(event)
-        self.bytes += len(event.data)
+        self.bytes += event.size
         while len(self.ring) > EVENT_RING_SIZE or self.bytes > EVENT_RING_BYTES:
-            self.bytes -= len(self.ring.popleft().data)
+            self.bytes -= self.ring.popleft().size
 
     @staticmethod
     def visible(event: Event, owner: str, keys: set | None) -> bool:
@@ -2419,20 +2567,22 @@ class EventLog:
         return keys is None or event.key is None or event.key in keys
 
     def after(self, last_id: int | None, owner: str, keys: set | None) -> list[Event] | None:
-        """Events after `last_id` visible to `owner`; None when `last_id` cannot be
-        resumed from (too old, from an earlier run, or absent)."""
+        """Released events after `last_id` visible to `owner`; None when `last_id` cannot
+        be resumed from (too old, from an earlier run, or absent)."""
         first = self.ring[0].id if self.ring else self.seq + 1
-        if last_id is None or not first - 1 <= last_id <= self.seq:
+        if last_id is None or not first - 1 <= last_id <= self.released:
             return None
-        # From the newest end: a live stream asks for the last few of up to 10,000 events.
-        newer = itertools.islice(reversed(self.ring), self.seq - last_id)
-        return [e for e in reversed(list(newer)) if self.visible(e, owner, keys)]
+        return [e for e in self.between(last_id, self.released) if self.visible(e, owner, keys)]
 
-    def current(self, tasks: Any) -> list[Event]:
-        """The present state of `tasks` as `status` events: where a stream starts without
-        a usable Last-Event-ID."""
-        return [Event(self.seq, t.owner, t.key, "status", orjson.dumps(status_event(t, "current")))
-                for t in tasks]
+    def between(self, after: int, upto: int) -> list[Event] | None:
+        """Every event after `after` up to `upto`, oldest first; None when the ring has
+        moved past some of them."""
+        # From the newest end: a live stream asks for the last few of up to 10,000 events.
+        newer = list(itertools.islice(reversed(self.ring), self.seq - after))
+        newer.reverse()
+        if newer and newer[0].id != after + 1 or not newer and after < upto:
+            return None
+        return [e for e in newer if e.id <= upto]
 
 
 class Metrics:
@@ -2442,6 +2592,8 @@ class Metrics:
     def __init__(self):
         self.totals: dict[tuple[str, str], int] = {}  # (outcome, capability) -> since start
         self.http_seconds: dict[tuple[str, str], Histogram] = {}
+        self.event_streams = 0  # open now
+        self.stream_drops = dict.fromkeys(STREAM_DROP_REASONS, 0)  # readers dropped, by why
 
     def count(self, changes: list[Change]) -> None:
         for change in changes:
@@ -2485,6 +2637,11 @@ class Metrics:
         family("offloadmq_agents_in_flight", "gauge", "Tasks held by online agents.",
                [("", sum(len(a.held) for a in online))])
         family("offloadmq_journal_bytes", "gauge", "Size of the active journal.", [("", journal.size)])
+        family("offloadmq_event_streams", "gauge", "Event streams open.", [("", self.event_streams)])
+        family("offloadmq_event_stream_drops_total", "counter", "Event stream readers dropped since "
+               "start: slow (fell behind while live), stalled (took nothing of their start), "
+               "overrun (the event ring moved past them).",
+               [(f'{{reason="{reason}"}}', n) for reason, n in self.stream_drops.items()])
         lines += ["# HELP offloadmq_fsync_seconds Journal fdatasync latency.",
                   "# TYPE offloadmq_fsync_seconds histogram",
                   *journal.fsync_seconds.lines("offloadmq_fsync_seconds")]
@@ -2618,6 +2775,7 @@ class Hub:
                 if not waiter.done():
                     waiter.set_exception(self.journal.fault)
         self.events.add(None, None, "reset", {"op": "storage.restored", "uid": None})
+        self.events.release(self.events.seq)
         asyncio.get_running_loop().create_task(self._notify())
         log.warning("back to the state on disk: %d tasks, %d agents, in %.2f s",
                     len(fresh.tasks), len(fresh.agents), time.perf_counter() - started)
@@ -2658,12 +2816,14 @@ class Hub:
 
     async def _store_and_notify(self, changes: list[Change], on_disk: bool) -> None:
         ended = self.events.publish(changes)
+        published = self.events.seq
         lines = [c.line for c in changes if c.durable]
         on_disk_soon = self.journal.enqueue(lines, on_disk) if lines else None
         await self._notify(self.offers_changed)  # after the enqueue: a take's record must follow
         if on_disk_soon is not None:
             await on_disk_soon  # a refused write raises here (memory went back to the disk)
         self.metrics.count(changes)
+        self.events.release(published)
         if ended:
             self._wake_ended(ended)
         if changes[-1].scope == "tasks":  # every task went away: so do their waits
@@ -2895,9 +3055,6 @@ class Hub:
     def task(self, cap: str, task_id: str, owner: str | None = None) -> Task:
         return self.broker.task(cap, task_id, owner)
 
-    def tasks(self, status: str | None = None) -> list[Task]:
-        return [t for t in self.broker.tasks.values() if status is None or t.status == status]
-
     def agent(self, uid: str) -> Agent | None:
         return self.broker.agents.get(uid)
 
@@ -2934,7 +3091,11 @@ class Hub:
     def metrics_text(self) -> str:
         return self.metrics.text(self.broker, self.journal, self.clock())
 
-    def _stream_keys(self, names: list[str], owner: str) -> set[TaskKey] | None:
+    def tasks_by_key(self) -> dict[TaskKey, Task]:
+        """Every task, live (read only): for views that walk them a slice at a time."""
+        return self.broker.tasks
+
+    def stream_keys(self, names: list[str], owner: str) -> set[TaskKey] | None:
         """`<cap>/<id>` names -> the task keys a stream is limited to (`owner`'s own)."""
         if not names:
             return None
@@ -2946,36 +3107,379 @@ class Hub:
             keys.add(self.broker.task(cap, task_id, owner).key)
         return keys
 
-    def event_stream(self, last_id: int | None, owner: str, names: list[str]) -> Any:
-        """Server-Sent Events text, chunk by chunk, until shutdown, of `owner`'s tasks (or
-        only those `names`d as `<cap>/<id>`; an unknown one raises here, before any
-        text). With a usable `last_id` it resumes after it; else it starts with the
-        current state."""
-        return self._event_text(last_id, owner, self._stream_keys(names, owner))
+    async def task_page(self, query: TaskQuery) -> dict:
+        """A page of /management/tasks/list (see the listing section)."""
+        if query.client_key is not None and self.broker.client_key(query.client_key) is None:
+            raise BadRequest("key must be a client API key of this server")
+        return await task_page(self.broker.tasks, query)
 
-    async def _event_text(self, last_id: int | None, owner: str, keys: set | None) -> Any:
-        # `seen` is read with no await since the events were taken: events published
-        # while a write is in flight come in the next round, never skipped.
-        events, seen = self.events.after(last_id, owner, keys), self.events.seq
-        if events is None:
-            if keys is not None:
-                tasks = [self.broker.tasks[k] for k in keys if k in self.broker.tasks]
-            else:  # all that did not end yet
-                tasks = [t for t in self.broker.tasks.values() if t.status not in ENDED
-                         and (owner == MGMT_OWNER or t.owner == owner)]
-            events, seen = self.events.current(tasks), self.events.seq
-            yield b"".join(e.encode() for e in events) or b": connected\n\n"
-            events = []
-        while not self.stopping:
-            if events:
-                yield b"".join(e.encode() for e in events)
-            last_id = seen
-            await self._wait_until(lambda: self.events.seq > last_id, SSE_HEARTBEAT_S)
-            if self.events.seq <= last_id:
-                yield b": heartbeat\n\n"
-            else:  # a busy queue would otherwise cost a write, and a wake-up, per change
-                await asyncio.sleep(SSE_BATCH_S)
-            events, seen = self.events.after(last_id, owner, keys) or [], self.events.seq
+    def full_listing(self, status: str | None) -> Any:
+        """Every task (or those in `status`) in the original shape, as JSON chunks."""
+        return full_listing(self.broker.tasks, status)
+
+
+# ============================================================================ streams
+#
+# Server-Sent Events to many readers, slow ones included. A release of new events (see
+# EventLog) costs one call to `wake()` whatever the number of streams; within
+# STREAM_FLUSH_S one flusher task takes them from the ring, groups them once per
+# audience (all of management, each client key, each stream limited to named tasks) and
+# writes each group's bytes to its streams, a slice of streams per loop turn. A stream
+# that starts (the current state, or a resumption from Last-Event-ID) is written by its
+# own handler in slices that wait for the reader to take them, then joins the live set.
+# A live reader whose unsent bytes pass `stream_buffer_bytes` is dropped with a last
+# event that says why; it resumes with Last-Event-ID.
+
+STREAM_FLUSH_S = 0.005      # live events this close together share one write per stream
+FANOUT_SLICE = 32           # live streams written per loop turn
+# With many streams a flush is long (a write each): the next one waits this many times
+# as long as the last took, so that writing to readers takes at most about a fifth of
+# the loop and requests go on being answered at their pace; events then come in bigger
+# batches, a little later.
+FANOUT_SPACING = 4.0
+STREAM_SCAN_SLICE = 250     # tasks looked at per loop turn while a stream sends the current state
+STREAM_CHUNK_BYTES = 64 << 10   # a starting stream writes this much at a time...
+STREAM_LOW_WATER = 64 << 10     # ...and waits until the reader leaves less than this unsent
+SSE_HEARTBEAT_S = 15.0
+STREAM_SWEEP_S = 1.0        # how often streams are checked for readers gone and heartbeats due
+STREAM_DROP_GRACE_S = 10.0  # a dropped reader gets this long to read what was sent, then is cut
+
+
+class StreamGone(Exception):
+    """The stream ended while it was starting: the reader left, or was dropped."""
+
+
+@dataclass(eq=False, slots=True)
+class Subscriber:
+    """One open event stream."""
+    owner: str
+    keys: set | None                # limited to these tasks, or None
+    transport: asyncio.Transport
+    chunked: bool                   # HTTP/1.1 chunked framing (we write past aiohttp's writer)
+    ended: asyncio.Future           # result: None (reader left, server stopping) or (why, reason)
+    position: int = 0               # the newest event id this stream has been written up to
+    last_write: float = 0.0         # monotonic time of the last write, for heartbeats
+
+
+class EventStreams:
+    """Every open event stream of an app; its limits come from the hub's config."""
+
+    def __init__(self, hub: Hub):
+        self.hub = hub
+        self.events = hub.events
+        self.metrics = hub.metrics
+        self.max_per_key = hub.config.max_streams_per_key
+        self.buffer_bytes = hub.config.stream_buffer_bytes
+        self.stall_s = hub.config.stream_stall_s
+        self.open_by_owner: dict[str, set[Subscriber]] = {}  # every open stream: the cap
+        # Live streams by audience, so that a batch is encoded once per audience.
+        self.live_all: dict[Subscriber, None] = {}  # management, no task filter
+        self.live_by_owner: dict[str, dict[Subscriber, None]] = {}  # client keys, no filter
+        self.live_named: dict[Subscriber, None] = {}  # limited to named tasks
+        self.flushed = self.events.released  # events up to this id went to the live streams
+        self.flush_due = False
+        self.flush_again = False
+        self.next_flush_at = 0.0  # loop time before which no flush starts (FANOUT_SPACING)
+        self.flusher: asyncio.Task | None = None
+        self.sweeper: asyncio.Task | None = None
+        self.events.on_publish = self.wake
+
+    async def respond(self, request: web.Request, owner: str, names: list[str],
+                      last_id: int | None, current: bool) -> web.StreamResponse:
+        """The stream of `owner`'s tasks (or only those `names`d as `<cap>/<id>`; an
+        unknown one answers 404 before any text) until the reader goes away."""
+        keys = self.hub.stream_keys(names, owner)
+        if request.transport is None:  # the reader left before its stream began
+            return web.Response(status=204)
+        chunked = request.version >= aiohttp.HttpVersion11
+        sub = self.open(owner, keys, request.transport, chunked)  # 429 past the cap
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            if chunked:
+                response.enable_chunked_encoding()
+            await response.prepare(request)
+            await self.serve(sub, response, last_id, current)
+        except (ConnectionResetError, ConnectionError):
+            pass
+        finally:
+            self.close(sub)
+        return response
+
+    # ---------------------------------------------------------------- opening and closing
+
+    def open(self, owner: str, keys: set | None, transport: asyncio.Transport, chunked: bool) -> Subscriber:
+        mine = self.open_by_owner.setdefault(owner, set())
+        if len(mine) >= self.max_per_key:
+            raise TooManyRequests(f"this key already has {len(mine)} event streams open, the most "
+                                  f"allowed (max_streams_per_key); close one or reuse it")
+        loop = asyncio.get_running_loop()
+        sub = Subscriber(owner, keys, transport, chunked, loop.create_future(), last_write=time.monotonic())
+        mine.add(sub)
+        self.metrics.event_streams += 1
+        if self.sweeper is None or self.sweeper.done():
+            self.sweeper = loop.create_task(self._sweep())
+        return sub
+
+    def close(self, sub: Subscriber) -> None:
+        self._end(sub)
+        mine = self.open_by_owner.get(sub.owner)
+        if mine is not None and sub in mine:
+            mine.discard(sub)
+            self.metrics.event_streams -= 1
+            if not mine:
+                del self.open_by_owner[sub.owner]
+
+    def _end(self, sub: Subscriber, why: str | None = None, reason: str = "") -> None:
+        """Take the stream out of the live set; with `why` (STREAM_DROP_REASONS) its reader
+        is dropped, and told `reason`."""
+        if not sub.ended.done():
+            sub.ended.set_result(None if why is None else (why, reason))
+        self.live_all.pop(sub, None)
+        self.live_named.pop(sub, None)
+        live = self.live_by_owner.get(sub.owner)
+        if live is not None:
+            live.pop(sub, None)
+            if not live:
+                del self.live_by_owner[sub.owner]
+
+    def close_all(self) -> None:
+        """Shutdown: every stream ends now instead of holding the shutdown up; one whose
+        reader is not reading is cut, as it could not take the end of the stream either."""
+        for subs in list(self.open_by_owner.values()):
+            for sub in list(subs):
+                self._end(sub)
+                if sub.transport.get_write_buffer_size() > STREAM_LOW_WATER:
+                    sub.transport.abort()
+
+    def stop(self) -> None:
+        for task in (self.flusher, self.sweeper):
+            if task is not None:
+                task.cancel()
+
+    # ---------------------------------------------------------------- writing
+
+    def _write(self, sub: Subscriber, data: bytes) -> None:
+        # Past aiohttp's writer (its write() is a coroutine): one transport write per
+        # stream, no task switch. The headers went out through it first (see serve()).
+        sub.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if sub.chunked else data)
+        sub.last_write = time.monotonic()
+
+    def _send_live(self, sub: Subscriber, data: bytes) -> None:
+        transport = sub.transport
+        if transport.is_closing():
+            self._end(sub)
+            return
+        unsent = transport.get_write_buffer_size()
+        if unsent > self.buffer_bytes:
+            self._end(sub, "slow", f"this reader fell behind: {unsent} bytes were still unsent, "
+                                   f"past the limit of {self.buffer_bytes}; reconnect with "
+                                   f"Last-Event-ID to resume")
+            return
+        self._write(sub, data)
+
+    async def _paced_write(self, sub: Subscriber, data: bytes) -> None:
+        """A starting stream's write: then wait (yielding to the loop) until the reader has
+        taken most of it, so a reader that does not read holds a bounded amount."""
+        if sub.transport.is_closing() or sub.ended.done():
+            raise StreamGone
+        self._write(sub, data)
+        waited, pause = 0.0, 0.005
+        while sub.transport.get_write_buffer_size() > STREAM_LOW_WATER:
+            if sub.transport.is_closing() or sub.ended.done():
+                raise StreamGone
+            if waited >= self.stall_s:
+                self._end(sub, "stalled", f"this reader read nothing for {self.stall_s:.0f} s; "
+                                          f"reconnect with Last-Event-ID to resume")
+                raise StreamGone
+            await asyncio.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, 0.25)
+        await asyncio.sleep(0)  # slices of a long start never hold the loop
+
+    async def _paced_events(self, sub: Subscriber, events: list[Event]) -> None:
+        chunk: list[bytes] = []
+        size = 0
+        for event in events:
+            chunk.append(event.frame)
+            size += len(event.frame)
+            if size >= STREAM_CHUNK_BYTES:
+                await self._paced_write(sub, b"".join(chunk))
+                chunk, size = [], 0
+        if chunk:
+            await self._paced_write(sub, b"".join(chunk))
+
+    # ---------------------------------------------------------------- one stream
+
+    async def serve(self, sub: Subscriber, response: web.StreamResponse, last_id: int | None,
+                    current: bool) -> None:
+        """Write the stream's start, then hold it live until it ends. `response` is
+        prepared; its first bytes go through it (so the headers go out first), the rest
+        straight to the transport."""
+        events = self.events
+        await response.write(b": connected\n\n")
+        try:
+            # `seen` is read with no await since the events were taken: later events come
+            # in the next round, never skipped.
+            shown, seen = events.after(last_id, sub.owner, sub.keys), events.released
+            if shown is None:  # no usable Last-Event-ID: the current state first
+                if current:
+                    await self._send_current(sub, seen)
+                shown = events.after(seen, sub.owner, sub.keys)
+            while shown is None or shown or seen != events.released:
+                if shown is None:  # the ring moved past us while we were writing
+                    self._end(sub, "overrun", "this reader fell behind while the stream started; "
+                                              "reconnect with Last-Event-ID to resume")
+                    raise StreamGone
+                await self._paced_events(sub, shown)
+                position, seen = seen, events.released
+                shown = events.after(position, sub.owner, sub.keys)
+            # Caught up, with no await since `seen`: from here the flusher writes to it.
+            sub.position = seen
+            if sub.keys is not None:
+                self.live_named[sub] = None
+            elif sub.owner == MGMT_OWNER:
+                self.live_all[sub] = None
+            else:
+                self.live_by_owner.setdefault(sub.owner, {})[sub] = None
+            if self.hub.stopping:
+                self._end(sub)
+            await sub.ended
+        except StreamGone:
+            pass
+        dropped = sub.ended.result() if sub.ended.done() else None
+        if dropped is not None:
+            why, reason = dropped
+            self.metrics.stream_drops[why] += 1
+            log.warning("event stream of %s dropped: %s", sub.owner[:8], reason)
+            if not sub.transport.is_closing():
+                self._write(sub, b"event: closed\ndata: %b\n\n" % orjson.dumps(
+                    {"reason": reason, "lastEventId": sub.position or None}))
+                response.force_close()
+                # A reader that reads nothing would hold what is unsent forever: cut it.
+                asyncio.get_running_loop().call_later(STREAM_DROP_GRACE_S, sub.transport.abort)
+
+    async def _send_current(self, sub: Subscriber, seen: int) -> None:
+        """The present state as `status` events, all with id `seen`: named tasks all,
+        otherwise those of the reader not yet ended; a slice of tasks per loop turn."""
+        tasks = self.hub.tasks_by_key()
+        names = list(sub.keys) if sub.keys is not None else list(tasks)
+        every = sub.owner == MGMT_OWNER
+        for start in range(0, len(names), STREAM_SCAN_SLICE):
+            frames = []
+            for key in names[start:start + STREAM_SCAN_SLICE]:
+                task = tasks.get(key)
+                if task is None or sub.keys is None and (
+                        task.status in ENDED or not every and task.owner != sub.owner):
+                    continue
+                frames.append(sse_frame(seen, "status", orjson.dumps(status_event(task, "current"))))
+            if frames:
+                await self._paced_write(sub, b"".join(frames))
+            else:
+                await asyncio.sleep(0)
+
+    # ---------------------------------------------------------------- live fan-out
+
+    def wake(self) -> None:
+        """After each release of events: schedule one flush (O(1), nothing per stream)."""
+        if not (self.live_all or self.live_by_owner or self.live_named):
+            self.flushed = self.events.released
+            return
+        if not self.flush_due:
+            self.flush_due = True
+            loop = asyncio.get_running_loop()
+            loop.call_at(max(loop.time() + STREAM_FLUSH_S, self.next_flush_at), self._start_flush)
+
+    def _start_flush(self) -> None:
+        self.flush_due = False
+        if self.flusher is not None and not self.flusher.done():
+            self.flush_again = True  # the running flush goes round once more
+        else:
+            self.flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.flush_again = False
+            after, upto = self.flushed, self.events.released
+            self.flushed = upto
+            if upto > after:
+                started = loop.time()
+                await self._fan_out(after, upto)
+                self.next_flush_at = loop.time() + FANOUT_SPACING * (loop.time() - started)
+            if not self.flush_again:
+                return
+            await asyncio.sleep(max(0.0, self.next_flush_at - loop.time()))
+
+    def _live(self) -> list[Subscriber]:
+        return [*self.live_all, *self.live_named, *(s for d in self.live_by_owner.values() for s in d)]
+
+    async def _fan_out(self, after: int, upto: int) -> None:
+        batch = self.events.between(after, upto)
+        if not batch:  # the ring moved past them: every live stream is behind
+            for sub in self._live():
+                self._end(sub, "overrun", "the server's event buffer moved past this stream; "
+                                          "reconnect with Last-Event-ID")
+            return
+        # One pass groups the batch by audience (and by task, for streams limited to named
+        # tasks); each audience's bytes are joined once.
+        by_owner: dict[str, list[Event]] = {}
+        public: list[Event] = []
+        by_key: dict[TaskKey, list[Event]] = {}
+        keyless: list[Event] = []  # agents, resets
+        for event in batch:
+            if event.owner is None:
+                public.append(event)
+            else:
+                by_owner.setdefault(event.owner, []).append(event)
+            if event.key is None:
+                keyless.append(event)
+            elif self.live_named:
+                by_key.setdefault(event.key, []).append(event)
+        visible = self.events.visible
+        jobs: list[tuple[Subscriber, bytes]] = []
+        if self.live_all:
+            everything = b"".join(e.frame for e in batch)
+            jobs += [(sub, everything) for sub in self.live_all]
+        for owner, subs in self.live_by_owner.items():
+            own = by_owner.get(owner, [])
+            if own or public:
+                shown = sorted(own + public, key=lambda e: e.id) if own and public else own or public
+                data = b"".join(e.frame for e in shown)
+                jobs += [(sub, data) for sub in subs]
+        for sub in self.live_named:
+            shown = [e for key in sub.keys for e in by_key.get(key, ())] + keyless
+            if len(sub.keys) > 1 or keyless:
+                shown.sort(key=lambda e: e.id)
+            data = b"".join(e.frame for e in shown if visible(e, sub.owner, sub.keys))
+            if data:
+                jobs.append((sub, data))
+            else:
+                sub.position = upto
+        first = batch[0].id
+        for n, (sub, data) in enumerate(jobs):
+            if n and n % FANOUT_SLICE == 0:
+                await asyncio.sleep(0)  # a slice of streams per loop turn
+            if sub.ended.done() or sub.position >= upto:
+                continue
+            if sub.position >= first:  # went live during this batch: only what is newer
+                data = b"".join(e.frame for e in batch
+                                if e.id > sub.position and visible(e, sub.owner, sub.keys))
+            sub.position = upto
+            if data:
+                self._send_live(sub, data)
+
+    async def _sweep(self) -> None:
+        """Once a second: end the streams whose reader left (nothing tells a handler that
+        waits), and write a heartbeat to the quiet ones."""
+        while self.open_by_owner:
+            await asyncio.sleep(STREAM_SWEEP_S)
+            due = time.monotonic() - SSE_HEARTBEAT_S
+            for sub in self._live():
+                if sub.transport.is_closing():
+                    self._end(sub)
+                elif sub.last_write <= due:
+                    self._send_live(sub, b": heartbeat\n\n")
 
 
 # ============================================================================ auth
@@ -3186,6 +3690,7 @@ class AuthThrottle:
 # ============================================================================ handlers
 
 HUB = web.AppKey("hub", Hub)
+STREAMS = web.AppKey("streams", EventStreams)
 TOKENS = web.AppKey("tokens", AgentTokens)
 OPENAPI = web.AppKey("openapi", dict)
 THROTTLE = web.AppKey("auth_throttle", AuthThrottle)
@@ -3308,8 +3813,8 @@ def wait_param(request: web.Request, default: float | None, name: str = "wait") 
     return wait_s
 
 
-def flag_param(request: web.Request, name: str) -> bool:
-    raw = request.query.get(name, "0").lower()
+def flag_param(request: web.Request, name: str, default: bool = False) -> bool:
+    raw = request.query.get(name, "1" if default else "0").lower()
     if raw not in ("0", "1", "true", "false"):
         raise BadRequest(f"{name} must be 1/true or 0/false")
     return raw in ("1", "true")
@@ -3534,17 +4039,44 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-async def stream(request: web.Request, chunks: Any) -> web.StreamResponse:
-    """Server-Sent Events: each chunk written as it comes, until the client goes away."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+async def write_chunks(request: web.Request, chunks: Any, content_type: str) -> web.StreamResponse:
+    """Each chunk written once the reader has taken most of the one before."""
+    response = web.StreamResponse(headers={"Content-Type": content_type})
     await response.prepare(request)
     try:
         async for chunk in chunks:
             await response.write(chunk)
-    except (ConnectionResetError, ConnectionError):
+    except ConnectionError:  # the reader left: nothing more to make
         pass
+    finally:
+        await chunks.aclose()
     return response
+
+
+def task_query(request: web.Request) -> TaskQuery:
+    """The filters of /management/tasks/list, and its page if any is asked for."""
+    q = request.query
+    status, queue, capability = q.get("status"), q.get("queue"), q.get("capability")
+    if status is not None and status not in TASK_STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(TASK_STATUSES)}")
+    if queue not in (None, "urgent", "regular"):
+        raise BadRequest("queue must be urgent or regular")
+    task = None
+    if "task" in q:
+        cap, _, task_id = q["task"].rpartition("/")
+        if not cap or not task_id:
+            raise BadRequest("task must be given as <capability>/<id>")
+        task = (cap, task_id)
+    raw_limit, cursor = q.get("limit", str(DEFAULT_PAGE)), q.get("cursor")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+        raise BadRequest(f"limit must be an integer from 1 to {MAX_PAGE}")
+    if cursor is not None and not CURSOR_RE.fullmatch(cursor):
+        raise BadRequest("cursor must be the `next` of an earlier page")
+    client_key = q.get("key")
+    return TaskQuery(status, None if capability is None else check_capability(capability),
+                     None if queue is None else queue == "urgent",
+                     None if client_key is None else owner_of(client_key), client_key, task,
+                     not PAGE_PARAMS.isdisjoint(q.keys()), int(raw_limit), cursor)
 
 
 # ---------------------------------------------------------------- client API
@@ -3584,9 +4116,10 @@ async def handle_task_cancel(request: web.Request, client: Client) -> web.Respon
 
 async def events_of(request: web.Request, owner: str) -> web.StreamResponse:
     """With a Last-Event-ID the stream resumes after it; without one (or one too old) it
-    starts with the current state. Repeated `?task=<cap>/<id>` limits it to those tasks."""
-    names = request.query.getall("task", [])
-    return await stream(request, request.app[HUB].event_stream(last_event_id(request), owner, names))
+    starts with the current state, unless `?current=0`. Repeated `?task=<cap>/<id>`
+    limits it to those tasks. See EventStreams."""
+    names, current = request.query.getall("task", []), flag_param(request, "current", True)
+    return await request.app[STREAMS].respond(request, owner, names, last_event_id(request), current)
 
 
 async def handle_task_events(request: web.Request, client: Client) -> web.StreamResponse:
@@ -3750,15 +4283,14 @@ async def handle_mgmt_agents_reset(request: web.Request) -> web.Response:
     return json_response({"result": "Reset successful"})
 
 
-TASK_STATUSES = (PENDING, "queued", ASSIGNED, "starting", RUNNING, COMPLETED, FAILED, CANCELED)
-
-
-async def handle_mgmt_tasks_list(request: web.Request) -> web.Response:
-    """Extension: `?status=failed` lists only tasks in that status (dead letters)."""
-    status = request.query.get("status")
-    if status is not None and status not in TASK_STATUSES:
-        raise BadRequest(f"status must be one of {', '.join(TASK_STATUSES)}")
-    return json_response(listing_json(request.app[HUB].tasks(status)))
+async def handle_mgmt_tasks_list(request: web.Request) -> web.StreamResponse:
+    """Extension: filters `status`, `capability`, `queue`, `key`, `task`; with any but
+    `status`, or with `limit`/`cursor`, one page newest first plus `next` and `total`.
+    Alone or with `status` only (dead letters), every task in the original shape."""
+    query, hub = task_query(request), request.app[HUB]
+    if not query.paged:
+        return await write_chunks(request, hub.full_listing(query.status), "application/json")
+    return json_response(await hub.task_page(query))
 
 
 async def handle_mgmt_task_cancel(request: web.Request) -> web.Response:
@@ -4167,7 +4699,8 @@ _ERROR_TEXT = {400: "Malformed request", 401: "Missing or wrong credentials",
                408: "The body did not arrive within the body timeout",
                413: "Body over the limit",
                429: "Too many failed authentications from this address (see Retry-After), "
-                    "or the key's maxInFlight or maxQueuedBytes is reached",
+                    "the key's maxInFlight or maxQueuedBytes is reached, or its event streams are "
+                    "at their limit",
                503: "No online agent serves the capability, nobody took the task in time, or the "
                     "server is reading too many bodies at once (`overloaded`, see Retry-After)",
                504: "The task outlived the hold; it goes on and stays pollable",
@@ -4202,6 +4735,8 @@ _EVENT_PARAMS = [
      "description": "resume after this event id"},
     _query("lastEventId", {"type": "string", "pattern": "^[0-9]+$"}, "the same, for clients that "
            "cannot set headers"),
+    _query("current", {"type": "boolean"}, "start with the current state when not resuming "
+           "(default true); false: only what happens from now"),
 ]
 _SSE = {"text/event-stream": {"schema": STR}}
 
@@ -4231,7 +4766,7 @@ OPENAPI_OPS = {
     "/api/task/poll/{cap}/{id}": _op("A task's status; ?wait holds until it ends", "TaskStatus",
                                      params=(_wait(text="hold until the task ends, at most this"),)),
     "/api/task/cancel/{cap}/{id}": _op("Cancel a task of this key", "TaskStatus", "409"),
-    "/api/task/events": _op("The key's tasks as Server-Sent Events", STR, "400 404",
+    "/api/task/events": _op("The key's tasks as Server-Sent Events", STR, "400 404 429",
                             params=tuple(_EVENT_PARAMS), media=_SSE),
     "/api/capabilities/online": _op("Capabilities online agents serve, that the key may use", _STRINGS),
     "/api/ping": _op("Health; 503 with a reason while the disk refuses writes", "Health",
@@ -4268,7 +4803,7 @@ OPENAPI_OPS = {
                                 _obj("success", success={}), _obj("failure", failure={}),
                                 _obj("notExecuted", notExecuted={})]}),
         params=(_wait("next", "then long-poll this long for the next task"),)),
-    "/management/events": _op("Every change as Server-Sent Events", STR, "400 404",
+    "/management/events": _op("Every change as Server-Sent Events", STR, "400 404 429",
                               params=tuple(_EVENT_PARAMS), media=_SSE),
     "/management/capabilities/list/online": _op("Capabilities online agents serve", _STRINGS),
     "/management/agents/list": _op("All agents", {"type": "array", "items": _ref("Agent")}),
@@ -4279,9 +4814,21 @@ OPENAPI_OPS = {
     "/management/agents/rotate_key/{agent_id}": _op(
         "Revoke an agent's credential: a new secret, earlier tokens refused", "Agent", "404"),
     "/management/agents/reset": _op("Delete every agent", "Result"),
-    "/management/tasks/list": _op("Tasks by queue", _obj(
-        "urgent regular", urgent=_ref("Queue"), regular=_ref("Queue")), "400",
-        params=(_query("status", _STATUS, "only tasks in this status"),)),
+    "/management/tasks/list": _op("Tasks by queue; with a filter other than status, or limit/cursor, "
+                                  "one page newest first", _obj(
+        "urgent regular", urgent=_ref("Queue"), regular=_ref("Queue"),
+        next={"type": ["string", "null"], "description": "cursor of the next page (pages only)"},
+        total={"type": "integer", "description": "tasks matching the filters (pages only)"}), "400",
+        params=(_query("status", _STATUS, "only tasks in this status"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                       f"a page of at most this many tasks (default {DEFAULT_PAGE})"),
+                _query("cursor", {"type": "string", "pattern": CURSOR_RE.pattern},
+                       "the `next` of the page before"),
+                _query("capability", _CAP, "only tasks of this capability (or base capability)"),
+                _query("queue", {"type": "string", "enum": ["urgent", "regular"]}, "only this queue"),
+                _query("key", STR, "only tasks submitted with this client API key"),
+                _query("task", {"type": "string", "pattern": "^.+/.+$"},
+                       "only this task, as <capability>/<id>, with its whole log"))),
     "/management/tasks/reset": _op("Delete every task", "Result"),
     "/management/tasks/cancel/{cap}/{id}": _op("Cancel any task", "AssignedTask", "409"),
     "/management/tasks/requeue/{cap}/{id}": _op("Requeue a failed or canceled task",
@@ -4401,6 +4948,7 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[
         cut_middleware, timing_middleware, error_middleware, path_middleware])
     app[HUB] = hub
+    app[STREAMS] = streams = EventStreams(hub)
     app[TOKENS] = AgentTokens(config.jwt_secret, config.jwt_lifetime_s, hub.clock)
     app[OPENAPI] = openapi_document(ROUTES)
     app[BODY_BUDGET] = BodyBudget(config.body_budget_bytes)
@@ -4416,14 +4964,126 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
 
     async def shutdown(app: web.Application) -> None:
         await hub.release_waiters()
+        streams.close_all()
 
     async def stop(app: web.Application) -> None:
+        streams.stop()
         await hub.stop()
 
     app.on_startup.append(start)
     app.on_shutdown.append(shutdown)
     app.on_cleanup.append(stop)
     return app
+
+
+FD_MARGIN = 64        # descriptors kept for the journal, snapshots, static files, the agent's...
+ACCEPT_PAUSE_S = 0.2  # out of descriptors or at the connection limit: stop accepting this long
+ACCEPT_LOG_S = 10.0   # at most one log line per reason this often
+
+
+def connection_limit(configured: int) -> int:
+    if configured > 0:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft = 1 << 20 if soft == resource.RLIM_INFINITY else soft
+    return max(16, soft - FD_MARGIN)
+
+
+class Listener:
+    """The listening socket, accepted here rather than by asyncio's own loop: at the
+    descriptor limit that one logs a traceback for every accept() that fails and re-arms
+    itself once per failure (tens of thousands of lines a second). Here at most
+    `max_connections` are open; past it, or when accept() finds no descriptor left
+    (EMFILE/ENFILE), new connections wait in the kernel's backlog while accepting pauses
+    for a moment; each reason is logged at most once per ACCEPT_LOG_S."""
+
+    def __init__(self, server: web.Server, sock: socket.socket, max_connections: int):
+        self.server = server
+        self.sock = sock
+        self.max_connections = max_connections
+        self.starting = 0  # accepted, transport not made yet
+        self.paused: asyncio.TimerHandle | None = None
+        self.logged_at: dict[str, float] = {}
+        self.waits: dict[str, int] = {}  # pauses since the reason was last logged
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.paused is not None:
+            self.paused.cancel()
+        loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(64):
+            if len(self.server.connections) + self.starting >= self.max_connections:
+                return self._pause("limit", "%d connections open, the limit: new ones wait in the "
+                                   "backlog (OFFLOADMQ_MAX_CONNECTIONS, RLIMIT_NOFILE)", self.max_connections)
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return self._pause("descriptors", "accept failed (%s) with %d connections open: "
+                                       "new ones wait in the backlog", err.strerror,
+                                       len(self.server.connections))
+                return self._pause("accept", "accept failed: %s", err)
+            conn.setblocking(False)
+            self.starting += 1
+            loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self.server, conn)
+        except OSError:
+            conn.close()
+        finally:
+            self.starting -= 1
+
+    def _pause(self, reason: str, message: str, *args: Any) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock.fileno())
+        self.paused = loop.call_later(ACCEPT_PAUSE_S, self._resume)
+        self.waits[reason] = self.waits.get(reason, 0) + 1
+        now = loop.time()
+        if now - self.logged_at.get(reason, -ACCEPT_LOG_S) >= ACCEPT_LOG_S:
+            log.warning(message + " (%d pauses of %.1f s since the last such line)",
+                        *args, self.waits.pop(reason), ACCEPT_PAUSE_S)
+            self.logged_at[reason] = now
+
+    def _resume(self) -> None:
+        self.paused = None
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
+
+
+SHUTDOWN_S = 3.0  # SIGTERM to exit, at most (plus closing the journal)
+
+
+async def serve(app: web.Application, config: Config) -> None:
+    """Run the app on `config.host:port` until SIGINT or SIGTERM (see Listener)."""
+    # aiohttp waits its shutdown_timeout twice for a handler that does not end (a stream
+    # stuck writing to a client that does not read): once for it to finish, once more
+    # after cancelling it. Half each keeps the whole shutdown within SHUTDOWN_S.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S / 2)
+    await runner.setup()
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.create_server((config.host, config.port), family=family, backlog=128)
+    listener = Listener(runner.server, sock, connection_limit(config.max_connections))
+    listener.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        listener.close()
+        await runner.cleanup()
 
 
 def print_first_start(config: Config) -> None:
@@ -4453,7 +5113,6 @@ def warn_short_secrets(config: Config) -> None:
                         label, len(value), MIN_SECRET_CHARS)
 
 
-SHUTDOWN_S = 3.0  # SIGTERM to exit, at most (plus closing the journal)
 
 
 def unusable_data_folder(err: OSError) -> str:
@@ -4504,11 +5163,7 @@ def main(argv: list[str] | None = None) -> None:
         gc.enable()
     log.info("OffloadMQ %s on http://%s:%d (data in %s, fsync %s)", __version__,
              config.host, config.port, config.data_path, config.fsync)
-    # aiohttp waits its shutdown_timeout twice for a handler that does not end (a stream
-    # stuck writing to a client that does not read): once for it to finish, once more
-    # after cancelling it. Half each keeps the whole shutdown within SHUTDOWN_S.
-    web.run_app(create_app(config, hub), host=config.host, port=config.port,
-                access_log=None, print=None, shutdown_timeout=SHUTDOWN_S / 2)
+    asyncio.run(serve(create_app(config, hub), config))
 
 
 # ============================================================================ cli

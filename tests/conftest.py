@@ -52,7 +52,7 @@ def http(method, url, body=None, headers=None, timeout=30):
 class ServerProcess:
     """`python offloadmq.py` as a child process; stopped by its pid."""
 
-    def __init__(self, data_dir: Path, extra_env=None, extra_args=(), script=None):
+    def __init__(self, data_dir: Path, extra_env=None, extra_args=(), script=None, preexec_fn=None):
         self.data = Path(data_dir)
         self.script = script or ROOT / "offloadmq.py"
         self.port = free_port()
@@ -62,6 +62,7 @@ class ServerProcess:
         self.mgmt_token = "mt-" + secrets.token_hex(8)
         self.extra_env = extra_env or {}
         self.extra_args = list(extra_args)
+        self.preexec_fn = preexec_fn  # runs in the child before the server (e.g. setrlimit)
         self.log_path = self.data.parent / f"server-{self.port}.log"
         self.proc = None
 
@@ -79,6 +80,7 @@ class ServerProcess:
             [sys.executable, str(self.script), "--host", "127.0.0.1",
              "--port", str(self.port), "--data", str(self.data), *self.extra_args],
             cwd=str(self.data.parent), env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec_fn,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1044,6 +1044,7 @@ async def test_the_deepest_payload_accepted_is_listed_streamed_and_resolved(clie
     listing = await call(client, "GET", "/management/tasks/list", headers=MGMT_H)
     assert listing["regular"]["assigned"][0]["status"] == "completed"
     resp = await client.get(f"/api/task/events?task={tid['cap']}/{tid['id']}", headers=CLIENT)
+    assert await resp.content.readuntil(b"\n\n") == b": connected\n\n"
     assert b"event: status" in await resp.content.readuntil(b"\n\n")
     resp.close()
 
@@ -1522,6 +1523,228 @@ async def test_management_events_tell_of_resets_of_agents_and_tasks(client):
     stream.close()
 
 
+# ---------------------------------------------------------------- event streams at scale (EventStreams)
+
+OTHER_KEY = "ck-other"
+OTHER = {"X-API-Key": OTHER_KEY}
+
+
+@pytest.fixture
+async def two_keys(make_client):
+    """A client with a second client key and at most 3 event streams per key."""
+    return await make_client(client_api_keys=(CLIENT_KEY, OTHER_KEY), max_streams_per_key=3)
+
+
+async def metric(client, name):
+    text = await (await client.get("/metrics", headers=MGMT_H)).text()
+    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+
+
+async def test_streams_per_key_are_capped_and_a_closed_one_frees_its_place(two_keys):
+    client = two_keys
+    streams = [await client.get("/api/task/events", headers=CLIENT) for _ in range(3)]
+    assert all(s.status == 200 for s in streams)
+    body = await fails(client, "GET", "/api/task/events", 429, headers=CLIENT)
+    assert "event streams" in body["error"]["message"]
+    # Other keys and management have their own count.
+    other = await client.get("/api/task/events", headers=OTHER)
+    mgmt = await client.get("/management/events", headers=MGMT_H)
+    assert other.status == 200 and mgmt.status == 200
+    assert await metric(client, "offloadmq_event_streams") == 5
+    streams[0].close()
+    for _ in range(50):  # the server notices a reader gone within a second
+        again = await client.get("/api/task/events", headers=CLIENT)
+        if again.status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert again.status == 200
+    for s in (*streams[1:], other, mgmt, again):
+        s.close()
+    for _ in range(50):
+        if await metric(client, "offloadmq_event_streams") == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await metric(client, "offloadmq_event_streams") == 0
+
+
+async def test_a_stream_with_current_0_starts_with_what_happens_next(client):
+    await submit(client)
+    stream = await client.get("/api/task/events?current=0", headers=CLIENT)
+    task = await submit(client)
+    events = await read_events(stream, 1)
+    assert events[0]["data"]["id"] == task and events[0]["data"]["op"] == "task.submitted"
+    body = await fails(client, "GET", "/api/task/events?current=maybe", 400, headers=CLIENT)
+    assert "current" in body["error"]["message"]
+    stream.close()
+
+
+async def test_status_events_carry_what_a_listing_row_shows(client):
+    stream = await client.get("/management/events?current=0", headers=MGMT_H)
+    task = await submit(client, priority=7)
+    [event] = await read_events(stream, 1)
+    [row] = (await call(client, "GET", f"/management/tasks/list?task=echo/{task['id']}",
+                        headers=MGMT_H))["regular"]["unassigned"]
+    for field in ("id", "status", "attempt", "createdAt"):
+        assert event["data"][field] == row[field]
+    assert event["data"]["urgent"] is False and event["data"]["priority"] == 7
+    assert event["data"]["agentId"] is None
+    stream.close()
+
+
+async def test_every_audience_gets_its_own_events_in_order_from_the_flusher(two_keys):
+    client = two_keys
+    mine = await client.get("/api/task/events?current=0", headers=CLIENT)
+    theirs = await client.get("/api/task/events?current=0", headers=OTHER)
+    everything = await client.get("/management/events?current=0", headers=MGMT_H)
+    first = await submit(client)
+    named = await client.get(f"/management/events?current=0&task=echo/{first['id']}", headers=MGMT_H)
+    await asyncio.sleep(0.05)
+    sent = []
+    for n in range(30):  # interleaved, and faster than one flush: batches of several
+        sent.append(("mine", await submit(client)))
+        sent.append(("theirs", await submit(client, headers=OTHER)))
+        if n % 10 == 0:
+            resp = await client.post(f"/management/tasks/cancel/echo/{first['id']}", headers=MGMT_H)
+            assert resp.status in (200, 409)
+    # Mine: 31 submitted, then the cancel's status and end; management: all 63.
+    got_mine = await read_events(mine, 33)
+    got_theirs = await read_events(theirs, 30)
+    got_all = await read_events(everything, 63)
+    got_named = await read_events(named, 1)
+    assert [e["event"] for e in got_mine].count("end") == 1
+    assert [e["data"]["id"] for e in got_mine if e["data"].get("op") == "task.submitted"] == \
+        [first] + [t for who, t in sent if who == "mine"]
+    assert [e["data"]["id"] for e in got_theirs] == [t for who, t in sent if who == "theirs"]
+    assert len([e for e in got_all if e["data"].get("op") == "task.submitted"]) == 61
+    for got in (got_mine, got_theirs, got_all):
+        ids = [int(e["id"]) for e in got]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert got_named[0]["data"]["id"] == first and got_named[0]["data"]["status"] == "canceled"
+    for s in (mine, theirs, everything, named):
+        s.close()
+
+
+async def test_a_stream_of_named_tasks_gets_theirs_in_order_and_resets(client):
+    one, two, other = await submit(client), await submit(client), await submit(client)
+    named = await client.get(f"/api/task/events?current=0&task=echo/{one['id']}&task=echo/{two['id']}",
+                             headers=CLIENT)
+    await asyncio.sleep(0.05)
+    for task in (two, other, one):
+        await call(client, "POST", f"/api/task/cancel/echo/{task['id']}", headers=CLIENT)
+    await call(client, "POST", "/management/tasks/reset", headers=MGMT_H)
+    events = await read_events(named, 5)  # status + end for each named task, then the reset
+    assert [e["event"] for e in events] == ["status", "end", "status", "end", "reset"]
+    assert [e["data"]["id"] for e in events[:4]] == [two, two, one, one]
+    ids = [int(e["id"]) for e in events]
+    assert ids == sorted(ids)
+    named.close()
+
+
+async def test_a_stream_start_sends_each_pending_task_once(two_keys):
+    client = two_keys
+    tasks = [await submit(client) for _ in range(300)]  # more than one slice of the start
+    await submit(client, headers=OTHER)
+    stream = await client.get("/api/task/events", headers=CLIENT)
+    events = await read_events(stream, 300)
+    assert sorted(e["data"]["id"]["id"] for e in events) == sorted(t["id"] for t in tasks)
+    assert {e["data"]["op"] for e in events} == {"current"}
+    stream.close()
+
+
+# ---------------------------------------------------------------- task listing pages
+
+def rows_of(listing):
+    return [row for queue in ("urgent", "regular") for kind in ("assigned", "unassigned")
+            for row in listing[queue][kind]]
+
+
+async def listed(client, query, status=200):
+    return await call(client, "GET", f"/management/tasks/list?{query}", status, headers=MGMT_H)
+
+
+async def test_a_cursor_walk_sees_every_task_once_while_tasks_are_submitted(client):
+    before = [await submit(client) for _ in range(120)]
+    seen, cursor, pages = [], None, 0
+    while True:
+        listing = await listed(client, "limit=7" + (f"&cursor={cursor}" if cursor else ""))
+        ids = [r["id"]["id"] for r in rows_of(listing)]
+        assert ids == sorted(ids, reverse=True)  # newest first within a page
+        seen += ids
+        pages += 1
+        for _ in range(3):  # submits during the walk
+            await submit(client)
+        cursor = listing["next"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)), "a task was listed twice"
+    assert set(t["id"] for t in before) <= set(seen)
+    assert seen == sorted(seen, reverse=True) and pages == 18
+
+
+async def test_pages_filter_by_status_capability_queue_key_and_task(two_keys):
+    client = two_keys
+    a = [await submit(client, cap="alpha") for _ in range(3)]
+    b = [await submit(client, cap="beta[gpu]", headers=OTHER) for _ in range(2)]
+    await call(client, "POST", f"/management/tasks/cancel/alpha/{a[0]['id']}", headers=MGMT_H)
+
+    async def ids(query):
+        return sorted(r["id"]["id"] for r in rows_of(await listed(client, query)))
+    assert await ids("capability=alpha") == sorted(t["id"] for t in a)
+    assert await ids("capability=beta") == sorted(t["id"] for t in b)  # the base
+    assert await ids("status=canceled&limit=5") == [a[0]["id"]]
+    assert await ids(f"key={OTHER_KEY}") == sorted(t["id"] for t in b)
+    assert await ids("queue=urgent") == []
+    assert (await listed(client, "queue=regular"))["total"] == 5
+    one = await listed(client, f"task=alpha/{a[1]['id']}")
+    assert [r["id"]["id"] for r in rows_of(one)] == [a[1]["id"]] and one["next"] is None and one["total"] == 1
+    assert rows_of(await listed(client, "task=alpha/nothing")) == []
+    listing = await listed(client, "limit=2&capability=alpha")
+    assert listing["total"] == 3 and listing["next"] == a[1]["id"]
+    assert await ids(f"limit=2&capability=alpha&cursor={listing['next']}") == [a[0]["id"]]
+
+
+async def test_a_page_shows_the_end_of_a_long_log_and_a_named_task_all_of_it(client):
+    ag = await new_agent(client, ["echo"])
+    task = await submit(client)
+    await call(client, "POST", f"/private/agent/take/echo/{task['id']}", headers=ag.h)
+    text = "".join(f"line {n}\n" for n in range(1000))
+    await call(client, "POST", f"/private/agent/task/progress/echo/{task['id']}", headers=ag.h,
+               json={"id": task, "logUpdate": text})
+    [row] = rows_of(await listed(client, "limit=10"))
+    assert row["logChars"] == len(text) and text.endswith(row["log"]) and len(row["log"]) < len(text)
+    [whole] = rows_of(await listed(client, f"task=echo/{task['id']}"))
+    assert whole["log"] == text and "logChars" not in whole
+
+
+@pytest.mark.parametrize("query, word", [
+    ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"), ("limit=-1", "limit"),
+    ("cursor=abc", "cursor"), ("cursor=" + "0" * 25 + "!", "cursor"), ("queue=soon", "queue"),
+    ("status=lost&limit=5", "status"), ("key=unknown", "key"), ("task=nothing", "task"),
+    ("capability=", "capability"),
+])
+async def test_bad_listing_parameters_answer_400(client, query, word):
+    body = await fails(client, "GET", f"/management/tasks/list?{query}", 400, headers=MGMT_H)
+    assert word in body["error"]["message"]
+
+
+async def test_the_unparameterized_listing_keeps_the_original_shape(client):
+    for _ in range(450):  # more than one written slice
+        await submit(client)
+    await submit(client, urgent=True, status=503)  # no agent serves it: nothing listed for it
+    last = await submit(client)
+    await call(client, "POST", f"/management/tasks/cancel/echo/{last['id']}", headers=MGMT_H)
+    resp = await client.get("/management/tasks/list", headers=MGMT_H)
+    assert resp.status == 200 and resp.content_type == "application/json"
+    listing = json.loads(await resp.read())
+    assert set(listing) == {"urgent", "regular"} and len(listing["regular"]["unassigned"]) == 450
+    page = await listed(client, "limit=1000")  # the same rows, newest first
+    for queue, kinds in listing.items():
+        for kind, rows in kinds.items():
+            assert sorted(rows, key=lambda r: r["id"]["id"]) == page[queue][kind][::-1]
+    canceled = await listed(client, "status=canceled")
+    assert set(canceled) == {"urgent", "regular"} and len(rows_of(canceled)) == 1
+
+
 # ---------------------------------------------------------------- Idempotency-Key
 
 async def test_idempotency_key_returns_the_original_task(client):
@@ -1604,7 +1827,7 @@ async def test_event_ring_forgets_oldest_events_past_its_byte_budget(client, mon
                           headers=CLIENT)
     hub = client.app[offloadmq.HUB]
     log = hub.events
-    assert log.bytes <= 2000 and sum(len(e.data) for e in log.ring) == log.bytes
+    assert log.bytes <= 2000 and sum(e.size for e in log.ring) == log.bytes
     assert len(log.ring) < 30
     # A Last-Event-ID older than what is kept cannot resume: the stream starts over.
     assert log.after(log.ring[0].id - 2, "x", None) is None

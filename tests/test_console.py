@@ -661,7 +661,7 @@ def test_agents_drain_and_resume_and_a_key_gets_a_limit(console, server):
 
 def test_pages_fall_back_to_polling_when_the_event_stream_is_blocked(console, server):
     page = console.page
-    console.block("**/management/events")
+    console.block("**/management/events*")
     console.sign_in()
     expect(page.locator("#live")).to_have_text("polling")
     console.go("tasks")
@@ -669,7 +669,7 @@ def test_pages_fall_back_to_polling_when_the_event_stream_is_blocked(console, se
     task_id = server.submit("job.quiet", {"n": 1})
     expect(page.locator(f"tr[data-task='{task_id['id']}']")).to_be_visible(timeout=5000)
 
-    page.unroute("**/management/events")  # the stream comes back: retried with backoff
+    page.unroute("**/management/events*")  # the stream comes back: retried with backoff
     expect(page.locator("#live")).to_have_text("live")
     other = server.submit("job.quiet", {"n": 2})
     expect(page.locator(f"tr[data-task='{other['id']}']")).to_be_visible(timeout=3000)
@@ -750,3 +750,32 @@ def test_the_console_works_under_its_content_security_policy(console, server):
         console.go(name)
         page.wait_for_timeout(200)
     assert page.evaluate("window.__csp") == []
+
+
+def test_tasks_page_loads_a_page_and_adds_new_tasks_from_the_event_stream(console, server):
+    for n in range(250):
+        server.submit("bulk.job", {"n": n})
+    page = console.page
+    listings = []
+    page.on("request", lambda r: listings.append(r.url) if "/management/tasks/list" in r.url else None)
+    console.sign_in()
+    console.go("tasks")
+    rows = page.locator("#view tbody tr")
+    expect(rows).to_have_count(200)
+    expect(page.locator("#view [data-ref=count]")).to_have_text("250")
+    expect(page.locator("[data-ref=more]")).to_contain_text("newest 200 of 250")
+    expect(page.locator("#live")).to_have_text("live")
+    assert listings and all("limit=" in url for url in listings), listings  # never the whole list
+    asked = len(listings)
+
+    task_id = server.submit("bulk.job", {"n": "new"})
+    expect(rows.first).to_have_attribute("data-task", task_id["id"])
+    expect(rows.first).to_contain_text("pending")
+    expect(page.locator("#view [data-ref=count]")).to_have_text("251")
+    http("POST", f"{server.url}/management/tasks/cancel/bulk.job/{task_id['id']}", headers=server.mgmt)
+    expect(rows.first).to_contain_text("canceled")
+    assert len(listings) == asked, listings[asked:]  # applied from the events, not fetched
+
+    page.locator("[data-ref=load-more]").click()
+    expect(rows).to_have_count(251)
+    expect(page.locator("[data-ref=load-more]")).to_be_hidden()

@@ -16,7 +16,7 @@ from offloadmq import (
     DEFAULT_MAX_RETRIES, ENDED, FAILED, Forbidden, HOLD_GRACE_S, MAX_RETRY_DELAY_S, NotFound,
     ONLINE_S, PENDING, RUNNING, SchedulingImpossible, TASK_MOVES, TooManyRequests,
     URGENT_KEEP_S, URGENT_TAKE_S, UlidFactory, Unauthenticated, agent_json, assigned_json,
-    base_capability, iso, listing_json, parse_iso, parse_submission, pattern_allows,
+    base_capability, iso, listing_place, listing_row, parse_iso, parse_submission, pattern_allows,
     task_id_json,
 )
 
@@ -853,9 +853,10 @@ def test_dead_letters_are_listed_and_can_be_requeued():
     task = submit(b)
     claim(b, uid, T0)
     b.resolve(uid, task.cap, task.id, "failure", "x", None, T0)
-    listing = listing_json([t for t in b.tasks.values() if t.status == FAILED])
-    assert [t["id"] for t in listing["regular"]["assigned"]] == [task_id_json(task)]
-    assert listing_json([t for t in b.tasks.values() if t.status == COMPLETED])["regular"]["assigned"] == []
+    dead = [t for t in b.tasks.values() if t.status == FAILED]
+    assert [(listing_place(t), listing_row(t)["id"]) for t in dead] == \
+        [(("regular", "assigned"), task_id_json(task))]
+    assert [t for t in b.tasks.values() if t.status == COMPLETED] == []
     b.requeue(task.cap, task.id, T0 + 1)
     assert task.status == PENDING and task.attempts == 0 and task.result is None
     assert claim(b, uid, T0 + 2) is task
