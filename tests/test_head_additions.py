@@ -12,16 +12,16 @@ async def test_the_management_override_reaches_every_key_and_task(client):
     mine = await submit(client, "echo")
     path = f"{mine['cap']}/{mine['id']}"
     await call(client, "POST", "/management/client_api_keys/update", headers=MGMT,
-               json={"key": "ck-narrow", "capabilities": ["other"]})
+               json={"key": "ck-narrow-0123456789", "capabilities": ["other"]})
     # With a key in the body, as the original's console sends it: the override wins.
     body = {"apiKey": "ignored", "capability": "anything.at.all"}
     assert (await call(client, "POST", "/api/task/submit", 201, headers=OVERRIDE, json=body))["id"]
     assert (await call(client, "POST", f"/api/task/poll/{path}", headers=OVERRIDE, json={}))["status"] == "pending"
     assert (await call(client, "GET", f"/api/task/poll/{path}", headers=OVERRIDE))["status"] == "pending"
-    await fails(client, "POST", f"/api/task/poll/{path}", 404, json={"apiKey": "ck-narrow"})
+    await fails(client, "POST", f"/api/task/poll/{path}", 404, json={"apiKey": "ck-narrow-0123456789"})
     assert (await call(client, "POST", f"/api/task/cancel/{path}", headers=OVERRIDE, json={}))["status"] == "canceled"
     await fails(client, "POST", "/api/task/submit", 401, headers={"X-MGMT-API-KEY": "wrong"},
-                json={"capability": "echo", "apiKey": "ck-narrow"})
+                json={"capability": "echo", "apiKey": "ck-narrow-0123456789"})
 
 
 async def test_client_poll_takes_post_and_get(client):
