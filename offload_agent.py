@@ -449,7 +449,10 @@ class PushChannel:
         if answer.get("type") == "error":
             error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
             status = answer.get("status") if isinstance(answer.get("status"), int) else 400
-            if status >= 500 or status == 401:  # 401: the token expired; a new socket logs in
+            if status == 401:  # the token no longer counts: a new socket logs in again
+                with contextlib.suppress(Exception):
+                    await self.ws.close()
+            if status >= 500 or status == 401:
                 raise ServerUnavailable(f"{action}: {status} {error.get('message', '')}")
             raise ServerRefused(status, str(error.get("type", "")), str(error.get("message", "")))
         return answer.get("data")

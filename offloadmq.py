@@ -4455,6 +4455,7 @@ WS_PUSH_WAIT_S = 20.0      # the pusher's long poll, re-armed (each round counts
 WS_PING_S = 30.0           # protocol pings; a socket silent for half of this after one is dropped
 WS_MAX_REQUESTS = 64       # requests one socket may have in flight (long polls included)
 WS_SUPERSEDED = 4000       # close code of a socket replaced by a newer one of the same agent
+WS_CREDENTIAL_GONE = 4001  # close code when the agent's credential was rotated or it was deleted
 WS_CLOSE_WAIT_S = 10.0     # how long a new socket waits for the one it replaces to finish
 
 
@@ -4678,6 +4679,7 @@ class AgentSockets:
     def __init__(self, hub: Hub):
         self.hub = hub
         self.by_agent: dict[str, AgentSocket] = {}
+        self.closing: set[asyncio.Task] = set()
         hub.change_listeners.append(self.on_changes)
 
     def on_changes(self, changes: list[Change]) -> None:
@@ -4686,6 +4688,13 @@ class AgentSockets:
                 sock = self.by_agent.get(change.task.agent_id or "")
                 if sock is not None:
                     sock.spawn(sock.send({"type": "cancel", "taskId": task_id_json(change.task)}))
+            elif change.op in ("agent.key_rotated", "agent.deleted") and change.agent_uid in self.by_agent:
+                # Its token no longer counts: the socket it opened with it closes too.
+                ws = self.by_agent[change.agent_uid].ws
+                job = asyncio.ensure_future(ws.close(code=WS_CREDENTIAL_GONE,
+                                                     message=b"credential revoked; log in again"))
+                self.closing.add(job)
+                job.add_done_callback(self.closing.discard)
 
     async def open(self, sock: AgentSocket) -> None:
         """`sock` replaces the agent's earlier socket, once that one has finished; what

@@ -391,3 +391,13 @@ def test_the_originals_websocket_tests_pass_unchanged(make_server, tmp_path):
         server.stop()
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "8 passed" in done.stdout, done.stdout[-3000:]
+
+
+async def test_a_rotated_credential_closes_the_socket_it_opened(client):
+    sock = await connect(client)
+    await call(client, "POST", f"/management/agents/rotate_key/{sock.handle.uid}", headers=MGMT)
+    msg = await sock.ws.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4001
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(f"/private/agent/ws?token={sock.handle.token}")
+    assert refused.value.status == 401
