@@ -28,9 +28,13 @@ def test_socket_and_polling_agents_share_the_queue_and_run_each_task_once(server
     polling = start_agent(caps=["shellcmd.bash"], serve_args=["--transport", "http"])
     ids = [submit(server, "shellcmd.bash", f"sleep 0.2; echo {n}") for n in range(10)]
     assert [wait_done(server, t)["output"]["stdout"] for t in ids] == [f"{n}\n" for n in range(10)]
-    counts = [sum("resolved: success" in line for line in a.output().splitlines())
-              for a in (pushed, polling)]
-    assert sum(counts) == 10 and all(counts), counts
+    def counts():  # an agent logs a result once its answer is back: after the task ended
+        return [sum("resolved: success" in line for line in a.output().splitlines())
+                for a in (pushed, polling)]
+    deadline = time.monotonic() + 10
+    while sum(counts()) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(counts()) == 10 and all(counts()), counts()
 
 
 def test_the_agent_falls_back_to_polling_when_the_server_has_no_socket(make_server, tmp_path):
