@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import functools
 import gc
 import hashlib
@@ -3809,21 +3810,27 @@ class AsyncTaskHandle:
         return _final_output(self.final)
 
     async def logs(self) -> Any:
-        """The log so far, then each piece the agent reports, until the task ends. A piece
-        reported in the instant the stream opens may come twice; none is skipped."""
+        """The log so far, then each new piece as the agent reports it, until the task
+        ends. Each event of the task on its stream brings a poll, whose log (append-only)
+        says exactly what is new: deltas alone could repeat a piece reported in the
+        instant the stream opened. (Past the server's 1 MiB log window the head is gone
+        from the polled log, and pieces stop; `status()["log"]` has the rest.)"""
         async with self.client.events(tasks=[self]) as stream:
-            status = await self.status()
-            if status["log"]:
-                yield status["log"]
-            if status["status"] in ENDED:
-                return
-            async for event in stream:
-                if not isinstance(event.data, dict) or event.data.get("id") != self.task_id:
-                    continue
-                if event.kind == "log" and event.data.get("log"):
-                    yield event.data["log"]
-                elif event.kind == "end" or (event.kind == "status" and event.data.get("status") in ENDED):
+            sent = 0
+            while True:
+                status = await self.status()
+                log = status.get("log") or ""
+                if len(log) > sent:
+                    yield log[sent:]
+                    sent = len(log)
+                if status["status"] in ENDED:
                     return
+                async for event in stream:  # until something happens to the task
+                    if event.kind == "gap" or (isinstance(event.data, dict)
+                                               and event.data.get("id") == self.task_id
+                                               and not (event.kind == "status"
+                                                        and event.data.get("op") == "current")):
+                        break
 
 
 class AsyncEventStream:
@@ -3967,10 +3974,12 @@ class _Watch:
         if task is not None and handle.final is None:
             handle.final = task
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.events.close()
         if self.reader is not None:
             self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
 
 
 class AsyncClient:
@@ -4010,7 +4019,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         if self._watch is not None:
-            self._watch.close()
+            await self._watch.close()
             self._watch = None
         await self.http.close()
 
@@ -4112,12 +4121,12 @@ class AsyncClient:
         waiting: dict[str, AsyncTaskHandle] = {}
         for handle in handles:
             watch.adopt(handle)
+            waiting[handle.id] = handle
             if handle.final is not None:
                 queue.put_nowait(handle)
             else:
-                waiting[handle.id] = handle
                 watch.listeners[handle.id] = queue
-        unsure = [h for h in waiting.values() if h.covered_by != watch.generation]
+        unsure = [h for h in waiting.values() if h.final is None and h.covered_by != watch.generation]
         try:
             while waiting:
                 for handle in unsure:  # might have ended unseen: ask once, now the watch is live
