@@ -32,6 +32,7 @@ class TcpProxy(threading.Thread):
         self.upstream_port = upstream_port
         self.accepted = 0
         self.drop_answers = 0
+        self.refuse = False  # accept and close at once, as a server that is not there
         self.requests: list[bytes] = []  # the first bytes of each client send
         self.open: list[socket.socket] = []
         self.lock = threading.Lock()
@@ -42,6 +43,9 @@ class TcpProxy(threading.Thread):
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.refuse:
+                client.close()
+                continue
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             with self.lock:
                 self.accepted += 1
@@ -245,21 +249,39 @@ async def test_async_client_verbs(server, agent):
 # ---------------------------------------------------------------- faults, for real
 
 def test_server_kill_9_and_restart_during_as_completed_loses_nothing(make_server, tmp_path):
+    """The client's event stream is down (a proxy refuses it) while the server is killed,
+    restarted, and the agent finishes every task: the resumed stream, from a new run,
+    cannot replay those ends, and the client must ask the server for them."""
     srv = make_server().start()
-    agent = AgentProcess(srv, tmp_path / "agent", ["debug.echo"], capacity=4).register().start()
+    proxy = TcpProxy(srv.port)
+    proxy.start()
+    agent = AgentProcess(srv, tmp_path / "agent", ["debug.echo"], capacity=4).register()
+
+    def start_agent_once_the_stream_is_open():
+        wait_until(lambda: any(r.startswith(b"GET /api/task/events") for r in proxy.requests),
+                   what="the client's event stream")
+        agent.start()
+    starter = threading.Thread(target=start_agent_once_the_stream_is_open, daemon=True)
     try:
-        with Client(srv.url, srv.client_key) as mq:
+        with Client(proxy.url, srv.client_key) as mq:
             handles = [mq.submit("debug.echo", {"n": i}, restartable=True) for i in range(1000)]
+            starter.start()
             seen = {}
-            for handle in mq.as_completed(handles, timeout=120):
+            for handle in mq.as_completed(handles, timeout=60):
                 seen[handle.id] = handle.result()
                 if len(seen) == 200:
+                    proxy.refuse = True
+                    proxy.cut()
                     srv.restart()  # kill -9, then the same port and data folder
+                    wait_until(lambda: http("GET", srv.url + "/stats")[1]["tasks"]["regular"]
+                               .get("completed") == 1000, timeout=60, what="every task done")
+                    proxy.refuse = False
             assert len(seen) == 1000
             assert all(seen[h.id] == {"n": i} for i, h in enumerate(handles))
-        assert "task" in srv.output()  # it really ran (and restarted) meanwhile
     finally:
+        starter.join(20)
         agent.kill()
+        proxy.stop()
 
 
 def test_a_dropped_stream_resumes_with_last_event_id(server, agent, proxy):
@@ -283,12 +305,12 @@ def test_a_submit_whose_answer_is_lost_makes_one_task(server, proxy):
         proxy.drop_answers = 1
         task = mq.submit("nobody.serves", {"once": True})
         assert proxy.drop_answers == 0  # the first answer was swallowed
+        mine = [t for t in regular_tasks(server) if t["data"]["capability"] == "nobody.serves"]
+        assert [t["id"]["id"] for t in mine] == [task.id]
         sent = [r for r in proxy.requests if r.startswith(b"POST /api/task/submit")]
         assert len(sent) == 3  # warm-up, the lost one, its retry
         assert sent[1].split(b"Idempotency-Key: ")[1].split(b"\r\n")[0] == \
             sent[2].split(b"Idempotency-Key: ")[1].split(b"\r\n")[0]
-        mine = [t for t in regular_tasks(server) if t["data"]["capability"] == "nobody.serves"]
-        assert [t["id"]["id"] for t in mine] == [task.id]
         # A fresh connection whose first answer is lost is retried the same way.
         proxy.cut()
         proxy.drop_answers = 1
