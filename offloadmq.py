@@ -3713,7 +3713,7 @@ def server_error(status: int, raw: bytes) -> OffloadError:
     if not isinstance(error, dict):
         err = OffloadError(f"HTTP {status}: {raw[:300].decode(errors='replace')}")
     else:
-        kinds = {cls.type: cls for cls in _error_classes(OffloadError)}
+        kinds = {cls.type: cls for cls in _error_classes(OffloadError) if cls.status}
         cls = kinds.get(error.get("type"), OffloadError)
         err = cls(str(error.get("message", "")), **{k: v for k, v in body.items() if k != "error"})
         err.type = str(error.get("type", cls.type))
@@ -4002,7 +4002,11 @@ class AsyncClient:
         if url is None or api_key is None:
             config = load_client_config()
             url, api_key = url or config.url, api_key if api_key is not None else config.api_key
-        from offload_agent import ServerHttp  # the agent's HTTP/1.1 client; see above
+        try:
+            from offload_agent import ServerHttp  # the agent's HTTP/1.1 client; see above
+        except ImportError as err:
+            raise ImportError("the OffloadMQ client needs offload_agent.py beside offloadmq.py "
+                              "(pip install offloadmq installs both)") from err
         self.url = url.rstrip("/")
         self.http = ServerHttp(self.url)
         self.http.fixed_headers = self.http.fixed_headers.replace("offload-agent/", "offloadmq-client/")
