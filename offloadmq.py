@@ -13,8 +13,9 @@ CLI for CI runners: python offloadmq.py submit CAP [--payload JSON|@file] [--wai
 status CAP ID, cancel CAP ID (OFFLOADMQ_URL, OFFLOADMQ_API_KEY; see the cli section).
 
 Sections (``grep '^# ===' offloadmq.py``), each using only what is above it:
-  imports · config · errors · models · core (pure) · journal · wire shapes · hub · auth ·
-  handlers · routes · openapi · app · client · cli (main() hands CLI commands to the last)
+  imports · config · errors · models · core (pure) · journal · wire shapes · listing ·
+  hub · streams · auth · handlers · routes · openapi · app · client · cli (main() hands
+  CLI commands to the last one)
 """
 # ============================================================================ imports
 from __future__ import annotations
@@ -23,25 +24,30 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import errno
 import functools
 import gc
 import hashlib
 import heapq
 import hmac
+import ipaddress
 import itertools
 import logging
 import math
 import os
 import random
 import re
+import resource
 import secrets
+import signal
+import socket
 import sys
 import threading
 import time
 import weakref
 import zlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -61,6 +67,8 @@ log = logging.getLogger("offloadmq")
 SECRET_NAMES = ("JWT_SECRET", "AGENT_API_KEYS", "CLIENT_API_KEYS", "MGMT_TOKEN")
 SECRETS_FILE = "secrets.json"
 FSYNC_POLICIES = ("always", "everysec", "no")
+MAX_BODY_TIMEOUT_S = 60.0
+MIN_SECRET_CHARS = 16  # client keys created over HTTP; shorter ones set at start get a warning
 
 
 @dataclass(frozen=True)
@@ -74,13 +82,24 @@ class Config:
     mgmt_token: str = ""
     fsync: str = "always"
     compact_bytes: int = 64 * 1024 * 1024
-    retention_s: float = 7 * 24 * 3600
+    retention_s: float = 7 * 24 * 3600  # ended regular tasks are kept this long...
+    retention_tasks: int = 100_000      # ...and at most this many of them
     max_body_bytes: int = 16 * 1024 * 1024
     jwt_lifetime_s: int = 7 * 24 * 3600
     blocking_hold_s: float = 300.0
     repair: bool = False
     metrics_public: bool = False  # /metrics without the management token
+    max_streams_per_key: int = 32  # event streams open at once per client key (and management)
+    stream_buffer_bytes: int = 1 << 20  # a live stream's unsent bytes past this drop its reader
+    stream_stall_s: float = 60.0  # a stream that is starting drops a reader that reads nothing this long
+    max_connections: int = 0  # open at once; 0: the descriptor limit less FD_MARGIN
     static_path: Path = Path(__file__).resolve().parent / "static"
+    # Hostile bodies: a body must arrive within body_timeout_s (at most MAX_BODY_TIMEOUT_S),
+    # and the bodies being read at once hold at most body_budget_bytes (past it: 503).
+    body_timeout_s: float = 30.0
+    body_budget_bytes: int = 64 * 1024 * 1024
+    # Failed authentications allowed per client address and minute before 429.
+    auth_failures_per_min: int = 60
     # Names of secrets generated at this start, so main() can print them once.
     generated: tuple[str, ...] = ()
 
@@ -167,6 +186,10 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
     parser.add_argument("--data", help="data folder (DATABASE_ROOT_PATH)")
     parser.add_argument("--fsync", choices=FSYNC_POLICIES, help="journal fsync policy (OFFLOADMQ_FSYNC)")
     parser.add_argument("--compact-mb", type=float, help="compact the journal past this size")
+    parser.add_argument("--retention-days", type=float,
+                        help="keep ended tasks this many days (OFFLOADMQ_RETENTION_DAYS, 7)")
+    parser.add_argument("--retention-tasks", type=int,
+                        help="keep at most this many ended tasks (OFFLOADMQ_RETENTION_TASKS, 100000)")
     parser.add_argument("--metrics-public", action="store_true",
                         help="serve /metrics without the management token")
     parser.add_argument("--repair", action="store_true",
@@ -179,6 +202,15 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
     if fsync not in FSYNC_POLICIES:
         parser.error(f"OFFLOADMQ_FSYNC must be one of {', '.join(FSYNC_POLICIES)}")
     compact_mb = args.compact_mb or float(settings.get("OFFLOADMQ_COMPACT_MB") or 64)
+    try:
+        retention_days = args.retention_days if args.retention_days is not None \
+            else float(settings.get("OFFLOADMQ_RETENTION_DAYS") or 7)
+        retention_tasks = args.retention_tasks if args.retention_tasks is not None \
+            else int(settings.get("OFFLOADMQ_RETENTION_TASKS") or 100_000)
+    except ValueError:
+        parser.error("OFFLOADMQ_RETENTION_DAYS must be a number, OFFLOADMQ_RETENTION_TASKS an integer")
+    if not (retention_days >= 0 and retention_tasks >= 0):  # `not >=` also refuses NaN
+        parser.error("retention days and tasks must not be negative")
     settings, generated = load_secrets(data_path, settings)
     return Config(
         host=args.host or host or "0.0.0.0",
@@ -190,9 +222,17 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         mgmt_token=settings["MGMT_TOKEN"],
         fsync=fsync,
         compact_bytes=int(compact_mb * 1024 * 1024),
+        retention_s=retention_days * 24 * 3600,
+        retention_tasks=retention_tasks,
         repair=args.repair,
         metrics_public=args.metrics_public or settings.get("OFFLOADMQ_METRICS_PUBLIC", "") in ("1", "true"),
+        max_streams_per_key=int(settings.get("OFFLOADMQ_STREAMS_PER_KEY") or 32),
+        stream_buffer_bytes=int(settings.get("OFFLOADMQ_STREAM_BUFFER_BYTES") or 1 << 20),
+        stream_stall_s=float(settings.get("OFFLOADMQ_STREAM_STALL_S") or 60.0),
+        max_connections=int(settings.get("OFFLOADMQ_MAX_CONNECTIONS") or 0),
         generated=generated,
+        body_timeout_s=min(MAX_BODY_TIMEOUT_S, max(0.1, float(settings.get("OFFLOADMQ_BODY_TIMEOUT") or 30))),
+        body_budget_bytes=int(float(settings.get("OFFLOADMQ_BODY_BUDGET_MB") or 64) * 1024 * 1024),
     )
 
 
@@ -256,6 +296,32 @@ class TooManyRequests(OffloadError):
     status, type = 429, "too_many_requests"
 
 
+class RequestTimeout(OffloadError):
+    status, type = 408, "request_timeout"
+
+
+class Overloaded(OffloadError):
+    status, type = 503, "overloaded"
+
+
+class StorageFull(OffloadError):
+    """The journal could not be written (disk full, quota, file size limit): the change
+    was not made; writes go on once there is room again."""
+    status, type = 507, "storage_full"
+
+
+class StorageLost(OffloadError):
+    """The journal is no longer the file at its path (data folder removed, journal
+    replaced): writes are refused until an operator restarts the server."""
+    status, type = 507, "storage_lost"
+
+
+def retry_after(err: OffloadError, seconds: float) -> OffloadError:
+    """The error, answered with `Retry-After: seconds` (see error_middleware)."""
+    err.retry_after_s = max(1, math.ceil(seconds))
+    return err
+
+
 # ============================================================================ models
 
 PENDING, ASSIGNED, RUNNING = "pending", "assigned", "running"
@@ -286,6 +352,7 @@ MAX_HEARTBEAT_S = 60.0
 HOLD_GRACE_S = 5.0        # a ping's holding list releases only tasks assigned before this
 URGENT_TAKE_S = 60.0      # an urgent task nobody takes within this fails as expired
 URGENT_KEEP_S = 600.0     # an ended urgent task stays pollable this long
+DROP_BATCH = 10_000       # ended tasks retention drops at most at once (one record)
 OFFER_S = 15.0            # a polled task is held for its agent this long before `take`
 FRONT_WALK_MIN_CAPS = 16  # an agent serving more capabilities finds work via the fronts
 CANCEL_GRACE_S = 60.0     # a task whose agent does not confirm a cancel ends anyway then
@@ -295,6 +362,13 @@ DEFAULT_RETRY_DELAY_S = 5.0
 MAX_RETRY_DELAY_S = 600.0
 LOG_KEEP_CHARS = 1 << 20  # the server keeps the last 1 MiB of a task's log
 CAP_MAX_CHARS = 256
+MAX_CAPACITY = 65_536  # tasks one agent runs at once
+MAX_KEY_CHARS = 512
+# A new client key: no spaces (a header would strip them), no '/' (revoke/{key} takes
+# one path segment), long enough not to be guessed.
+NEW_KEY_PATTERN = re.compile(r"[\x21-\x2e\x30-\x7e]{%d,%d}" % (MIN_SECRET_CHARS, MAX_KEY_CHARS))
+KEY_RULE = (f"key must be {MIN_SECRET_CHARS} to {MAX_KEY_CHARS} printable ASCII characters "
+            "without spaces or '/' (the console's Generate makes one)")
 
 
 def _writer_nesting() -> int:
@@ -382,12 +456,22 @@ def base_capability(cap: str) -> str:
     return cap.split("[", 1)[0]
 
 
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, line separators
+
+
 def check_capability(cap: Any, what: str = "capability") -> str:
     if not isinstance(cap, str) or not cap.strip():
         raise BadRequest(f"{what} must be a non-empty string")
     if len(cap) > CAP_MAX_CHARS:
         raise BadRequest(f"{what} is longer than {CAP_MAX_CHARS} characters")
+    if CONTROL_CHARS.search(cap):  # a newline in a name would forge lines in logs and streams
+        raise BadRequest(f"{what} must not contain control characters")
     return cap
+
+
+def plain_number(x: float) -> str:
+    """31622400, 0.001: never 3.16224e+07 in a message."""
+    return f"{x:f}".rstrip("0").rstrip(".") if isinstance(x, float) else str(x)
 
 
 def pattern_allows(patterns: list[str], cap: str) -> bool:
@@ -439,6 +523,7 @@ class Task:
     attempts: int = 0
     history: list = field(default_factory=list)  # [(at, description)]
     in_heap: bool = False   # has a live entry in its ready queue (see Broker)
+    size: int = -1          # bytes of its submission encoded (maxQueuedBytes); -1: not yet known
     # Derived once: the hot paths read them on every move.
     key: TaskKey = field(init=False)
     base: str = field(init=False)  # the base capability that agents serve
@@ -472,6 +557,12 @@ class Task:
     @property
     def retries_left(self) -> bool:
         return self.attempts <= self.max_retries
+
+    def encoded_size(self) -> int:
+        """The submission's bytes: recorded at submit, measured for tasks from older journals."""
+        if self.size < 0:
+            self.size = len(orjson.dumps(self.data))
+        return self.size
 
     def to_record(self) -> dict:
         return {"cap": self.cap, "id": self.id, "data": self.data, "owner": self.owner,
@@ -514,6 +605,7 @@ class Agent:
     heartbeat_s: float | None = None           # declared: offline after 3 missed beats
     online_s: float = ONLINE_S                 # offline after this long without contact
     draining: bool = False                     # gets no new tasks, keeps its running ones
+    tokens_after: float = 0.0                  # JWTs issued before this were revoked (rotation)
     held: set = field(default_factory=set)     # keys of tasks it holds (assigned/running)
     offered: set = field(default_factory=set)  # keys polled but not yet taken
 
@@ -525,7 +617,8 @@ class Agent:
         return {"uid": self.uid, "key": self.key, "registeredAt": self.registered_at,
                 "capabilities": self.capabilities, "tier": self.tier,
                 "capacity": self.capacity, "systemInfo": self.system_info,
-                "draining": self.draining, "heartbeatSecs": self.heartbeat_s}
+                "draining": self.draining, "heartbeatSecs": self.heartbeat_s,
+                "tokensAfter": self.tokens_after}
 
     def set_heartbeat(self, heartbeat_s: float | None) -> None:
         self.heartbeat_s = heartbeat_s
@@ -540,11 +633,13 @@ class ClientKey:
     created_at: float
     is_revoked: bool = False
     max_in_flight: int | None = None  # queued + running tasks allowed at once
+    max_queued_bytes: int | None = None  # encoded bytes of its tasks not yet ended
 
     def to_record(self) -> dict:
         return {"key": self.key, "capabilities": self.capabilities,
                 "isPredefined": self.is_predefined, "created": self.created_at,
-                "isRevoked": self.is_revoked, "maxInFlight": self.max_in_flight}
+                "isRevoked": self.is_revoked, "maxInFlight": self.max_in_flight,
+                "maxQueuedBytes": self.max_queued_bytes}
 
 
 @dataclass(slots=True, eq=False)
@@ -619,6 +714,10 @@ class Histogram:
 # Agents: `online` is an OrderedDict ordered by last contact, oldest first, holding
 # only online agents, so expiry pops from the front and never visits offline ones.
 # `serving` indexes online agents by base capability for matching and tier checks.
+#
+# Retention: `ended` holds the ended regular tasks in the order they ended, so
+# `drop_retained` (age and count limits) drops from its front through one
+# `tasks.dropped` record, never looking at the tasks it keeps.
 
 class ReadyQueue:
     """Ready tasks of one capability: higher priority first; within a priority the
@@ -659,6 +758,14 @@ class ReadyQueue:
             del turns[task.owner]
             if not turns:
                 del self.levels[task.priority]
+
+
+def storable(value: Any) -> bytes:
+    """`value` encoded as the journal writes it, or BadRequest (nothing changed yet)."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as err:
+        raise BadRequest(f"this cannot be stored: {err}") from None
 
 
 def changing(method: Callable) -> Callable:
@@ -748,7 +855,11 @@ class Broker:
         self.counts: dict[tuple[bool, str], int] = {}        # (urgent, status) -> tasks
         self.pending_by_cap: dict[str, int] = {}             # base capability -> pending tasks
         self.in_flight_by_owner: dict[str, int] = {}         # owner -> tasks not ended
+        self.bytes_by_owner: dict[str, int] = {}             # owner -> their encoded bytes
         self.idempotent: dict[tuple[str, str], TaskKey] = {}  # (owner, Idempotency-Key) -> task
+        # Ended regular tasks, the earliest ended first: retention drops from the front
+        # without looking at the others.
+        self.ended: OrderedDict[TaskKey, None] = OrderedDict()
         self.out: list[Change] | None = None  # the calling method's changes (see `changing`)
         self.loading = False  # replaying: queues and counts are built once, at the end
         # The head of every non-empty queue, and per urgency a heap of those heads (with
@@ -769,12 +880,7 @@ class Broker:
         """Encode the record, then apply it: a record that cannot be stored (or a move
         the table forbids) raises before anything changed."""
         record = {"op": op, "at": iso(now), **fields}
-        line = None
-        if durable:
-            try:
-                line = orjson.dumps(record)
-            except orjson.JSONEncodeError as err:
-                raise BadRequest(f"this cannot be stored: {err}") from None
+        line = storable(record) if durable else None
         task = subject
         before = task.status if task is not None else None
         APPLY[op](self, record, parse_iso(record["at"]))  # as replay will: to the millisecond
@@ -824,6 +930,8 @@ class Broker:
         if status not in ENDED:
             owners = self.in_flight_by_owner
             owners[task.owner] = owners.get(task.owner, 0) + delta
+            sizes = self.bytes_by_owner
+            sizes[task.owner] = sizes.get(task.owner, 0) + delta * task.encoded_size()
 
     def _timer(self, due: float, kind: str, task: Task, anchor: Any = None) -> None:
         heapq.heappush(self.timers, (due, next(self.timer_seq), kind, task.key, anchor))
@@ -862,6 +970,7 @@ class Broker:
         self.counts.clear()
         self.pending_by_cap.clear()
         self.in_flight_by_owner.clear()
+        self.bytes_by_owner.clear()
         for task in self.tasks.values():
             self._count(task, +1)
             if task.in_heap:  # pushed while loading, and not queued yet
@@ -893,6 +1002,8 @@ class Broker:
             agent.held.discard(task.key)
         if task.urgent:
             self._timer(now + URGENT_KEEP_S, "forget", task)
+        else:
+            self.ended[task.key] = None
 
     def _drop_offer(self, key: TaskKey) -> None:
         offer = self.offers.pop(key, None)
@@ -971,6 +1082,15 @@ class Broker:
         return agent
 
     @changing
+    def rotate_agent_key(self, uid: str, now: float) -> Agent:
+        """A new login secret; every JWT issued to the agent before now stops working.
+        The agent keeps its id, its tasks and its settings."""
+        agent = self._agent(uid)
+        self._emit("agent.key_rotated", now, agent_uid=uid, scope="agent", uid=uid,
+                   key=self.new_secret(), tokensAfter=now)
+        return agent
+
+    @changing
     def delete_agent(self, uid: str, now: float) -> None:
         agent = self._agent(uid)
         self._lose_agent(agent, now, f"agent {uid} was deleted")
@@ -1031,13 +1151,13 @@ class Broker:
 
     @changing
     def update_key(self, key: str, capabilities: list[str], max_in_flight: int | None,
-                   now: float) -> ClientKey:
+                   now: float, max_queued_bytes: int | None = None) -> ClientKey:
         existing = self.client_key(key)
         self._emit("key.updated", now, scope="key", key={
             "key": key, "capabilities": capabilities,
             "isPredefined": existing.is_predefined if existing else False,
             "created": existing.created_at if existing else now, "isRevoked": False,
-            "maxInFlight": max_in_flight})
+            "maxInFlight": max_in_flight, "maxQueuedBytes": max_queued_bytes})
         return self.client_key(key)
 
     @changing
@@ -1061,15 +1181,21 @@ class Broker:
 
     @changing
     def submit(self, data: dict, owner: str, max_in_flight: int | None, now: float,
-               idempotency_key: str | None = None) -> Task:
+               idempotency_key: str | None = None, max_queued_bytes: int | None = None) -> Task:
         base = base_capability(data["capability"])
         if data["urgent"] and base not in self.serving:
             raise SchedulingImpossible(f"no online agent serves {base}")
         if max_in_flight is not None and self.in_flight_by_owner.get(owner, 0) >= max_in_flight:
             raise TooManyRequests(f"this key already has {max_in_flight} tasks queued or running")
+        size = len(storable(data))
+        held = self.bytes_by_owner.get(owner, 0)
+        if max_queued_bytes is not None and held + size > max_queued_bytes:
+            raise TooManyRequests(
+                f"this task ({size} bytes) would take the key's tasks queued or running to "
+                f"{held + size} bytes; its maxQueuedBytes is {max_queued_bytes}")
         task_id = self.ids.new(now)
         record = {"cap": data["capability"], "id": task_id, "data": data, "owner": owner,
-                  "createdAt": now}
+                  "createdAt": now, "size": size}
         if idempotency_key is not None:
             record.update(idempotencyKey=idempotency_key, bodyDigest=submission_digest(data))
         change = self._emit("task.submitted", now, not data["urgent"], task=record)
@@ -1335,7 +1461,8 @@ class Broker:
             return
         if task.status == PENDING:
             self._drop_offer(task.key)
-            self._emit_task("task.failed", task, now, reason=f"timeout: not done within {limit:g} s")
+            self._emit_task("task.failed", task, now,
+                            reason=f"timeout: not done within {plain_number(limit)} s")
         elif task.status in (ASSIGNED, RUNNING) and task.cancel_requested_at is None:
             self._emit_task("task.cancel_requested", task, now, reason="timeout")
 
@@ -1351,16 +1478,35 @@ class Broker:
     def _forget(self, task: Task) -> None:
         self._count(task, -1)
         del self.tasks[task.key]
+        self.ended.pop(task.key, None)
         if task.idempotency_key is not None:
             self.idempotent.pop((task.owner, task.idempotency_key), None)
 
-    def drop_ended_before(self, cutoff: float) -> int:
-        """Retention, applied at compaction: ended regular tasks older than cutoff go."""
-        old = [t for t in self.tasks.values()
-               if t.status in ENDED and not t.urgent and (t.ended_at or 0) < cutoff]
-        for task in old:
-            self._forget(task)
-        return len(old)
+    @changing
+    def drop_retained(self, keep_s: float, keep_tasks: int, now: float) -> int:
+        """Retention: ended regular tasks that ended more than `keep_s` ago, or beyond the
+        newest `keep_tasks`, go (the earliest ended first, at most DROP_BATCH a call),
+        through one `tasks.dropped` record so that replay drops the same ones."""
+        cutoff, over, dropped = now - keep_s, len(self.ended) - keep_tasks, []
+        for key in self.ended:
+            if len(dropped) >= DROP_BATCH or (
+                    len(dropped) >= over and self.tasks[key].ended_at >= cutoff):
+                break
+            dropped.append(key)
+        if dropped:
+            self._emit("tasks.dropped", now, tasks=[list(key) for key in dropped])
+        return len(dropped)
+
+    def adopt_memory_only(self, old: "Broker") -> None:
+        """The urgent tasks of `old` (never on disk), as they were, into this broker just
+        rebuilt from the disk: how the hub goes back to the durable state after a write
+        failed without losing what never depended on the disk."""
+        for task in old.tasks.values():
+            if task.urgent:
+                task.in_heap = False
+                self._add_task(task)
+                if task.status in ENDED:
+                    self._timer(task.ended_at + URGENT_KEEP_S, "forget", task)
 
     def after_recovery(self, now: float) -> None:
         """Agents holding tasks get a fresh grace period: contact times are not journaled,
@@ -1383,6 +1529,8 @@ class Broker:
             self._add_key(record)
         for record in snap["tasks"]:
             self._add_task(Task.from_record(record))
+        # The snapshot lists tasks by creation; retention wants them by end.
+        self.ended = OrderedDict.fromkeys(sorted(self.ended, key=lambda k: self.tasks[k].ended_at))
 
     def queue_ages(self, now: float) -> dict[str, float]:
         """Seconds the oldest ready task of each capability has waited since creation."""
@@ -1415,7 +1563,7 @@ class Broker:
                       capabilities=r["capabilities"], tier=r["tier"], capacity=r["capacity"],
                       system_info=r["systemInfo"], last_contact=r["registeredAt"],
                       bases=frozenset(map(base_capability, r["capabilities"])),
-                      draining=r.get("draining", False))
+                      draining=r.get("draining", False), tokens_after=r.get("tokensAfter", 0.0))
         agent.set_heartbeat(r.get("heartbeatSecs"))
         self.agents[agent.uid] = agent
         return agent
@@ -1425,7 +1573,8 @@ class Broker:
         if r["isPredefined"] and digest not in self.keys:
             return  # no longer in the configuration: it must stop working
         self.keys[digest] = ClientKey(r["key"], r["capabilities"], r["isPredefined"],
-                                      r["created"], r["isRevoked"], r.get("maxInFlight"))
+                                      r["created"], r["isRevoked"], r.get("maxInFlight"),
+                                      r.get("maxQueuedBytes"))
 
     def _add_task(self, task: Task) -> None:
         """A task enters the state (submitted, or loaded from a snapshot)."""
@@ -1434,6 +1583,8 @@ class Broker:
             self._count(task, +1)
         if task.idempotency_key is not None:
             self.idempotent[(task.owner, task.idempotency_key)] = task.key
+        if task.status in ENDED and not task.urgent:
+            self.ended[task.key] = None
         if task.status == PENDING:
             self._enqueue(task, task.queued_at)
             if task.max_wait_s is not None and task.attempts == 0:
@@ -1472,6 +1623,10 @@ class Broker:
         for key in list(agent.offered):
             self._lapse_offer(key, now)
 
+    def _on_agent_key_rotated(self, r: dict, now: float) -> None:
+        agent = self.agents[r["uid"]]
+        agent.key, agent.tokens_after = r["key"], r["tokensAfter"]
+
     def _on_agent_resumed(self, r: dict, now: float) -> None:
         self.agents[r["uid"]].draining = False
 
@@ -1496,6 +1651,7 @@ class Broker:
         task = Task(t["cap"], t["id"], t["data"], t["owner"], t["createdAt"])
         task.queued_at = now
         task.idempotency_key, task.body_digest = t.get("idempotencyKey"), t.get("bodyDigest")
+        task.size = t.get("size", -1)
         if task.run_at is not None:
             task.not_before = task.run_at
         elif task.delay_s is not None:
@@ -1576,6 +1732,7 @@ class Broker:
             return self._on_task_retried(r, now)
         task = self.tasks[(r["cap"], r["id"])]
         self._move(task, "task.requeued")
+        self.ended.pop(task.key, None)
         task.agent_id = task.ended_at = task.result = None
         task.cancel_requested_at = task.cancel_reason = None
         task.attempts = 0
@@ -1595,10 +1752,21 @@ class Broker:
         self.counts.clear()
         self.pending_by_cap.clear()
         self.in_flight_by_owner.clear()
+        self.bytes_by_owner.clear()
         self.idempotent.clear()
+        self.ended.clear()
         for agent in self.agents.values():
             agent.held.clear()
             agent.offered.clear()
+
+    def _on_tasks_dropped(self, r: dict, now: float) -> None:
+        """Retention forgets ended tasks: no move of the state machine (ended is final),
+        and all of them checked before any goes."""
+        tasks = [self.tasks[(cap, task_id)] for cap, task_id in r["tasks"]]
+        if any(task.status not in ENDED for task in tasks):
+            raise Conflict("only ended tasks can be dropped")
+        for task in tasks:
+            self._forget(task)
 
 
 def key_digest(key: str) -> bytes:
@@ -1611,6 +1779,7 @@ APPLY: dict[str, Callable[[Broker, dict, float], None]] = {
     "agent.updated": Broker._on_agent_updated,
     "agent.drained": Broker._on_agent_drained,
     "agent.resumed": Broker._on_agent_resumed,
+    "agent.key_rotated": Broker._on_agent_key_rotated,
     "agent.deleted": Broker._on_agent_deleted,
     "agents.reset": Broker._on_agents_reset,
     "key.updated": Broker._on_key_updated,
@@ -1627,6 +1796,7 @@ APPLY: dict[str, Callable[[Broker, dict, float], None]] = {
     "task.requeued": Broker._on_task_requeued,
     "task.revived": Broker._on_task_requeued,  # a management requeue, in journals before the rename
     "tasks.reset": Broker._on_tasks_reset,
+    "tasks.dropped": Broker._on_tasks_dropped,
 }
 
 TIMERS: dict[str, Callable[[Broker, Task, float, Any], None]] = {
@@ -1650,6 +1820,12 @@ TIMERS: dict[str, Callable[[Broker, Task, float, Any], None]] = {
 #   2. renamed over snapshot.json, folder synced -> new snapshot, journal records <= seq skipped
 #   3. journal tail (records after seq) copied to journal.jsonl.tmp, fsynced, renamed over
 #      journal.jsonl, folder synced             -> new snapshot + short journal
+# Disk faults: a batch that cannot be written for want of room is refused whole (507
+# storage_full), cut off the file, and the hub rebuilds memory from the disk; writes stay
+# refused until a once-a-second probe finds room. A journal no longer at its path (folder
+# removed, file replaced) refuses writes for good (507 storage_lost). A failed fdatasync
+# stops the server: what reached the disk is then unknown. A compaction that fails
+# leaves the old snapshot and journal valid and is tried again later.
 
 JOURNAL_FILE = "journal.jsonl"
 SNAPSHOT_FILE = "snapshot.json"
@@ -1686,10 +1862,18 @@ def decode_record(line: bytes) -> dict | None:
 
 
 def fatal(message: str, *args: Any) -> None:
-    """Never keep serving on a journal that may have lost acknowledged writes."""
-    log.critical(message + "; stopping now", *args)
+    """Never keep serving on a journal that may have lost acknowledged writes (a failed
+    fdatasync leaves unknown what reached the disk: PostgreSQL stops too)."""
+    log.critical(message + "; stopping now. A restart resumes from what is on disk; "
+                 "check the device (dmesg) first", *args)
     logging.shutdown()
     os._exit(70)
+
+
+# A write that fails for want of room is refused and undone; the server goes on.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+PROBE_BYTES = 1 << 16       # room the once-a-second probe asks for before writes resume
+COMPACT_RETRY_S = 30.0      # a compaction that failed is tried again after this long
 
 
 class Journal:
@@ -1711,6 +1895,12 @@ class Journal:
         self.rotation: asyncio.Task | None = None  # a compaction switching files: no writes
         self.unsynced = False
         self.fsync_seconds = Histogram()
+        # Writes refused, and why (StorageFull until a probe finds room, StorageLost for good).
+        self.fault: OffloadError | None = None
+        self.on_fault: Callable[[], None] | None = None  # called once per fault found: the hub reacts
+        self.compaction_pid = 0     # the forked snapshot writer, while it runs
+        self.compact_after = 0.0    # no compaction before this (one failed)
+        self.closing = False
 
     # ---------------------------------------------------------------- recovery
 
@@ -1720,6 +1910,18 @@ class Journal:
         for leftover in self.folder.glob("*.tmp"):
             log.warning("removing %s left by an interrupted write", leftover)
             leftover.unlink()
+        replayed = self._load(broker, repair)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.size = self.end_offset = os.fstat(self.fd).st_size
+        fsync_folder(self.folder)
+        return replayed
+
+    def reload(self, broker: Broker) -> None:
+        """The state on disk again, into a fresh `broker`: after a write was refused."""
+        self.seq = self.snapshot_seq = self.records_since_snapshot = 0
+        self._load(broker, repair=False)
+
+    def _load(self, broker: Broker, repair: bool) -> int:
         broker.begin_loading()
         if self.snapshot_path.exists():
             try:
@@ -1733,9 +1935,6 @@ class Journal:
             self.last_compaction_at = parse_iso(snap["at"])
         replayed = self._replay(broker, repair)
         broker.end_loading()
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.size = self.end_offset = os.fstat(self.fd).st_size
-        fsync_folder(self.folder)
         return replayed
 
     def _replay(self, broker: Broker, repair: bool) -> int:
@@ -1826,33 +2025,120 @@ class Journal:
         """Group commit: one write, and with fsync `always` one fdatasync, for whatever was
         appended in this turn of the event loop. Like Redis' `appendfsync always`, this runs
         on the loop itself: a hand-off to a thread and back cost more than the fdatasync
-        (about 0.2 ms on an SSD), and requests that arrive meanwhile join the next batch."""
+        (about 0.2 ms on an SSD), and requests that arrive meanwhile join the next batch.
+        A batch that cannot be written is refused whole: its waiters get the reason, the
+        file is cut back to its last record, and `on_fault` takes memory back to the disk."""
         self.flush_scheduled = False
         if not self.buffer or self.rotation is not None:
             return  # the rotation flushes when it is done
         data, waiters = b"".join(self.buffer), self.waiters
         self.buffer, self.waiters = [], []
-        try:
-            self._write(data)
-        except OSError as err:
-            fatal("journal write to %s failed: %s", self.path, err)
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _write(self, data: bytes) -> None:
-        write_all(self.fd, data)
+        self._check_identity()
+        if self.fault is None:
+            try:
+                write_all(self.fd, data)
+            except OSError as err:
+                if err.errno not in FULL_ERRNOS:
+                    fatal("journal write to %s failed: %s", self.path, err)
+                self._refuse_full(err)
+        if self.fault is not None:
+            self.end_offset = self.size
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(self.fault)
+            return
         if self.fsync == "always":
             started = time.perf_counter()
-            os.fdatasync(self.fd)
+            try:
+                os.fdatasync(self.fd)
+            except OSError as err:
+                fatal("journal fsync of %s failed: %s", self.path, err)
             self.fsync_seconds.observe(time.perf_counter() - started)
         else:
             self.unsynced = True
         self.size += len(data)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # ---------------------------------------------------------------- disk faults
+
+    def check_writable(self) -> None:
+        """Raise why writes are refused, if they are: before a change touches memory."""
+        self._check_identity()
+        if self.fault is not None:
+            raise self.fault
+
+    def _refuse_full(self, err: OSError) -> None:
+        """Cut off what part of the batch got written (on disk before anything else
+        happens: a crash must not bring back a refused record) and refuse writes."""
+        try:
+            os.ftruncate(self.fd, self.size)
+            os.fdatasync(self.fd)
+        except OSError as again:
+            fatal("journal write to %s failed (%s) and cutting it back failed too: %s",
+                  self.path, err.strerror, again)
+        self.fault = StorageFull(
+            f"the journal {self.path} cannot grow ({err.strerror}): writes are refused until "
+            "there is room again; reads go on")
+        log.error("JOURNAL %s: %s; refusing writes, back to the state on disk", self.path, err.strerror)
+        if self.on_fault is not None:
+            self.on_fault()
+
+    def _check_identity(self) -> None:
+        """Is the file we append to still the journal at our path? Someone removing the
+        data folder or replacing the journal would otherwise make every later write (and
+        its acknowledgement) vanish at the next restart."""
+        if self.fault is not None or self.fd < 0 or self.rotation is not None:
+            return  # a rotation switches files: checked again once it is done
+        try:
+            ours, found = os.fstat(self.fd), os.stat(self.path)
+            same = ours.st_nlink > 0 and (ours.st_dev, ours.st_ino) == (found.st_dev, found.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            self.fault = StorageLost(
+                f"{self.path} is no longer the journal this server writes (the data folder "
+                "was removed or the journal replaced while it ran): writes are refused so that "
+                "nothing is acknowledged that a restart would lose; reads go on. Remedy: put "
+                "the data folder back, or the state saved next to it (the log names the file), "
+                "and restart the server")
+            log.critical("JOURNAL %s", self.fault.message)
+            if self.on_fault is not None:
+                self.on_fault()
+
+    def probe(self) -> bool:
+        """Once a second while the disk is full: reserve PROBE_BYTES past the journal's
+        end and give them back. True (and writes accepted again) when that worked."""
+        if not isinstance(self.fault, StorageFull):
+            return False
+        try:
+            try:
+                os.posix_fallocate(self.fd, self.size, PROBE_BYTES)
+            except OSError as err:
+                if err.errno in FULL_ERRNOS:
+                    return False
+                # A file system without fallocate: a scratch file shows whether there is room.
+                probe = self.folder / "space-probe.tmp"
+                try:
+                    write_synced(probe, bytes(PROBE_BYTES))
+                finally:
+                    probe.unlink(missing_ok=True)
+        except OSError as err:
+            if err.errno not in FULL_ERRNOS:
+                log.error("JOURNAL probing the room left for %s failed: %s", self.path, err)
+            return False
+        finally:
+            os.ftruncate(self.fd, self.size)
+        self.fault = None
+        self._check_identity()
+        if self.fault is None:
+            log.warning("JOURNAL %s: there is room again; writes are accepted", self.path)
+        return self.fault is None
 
     def sync(self) -> None:
         """fsync `everysec`: called once a second off the event loop."""
-        if self.unsynced:
+        if self.unsynced and self.fault is None:
             self.unsynced = False
             try:
                 os.fdatasync(self.fd)
@@ -1865,10 +2151,19 @@ class Journal:
         """Called after each step of a compaction (in the forked writer for the snapshot
         steps): the crash tests run the server with this replaced by a `kill -9` there."""
 
-    async def compact(self, snapshot: Callable[[], dict], now: float) -> None:
+    async def compact(self, snapshot: Callable[[], dict], now: float) -> bool:
         """Write the state `snapshot()` returns and start a fresh journal. Like Redis'
         BGSAVE, a forked child serializes and writes it: the child sees the state frozen
-        at this instant, while the server goes on answering instead of stalling."""
+        at this instant, while the server goes on answering instead of stalling.
+        A compaction that fails (a full disk) leaves the old snapshot and journal as they
+        were and is tried again COMPACT_RETRY_S later; False when it did not happen."""
+        if self.fault is not None or self.closing or now < self.compact_after:
+            return False
+        # Only what is written goes into the snapshot: a batch refused after the fork
+        # must not come back from it.
+        self.flush()
+        if self.fault is not None:
+            return False
         loop = asyncio.get_running_loop()
         seq, cut = self.seq, self.end_offset
 
@@ -1879,7 +2174,7 @@ class Journal:
             try:
                 await loop.run_in_executor(None, self._write_snapshot, serialized())
             except OSError as err:
-                fatal("writing snapshot %s failed: %s", self.snapshot_path, err)
+                return self._compaction_failed(now, f"writing {self.snapshot_path}: {err.strerror}")
         else:
             pid = os.fork()
             if pid == 0:  # the child: write, then leave without running any cleanup
@@ -1887,36 +2182,73 @@ class Journal:
                 try:
                     self._write_snapshot(serialized())
                     code = 0
+                except OSError as err:  # the errno, for the parent's log line
+                    code = err.errno if err.errno and 1 < err.errno < 99 else 1
                 finally:
                     os._exit(code)
-            _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+            self.compaction_pid = pid
+            try:
+                _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+            finally:
+                self.compaction_pid = 0
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
-                fatal("writing snapshot %s failed (writer exited with %d)", self.snapshot_path, code)
+                if self.closing:  # abandon_compaction() stopped it
+                    return False
+                reason = os.strerror(code) if 1 < code < 99 else f"the writer exited with {code}"
+                return self._compaction_failed(now, f"writing {self.snapshot_path}: {reason}")
         self.flush()  # records up to now go into the old file, and so into the tail copied
         self.rotation = loop.create_task(self._rotation(cut))
         # Shielded: a shutdown that cancels the compaction must not stop the switch of files
         # halfway; close() waits for it.
-        await asyncio.shield(self.rotation)
-        self.snapshot_seq, self.last_compaction_at = seq, now
+        rotated = await asyncio.shield(self.rotation)
+        self.snapshot_seq, self.last_compaction_at = seq, now  # the snapshot is in place
         self.records_since_snapshot = self.seq - seq
+        if not rotated:
+            return self._compaction_failed(now, f"cutting {self.path} (the snapshot is written)")
+        return True
+
+    def _compaction_failed(self, now: float, what: str) -> bool:
+        self.compact_after = now + COMPACT_RETRY_S
+        log.error("JOURNAL compaction failed %s; the snapshot and journal on disk stay valid, "
+                  "trying again in %.0f s", what, COMPACT_RETRY_S)
+        return False
+
+    def abandon_compaction(self) -> None:
+        """Shutdown: stop a snapshot writer rather than wait for it. What it leaves is a
+        temporary file, removed at the next start; the old snapshot stays valid."""
+        self.closing = True
+        if self.compaction_pid:
+            try:
+                os.kill(self.compaction_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _write_snapshot(self, data: bytes) -> None:
         tmp = self.snapshot_path.with_name(SNAPSHOT_FILE + ".tmp")
-        write_synced(tmp, data)
+        try:
+            write_synced(tmp, data)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # give the room back
+            raise
         self.step_done("snapshot-written")
         os.replace(tmp, self.snapshot_path)
         fsync_folder(self.folder)
         self.step_done("snapshot-renamed")
 
-    async def _rotation(self, cut: int) -> None:
+    async def _rotation(self, cut: int) -> bool:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._rotate, cut)
-        except OSError as err:
-            fatal("journal compaction in %s failed: %s", self.folder, err)
-        self.end_offset -= cut
-        self.rotation = None
+            rotated = True
+        except OSError as err:  # before the switch of files: the old journal is intact
+            log.error("JOURNAL cutting %s failed: %s", self.path, err.strerror)
+            rotated = False
+        else:
+            self.end_offset -= cut
+        finally:
+            self.rotation = None
         self.flush()
+        return rotated
 
     def _rotate(self, cut: int) -> None:
         """Keep only the records after the snapshot: copy the journal from `cut` on."""
@@ -1924,16 +2256,24 @@ class Journal:
             f.seek(cut)
             tail = f.read()
         tmp = self.path.with_name(JOURNAL_FILE + ".tmp")
-        write_synced(tmp, tail)
+        try:
+            write_synced(tmp, tail)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         self.step_done("journal-written")
         os.replace(tmp, self.path)
-        fsync_folder(self.folder)
-        self.step_done("journal-renamed")
-        os.close(self.fd)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:  # past the rename: the old file is gone, so a failure here cannot be undone
+            fsync_folder(self.folder)
+            self.step_done("journal-renamed")
+            os.close(self.fd)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as err:
+            fatal("journal %s was switched to its cut copy, but then: %s", self.path, err)
         self.size = len(tail)
 
     async def close(self) -> None:
+        self.closing, self.on_fault = True, None
         if self.rotation is not None:
             await self.rotation
         self.flush()
@@ -1984,18 +2324,28 @@ def status_json(task: Task) -> dict:
     return body
 
 
-def listing_json(tasks: list[Task]) -> dict:
-    listing = {"urgent": {"assigned": [], "unassigned": []},
-               "regular": {"assigned": [], "unassigned": []}}
-    for task in tasks:
-        queue = listing["urgent" if task.urgent else "regular"]
-        if task.status == PENDING:  # the original shape, plus what a waiting task shows
-            queue["unassigned"].append({
-                **unassigned_json(task), "status": task.status, "attempt": task.attempts,
-                "notBefore": iso(task.not_before), "history": history_json(task)})
-        else:
-            queue["assigned"].append(assigned_json(task))
-    return listing
+def listing_place(task: Task) -> tuple[str, str]:
+    """Where /management/tasks/list shows a task: (queue, "assigned" | "unassigned")."""
+    return "urgent" if task.urgent else "regular", "unassigned" if task.status == PENDING else "assigned"
+
+
+def listing_row(task: Task) -> dict:
+    if task.status == PENDING:  # the original shape, plus what a waiting task shows
+        return {**unassigned_json(task), "status": task.status, "attempt": task.attempts,
+                "notBefore": iso(task.not_before), "history": history_json(task)}
+    return assigned_json(task)
+
+
+def empty_listing() -> dict:
+    return {"urgent": {"assigned": [], "unassigned": []}, "regular": {"assigned": [], "unassigned": []}}
+
+
+def status_event(task: Task, op: str) -> dict:
+    # With what a listing row shows, so a console adds a new task without fetching it.
+    return {"id": task_id_json(task), "status": task.status, "stage": task.stage, "op": op,
+            "attempt": task.attempts, "cancelRequested": task.cancel_requested_at is not None,
+            "agentId": task.agent_id, "urgent": task.urgent, "priority": task.priority,
+            "createdAt": iso(task.created_at)}
 
 
 def agent_json(agent: Agent, online: bool) -> dict:
@@ -2008,6 +2358,129 @@ def agent_json(agent: Agent, online: bool) -> dict:
 
 def key_json(key: ClientKey) -> dict:
     return {**key.to_record(), "created": iso(key.created_at)}
+
+
+# ============================================================================ listing
+#
+# /management/tasks/list at 100,000 tasks without holding the loop: functions over the
+# core's tasks (a live mapping they only read) that yield to the loop every slice. A
+# page is chosen by a scan of the tasks; the original unparameterized listing (tens of
+# MB) is encoded a slice of rows at a time, as its reader takes it. Pages run newest
+# first by id (ULIDs: creation order); the cursor is the last id shown, so a walk sees
+# every task that existed when it began exactly once, however many are submitted meanwhile.
+
+LIST_SCAN_SLICE = 1000        # tasks looked at per loop turn
+LIST_WRITE_BYTES = 256 << 10  # the full listing is written this much at a time...
+LIST_WRITE_ROWS = 50          # ...or this many rows (about 1.5 ms of encoding), whichever first
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+PAGE_LOG_CHARS = 4096         # a page shows the end of each log; `?task=` shows all of it
+PAGE_PARAMS = frozenset({"limit", "cursor", "capability", "queue", "key", "task"})
+CURSOR_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+TASK_STATUSES = (PENDING, "queued", ASSIGNED, "starting", RUNNING, COMPLETED, FAILED, CANCELED)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskQuery:
+    """The filters of a listing (None matches anything) and, for a page, where it starts."""
+    status: str | None = None
+    capability: str | None = None  # the task's capability or its base
+    urgent: bool | None = None
+    owner: str | None = None       # of `client_key`, the key the tasks were submitted with
+    client_key: str | None = None
+    task: TaskKey | None = None    # one task
+    paged: bool = False            # False: every task, in the original shape
+    limit: int = DEFAULT_PAGE
+    cursor: str | None = None      # ids below this one
+
+    def matches(self, task: Task) -> bool:
+        return ((self.status is None or task.status == self.status)
+                and (self.capability is None or self.capability in (task.cap, task.base))
+                and (self.urgent is None or task.urgent == self.urgent)
+                and (self.owner is None or task.owner == self.owner))
+
+
+async def _scan(tasks: dict[TaskKey, Task], names: list[TaskKey]) -> Any:
+    """The tasks of `names` still there, a slice of them per loop turn."""
+    for start in range(0, len(names), LIST_SCAN_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        for key in names[start:start + LIST_SCAN_SLICE]:
+            task = tasks.get(key)
+            if task is not None:
+                yield task
+
+
+async def task_page(tasks: dict[TaskKey, Task], query: TaskQuery) -> dict:
+    """Up to `query.limit` matching tasks with ids below its cursor, newest first, in the
+    listing's shape, plus `next` (the cursor of the following page, or None) and `total`
+    (tasks matching the filters, all pages)."""
+    chosen: list[tuple[str, str]] = []  # a min-heap of the `limit` newest (id, cap) so far
+    total = below = 0
+    async for task in _scan(tasks, [query.task] if query.task is not None else list(tasks)):
+        if not query.matches(task):
+            continue
+        total += 1
+        if query.cursor is not None and task.id >= query.cursor:
+            continue
+        below += 1
+        if len(chosen) < query.limit:
+            heapq.heappush(chosen, (task.id, task.cap))
+        elif (task.id, task.cap) > chosen[0]:
+            heapq.heapreplace(chosen, (task.id, task.cap))
+    chosen.sort(reverse=True)
+    listing = empty_listing()
+    for n, (task_id, cap) in enumerate(chosen):
+        if n and n % LIST_WRITE_ROWS == 0:
+            await asyncio.sleep(0)
+        task = tasks.get((cap, task_id))
+        if task is None:  # gone while the scan yielded
+            continue
+        row = listing_row(task)
+        if query.task is None and len(row.get("log") or "") > PAGE_LOG_CHARS:
+            row["logChars"] = len(row["log"])
+            row["log"] = row["log"][-PAGE_LOG_CHARS:]
+        queue, kind = listing_place(task)
+        listing[queue][kind].append(row)
+    listing["next"] = chosen[-1][0] if below > query.limit else None
+    listing["total"] = total
+    return listing
+
+
+async def full_listing(tasks: dict[TaskKey, Task], status: str | None) -> Any:
+    """The original shape, every task (or those in `status`), as JSON text in chunks:
+    the next is encoded when the reader has taken the last (an async iterator)."""
+    places: dict[tuple[str, str], list[TaskKey]] = {
+        (q, k): [] for q in ("urgent", "regular") for k in ("assigned", "unassigned")}
+    async for task in _scan(tasks, list(tasks)):
+        if status is None or task.status == status:
+            places[listing_place(task)].append(task.key)
+    out, rows, skipped = bytearray(b"{"), 0, 0
+    for queue in ("urgent", "regular"):
+        out += b'"%b":{' % queue.encode()
+        for kind in ("assigned", "unassigned"):
+            out += b'"%b":[' % kind.encode()
+            first = True
+            for key in places[(queue, kind)]:
+                task = tasks.get(key)
+                if task is None:
+                    continue
+                try:
+                    row = orjson.dumps(listing_row(task))
+                except (TypeError, orjson.JSONEncodeError):  # one bad task never fails a listing
+                    skipped += 1
+                    continue
+                out += row if first else b"," + row
+                first, rows = False, rows + 1
+                if rows >= LIST_WRITE_ROWS or len(out) >= LIST_WRITE_BYTES:
+                    yield bytes(out)
+                    out.clear()
+                    rows = 0
+                    await asyncio.sleep(0)
+            out += b"]," if kind == "assigned" else b"]"
+        out += b"}," if queue == "urgent" else b"}"
+    yield bytes(out + b"}")
+    if skipped:
+        log.warning("task listing left out %d tasks that cannot be encoded", skipped)
 
 
 # ============================================================================ hub
@@ -2024,38 +2497,37 @@ EVENT_RING_SIZE = 10_000  # live events kept for Last-Event-ID resumption...
 EVENT_RING_BYTES = 64 << 20  # ...unless they hold more than this (big logs)
 OUTCOME_OPS = {"task.submitted": "submitted", "task.completed": "completed",
                "task.failed": "failed", "task.canceled": "canceled"}
-SSE_HEARTBEAT_S = 15.0
-SSE_BATCH_S = 0.005  # events within this long of the first share one write
+STREAM_DROP_REASONS = ("slow", "stalled", "overrun")
 
 
-@dataclass(slots=True)
+def sse_frame(event_id: int, kind: str, data: bytes) -> bytes:
+    return b"id: %d\nevent: %b\ndata: %b\n\n" % (event_id, kind.encode(), data)
+
+
 class Event:
-    """One server-sent event; `owner` None means every client may see it."""
-    id: int
-    owner: str | None
-    key: TaskKey | None
-    kind: str
-    data: bytes
+    """One server-sent event; `owner` None means every client may see it. Only its wire
+    form is kept, built once here: every stream that shows it writes these same bytes."""
+    __slots__ = ("id", "owner", "key", "frame", "size")
 
-    def encode(self) -> bytes:
-        return b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.kind.encode(), self.data)
-
-
-def status_event(task: Task, op: str) -> dict:
-    return {"id": task_id_json(task), "status": task.status, "stage": task.stage, "op": op,
-            "attempt": task.attempts, "cancelRequested": task.cancel_requested_at is not None}
+    def __init__(self, event_id: int, owner: str | None, key: TaskKey | None, kind: str, data: bytes):
+        self.id, self.owner, self.key = event_id, owner, key
+        self.frame = sse_frame(event_id, kind, data)
+        self.size = len(data)  # what the ring's byte budget counts
 
 
 class EventLog:
     """The live events of every change, in a ring bounded by count and bytes, so a
-    stream that reconnects with a Last-Event-ID resumes where it was."""
+    stream that reconnects with a Last-Event-ID resumes where it was. Streams show the
+    events up to `released`: those of changes on disk (or that need no disk). Each
+    release calls `on_publish` (EventStreams sets it; it must be cheap)."""
 
     def __init__(self, started_at: float):
         self.ring: deque[Event] = deque()
         self.bytes = 0
         # Event ids grow across restarts too, so a Last-Event-ID from an earlier run is
         # recognised as too old rather than mistaken for a recent one.
-        self.seq = int(started_at * 1000) << 12
+        self.seq = self.released = int(started_at * 1000) << 12
+        self.on_publish: Callable[[], None] = lambda: None
 
     def publish(self, changes: list[Change]) -> list[TaskKey]:
         """Events for the changes: `status` on every transition, `log` with each log
@@ -2080,13 +2552,18 @@ class EventLog:
                 self.add(None, None, "reset", {"op": change.op, "uid": None})
         return ended
 
+    def release(self, upto: int) -> None:
+        if upto > self.released:
+            self.released = upto
+            self.on_publish()
+
     def add(self, owner: str | None, key: TaskKey | None, kind: str, data: dict) -> None:
         self.seq += 1
         event = Event(self.seq, owner, key, kind, orjson.dumps(data))
         self.ring.append(event)
-        self.bytes += len(event.data)
+        self.bytes += event.size
         while len(self.ring) > EVENT_RING_SIZE or self.bytes > EVENT_RING_BYTES:
-            self.bytes -= len(self.ring.popleft().data)
+            self.bytes -= self.ring.popleft().size
 
     @staticmethod
     def visible(event: Event, owner: str, keys: set | None) -> bool:
@@ -2095,20 +2572,22 @@ class EventLog:
         return keys is None or event.key is None or event.key in keys
 
     def after(self, last_id: int | None, owner: str, keys: set | None) -> list[Event] | None:
-        """Events after `last_id` visible to `owner`; None when `last_id` cannot be
-        resumed from (too old, from an earlier run, or absent)."""
+        """Released events after `last_id` visible to `owner`; None when `last_id` cannot
+        be resumed from (too old, from an earlier run, or absent)."""
         first = self.ring[0].id if self.ring else self.seq + 1
-        if last_id is None or not first - 1 <= last_id <= self.seq:
+        if last_id is None or not first - 1 <= last_id <= self.released:
             return None
-        # From the newest end: a live stream asks for the last few of up to 10,000 events.
-        newer = itertools.islice(reversed(self.ring), self.seq - last_id)
-        return [e for e in reversed(list(newer)) if self.visible(e, owner, keys)]
+        return [e for e in self.between(last_id, self.released) if self.visible(e, owner, keys)]
 
-    def current(self, tasks: Any) -> list[Event]:
-        """The present state of `tasks` as `status` events: where a stream starts without
-        a usable Last-Event-ID."""
-        return [Event(self.seq, t.owner, t.key, "status", orjson.dumps(status_event(t, "current")))
-                for t in tasks]
+    def between(self, after: int, upto: int) -> list[Event] | None:
+        """Every event after `after` up to `upto`, oldest first; None when the ring has
+        moved past some of them."""
+        # From the newest end: a live stream asks for the last few of up to 10,000 events.
+        newer = list(itertools.islice(reversed(self.ring), self.seq - after))
+        newer.reverse()
+        if newer and newer[0].id != after + 1 or not newer and after < upto:
+            return None
+        return [e for e in newer if e.id <= upto]
 
 
 class Metrics:
@@ -2118,6 +2597,8 @@ class Metrics:
     def __init__(self):
         self.totals: dict[tuple[str, str], int] = {}  # (outcome, capability) -> since start
         self.http_seconds: dict[tuple[str, str], Histogram] = {}
+        self.event_streams = 0  # open now
+        self.stream_drops = dict.fromkeys(STREAM_DROP_REASONS, 0)  # readers dropped, by why
 
     def count(self, changes: list[Change]) -> None:
         for change in changes:
@@ -2161,6 +2642,11 @@ class Metrics:
         family("offloadmq_agents_in_flight", "gauge", "Tasks held by online agents.",
                [("", sum(len(a.held) for a in online))])
         family("offloadmq_journal_bytes", "gauge", "Size of the active journal.", [("", journal.size)])
+        family("offloadmq_event_streams", "gauge", "Event streams open.", [("", self.event_streams)])
+        family("offloadmq_event_stream_drops_total", "counter", "Event stream readers dropped since "
+               "start: slow (fell behind while live), stalled (took nothing of their start), "
+               "overrun (the event ring moved past them).",
+               [(f'{{reason="{reason}"}}', n) for reason, n in self.stream_drops.items()])
         lines += ["# HELP offloadmq_fsync_seconds Journal fdatasync latency.",
                   "# TYPE offloadmq_fsync_seconds histogram",
                   *journal.fsync_seconds.lines("offloadmq_fsync_seconds")]
@@ -2197,6 +2683,7 @@ class Hub:
         self.started_at = clock()
         self.events = EventLog(self.started_at)
         self.metrics = Metrics()
+        self.journal.on_fault = self._storage_fault  # disk faults: writes refused
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -2215,8 +2702,12 @@ class Hub:
         self.ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
     async def release_waiters(self) -> None:
-        """Shutdown: long polls and event streams answer now instead of holding it up."""
+        """Shutdown: long polls and event streams answer now instead of holding it up;
+        a snapshot being written is abandoned rather than waited for."""
         self.stopping = True
+        if self.ticker is not None:
+            self.ticker.cancel()
+        self.journal.abandon_compaction()
         self._wake_ended(list(self.end_waiters))
         await self._notify()
 
@@ -2230,28 +2721,97 @@ class Hub:
         while True:
             await asyncio.sleep(1.0)
             try:
+                # Disk faults: while writes are refused, only look for room again.
+                if self.journal.fault is not None and not self.journal.probe():
+                    continue
                 await self._change(self.broker.expire)
+                await self.drop_retained()
                 if self.journal.fsync == "everysec":
                     await loop.run_in_executor(None, self.journal.sync)
                 if self.journal.size >= self.config.compact_bytes:
                     await self.compact()
+            except (StorageFull, StorageLost):  # logged where it happened; probed next round
+                pass
             except Exception:  # the loop must outlive any bug in one round
                 log.exception("background round failed")
 
+    async def drop_retained(self) -> int:
+        """Retention: a batch of the ended tasks past the configured age or count."""
+        return await self._change(self.broker.drop_retained, self.config.retention_s,
+                                  self.config.retention_tasks)
+
     async def compact(self) -> None:
-        now = self.clock()
-        dropped = self.broker.drop_ended_before(now - self.config.retention_s)
+        dropped = 0  # retention first, so that the snapshot does not keep what it drops
+        while n := await self.drop_retained():
+            dropped += n
         before = self.journal.size
-        await self.journal.compact(self.broker.snapshot, now)
-        log.info("journal compacted: %d -> %d bytes, %d old ended tasks dropped",
-                 before, self.journal.size, dropped)
+        if await self.journal.compact(self.broker.snapshot, self.clock()):
+            log.info("journal compacted: %d -> %d bytes, %d old ended tasks dropped",
+                     before, self.journal.size, dropped)
+
+    # ---------------------------------------------------------------- disk faults
+
+    def _storage_fault(self) -> None:
+        if isinstance(self.journal.fault, StorageFull):
+            self._back_to_disk()
+        else:
+            self._rescue()
+
+    def _back_to_disk(self) -> None:
+        """A write was refused for want of room, so memory goes back to what is on disk,
+        rebuilt as a restart would rebuild it but with every connection kept. What never
+        depended on the disk stays: urgent tasks (same objects, so their waiters keep
+        waiting) and agents' last contact. Offers lapse (the agent polls again). Clients
+        waiting on a regular task get the 507 (what they saw may have been undone: they
+        ask again); event streams get a `reset` event and reload."""
+        started, old = time.perf_counter(), self.broker
+        fresh = Broker(self.config.client_api_keys, self.clock(), old.rng, old.ids, old.new_secret)
+        try:
+            self.journal.reload(fresh)
+        except (OSError, JournalCorrupt) as err:
+            fatal("after a refused write, reading back %s failed: %s", self.config.data_path, err)
+        for agent in old.online.values():  # oldest contact first, as `online` wants
+            if agent.uid in fresh.agents:
+                fresh.touch(agent.uid, agent.last_contact)
+        fresh.adopt_memory_only(old)
+        self.broker = fresh
+        for key in [k for k in self.end_waiters if fresh.tasks.get(k) is not old.tasks.get(k)]:
+            for waiter in self.end_waiters.pop(key):
+                if not waiter.done():
+                    waiter.set_exception(self.journal.fault)
+        self.events.add(None, None, "reset", {"op": "storage.restored", "uid": None})
+        self.events.release(self.events.seq)
+        asyncio.get_running_loop().create_task(self._notify())
+        log.warning("back to the state on disk: %d tasks, %d agents, in %.2f s",
+                    len(fresh.tasks), len(fresh.agents), time.perf_counter() - started)
+
+    def _rescue(self) -> None:
+        """The journal is lost (data folder removed, journal replaced), so memory holds
+        the only copy of what was acknowledged: save it, in the snapshot format, next to
+        the data folder, for the operator to start from."""
+        folder = self.config.data_path.absolute()
+        path = folder.with_name(f"{folder.name}-rescued-{time.strftime('%Y%m%dT%H%M%S')}.json")
+        state = self.broker.snapshot()
+        try:
+            write_synced(path, orjson.dumps({"seq": self.journal.seq, "at": iso(self.clock()), **state}))
+        except (OSError, TypeError) as err:
+            log.critical("JOURNAL could not save the state in memory to %s: %s", path, err)
+            return
+        log.critical("JOURNAL the state in memory (%d tasks, %d agents) is saved in %s: to go on "
+                     "from it, stop the server, make it snapshot.json of an empty data folder "
+                     "and start", len(state["tasks"]), len(state["agents"]), path)
 
     # ---------------------------------------------------------------- changing state
 
-    async def _change(self, method: Callable, *args: Any, on_disk: bool = True, **kwargs: Any) -> Any:
+    async def _change(self, method: Callable, *args: Any, on_disk: bool = True,
+                      writes: bool = True, **kwargs: Any) -> Any:
         """Run a broker method with the time now; journal the changes it returned; wake
         waiters. With `on_disk` False the answer does not wait for the fsync (progress
-        logs: a crash may lose the last moment of log text, never a result)."""
+        logs: a crash may lose the last moment of log text, never a result). While the
+        disk refuses writes, a change is refused before it touches memory, unless it
+        `writes` no record (a contact, an offer let go)."""
+        if writes:
+            self.journal.check_writable()
         changes: list[Change] = []
         try:
             return method(*args, now=self.clock(), changes=changes, **kwargs)
@@ -2260,13 +2820,15 @@ class Hub:
                 await self._store_and_notify(changes, on_disk)
 
     async def _store_and_notify(self, changes: list[Change], on_disk: bool) -> None:
-        self.metrics.count(changes)
         ended = self.events.publish(changes)
+        published = self.events.seq
         lines = [c.line for c in changes if c.durable]
         on_disk_soon = self.journal.enqueue(lines, on_disk) if lines else None
         await self._notify(self.offers_changed)  # after the enqueue: a take's record must follow
         if on_disk_soon is not None:
-            await on_disk_soon
+            await on_disk_soon  # a refused write raises here (memory went back to the disk)
+        self.metrics.count(changes)
+        self.events.release(published)
         if ended:
             self._wake_ended(ended)
         if changes[-1].scope == "tasks":  # every task went away: so do their waits
@@ -2299,11 +2861,12 @@ class Hub:
     # ---------------------------------------------------------------- client verbs
 
     async def submit(self, data: dict, owner: str, max_in_flight: int | None,
-                     idempotency_key: str | None) -> tuple[Task, bool]:
+                     idempotency_key: str | None, max_queued_bytes: int | None = None) -> tuple[Task, bool]:
         """(task, created): with an Idempotency-Key seen before, the earlier task - once it
         is on disk, and the earlier submit's error if its write failed."""
         if idempotency_key is None:
-            return await self._change(self.broker.submit, data, owner, max_in_flight), True
+            return await self._change(self.broker.submit, data, owner, max_in_flight,
+                                      max_queued_bytes=max_queued_bytes), True
         earlier = self.broker.find_idempotent(owner, idempotency_key, data, self.clock())
         first = self.submitting.get((owner, idempotency_key))
         if first is not None:
@@ -2313,16 +2876,19 @@ class Hub:
         # A task of its own: the first submit's answer must not depend on its client
         # staying, since a retry waits for it.
         first = asyncio.ensure_future(self._change(self.broker.submit, data, owner, max_in_flight,
-                                                   idempotency_key=idempotency_key))
+                                                   idempotency_key=idempotency_key,
+                                                   max_queued_bytes=max_queued_bytes))
         self.submitting[(owner, idempotency_key)] = first
         first.add_done_callback(lambda done: (
             self.submitting.pop((owner, idempotency_key), None),
             done.cancelled() or done.exception()))  # seen, even if its client went away
         return await asyncio.shield(first), True
 
-    async def submit_and_wait(self, data: dict, owner: str, max_in_flight: int | None) -> Task:
+    async def submit_and_wait(self, data: dict, owner: str, max_in_flight: int | None,
+                              max_queued_bytes: int | None = None) -> Task:
         """submit_blocking: the ended task, or the contract's 503/504."""
-        task = await self._change(self.broker.submit, data, owner, max_in_flight)
+        task = await self._change(self.broker.submit, data, owner, max_in_flight,
+                                  max_queued_bytes=max_queued_bytes)
         await self._wait_for_end(task, self.config.blocking_hold_s)
         if self.broker.tasks.get(task.key) is not task:
             raise NotFound(f"task {task.id} was removed by a reset", id=task_id_json(task))
@@ -2374,8 +2940,12 @@ class Hub:
 
     async def ping(self, uid: str, holding: set[TaskKey] | None) -> dict:
         """A contact; with `holding` (what the agent says it holds) the tasks assigned to
-        it that it does not hold are released. The health body, plus `released`."""
-        released = await self._change(self.broker.ping, uid, holding)
+        it that it does not hold are released. The health body, plus `released`.
+        While the disk refuses writes a ping is a contact only: releases wait for a ping
+        after that."""
+        reconcile = holding is not None and self.journal.fault is None
+        released = await self._change(self.broker.ping, uid, holding if reconcile else None,
+                                      writes=reconcile)
         if holding is None:
             return self.health()
         return {**self.health(), "released": [task_id_json(t) for t in released]}
@@ -2398,7 +2968,7 @@ class Hub:
         if not ready() and wait_s > 0:
             await self._wait_until(ready, wait_s, self.offers_changed)
         if task is not None and gone():  # nobody is left to hand it to
-            await self._change(self.broker.release_offer, task.key)
+            await self._change(self.broker.release_offer, task.key, writes=False)
             return None
         if task is not None and take:
             task = await self._change(self.broker.take, uid, task.cap, task.id)
@@ -2460,6 +3030,13 @@ class Hub:
         agent = await self._change(self.broker.drain_agent, uid, False)
         return agent, self.broker.is_online(agent, self.clock())
 
+    async def rotate_agent_key(self, uid: str) -> tuple[Agent, bool]:
+        """A new login secret for the agent; its earlier JWTs are refused from now on.
+        (the agent, whether it is online)."""
+        agent = await self._change(self.broker.rotate_agent_key, uid)
+        log.info("agent %s credential rotated", uid)
+        return agent, self.broker.is_online(agent, self.clock())
+
     async def delete_agent(self, uid: str) -> None:
         await self._change(self.broker.delete_agent, uid)
         log.info("agent %s deleted", uid)
@@ -2467,8 +3044,13 @@ class Hub:
     async def reset_agents(self) -> None:
         await self._change(self.broker.reset_agents)
 
-    async def update_key(self, key: str, patterns: list[str], max_in_flight: int | None) -> ClientKey:
-        return await self._change(self.broker.update_key, key, patterns, max_in_flight)
+    async def update_key(self, key: str, patterns: list[str], max_in_flight: int | None,
+                         max_queued_bytes: int | None) -> ClientKey:
+        # A new key must be hard to guess; one that exists (say set at start) keeps its shape.
+        if self.broker.client_key(key) is None and not NEW_KEY_PATTERN.fullmatch(key):
+            raise BadRequest(KEY_RULE)
+        return await self._change(self.broker.update_key, key, patterns, max_in_flight,
+                                  max_queued_bytes=max_queued_bytes)
 
     async def revoke_key(self, key: str) -> ClientKey:
         return await self._change(self.broker.revoke_key, key)
@@ -2477,9 +3059,6 @@ class Hub:
 
     def task(self, cap: str, task_id: str, owner: str | None = None) -> Task:
         return self.broker.task(cap, task_id, owner)
-
-    def tasks(self, status: str | None = None) -> list[Task]:
-        return [t for t in self.broker.tasks.values() if status is None or t.status == status]
 
     def agent(self, uid: str) -> Agent | None:
         return self.broker.agents.get(uid)
@@ -2501,17 +3080,27 @@ class Hub:
         return list(self.broker.keys.values())
 
     def health(self, **extra: Any) -> dict:
-        return {"status": "healthy", "cached_agents": len(self.broker.agents),
+        body = {"status": "healthy", "cached_agents": len(self.broker.agents),
                 "timestamp": iso(self.clock()), **extra}
+        fault = self.journal.fault  # disk faults: reads go on, writes are refused
+        if fault is not None:
+            body.update(status="unhealthy", reason=fault.type, message=fault.message)
+        return body
 
-    def stats(self) -> dict:
-        return {**self.broker.stats(self.clock()), "journal": self.journal.stats(),
-                "uptimeSecs": round(self.clock() - self.started_at, 3), "version": __version__}
+    def stats(self, internal: bool = False) -> dict:
+        """Counts; `internal` adds the journal (its path, its size): for management only."""
+        stats = {**self.broker.stats(self.clock()),
+                 "uptimeSecs": round(self.clock() - self.started_at, 3), "version": __version__}
+        return {**stats, "journal": self.journal.stats()} if internal else stats
 
     def metrics_text(self) -> str:
         return self.metrics.text(self.broker, self.journal, self.clock())
 
-    def _stream_keys(self, names: list[str], owner: str) -> set[TaskKey] | None:
+    def tasks_by_key(self) -> dict[TaskKey, Task]:
+        """Every task, live (read only): for views that walk them a slice at a time."""
+        return self.broker.tasks
+
+    def stream_keys(self, names: list[str], owner: str) -> set[TaskKey] | None:
         """`<cap>/<id>` names -> the task keys a stream is limited to (`owner`'s own)."""
         if not names:
             return None
@@ -2523,36 +3112,379 @@ class Hub:
             keys.add(self.broker.task(cap, task_id, owner).key)
         return keys
 
-    def event_stream(self, last_id: int | None, owner: str, names: list[str]) -> Any:
-        """Server-Sent Events text, chunk by chunk, until shutdown, of `owner`'s tasks (or
-        only those `names`d as `<cap>/<id>`; an unknown one raises here, before any
-        text). With a usable `last_id` it resumes after it; else it starts with the
-        current state."""
-        return self._event_text(last_id, owner, self._stream_keys(names, owner))
+    async def task_page(self, query: TaskQuery) -> dict:
+        """A page of /management/tasks/list (see the listing section)."""
+        if query.client_key is not None and self.broker.client_key(query.client_key) is None:
+            raise BadRequest("key must be a client API key of this server")
+        return await task_page(self.broker.tasks, query)
 
-    async def _event_text(self, last_id: int | None, owner: str, keys: set | None) -> Any:
-        # `seen` is read with no await since the events were taken: events published
-        # while a write is in flight come in the next round, never skipped.
-        events, seen = self.events.after(last_id, owner, keys), self.events.seq
-        if events is None:
-            if keys is not None:
-                tasks = [self.broker.tasks[k] for k in keys if k in self.broker.tasks]
-            else:  # all that did not end yet
-                tasks = [t for t in self.broker.tasks.values() if t.status not in ENDED
-                         and (owner == MGMT_OWNER or t.owner == owner)]
-            events, seen = self.events.current(tasks), self.events.seq
-            yield b"".join(e.encode() for e in events) or b": connected\n\n"
-            events = []
-        while not self.stopping:
-            if events:
-                yield b"".join(e.encode() for e in events)
-            last_id = seen
-            await self._wait_until(lambda: self.events.seq > last_id, SSE_HEARTBEAT_S)
-            if self.events.seq <= last_id:
-                yield b": heartbeat\n\n"
-            else:  # a busy queue would otherwise cost a write, and a wake-up, per change
-                await asyncio.sleep(SSE_BATCH_S)
-            events, seen = self.events.after(last_id, owner, keys) or [], self.events.seq
+    def full_listing(self, status: str | None) -> Any:
+        """Every task (or those in `status`) in the original shape, as JSON chunks."""
+        return full_listing(self.broker.tasks, status)
+
+
+# ============================================================================ streams
+#
+# Server-Sent Events to many readers, slow ones included. A release of new events (see
+# EventLog) costs one call to `wake()` whatever the number of streams; within
+# STREAM_FLUSH_S one flusher task takes them from the ring, groups them once per
+# audience (all of management, each client key, each stream limited to named tasks) and
+# writes each group's bytes to its streams, a slice of streams per loop turn. A stream
+# that starts (the current state, or a resumption from Last-Event-ID) is written by its
+# own handler in slices that wait for the reader to take them, then joins the live set.
+# A live reader whose unsent bytes pass `stream_buffer_bytes` is dropped with a last
+# event that says why; it resumes with Last-Event-ID.
+
+STREAM_FLUSH_S = 0.005      # live events this close together share one write per stream
+FANOUT_SLICE = 32           # live streams written per loop turn
+# With many streams a flush is long (a write each): the next one waits this many times
+# as long as the last took, so that writing to readers takes at most about a fifth of
+# the loop and requests go on being answered at their pace; events then come in bigger
+# batches, a little later.
+FANOUT_SPACING = 4.0
+STREAM_SCAN_SLICE = 250     # tasks looked at per loop turn while a stream sends the current state
+STREAM_CHUNK_BYTES = 64 << 10   # a starting stream writes this much at a time...
+STREAM_LOW_WATER = 64 << 10     # ...and waits until the reader leaves less than this unsent
+SSE_HEARTBEAT_S = 15.0
+STREAM_SWEEP_S = 1.0        # how often streams are checked for readers gone and heartbeats due
+STREAM_DROP_GRACE_S = 10.0  # a dropped reader gets this long to read what was sent, then is cut
+
+
+class StreamGone(Exception):
+    """The stream ended while it was starting: the reader left, or was dropped."""
+
+
+@dataclass(eq=False, slots=True)
+class Subscriber:
+    """One open event stream."""
+    owner: str
+    keys: set | None                # limited to these tasks, or None
+    transport: asyncio.Transport
+    chunked: bool                   # HTTP/1.1 chunked framing (we write past aiohttp's writer)
+    ended: asyncio.Future           # result: None (reader left, server stopping) or (why, reason)
+    position: int = 0               # the newest event id this stream has been written up to
+    last_write: float = 0.0         # monotonic time of the last write, for heartbeats
+
+
+class EventStreams:
+    """Every open event stream of an app; its limits come from the hub's config."""
+
+    def __init__(self, hub: Hub):
+        self.hub = hub
+        self.events = hub.events
+        self.metrics = hub.metrics
+        self.max_per_key = hub.config.max_streams_per_key
+        self.buffer_bytes = hub.config.stream_buffer_bytes
+        self.stall_s = hub.config.stream_stall_s
+        self.open_by_owner: dict[str, set[Subscriber]] = {}  # every open stream: the cap
+        # Live streams by audience, so that a batch is encoded once per audience.
+        self.live_all: dict[Subscriber, None] = {}  # management, no task filter
+        self.live_by_owner: dict[str, dict[Subscriber, None]] = {}  # client keys, no filter
+        self.live_named: dict[Subscriber, None] = {}  # limited to named tasks
+        self.flushed = self.events.released  # events up to this id went to the live streams
+        self.flush_due = False
+        self.flush_again = False
+        self.next_flush_at = 0.0  # loop time before which no flush starts (FANOUT_SPACING)
+        self.flusher: asyncio.Task | None = None
+        self.sweeper: asyncio.Task | None = None
+        self.events.on_publish = self.wake
+
+    async def respond(self, request: web.Request, owner: str, names: list[str],
+                      last_id: int | None, current: bool) -> web.StreamResponse:
+        """The stream of `owner`'s tasks (or only those `names`d as `<cap>/<id>`; an
+        unknown one answers 404 before any text) until the reader goes away."""
+        keys = self.hub.stream_keys(names, owner)
+        if request.transport is None:  # the reader left before its stream began
+            return web.Response(status=204)
+        chunked = request.version >= aiohttp.HttpVersion11
+        sub = self.open(owner, keys, request.transport, chunked)  # 429 past the cap
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            if chunked:
+                response.enable_chunked_encoding()
+            await response.prepare(request)
+            await self.serve(sub, response, last_id, current)
+        except (ConnectionResetError, ConnectionError):
+            pass
+        finally:
+            self.close(sub)
+        return response
+
+    # ---------------------------------------------------------------- opening and closing
+
+    def open(self, owner: str, keys: set | None, transport: asyncio.Transport, chunked: bool) -> Subscriber:
+        mine = self.open_by_owner.setdefault(owner, set())
+        if len(mine) >= self.max_per_key:
+            raise TooManyRequests(f"this key already has {len(mine)} event streams open, the most "
+                                  f"allowed (max_streams_per_key); close one or reuse it")
+        loop = asyncio.get_running_loop()
+        sub = Subscriber(owner, keys, transport, chunked, loop.create_future(), last_write=time.monotonic())
+        mine.add(sub)
+        self.metrics.event_streams += 1
+        if self.sweeper is None or self.sweeper.done():
+            self.sweeper = loop.create_task(self._sweep())
+        return sub
+
+    def close(self, sub: Subscriber) -> None:
+        self._end(sub)
+        mine = self.open_by_owner.get(sub.owner)
+        if mine is not None and sub in mine:
+            mine.discard(sub)
+            self.metrics.event_streams -= 1
+            if not mine:
+                del self.open_by_owner[sub.owner]
+
+    def _end(self, sub: Subscriber, why: str | None = None, reason: str = "") -> None:
+        """Take the stream out of the live set; with `why` (STREAM_DROP_REASONS) its reader
+        is dropped, and told `reason`."""
+        if not sub.ended.done():
+            sub.ended.set_result(None if why is None else (why, reason))
+        self.live_all.pop(sub, None)
+        self.live_named.pop(sub, None)
+        live = self.live_by_owner.get(sub.owner)
+        if live is not None:
+            live.pop(sub, None)
+            if not live:
+                del self.live_by_owner[sub.owner]
+
+    def close_all(self) -> None:
+        """Shutdown: every stream ends now instead of holding the shutdown up; one whose
+        reader is not reading is cut, as it could not take the end of the stream either."""
+        for subs in list(self.open_by_owner.values()):
+            for sub in list(subs):
+                self._end(sub)
+                if sub.transport.get_write_buffer_size() > STREAM_LOW_WATER:
+                    sub.transport.abort()
+
+    def stop(self) -> None:
+        for task in (self.flusher, self.sweeper):
+            if task is not None:
+                task.cancel()
+
+    # ---------------------------------------------------------------- writing
+
+    def _write(self, sub: Subscriber, data: bytes) -> None:
+        # Past aiohttp's writer (its write() is a coroutine): one transport write per
+        # stream, no task switch. The headers went out through it first (see serve()).
+        sub.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if sub.chunked else data)
+        sub.last_write = time.monotonic()
+
+    def _send_live(self, sub: Subscriber, data: bytes) -> None:
+        transport = sub.transport
+        if transport.is_closing():
+            self._end(sub)
+            return
+        unsent = transport.get_write_buffer_size()
+        if unsent > self.buffer_bytes:
+            self._end(sub, "slow", f"this reader fell behind: {unsent} bytes were still unsent, "
+                                   f"past the limit of {self.buffer_bytes}; reconnect with "
+                                   f"Last-Event-ID to resume")
+            return
+        self._write(sub, data)
+
+    async def _paced_write(self, sub: Subscriber, data: bytes) -> None:
+        """A starting stream's write: then wait (yielding to the loop) until the reader has
+        taken most of it, so a reader that does not read holds a bounded amount."""
+        if sub.transport.is_closing() or sub.ended.done():
+            raise StreamGone
+        self._write(sub, data)
+        waited, pause = 0.0, 0.005
+        while sub.transport.get_write_buffer_size() > STREAM_LOW_WATER:
+            if sub.transport.is_closing() or sub.ended.done():
+                raise StreamGone
+            if waited >= self.stall_s:
+                self._end(sub, "stalled", f"this reader read nothing for {self.stall_s:.0f} s; "
+                                          f"reconnect with Last-Event-ID to resume")
+                raise StreamGone
+            await asyncio.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, 0.25)
+        await asyncio.sleep(0)  # slices of a long start never hold the loop
+
+    async def _paced_events(self, sub: Subscriber, events: list[Event]) -> None:
+        chunk: list[bytes] = []
+        size = 0
+        for event in events:
+            chunk.append(event.frame)
+            size += len(event.frame)
+            if size >= STREAM_CHUNK_BYTES:
+                await self._paced_write(sub, b"".join(chunk))
+                chunk, size = [], 0
+        if chunk:
+            await self._paced_write(sub, b"".join(chunk))
+
+    # ---------------------------------------------------------------- one stream
+
+    async def serve(self, sub: Subscriber, response: web.StreamResponse, last_id: int | None,
+                    current: bool) -> None:
+        """Write the stream's start, then hold it live until it ends. `response` is
+        prepared; its first bytes go through it (so the headers go out first), the rest
+        straight to the transport."""
+        events = self.events
+        await response.write(b": connected\n\n")
+        try:
+            # `seen` is read with no await since the events were taken: later events come
+            # in the next round, never skipped.
+            shown, seen = events.after(last_id, sub.owner, sub.keys), events.released
+            if shown is None:  # no usable Last-Event-ID: the current state first
+                if current:
+                    await self._send_current(sub, seen)
+                shown = events.after(seen, sub.owner, sub.keys)
+            while shown is None or shown or seen != events.released:
+                if shown is None:  # the ring moved past us while we were writing
+                    self._end(sub, "overrun", "this reader fell behind while the stream started; "
+                                              "reconnect with Last-Event-ID to resume")
+                    raise StreamGone
+                await self._paced_events(sub, shown)
+                position, seen = seen, events.released
+                shown = events.after(position, sub.owner, sub.keys)
+            # Caught up, with no await since `seen`: from here the flusher writes to it.
+            sub.position = seen
+            if sub.keys is not None:
+                self.live_named[sub] = None
+            elif sub.owner == MGMT_OWNER:
+                self.live_all[sub] = None
+            else:
+                self.live_by_owner.setdefault(sub.owner, {})[sub] = None
+            if self.hub.stopping:
+                self._end(sub)
+            await sub.ended
+        except StreamGone:
+            pass
+        dropped = sub.ended.result() if sub.ended.done() else None
+        if dropped is not None:
+            why, reason = dropped
+            self.metrics.stream_drops[why] += 1
+            log.warning("event stream of %s dropped: %s", sub.owner[:8], reason)
+            if not sub.transport.is_closing():
+                self._write(sub, b"event: closed\ndata: %b\n\n" % orjson.dumps(
+                    {"reason": reason, "lastEventId": sub.position or None}))
+                response.force_close()
+                # A reader that reads nothing would hold what is unsent forever: cut it.
+                asyncio.get_running_loop().call_later(STREAM_DROP_GRACE_S, sub.transport.abort)
+
+    async def _send_current(self, sub: Subscriber, seen: int) -> None:
+        """The present state as `status` events, all with id `seen`: named tasks all,
+        otherwise those of the reader not yet ended; a slice of tasks per loop turn."""
+        tasks = self.hub.tasks_by_key()
+        names = list(sub.keys) if sub.keys is not None else list(tasks)
+        every = sub.owner == MGMT_OWNER
+        for start in range(0, len(names), STREAM_SCAN_SLICE):
+            frames = []
+            for key in names[start:start + STREAM_SCAN_SLICE]:
+                task = tasks.get(key)
+                if task is None or sub.keys is None and (
+                        task.status in ENDED or not every and task.owner != sub.owner):
+                    continue
+                frames.append(sse_frame(seen, "status", orjson.dumps(status_event(task, "current"))))
+            if frames:
+                await self._paced_write(sub, b"".join(frames))
+            else:
+                await asyncio.sleep(0)
+
+    # ---------------------------------------------------------------- live fan-out
+
+    def wake(self) -> None:
+        """After each release of events: schedule one flush (O(1), nothing per stream)."""
+        if not (self.live_all or self.live_by_owner or self.live_named):
+            self.flushed = self.events.released
+            return
+        if not self.flush_due:
+            self.flush_due = True
+            loop = asyncio.get_running_loop()
+            loop.call_at(max(loop.time() + STREAM_FLUSH_S, self.next_flush_at), self._start_flush)
+
+    def _start_flush(self) -> None:
+        self.flush_due = False
+        if self.flusher is not None and not self.flusher.done():
+            self.flush_again = True  # the running flush goes round once more
+        else:
+            self.flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.flush_again = False
+            after, upto = self.flushed, self.events.released
+            self.flushed = upto
+            if upto > after:
+                started = loop.time()
+                await self._fan_out(after, upto)
+                self.next_flush_at = loop.time() + FANOUT_SPACING * (loop.time() - started)
+            if not self.flush_again:
+                return
+            await asyncio.sleep(max(0.0, self.next_flush_at - loop.time()))
+
+    def _live(self) -> list[Subscriber]:
+        return [*self.live_all, *self.live_named, *(s for d in self.live_by_owner.values() for s in d)]
+
+    async def _fan_out(self, after: int, upto: int) -> None:
+        batch = self.events.between(after, upto)
+        if not batch:  # the ring moved past them: every live stream is behind
+            for sub in self._live():
+                self._end(sub, "overrun", "the server's event buffer moved past this stream; "
+                                          "reconnect with Last-Event-ID")
+            return
+        # One pass groups the batch by audience (and by task, for streams limited to named
+        # tasks); each audience's bytes are joined once.
+        by_owner: dict[str, list[Event]] = {}
+        public: list[Event] = []
+        by_key: dict[TaskKey, list[Event]] = {}
+        keyless: list[Event] = []  # agents, resets
+        for event in batch:
+            if event.owner is None:
+                public.append(event)
+            else:
+                by_owner.setdefault(event.owner, []).append(event)
+            if event.key is None:
+                keyless.append(event)
+            elif self.live_named:
+                by_key.setdefault(event.key, []).append(event)
+        visible = self.events.visible
+        jobs: list[tuple[Subscriber, bytes]] = []
+        if self.live_all:
+            everything = b"".join(e.frame for e in batch)
+            jobs += [(sub, everything) for sub in self.live_all]
+        for owner, subs in self.live_by_owner.items():
+            own = by_owner.get(owner, [])
+            if own or public:
+                shown = sorted(own + public, key=lambda e: e.id) if own and public else own or public
+                data = b"".join(e.frame for e in shown)
+                jobs += [(sub, data) for sub in subs]
+        for sub in self.live_named:
+            shown = [e for key in sub.keys for e in by_key.get(key, ())] + keyless
+            if len(sub.keys) > 1 or keyless:
+                shown.sort(key=lambda e: e.id)
+            data = b"".join(e.frame for e in shown if visible(e, sub.owner, sub.keys))
+            if data:
+                jobs.append((sub, data))
+            else:
+                sub.position = upto
+        first = batch[0].id
+        for n, (sub, data) in enumerate(jobs):
+            if n and n % FANOUT_SLICE == 0:
+                await asyncio.sleep(0)  # a slice of streams per loop turn
+            if sub.ended.done() or sub.position >= upto:
+                continue
+            if sub.position >= first:  # went live during this batch: only what is newer
+                data = b"".join(e.frame for e in batch
+                                if e.id > sub.position and visible(e, sub.owner, sub.keys))
+            sub.position = upto
+            if data:
+                self._send_live(sub, data)
+
+    async def _sweep(self) -> None:
+        """Once a second: end the streams whose reader left (nothing tells a handler that
+        waits), and write a heartbeat to the quiet ones."""
+        while self.open_by_owner:
+            await asyncio.sleep(STREAM_SWEEP_S)
+            due = time.monotonic() - SSE_HEARTBEAT_S
+            for sub in self._live():
+                if sub.transport.is_closing():
+                    self._end(sub)
+                elif sub.last_write <= due:
+                    self._send_live(sub, b": heartbeat\n\n")
 
 
 # ============================================================================ auth
@@ -2561,7 +3493,9 @@ TOKEN_CACHE_SIZE = 10_000
 
 
 def secret_equal(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
+    # surrogateescape: a header with bytes that are not UTF-8 arrives with surrogates
+    return hmac.compare_digest(given.encode(errors="surrogateescape"),
+                               expected.encode(errors="surrogateescape"))
 
 
 def bearer(request: web.Request) -> str | None:
@@ -2572,23 +3506,28 @@ def bearer(request: web.Request) -> str | None:
 
 class AgentTokens:
     """Agents' JWTs: issued here, and checked once each - later requests find the token
-    in a bounded cache, oldest first, so the expired ones leave from the front."""
+    in a bounded cache, oldest first, so the expired ones leave from the front. A token
+    carries its issue time in microseconds (`us`), so a rotation of the agent's key
+    refuses exactly the tokens issued before it."""
 
     def __init__(self, secret: str, lifetime_s: int, clock: Callable[[], float]):
         self.secret, self.lifetime_s, self.clock = secret, lifetime_s, clock
-        self.cache: OrderedDict[str, tuple[str, float]] = OrderedDict()  # JWT -> (uid, exp)
+        # JWT -> (uid, exp, issued at in whole microseconds)
+        self.cache: OrderedDict[str, tuple[str, float, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.cache)
 
     def issue(self, agent: Agent) -> dict:
-        now = int(self.clock())
-        claims = {"sub": agent.uid, "iat": now, "exp": now + self.lifetime_s}
+        issued = self.clock()
+        now = int(issued)
+        claims = {"sub": agent.uid, "iat": now, "exp": now + self.lifetime_s, "us": int(issued * 1e6)}
         return {"token": jwt.encode(claims, self.secret, algorithm="HS256"),
                 "expiresIn": self.lifetime_s}
 
-    def uid(self, token: str) -> str:
-        """The agent id the token was issued to, or Unauthenticated."""
+    def agent(self, token: str, find: Callable[[str], Agent | None]) -> Agent:
+        """The agent (`find` looks it up by id) the token was issued to, or Unauthenticated:
+        a bad or expired token, a deleted agent, or a token from before a rotation."""
         now = self.clock()
         cached = self.cache.get(token)
         if cached is None or cached[1] <= now:
@@ -2597,14 +3536,20 @@ class AgentTokens:
                                     options={"require": ["exp", "iat", "sub"]})
             except jwt.PyJWTError as err:
                 raise Unauthenticated(f"invalid agent token: {err}") from None
-            cached = self.cache[token] = (str(claims["sub"]), float(claims["exp"]))
+            issued_us = claims["us"] if isinstance(claims.get("us"), int) else int(claims["iat"]) * 1_000_000
+            cached = self.cache[token] = (str(claims["sub"]), float(claims["exp"]), issued_us)
             while self.cache and (len(self.cache) > TOKEN_CACHE_SIZE
                                   or next(iter(self.cache.values()))[1] <= now):
                 self.cache.popitem(last=False)
-        return cached[0]
-
-    def forget(self, token: str) -> None:
-        self.cache.pop(token, None)
+        agent = find(cached[0])
+        if agent is None:
+            self.cache.pop(token, None)
+            raise Unauthenticated("this agent no longer exists; register again")
+        if cached[2] < int(agent.tokens_after * 1e6):  # as `issue` counts: whole microseconds
+            self.cache.pop(token, None)
+            raise Unauthenticated("this agent's credential was revoked; register again "
+                                  "(or log in with its new key)")
+        return agent
 
 
 @dataclass(frozen=True, slots=True)
@@ -2615,6 +3560,13 @@ class Caller:
     patterns: list
     body: Any
     max_in_flight: int | None = None
+    max_queued_bytes: int | None = None
+
+
+def header_credential(request: web.Request) -> bool:
+    """A client credential in the headers: checked before the body is read."""
+    headers = request.headers
+    return "X-Mgmt-Token" in headers or "X-API-Key" in headers or bearer(request) is not None
 
 
 def client_caller(hub: Hub, request: web.Request, body: Any) -> Caller:
@@ -2633,7 +3585,7 @@ def client_caller(hub: Hub, request: web.Request, body: Any) -> Caller:
         return Caller(MGMT_OWNER, ["*"], body)
     if found is None or found.is_revoked:
         raise Unauthenticated("unknown or revoked API key")
-    return Caller(owner_of(key), found.capabilities, body, found.max_in_flight)
+    return Caller(owner_of(key), found.capabilities, body, found.max_in_flight, found.max_queued_bytes)
 
 
 def check_agent_registration_key(hub: Hub, key: Any) -> None:
@@ -2645,15 +3597,11 @@ def check_agent_registration_key(hub: Hub, key: Any) -> None:
 
 
 def agent_caller(hub: Hub, tokens: AgentTokens, request: web.Request) -> Agent:
-    """The agent behind `Authorization: Bearer <JWT>`; a deleted agent's token fails."""
+    """The agent behind `Authorization: Bearer <JWT>`; a deleted or rotated agent's token fails."""
     token = bearer(request)
     if token is None:
         raise Unauthenticated("missing agent token: send Authorization: Bearer <token>")
-    agent = hub.agent(tokens.uid(token))
-    if agent is None:
-        tokens.forget(token)
-        raise Unauthenticated("this agent no longer exists; register again")
-    return agent
+    return tokens.agent(token, hub.agent)
 
 
 def check_management(hub: Hub, request: web.Request) -> None:
@@ -2664,12 +3612,95 @@ def check_management(hub: Hub, request: web.Request) -> None:
         raise Unauthenticated("wrong management token")
 
 
+def management_credential(request: web.Request) -> bool:
+    """A management token was sent (right or wrong): routes open to all show it more."""
+    return "X-Mgmt-Token" in request.headers or bearer(request) is not None
+
+
+# Open routes that check a credential themselves (registration key, agent key, token):
+# with client and management routes, those AuthThrottle counts. Agents' JWTs are
+# signatures nobody guesses, so agent routes are not counted.
+CREDENTIAL_HANDLERS = {"handle_agent_register", "handle_agent_auth", "handle_metrics", "handle_stats"}
+
+
+class AuthThrottle:
+    """Failed authentications per client address, as a token bucket: a burst of
+    `per_min` failures, then one more each 60/per_min s. An address out of tokens gets 429
+    on every credential check (a right key too: otherwise the 429 would tell a guess
+    right from wrong) until a token refills. Pure: the caller passes `now`. The table is
+    capped: the address that failed longest ago goes first. IPv6 counts per /64."""
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self, per_min: int = 60, window_s: float = 60.0):
+        self.burst = float(per_min)
+        self.rate = per_min / window_s  # tokens back per second
+        self.window_s = window_s
+        # address -> [tokens, updated at, failures not yet logged]
+        self.table: OrderedDict[str, list] = OrderedDict()
+
+    @staticmethod
+    def address_key(addr: str | None) -> str:
+        try:
+            ip = ipaddress.ip_address(addr or "")
+        except ValueError:
+            return str(addr)
+        if ip.version == 6:
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
+
+    def _tokens(self, entry: list, now: float) -> float:
+        entry[0] = min(self.burst, entry[0] + (now - entry[1]) * self.rate)
+        entry[1] = now
+        return entry[0]
+
+    def wait_s(self, addr: str | None, now: float) -> float:
+        """0 when this address may try a credential, else the seconds until it may."""
+        entry = self.table.get(self.address_key(addr))
+        if entry is None:
+            return 0.0
+        tokens = self._tokens(entry, now)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def failed(self, addr: str | None, now: float) -> bool:
+        """Count a failure; True when it is the address's first since the last summary
+        (log it now; the rest are summed up by `summaries`)."""
+        key = self.address_key(addr)
+        entry = self.table.get(key)
+        if entry is None:
+            entry = self.table[key] = [self.burst, now, 0]
+            if len(self.table) > self.MAX_ADDRESSES:
+                self.table.popitem(last=False)
+        self.table.move_to_end(key)
+        # Failures already past the check when the tokens ran out still count, but never
+        # push the wait past one window (Retry-After stays at most 60 s).
+        entry[0] = max(self._tokens(entry, now) - 1, 1 - self.burst)
+        entry[2] += 1
+        return entry[2] == 1
+
+    def summaries(self, now: float) -> list[tuple[str, int]]:
+        """(address, failures) since the last call, beyond the first one already logged;
+        forgets addresses whose bucket is full again."""
+        out = []
+        for key, entry in list(self.table.items()):
+            if entry[2] > 1:
+                out.append((key, entry[2]))
+            entry[2] = 0
+            if self._tokens(entry, now) >= self.burst:
+                del self.table[key]
+        return out
+
+
 # ============================================================================ handlers
 
 HUB = web.AppKey("hub", Hub)
+STREAMS = web.AppKey("streams", EventStreams)
 TOKENS = web.AppKey("tokens", AgentTokens)
 OPENAPI = web.AppKey("openapi", dict)
+THROTTLE = web.AppKey("auth_throttle", AuthThrottle)
 MAX_HOLDING = 10_000  # task ids an agent may list in one ping
+MAX_QUEUED_BYTES = 1 << 50
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -2681,8 +3712,66 @@ def error_response(status: int, error_type: str, message: str, **extra: Any) -> 
                           **extra}, status)
 
 
+class BodyBudget:
+    """Bytes of request bodies being read at once, across all requests: past the limit a
+    request is answered 503 `overloaded` instead of being read into memory."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise retry_after(Overloaded("the server is reading too many request bodies at "
+                                         "once; retry shortly"), BODY_RETRY_AFTER_S)
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
+BODY_RETRY_AFTER_S = 2
+# Set on a request whose body is unusable: answer, then close the connection.
+CUT = web.RequestKey("cut", bool)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within the body timeout, the size limit and the body budget.
+    Content-Length is reserved up front; a chunked or compressed body as it grows."""
+    config, budget = request.app[HUB].config, request.app[BODY_BUDGET]
+    limit = config.max_body_bytes
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
+    reserved, body = 0, bytearray()
+    try:
+        if declared:
+            budget.take(declared)
+            reserved = declared
+        async with asyncio.timeout(config.body_timeout_s):
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+                if len(body) > reserved:
+                    budget.take(len(body) - reserved)
+                    reserved = len(body)
+    except TimeoutError:
+        request[CUT] = True
+        raise RequestTimeout("the body did not arrive within "
+                             f"{plain_number(config.body_timeout_s)} s") from None
+    except (aiohttp.http_exceptions.BadHttpMessage, web.RequestPayloadError):  # e.g. a broken gzip body
+        request[CUT] = True  # the rest of the stream cannot be read either
+        encoding = request.headers.get("Content-Encoding", "identity")
+        raise BadRequest(f"the body cannot be read (Content-Encoding: {encoding}, "
+                         "Transfer-Encoding or length broken)") from None
+    finally:
+        budget.give(reserved)
+    return bytes(body)
+
+
 async def read_json(request: web.Request, required: bool = True) -> Any:
-    raw = await request.read()  # over client_max_size raises 413
+    raw = await read_body(request)
     if not raw.strip():
         if required:
             raise BadRequest("a JSON body is required")
@@ -2690,6 +3779,10 @@ async def read_json(request: web.Request, required: bool = True) -> Any:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
+        try:
+            raw.decode()
+        except UnicodeDecodeError as bad:
+            raise BadRequest(f"the body is not valid UTF-8 (byte {bad.start})") from None
         raise BadRequest(f"malformed JSON: {err}") from None
     # Nesting needs one bracket per level: a body with fewer brackets cannot be too deep.
     if raw.count(b"[") + raw.count(b"{") > MAX_BODY_DEPTH and not storable_depth(body):
@@ -2725,8 +3818,8 @@ def wait_param(request: web.Request, default: float | None, name: str = "wait") 
     return wait_s
 
 
-def flag_param(request: web.Request, name: str) -> bool:
-    raw = request.query.get(name, "0").lower()
+def flag_param(request: web.Request, name: str, default: bool = False) -> bool:
+    raw = request.query.get(name, "1" if default else "0").lower()
     if raw not in ("0", "1", "true", "false"):
         raise BadRequest(f"{name} must be 1/true or 0/false")
     return raw in ("1", "true")
@@ -2781,7 +3874,7 @@ def _number(body: dict, name: str, low: float, high: float, integer: bool = Fals
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
             or not low <= value <= high:
         kind = "an integer" if integer else "a number"
-        raise BadRequest(f"{name} must be {kind} from {low:g} to {high:g}")
+        raise BadRequest(f"{name} must be {kind} from {plain_number(low)} to {plain_number(high)}")
     return value
 
 
@@ -2837,13 +3930,16 @@ def parse_agent_info(body: Any) -> dict:
     if not isinstance(caps, list):
         raise BadRequest("capabilities must be a list of strings")
     caps = [check_capability(c, "each capability") for c in caps]
-    tier = body.get("tier", 0)
+    tier = body.get("tier")
+    tier = 0 if tier is None else tier  # null is absent, as the document says
     if not isinstance(tier, int) or isinstance(tier, bool) or not 0 <= tier <= 255:
         raise BadRequest("tier must be an integer from 0 to 255")
-    capacity = body.get("capacity", 1)
-    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
-        raise BadRequest("capacity must be an integer of at least 1")
-    system_info = body.get("systemInfo") or {}
+    capacity = body.get("capacity")
+    capacity = 1 if capacity is None else capacity
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or not 1 <= capacity <= MAX_CAPACITY:
+        raise BadRequest(f"capacity must be an integer from 1 to {MAX_CAPACITY}")
+    system_info = body.get("systemInfo")
+    system_info = {} if system_info is None else system_info
     if not isinstance(system_info, dict):
         raise BadRequest("systemInfo must be an object")
     info = {"capabilities": caps, "tier": tier, "capacity": capacity, "systemInfo": system_info}
@@ -2911,18 +4007,25 @@ def parse_outcome(status: Any) -> tuple[str, str | None]:
     return outcome, None if message is None else str(message)
 
 
-def parse_key_update(body: Any) -> tuple[str, list[str], int | None]:
+def parse_key_update(body: Any) -> tuple[str, list[str], int | None, int | None]:
+    """(key, capability patterns, maxInFlight, maxQueuedBytes); a new key's own rule is
+    the hub's (Hub.update_key), since a key that exists may be shorter."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     key, patterns = body.get("key"), body.get("capabilities")
-    if not isinstance(key, str) or not key.strip() or len(key) > 512:
-        raise BadRequest("key must be a non-empty string of at most 512 characters")
-    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+    if not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_CHARS:
+        raise BadRequest(KEY_RULE)
+    if not isinstance(patterns, list) or not all(isinstance(p, str) and p and not CONTROL_CHARS.search(p)
+                                                 for p in patterns):
         raise BadRequest("capabilities must be a list of non-empty strings (patterns like *, llm.*)")
     limit = body.get("maxInFlight")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise BadRequest("maxInFlight must be a positive integer or null")
-    return key, patterns, limit
+    max_bytes = body.get("maxQueuedBytes")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
+                                  or not 1 <= max_bytes <= MAX_QUEUED_BYTES):
+        raise BadRequest(f"maxQueuedBytes must be an integer from 1 to {MAX_QUEUED_BYTES} or null")
+    return key, patterns, limit, max_bytes
 
 
 def allowed_submission(client: Caller, urgent_only: bool = False) -> dict:
@@ -2941,35 +4044,66 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-async def stream(request: web.Request, chunks: Any) -> web.StreamResponse:
-    """Server-Sent Events: each chunk written as it comes, until the client goes away."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+async def write_chunks(request: web.Request, chunks: Any, content_type: str) -> web.StreamResponse:
+    """Each chunk written once the reader has taken most of the one before."""
+    response = web.StreamResponse(headers={"Content-Type": content_type})
     await response.prepare(request)
     try:
         async for chunk in chunks:
             await response.write(chunk)
-    except (ConnectionResetError, ConnectionError):
+    except ConnectionError:  # the reader left: nothing more to make
         pass
+    finally:
+        await chunks.aclose()
     return response
+
+
+def task_query(request: web.Request) -> TaskQuery:
+    """The filters of /management/tasks/list, and its page if any is asked for."""
+    q = request.query
+    status, queue, capability = q.get("status"), q.get("queue"), q.get("capability")
+    if status is not None and status not in TASK_STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(TASK_STATUSES)}")
+    if queue not in (None, "urgent", "regular"):
+        raise BadRequest("queue must be urgent or regular")
+    task = None
+    if "task" in q:
+        cap, _, task_id = q["task"].rpartition("/")
+        if not cap or not task_id:
+            raise BadRequest("task must be given as <capability>/<id>")
+        task = (cap, task_id)
+    raw_limit, cursor = q.get("limit", str(DEFAULT_PAGE)), q.get("cursor")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+        raise BadRequest(f"limit must be an integer from 1 to {MAX_PAGE}")
+    if cursor is not None and not CURSOR_RE.fullmatch(cursor):
+        raise BadRequest("cursor must be the `next` of an earlier page")
+    client_key = q.get("key")
+    return TaskQuery(status, None if capability is None else check_capability(capability),
+                     None if queue is None else queue == "urgent",
+                     None if client_key is None else owner_of(client_key), client_key, task,
+                     not PAGE_PARAMS.isdisjoint(q.keys()), int(raw_limit), cursor)
 
 
 # ---------------------------------------------------------------- client API
 
 async def handle_task_submit(request: web.Request, client: Caller) -> web.Response:
     data, key = allowed_submission(client), idempotency_key(request)
-    task, created = await request.app[HUB].submit(data, client.owner, client.max_in_flight, key)
+    task, created = await request.app[HUB].submit(data, client.owner, client.max_in_flight, key,
+                                                  client.max_queued_bytes)
     code = (202 if task.urgent else 201) if created else 200
     # A new task is answered as submitted: an agent's long poll may already have taken it
     # while its record reached the disk.
     return json_response({"id": task_id_json(task), "capability": task.cap,
                           "status": PENDING if created else task.status,
-                          "message": "Added to tasks queue"}, code)
+                          "message": "Added to tasks queue" if created else
+                          f"An earlier submit with this Idempotency-Key made this task; it is {task.status}"},
+                         code)
 
 
 async def handle_task_submit_blocking(request: web.Request, client: Caller) -> web.Response:
     data = allowed_submission(client, urgent_only=True)
-    task = await request.app[HUB].submit_and_wait(data, client.owner, client.max_in_flight)
+    task = await request.app[HUB].submit_and_wait(data, client.owner, client.max_in_flight,
+                                                  client.max_queued_bytes)
     return json_response(assigned_json(task))
 
 
@@ -2987,9 +4121,10 @@ async def handle_task_cancel(request: web.Request, client: Caller) -> web.Respon
 
 async def events_of(request: web.Request, owner: str) -> web.StreamResponse:
     """With a Last-Event-ID the stream resumes after it; without one (or one too old) it
-    starts with the current state. Repeated `?task=<cap>/<id>` limits it to those tasks."""
-    names = request.query.getall("task", [])
-    return await stream(request, request.app[HUB].event_stream(last_event_id(request), owner, names))
+    starts with the current state, unless `?current=0`. Repeated `?task=<cap>/<id>`
+    limits it to those tasks. See EventStreams."""
+    names, current = request.query.getall("task", []), flag_param(request, "current", True)
+    return await request.app[STREAMS].respond(request, owner, names, last_event_id(request), current)
 
 
 async def handle_task_events(request: web.Request, client: Caller) -> web.StreamResponse:
@@ -3002,11 +4137,16 @@ async def handle_capabilities_online(request: web.Request, client: Caller) -> we
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    return json_response(request.app[HUB].health(cached_tokens=len(request.app[TOKENS])))
+    body = request.app[HUB].health(cached_tokens=len(request.app[TOKENS]))
+    return json_response(body, 200 if body["status"] == "healthy" else 503)
 
 
 async def handle_stats(request: web.Request) -> web.Response:
-    return json_response(request.app[HUB].stats())
+    """Counts for anyone; the journal (its path, its size) only with the management token."""
+    hub, internal = request.app[HUB], management_credential(request)
+    if internal:
+        check_management(hub, request)
+    return json_response(hub.stats(internal))
 
 
 # ---------------------------------------------------------------- agent API
@@ -3035,6 +4175,12 @@ async def handle_agent_ping(request: web.Request, agent: Agent) -> web.Response:
     body = await read_json(request, required=False) if request.method == "POST" else {}
     answer = await request.app[HUB].ping(agent.uid, parse_holding(body))
     return json_response({**answer, "cached_tokens": len(request.app[TOKENS])})
+
+
+async def handle_agent_rotate_key(request: web.Request, agent: Agent) -> web.Response:
+    """Extension: a fresh login secret and a token for it; earlier tokens stop working."""
+    agent, _ = await request.app[HUB].rotate_agent_key(agent.uid)
+    return json_response({"agentId": agent.uid, "key": agent.key, **request.app[TOKENS].issue(agent)})
 
 
 async def handle_agent_info_update(request: web.Request, agent: Agent) -> web.Response:
@@ -3132,20 +4278,24 @@ async def handle_mgmt_agent_delete(request: web.Request) -> web.Response:
     return json_response("Agent deleted")
 
 
+async def handle_mgmt_agent_rotate_key(request: web.Request) -> web.Response:
+    """Extension: revoke the agent's credential (a new secret, earlier JWTs refused)."""
+    return json_response(agent_json(*await request.app[HUB].rotate_agent_key(request.match_info["agent_id"])))
+
+
 async def handle_mgmt_agents_reset(request: web.Request) -> web.Response:
     await request.app[HUB].reset_agents()
     return json_response({"result": "Reset successful"})
 
 
-TASK_STATUSES = (PENDING, "queued", ASSIGNED, "starting", RUNNING, COMPLETED, FAILED, CANCELED)
-
-
-async def handle_mgmt_tasks_list(request: web.Request) -> web.Response:
-    """Extension: `?status=failed` lists only tasks in that status (dead letters)."""
-    status = request.query.get("status")
-    if status is not None and status not in TASK_STATUSES:
-        raise BadRequest(f"status must be one of {', '.join(TASK_STATUSES)}")
-    return json_response(listing_json(request.app[HUB].tasks(status)))
+async def handle_mgmt_tasks_list(request: web.Request) -> web.StreamResponse:
+    """Extension: filters `status`, `capability`, `queue`, `key`, `task`; with any but
+    `status`, or with `limit`/`cursor`, one page newest first plus `next` and `total`.
+    Alone or with `status` only (dead letters), every task in the original shape."""
+    query, hub = task_query(request), request.app[HUB]
+    if not query.paged:
+        return await write_chunks(request, hub.full_listing(query.status), "application/json")
+    return json_response(await hub.task_page(query))
 
 
 async def handle_mgmt_task_cancel(request: web.Request) -> web.Response:
@@ -3176,8 +4326,8 @@ async def handle_mgmt_keys_list(request: web.Request) -> web.Response:
 
 
 async def handle_mgmt_key_update(request: web.Request) -> web.Response:
-    key, patterns, limit = parse_key_update(await read_json(request))
-    return json_response(key_json(await request.app[HUB].update_key(key, patterns, limit)))
+    key, patterns, limit, max_bytes = parse_key_update(await read_json(request))
+    return json_response(key_json(await request.app[HUB].update_key(key, patterns, limit, max_bytes)))
 
 
 async def handle_mgmt_key_revoke(request: web.Request) -> web.Response:
@@ -3214,11 +4364,14 @@ async def handle_openapi(request: web.Request) -> web.Response:
 
 # ============================================================================ routes
 #
-# The middleware that turns exceptions into error bodies, the auth each kind of route
-# needs, and ROUTES: method, path, kind (client, agent, mgmt, open), handler.
+# The middleware that turns exceptions into error bodies, the one that refuses paths
+# and headers that cannot be decoded (and methods a path does not take), the one that
+# closes connections whose body was unusable; the security headers and the log filter
+# for untrusted text; the auth each kind of route needs, with failed credentials
+# throttled; and ROUTES: method, path, kind (client, agent, mgmt, open), handler.
 
 ERROR_TYPES = {400: "bad_request", 401: "authentication_error", 403: "authorization_error",
-               404: "not_found", 409: "conflict", 413: "payload_too_large"}
+               404: "not_found", 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large"}
 
 
 @web.middleware
@@ -3227,18 +4380,127 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
     try:
         return await handler(request)
     except OffloadError as err:
-        return error_response(err.status, err.type, err.message, **err.extra)
+        response = error_response(err.status, err.type, err.message, **err.extra)
+        if getattr(err, "retry_after_s", None):
+            response.headers["Retry-After"] = str(err.retry_after_s)
+        return response
     except web.HTTPException as err:
         if err.status < 400:
             raise
         if err.status == 413:
             message = f"the body is larger than the limit of {request.app[HUB].config.max_body_bytes} bytes"
+        elif err.status == 405:
+            allowed = err.headers.get("Allow", "another method")
+            message = f"{request.method} is not allowed here; use {allowed}"
         else:
             message = f"{err.reason}: {request.method} {request.path}"
-        return error_response(err.status, ERROR_TYPES.get(err.status, "bad_request"), message)
+        response = error_response(err.status, ERROR_TYPES.get(err.status, "bad_request"), message)
+        if "Allow" in err.headers:
+            response.headers["Allow"] = err.headers["Allow"]
+        return response
     except Exception:
         log.exception("bug while handling %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; the server log has details")
+
+
+@web.middleware
+async def cut_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """A body that never ended or cannot be decoded: answer with `Connection: close`, then
+    close the connection instead of reading on. (A body refused unread, say for a wrong
+    credential, is read and discarded by aiohttp for at most 10 s after the answer, so
+    that closing with data unread does not reset the connection before the answer.)"""
+    response = await handler(request)
+    if request.get(CUT) and request.transport is not None and not response.prepared:
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+    return response
+
+
+STATIC_PATH = "/{path}"  # the console's catch-all, as the router names it
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# Headers the server reads; aiohttp hands bytes that are not UTF-8 over as surrogates.
+READ_HEADERS = ("X-API-Key", "X-Mgmt-Token", "Authorization", "Idempotency-Key", "Last-Event-ID")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@web.middleware
+async def path_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """One answer (400) for every path, and every header the server reads, that cannot be
+    decoded; and 405 with `Allow` for a method a route does not take, also where the
+    console's catch-all GET would match."""
+    for name in READ_HEADERS:
+        if _SURROGATE.search(request.headers.get(name, "")):
+            raise BadRequest(f"the {name} header is not valid UTF-8")
+    raw = request.rel_url.raw_path
+    if "%" in raw:
+        if _BAD_ESCAPE.search(raw):
+            raise BadRequest("bad percent-encoding in the path (% must be followed by two hex digits)")
+        try:
+            unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            raise BadRequest("the path is not UTF-8 once percent-decoded") from None
+    match = request.match_info
+    refused = getattr(match, "http_exception", None)  # the router found no route
+    if getattr(match.route.handler, "__name__", "") == "handle_static" or (
+            refused is not None and refused.status == 405):
+        # The methods of the API routes for this path; the catch-all's GET counts only
+        # where no API route has the path.
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource.canonical != STATIC_PATH:
+                allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+    return await handler(request)
+
+
+async def count_failures(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Run `handler`, counting a failed authentication against the caller's address
+    (AuthThrottle); an address out of tries gets 429 with Retry-After."""
+    throttle, now = request.app[THROTTLE], time.monotonic()
+    wait_s = throttle.wait_s(request.remote, now)
+    if wait_s > 0:
+        raise retry_after(TooManyRequests("too many failed authentications from this address; "
+                                          f"retry in {math.ceil(wait_s)} s"), wait_s)
+    try:
+        return await handler(request)
+    except Unauthenticated:
+        if throttle.failed(request.remote, now):
+            log.warning("failed authentication from %s (%s %s)", throttle.address_key(request.remote),
+                        request.method, request.rel_url.raw_path)
+        raise
+
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Server": "OffloadMQ",  # not aiohttp's version banner
+}
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(SECURITY_HEADERS)
+
+
+def escape_control(text: str) -> str:
+    """Each control character as Python writes it in a string literal (a newline as \\n)."""
+    return CONTROL_CHARS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class UntrustedTextFilter(logging.Filter):
+    """Log arguments may come from clients and agents: their control characters are
+    escaped, so no argument can forge a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(escape_control(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+log.addFilter(UntrustedTextFilter())
 
 
 @web.middleware
@@ -3254,17 +4516,27 @@ async def timing_middleware(request: web.Request, handler: Callable) -> web.Stre
 
 def guarded(kind: str, handler: Callable) -> Callable:
     """Wrap a handler with the auth its route needs (see ROUTES); client and agent
-    handlers get the caller as their second argument."""
-    async def wrapper(request: web.Request) -> web.StreamResponse:
+    handlers get the caller as their second argument. Where a credential could be
+    guessed, failures count in the AuthThrottle."""
+    async def authenticated(request: web.Request) -> web.StreamResponse:
         hub = request.app[HUB]
         if kind == "client":
+            # A credential in the headers is checked before the body is read.
+            early = client_caller(hub, request, None) if header_credential(request) else None
             body = await read_json(request, required=False) if request.method == "POST" else {}
-            return await handler(request, client_caller(hub, request, body))
+            client = replace(early, body=body) if early else client_caller(hub, request, body)
+            return await handler(request, client)
         if kind == "agent":
             return await handler(request, agent_caller(hub, request.app[TOKENS], request))
         if kind == "mgmt":
             check_management(hub, request)
         return await handler(request)
+
+    async def throttled(request: web.Request) -> web.StreamResponse:
+        return await count_failures(request, authenticated)
+
+    counted = kind in ("client", "mgmt") or handler.__name__ in CREDENTIAL_HANDLERS
+    wrapper = throttled if counted else authenticated
     wrapper.__name__ = handler.__name__
     return wrapper
 
@@ -3286,6 +4558,7 @@ ROUTES = [
     ("GET", "/private/agent/ping", "agent", handle_agent_ping),
     ("POST", "/private/agent/ping", "agent", handle_agent_ping),
     ("POST", "/private/agent/info/update", "agent", handle_agent_info_update),
+    ("POST", "/private/agent/rotate_key", "agent", handle_agent_rotate_key),
     ("GET", "/private/agent/task/poll", "agent", handle_agent_task_poll),
     ("POST", "/private/agent/task/poll", "agent", handle_agent_task_poll),
     ("GET", "/private/agent/task/poll_urgent", "agent", handle_agent_task_poll_urgent),
@@ -3301,6 +4574,7 @@ ROUTES = [
     ("POST", "/management/agents/delete/{agent_id}", "mgmt", handle_mgmt_agent_delete),
     ("POST", "/management/agents/drain/{agent_id}", "mgmt", handle_mgmt_agent_drain),
     ("POST", "/management/agents/resume/{agent_id}", "mgmt", handle_mgmt_agent_resume),
+    ("POST", "/management/agents/rotate_key/{agent_id}", "mgmt", handle_mgmt_agent_rotate_key),
     ("POST", "/management/agents/reset", "mgmt", handle_mgmt_agents_reset),
     ("GET", "/management/tasks/list", "mgmt", handle_mgmt_tasks_list),
     ("POST", "/management/tasks/reset", "mgmt", handle_mgmt_tasks_reset),
@@ -3321,9 +4595,10 @@ ROUTES = [
 #
 # `GET /openapi.json` describes every route of ROUTES (but the console's catch-all).
 # OPENAPI_OPS says what each path takes and answers; `openapi_document()` adds what
-# follows from the route's kind: its security scheme, 401 for guarded routes, 400/413
-# for routes that read a body, 400/404 for task paths. Building it is pure: the same
-# routes give the same document.
+# follows from the route's kind: its security scheme, 401 for guarded routes (and open
+# ones that check a credential), 400/408/413/503 for routes that read a body, 429 where
+# failed credentials are throttled, 400/404 for task paths. Building it is pure: the
+# same routes give the same document.
 
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -3341,7 +4616,8 @@ def _opt(kind: str, **extra: Any) -> dict:
 
 STR, INT, BOOL, TIME = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "string"}
 _STATUS = {"type": "string", "enum": list(TASK_STATUSES)}
-_CAP = {"type": "string", "minLength": 1, "maxLength": CAP_MAX_CHARS}
+_NO_CONTROL = "^[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]+$"  # CONTROL_CHARS, as a JSON Schema pattern
+_CAP = {"type": "string", "minLength": 1, "maxLength": CAP_MAX_CHARS, "pattern": _NO_CONTROL}
 _SECS = {"type": ["number", "null"], "minimum": 0.001, "maximum": 366 * 86400}
 _SUBMISSION_FIELDS = {
     "capability": _CAP, "payload": {}, "urgent": _opt("boolean"), "restartable": _opt("boolean"),
@@ -3352,11 +4628,20 @@ _SUBMISSION_FIELDS = {
     "retryOnSameNode": _opt("boolean"), "runAt": _opt("string", format="date-time"),
 }
 _AGENT_INFO = _obj("capabilities", capabilities={"type": "array", "items": _CAP},
-                   tier=_opt("integer", minimum=0, maximum=255), capacity=_opt("integer", minimum=1),
+                   tier=_opt("integer", minimum=0, maximum=255),
+                   capacity=_opt("integer", minimum=1, maximum=MAX_CAPACITY),
                    systemInfo=_opt("object"),
                    heartbeatSecs=_opt("number", minimum=1, maximum=MAX_HEARTBEAT_S, description=(
                        "the agent pings at least this often; it is offline after "
                        f"{HEARTBEATS_MISSED} missed beats (without it: after {ONLINE_S:.0f} s)")))
+# What parse_submission refuses beyond the fields' own schemas: runAt with delaySecs, and
+# an urgent task with runAt, delaySecs or priority (null counts as absent).
+_SUBMISSION_RULES = {"allOf": [
+    {"not": {"required": ["runAt", "delaySecs"], "properties": {
+        "runAt": {"type": "string"}, "delaySecs": {"type": "number"}}}},
+    {"if": {"required": ["urgent"], "properties": {"urgent": {"const": True}}},
+     "then": {"properties": {name: {"type": "null"} for name in ("runAt", "delaySecs", "priority")}}},
+]}
 
 OPENAPI_SCHEMAS = {
     "Error": {**_obj("error", error=_obj("type message status", type=STR, message=STR, status=INT)),
@@ -3365,7 +4650,7 @@ OPENAPI_SCHEMAS = {
     "FileReference": _obj("path", path={"type": "string", "minLength": 1},
                           **{k: _opt("string") for k in _FILE_REF_FIELDS[1:]},
                           customHeader=_opt("object")),
-    "Submission": _obj("capability", **_SUBMISSION_FIELDS, apiKey=STR),
+    "Submission": {**_obj("capability", **_SUBMISSION_FIELDS, apiKey=STR), **_SUBMISSION_RULES},
     "UrgentSubmission": {"allOf": [_ref("Submission"), _obj("urgent", urgent={"const": True})],
                          "description": "runAt, delaySecs and priority are for regular tasks"},
     "TaskData": _obj("capability urgent restartable payload fetchFiles artifacts",
@@ -3394,9 +4679,13 @@ OPENAPI_SCHEMAS = {
                   heartbeatSecs=_opt("number")),
     "ClientApiKey": _obj("key capabilities isPredefined created isRevoked", key=STR,
                          capabilities={"type": "array", "items": STR}, isPredefined=BOOL,
-                         created=TIME, isRevoked=BOOL, maxInFlight=_opt("integer")),
+                         created=TIME, isRevoked=BOOL, maxInFlight=_opt("integer"),
+                         maxQueuedBytes=_opt("integer")),
+    "AgentCredential": _obj("agentId key token expiresIn", agentId=STR, key=STR, token=STR,
+                            expiresIn=INT),
     "Health": _obj("status cached_agents cached_tokens timestamp", status=STR,
-                   cached_agents=INT, cached_tokens=INT, timestamp=TIME),
+                   cached_agents=INT, cached_tokens=INT, timestamp=TIME,
+                   reason={"type": "string", "enum": ["storage_full", "storage_lost"]}, message=STR),
     "PingAnswer": {**_obj("status cached_agents cached_tokens timestamp", status=STR,
                           cached_agents=INT, cached_tokens=INT, timestamp=TIME,
                           released={"type": "array", "items": _ref("TaskId")}),
@@ -3412,9 +4701,27 @@ OPENAPI_SCHEMAS = {
 
 _ERROR_TEXT = {400: "Malformed request", 401: "Missing or wrong credentials",
                403: "Not allowed", 404: "No such task, agent or key", 409: "Conflicts with the state",
-               413: "Body over the limit", 429: "The key's maxInFlight is reached",
-               503: "No online agent serves the capability, or nobody took the task in time",
-               504: "The task outlived the hold; it goes on and stays pollable"}
+               408: "The body did not arrive within the body timeout",
+               413: "Body over the limit",
+               429: "Too many failed authentications from this address (see Retry-After), "
+                    "the key's maxInFlight or maxQueuedBytes is reached, or its event streams are "
+                    "at their limit",
+               503: "No online agent serves the capability, nobody took the task in time, or the "
+                    "server is reading too many bodies at once (`overloaded`, see Retry-After)",
+               504: "The task outlived the hold; it goes on and stays pollable",
+               507: "The disk refused the change (storage_full, storage_lost); nothing changed"}
+# The operations that change state: while the disk refuses writes they answer 507.
+_WRITES = {"/api/task/submit", "/api/task/submit_blocking", "/api/task/cancel/{cap}/{id}",
+           "/agent/register", "/private/agent/info/update", "/private/agent/rotate_key",
+           "/private/agent/task/poll",
+           "/private/agent/task/poll_urgent", "/private/agent/take/{cap}/{id}",
+           "/private/agent/task/progress/{cap}/{id}", "/private/agent/task/resolve/{cap}/{id}",
+           "/management/agents/delete/{agent_id}", "/management/agents/drain/{agent_id}",
+           "/management/agents/resume/{agent_id}", "/management/agents/rotate_key/{agent_id}",
+           "/management/agents/reset",
+           "/management/tasks/reset", "/management/tasks/cancel/{cap}/{id}",
+           "/management/tasks/requeue/{cap}/{id}", "/management/client_api_keys/update",
+           "/management/client_api_keys/revoke/{key}"}
 
 
 def _query(name: str, schema: dict, text: str) -> dict:
@@ -3433,6 +4740,8 @@ _EVENT_PARAMS = [
      "description": "resume after this event id"},
     _query("lastEventId", {"type": "string", "pattern": "^[0-9]+$"}, "the same, for clients that "
            "cannot set headers"),
+    _query("current", {"type": "boolean"}, "start with the current state when not resuming "
+           "(default true); false: only what happens from now"),
 ]
 _SSE = {"text/event-stream": {"schema": STR}}
 
@@ -3462,10 +4771,11 @@ OPENAPI_OPS = {
     "/api/task/poll/{cap}/{id}": _op("A task's status; ?wait holds until it ends", "TaskStatus",
                                      params=(_wait(text="hold until the task ends, at most this"),)),
     "/api/task/cancel/{cap}/{id}": _op("Cancel a task of this key", "TaskStatus", "409"),
-    "/api/task/events": _op("The key's tasks as Server-Sent Events", STR, "400 404",
+    "/api/task/events": _op("The key's tasks as Server-Sent Events", STR, "400 404 429",
                             params=tuple(_EVENT_PARAMS), media=_SSE),
     "/api/capabilities/online": _op("Capabilities online agents serve, that the key may use", _STRINGS),
-    "/api/ping": _op("Health", "Health"),
+    "/api/ping": _op("Health; 503 with a reason while the disk refuses writes", "Health",
+                     status=(200, 503)),
     "/agent/register": _op("Register an agent", "AgentIdentity", "401", "AgentRegistration"),
     "/agent/auth": _op("Exchange an agent's id and key for a JWT", _obj(
         "token expiresIn", token=STR, expiresIn=INT), "400 401",
@@ -3476,6 +4786,8 @@ OPENAPI_OPS = {
                                                "items": _ref("TaskId")}), body_required=False),
     "/private/agent/info/update": _op("Update the agent's self-description", "AgentIdentity",
                                       "400", "AgentInfo"),
+    "/private/agent/rotate_key": _op("A fresh login secret and token; earlier tokens stop working",
+                                     "AgentCredential"),
     "/private/agent/task/poll": _op("Long poll for the next task", _TASK_OR_NULL, "400 409",
                                     params=(_wait(), _TAKE)),
     "/private/agent/task/poll_urgent": _op("Long poll for the next urgent task", _TASK_OR_NULL,
@@ -3496,7 +4808,7 @@ OPENAPI_OPS = {
                                 _obj("success", success={}), _obj("failure", failure={}),
                                 _obj("notExecuted", notExecuted={})]}),
         params=(_wait("next", "then long-poll this long for the next task"),)),
-    "/management/events": _op("Every change as Server-Sent Events", STR, "400 404",
+    "/management/events": _op("Every change as Server-Sent Events", STR, "400 404 429",
                               params=tuple(_EVENT_PARAMS), media=_SSE),
     "/management/capabilities/list/online": _op("Capabilities online agents serve", _STRINGS),
     "/management/agents/list": _op("All agents", {"type": "array", "items": _ref("Agent")}),
@@ -3504,23 +4816,45 @@ OPENAPI_OPS = {
     "/management/agents/delete/{agent_id}": _op("Delete an agent", {"const": "Agent deleted"}, "404"),
     "/management/agents/drain/{agent_id}": _op("Give an agent no new tasks", "Agent", "404"),
     "/management/agents/resume/{agent_id}": _op("Undo a drain", "Agent", "404"),
+    "/management/agents/rotate_key/{agent_id}": _op(
+        "Revoke an agent's credential: a new secret, earlier tokens refused", "Agent", "404"),
     "/management/agents/reset": _op("Delete every agent", "Result"),
-    "/management/tasks/list": _op("Tasks by queue", _obj(
-        "urgent regular", urgent=_ref("Queue"), regular=_ref("Queue")), "400",
-        params=(_query("status", _STATUS, "only tasks in this status"),)),
+    "/management/tasks/list": _op("Tasks by queue; with a filter other than status, or limit/cursor, "
+                                  "one page newest first", _obj(
+        "urgent regular", urgent=_ref("Queue"), regular=_ref("Queue"),
+        next={"type": ["string", "null"], "description": "cursor of the next page (pages only)"},
+        total={"type": "integer", "description": "tasks matching the filters (pages only)"}), "400",
+        params=(_query("status", _STATUS, "only tasks in this status"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                       f"a page of at most this many tasks (default {DEFAULT_PAGE})"),
+                _query("cursor", {"type": "string", "pattern": CURSOR_RE.pattern},
+                       "the `next` of the page before"),
+                _query("capability", _CAP, "only tasks of this capability (or base capability)"),
+                _query("queue", {"type": "string", "enum": ["urgent", "regular"]}, "only this queue"),
+                _query("key", STR, "only tasks submitted with this client API key"),
+                _query("task", {"type": "string", "pattern": "^.+/.+$"},
+                       "only this task, as <capability>/<id>, with its whole log"))),
     "/management/tasks/reset": _op("Delete every task", "Result"),
     "/management/tasks/cancel/{cap}/{id}": _op("Cancel any task", "AssignedTask", "409"),
     "/management/tasks/requeue/{cap}/{id}": _op("Requeue a failed or canceled task",
                                                 "AssignedTask", "409"),
     "/management/client_api_keys/list": _op("Client API keys", {
         "type": "array", "items": _ref("ClientApiKey")}),
-    "/management/client_api_keys/update": _op("Create or replace a client API key", "ClientApiKey",
-                                              "400", _obj("key capabilities", key=STR,
-                                                          capabilities=_STRINGS,
-                                                          maxInFlight=_opt("integer", minimum=1))),
+    "/management/client_api_keys/update": _op(
+        "Create or replace a client API key", "ClientApiKey", "400", _obj(
+            "key capabilities",
+            key={"type": "string", "minLength": MIN_SECRET_CHARS, "maxLength": MAX_KEY_CHARS,
+                 "pattern": "^[!-.0-~]+$",
+                 "description": "a new key; an existing one (set at start) may be shorter"},
+            capabilities={"type": "array", "items": {"type": "string", "minLength": 1,
+                                                     "pattern": _NO_CONTROL}},
+            maxInFlight=_opt("integer", minimum=1),
+            maxQueuedBytes=_opt("integer", minimum=1, maximum=MAX_QUEUED_BYTES))),
     "/management/client_api_keys/revoke/{key}": _op("Revoke a client API key", "ClientApiKey", "404"),
-    "/health": _op("Health", "Health"),
-    "/stats": _op("Counts of agents and tasks", {"type": "object"}),
+    "/health": _op("Health; 503 with a reason while the disk refuses writes", "Health",
+                   status=(200, 503)),
+    "/stats": _op("Counts of agents and tasks; the journal's too with the management token",
+                  {"type": "object"}),
     "/metrics": _op("Prometheus metrics", STR, media={"text/plain": {"schema": STR}}),
     "/openapi.json": _op("This document", {"type": "object"}),
 }
@@ -3563,15 +4897,20 @@ def openapi_document(routes: list) -> dict:
         names = re.findall(r"\{(\w+)\}", path)
         errors = set(spec["errors"])
         errors |= {401} if kind != "open" or path == "/metrics" else set()
-        errors |= {400, 413} if spec["body"] or (kind == "client" and method == "POST") else set()
+        errors |= {400, 408, 413, 503} if spec["body"] or (kind == "client" and method == "POST") else set()
+        credential = handler.__name__ in CREDENTIAL_HANDLERS
+        errors |= {429} if kind in ("client", "mgmt") or credential else set()
+        errors |= {401} if credential else set()
         errors |= {400, 404} if "cap" in names else set()
+        errors |= {507} if path in _WRITES and (method == "POST" or _TAKE in spec["params"]) else set()
         operation = {
             "operationId": method.lower() + re.sub(r"\W+", "_", path).rstrip("_"),
             "summary": spec["summary"], "tags": [kind],
             "parameters": [{"name": n, "in": "path", "required": True, "description": _PATH_PARAMS[n],
                             "schema": _CAP if n == "cap" else {"type": "string", "minLength": 1}}
                            for n in names] + spec["params"],
-            "responses": {**{str(s): {"description": "OK", "content": c} for s, c in spec["ok"].items()},
+            "responses": {**{str(s): {"description": "OK" if s < 400 else "Unhealthy", "content": c}
+                             for s, c in spec["ok"].items()},
                           **{str(e): {"description": _ERROR_TEXT[e], "content": {
                               "application/json": {"schema": _ref("Error")}}} for e in sorted(errors)}},
             # /metrics takes the management token, unless the server runs --metrics-public
@@ -3591,29 +4930,165 @@ def openapi_document(routes: list) -> dict:
 
 # ============================================================================ app
 
+AUTH_LOG_INTERVAL_S = 60.0
+
+
+async def log_auth_failures(throttle: AuthThrottle) -> None:
+    """Once per interval, one line per address that kept failing (never the secret)."""
+    while True:
+        await asyncio.sleep(AUTH_LOG_INTERVAL_S)
+        for addr, failures in throttle.summaries(time.monotonic()):
+            log.warning("%d failed authentications from %s in the last %d s", failures, addr,
+                        AUTH_LOG_INTERVAL_S)
+
+
+async def stop_task(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Application:
     config = config or load_config([])
     hub = hub or Hub(config)
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[timing_middleware, error_middleware])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[
+        cut_middleware, timing_middleware, error_middleware, path_middleware])
     app[HUB] = hub
+    app[STREAMS] = streams = EventStreams(hub)
     app[TOKENS] = AgentTokens(config.jwt_secret, config.jwt_lifetime_s, hub.clock)
     app[OPENAPI] = openapi_document(ROUTES)
+    app[BODY_BUDGET] = BodyBudget(config.body_budget_bytes)
+    app[THROTTLE] = AuthThrottle(config.auth_failures_per_min)
+    app.on_response_prepare.append(add_security_headers)
     for method, path, kind, handler in ROUTES:
         app.router.add_route(method, path, guarded(kind, handler))
 
     async def start(app: web.Application) -> None:
         await hub.start()
+        auth_log = asyncio.get_running_loop().create_task(log_auth_failures(app[THROTTLE]))
+        app.on_cleanup.insert(0, lambda app: stop_task(auth_log))
 
     async def shutdown(app: web.Application) -> None:
         await hub.release_waiters()
+        streams.close_all()
 
     async def stop(app: web.Application) -> None:
+        streams.stop()
         await hub.stop()
 
     app.on_startup.append(start)
     app.on_shutdown.append(shutdown)
     app.on_cleanup.append(stop)
     return app
+
+
+FD_MARGIN = 64        # descriptors kept for the journal, snapshots, static files, the agent's...
+ACCEPT_PAUSE_S = 0.2  # out of descriptors or at the connection limit: stop accepting this long
+ACCEPT_LOG_S = 10.0   # at most one log line per reason this often
+
+
+def connection_limit(configured: int) -> int:
+    if configured > 0:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft = 1 << 20 if soft == resource.RLIM_INFINITY else soft
+    return max(16, soft - FD_MARGIN)
+
+
+class Listener:
+    """The listening socket, accepted here rather than by asyncio's own loop: at the
+    descriptor limit that one logs a traceback for every accept() that fails and re-arms
+    itself once per failure (tens of thousands of lines a second). Here at most
+    `max_connections` are open; past it, or when accept() finds no descriptor left
+    (EMFILE/ENFILE), new connections wait in the kernel's backlog while accepting pauses
+    for a moment; each reason is logged at most once per ACCEPT_LOG_S."""
+
+    def __init__(self, server: web.Server, sock: socket.socket, max_connections: int):
+        self.server = server
+        self.sock = sock
+        self.max_connections = max_connections
+        self.starting = 0  # accepted, transport not made yet
+        self.paused: asyncio.TimerHandle | None = None
+        self.logged_at: dict[str, float] = {}
+        self.waits: dict[str, int] = {}  # pauses since the reason was last logged
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.paused is not None:
+            self.paused.cancel()
+        loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(64):
+            if len(self.server.connections) + self.starting >= self.max_connections:
+                return self._pause("limit", "%d connections open, the limit: new ones wait in the "
+                                   "backlog (OFFLOADMQ_MAX_CONNECTIONS, RLIMIT_NOFILE)", self.max_connections)
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return self._pause("descriptors", "accept failed (%s) with %d connections open: "
+                                       "new ones wait in the backlog", err.strerror,
+                                       len(self.server.connections))
+                return self._pause("accept", "accept failed: %s", err)
+            conn.setblocking(False)
+            self.starting += 1
+            loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self.server, conn)
+        except OSError:
+            conn.close()
+        finally:
+            self.starting -= 1
+
+    def _pause(self, reason: str, message: str, *args: Any) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock.fileno())
+        self.paused = loop.call_later(ACCEPT_PAUSE_S, self._resume)
+        self.waits[reason] = self.waits.get(reason, 0) + 1
+        now = loop.time()
+        if now - self.logged_at.get(reason, -ACCEPT_LOG_S) >= ACCEPT_LOG_S:
+            log.warning(message + " (%d pauses of %.1f s since the last such line)",
+                        *args, self.waits.pop(reason), ACCEPT_PAUSE_S)
+            self.logged_at[reason] = now
+
+    def _resume(self) -> None:
+        self.paused = None
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
+
+
+SHUTDOWN_S = 3.0  # SIGTERM to exit, at most (plus closing the journal)
+
+
+async def serve(app: web.Application, config: Config) -> None:
+    """Run the app on `config.host:port` until SIGINT or SIGTERM (see Listener)."""
+    # aiohttp waits its shutdown_timeout twice for a handler that does not end (a stream
+    # stuck writing to a client that does not read): once for it to finish, once more
+    # after cancelling it. Half each keeps the whole shutdown within SHUTDOWN_S.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S / 2)
+    await runner.setup()
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.create_server((config.host, config.port), family=family, backlog=128)
+    listener = Listener(runner.server, sock, connection_limit(config.max_connections))
+    listener.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        listener.close()
+        await runner.cleanup()
 
 
 def print_first_start(config: Config) -> None:
@@ -3631,31 +5106,69 @@ def print_first_start(config: Config) -> None:
     sys.stdout.flush()
 
 
+def warn_short_secrets(config: Config) -> None:
+    """Secrets set at start stay as given; short ones are easy to guess, so say so."""
+    named = [("client API key", k) for k in config.client_api_keys] + \
+            [("agent registration key", k) for k in config.agent_api_keys] + \
+            [("management token", config.mgmt_token)]
+    for label, value in named:
+        if len(value) < MIN_SECRET_CHARS:
+            log.warning("a %s set at start has %d characters; use at least %d (e.g. from "
+                        "`python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`)",
+                        label, len(value), MIN_SECRET_CHARS)
+
+
+
+
+def unusable_data_folder(err: OSError) -> str:
+    """One line naming the file and what to do about it."""
+    where, problem = err.filename or "the data folder", err.strerror
+    if err.errno in (errno.EACCES, errno.EPERM):
+        remedy = "give the server's user read and write access to it, or point --data elsewhere"
+    elif err.errno == errno.EROFS:
+        remedy = "the file system is mounted read-only: remount it read-write or point --data elsewhere"
+    elif err.errno in (errno.ENOTDIR, errno.EEXIST):
+        problem = "a file is where a folder should be"
+        remedy = ("the data path (--data, DATABASE_ROOT_PATH) must be a folder: move that file away "
+                  "or point --data elsewhere")
+    elif err.errno in FULL_ERRNOS:
+        remedy = "free some room on that disk"
+    else:
+        remedy = "make the data folder readable and writable, or point --data elsewhere"
+    return f"{where}: {problem}. Remedy: {remedy}"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and not argv[0].startswith("-"):  # a CLI command (submit, status, cancel)
         sys.exit(cli_main(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    config = load_config(argv)
-    print_first_start(config)
-    hub = Hub(config)
+    # Past a file size limit (RLIMIT_FSIZE) a write should fail with EFBIG, refused like a
+    # full disk, rather than kill the server with SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # The cyclic GC would rescan the growing state again and again while replay only
     # adds to it (and makes next to no cyclic garbage): keep it off, then freeze the
     # survivors so later collections skip them too.
     gc.disable()
     try:
+        config = load_config(argv)
+        print_first_start(config)
+        warn_short_secrets(config)
+        hub = Hub(config)
         hub.recover()
     except JournalCorrupt as err:
         log.critical("cannot start: %s", err)
+        sys.exit(2)
+    except OSError as err:  # the data folder cannot be opened or written
+        log.critical("cannot start: %s", unusable_data_folder(err))
         sys.exit(2)
     finally:
         gc.freeze()
         gc.enable()
     log.info("OffloadMQ %s on http://%s:%d (data in %s, fsync %s)", __version__,
              config.host, config.port, config.data_path, config.fsync)
-    web.run_app(create_app(config, hub), host=config.host, port=config.port,
-                access_log=None, print=None, shutdown_timeout=3.0)
+    asyncio.run(serve(create_app(config, hub), config))
 
 
 # ============================================================================ client
@@ -3669,9 +5182,10 @@ def main(argv: list[str] | None = None) -> None:
 # no watch open long-polls instead (`poll?wait=`), one request per minute of waiting.
 #
 # A task is "covered" by the watch when its submit was sent while the watch was live
-# and has not lost events since: its end event cannot be missed. Any other task
-# (submitted before the watch opened, or when a resume could not replay) is polled once
-# after the watch is live, so no result is lost either way.
+# and not resumed since: its end event cannot be missed. Any other task (submitted
+# before the watch opened, or waited for across a resume: a stream does not tell
+# whether the server could replay) is polled once after the watch is live again, so no
+# result is lost either way.
 
 CLIENT_RETRY_S = 30.0      # how long connection errors are retried before raising
 CLIENT_REQUEST_S = 30.0    # one request, the held long poll excepted
@@ -3835,19 +5349,23 @@ class AsyncTaskHandle:
 
 class AsyncEventStream:
     """`/api/task/events` as TaskEvents, resumed with Last-Event-ID after a connection
-    loss. `async with` returns once the stream is live (later events cannot be missed)."""
+    loss. `async with` returns once the stream is live (later events cannot be missed).
+    Each resume is followed by a `gap` event: the server may not have been able to
+    replay what happened meanwhile (it restarted, or the events left its ring), and a
+    stream does not say so, so whoever waits for tasks asks the server once about them."""
 
-    def __init__(self, client: AsyncClient, tasks: list | None = None, last_event_id: str | None = None):
+    def __init__(self, client: AsyncClient, tasks: list | None = None,
+                 last_event_id: str | None = None, current: bool = True):
         self.client = client
-        names = [f"{t.cap}/{t.id}" if isinstance(t, AsyncTaskHandle) else f"{t['cap']}/{t['id']}"
+        query = [f"task={quote(t.cap + '/' + t.id if isinstance(t, AsyncTaskHandle) else t['cap'] + '/' + t['id'], safe='')}"
                  for t in tasks or []]
-        self.path = "/api/task/events" + ("?" + "&".join(f"task={quote(n, safe='')}" for n in names)
-                                          if names else "")
+        if not current:
+            query.append("current=0")
+        self.path = "/api/task/events" + ("?" + "&".join(query) if query else "")
         self.last_id = last_event_id
         self.stream: Any = None
         self.pending: deque = deque()  # parsed, not yet handed out
         self.buffer = b""
-        self.resumed = False           # the open stream is a resume: does it replay?
         self.closed = False
 
     async def __aenter__(self) -> AsyncEventStream:
@@ -3858,7 +5376,10 @@ class AsyncEventStream:
         self.close()
 
     async def open(self) -> None:
-        """Connect (retrying for the client's retry time) and wait until live."""
+        """Connect (retrying for the client's retry time) and wait until live: the first
+        bytes of the stream come once the server has taken its starting point."""
+        resumed = self.last_id is not None
+
         async def connect() -> Any:
             headers = dict(self.client.headers)
             if self.last_id:
@@ -3868,11 +5389,13 @@ class AsyncEventStream:
                 raw = await stream.read_all()
                 stream.close()
                 raise server_error(stream.status, raw)
-            return stream
-        self.stream = await self.client._retrying(connect)
-        self.resumed, self.buffer = self.last_id is not None, b""
-        if not self.resumed:  # a fresh stream starts with the current state: wait for it
-            await self._fill()
+            self.stream, self.buffer = stream, b""
+            if not await self._fill():
+                stream.close()
+                raise ConnectionResetError("the event stream ended before it began")
+        await self.client._retrying(connect)
+        if resumed:
+            self.pending.appendleft(TaskEvent(None, "gap", None))
 
     async def _fill(self) -> bool:
         """Read until at least one item is parsed; False when the connection ended."""
@@ -3900,17 +5423,8 @@ class AsyncEventStream:
                 await self.open()
                 continue
             item = self.pending.popleft()
-            if isinstance(item, str):  # a comment: "connected" starts a fresh stream
-                if self.resumed:
-                    self.resumed = False
-                    if item == "connected":
-                        return TaskEvent(None, "gap", None)
+            if isinstance(item, str):  # a comment (connected, heartbeat)
                 continue
-            if self.resumed:  # the first event after a resume tells whether it replays
-                self.resumed = False
-                if item.kind == "status" and isinstance(item.data, dict) and item.data.get("op") == "current":
-                    self.pending.appendleft(item)
-                    return TaskEvent(None, "gap", None)
             if item.id:
                 self.last_id = item.id
             return item
@@ -3926,7 +5440,7 @@ class _Watch:
 
     def __init__(self, client: AsyncClient):
         self.client = client
-        self.events = AsyncEventStream(client)
+        self.events = AsyncEventStream(client, current=False)  # only what happens from now
         self.generation = 0       # renewed whenever events may have been missed
         self.handles: weakref.WeakValueDictionary[str, AsyncTaskHandle] = weakref.WeakValueDictionary()
         self.orphans: OrderedDict[str, dict] = OrderedDict()  # ends of tasks not yet known
@@ -4178,11 +5692,13 @@ class AsyncClient:
                 yield _final_output(handles[done].final)
                 done += 1
 
-    def events(self, tasks: list | None = None, last_event_id: str | None = None) -> AsyncEventStream:
+    def events(self, tasks: list | None = None, last_event_id: str | None = None,
+               current: bool = True) -> AsyncEventStream:
         """The raw event stream (`async with client.events() as stream: async for ev in
-        stream`), of this key's tasks or only `tasks`; resumed after connection losses.
-        A `gap` event marks a resume that could not replay (events may be missing)."""
-        return AsyncEventStream(self, tasks, last_event_id)
+        stream`) of this key's tasks, or only `tasks`; it starts with their current
+        state (`status` events, op `current`) unless `current=False`. Resumed after a
+        connection loss, then a `gap` event: events may be missing from there."""
+        return AsyncEventStream(self, tasks, last_event_id, current)
 
     async def capabilities(self) -> list[str]:
         """The capabilities online agents serve (that this key may use)."""
@@ -4327,10 +5843,11 @@ class Client:
         """One task per payload; their outputs in order (a generator)."""
         return self._iterate(self._async.map(capability, payloads, in_flight=in_flight, **fields))
 
-    def events(self, tasks: list | None = None, last_event_id: str | None = None) -> EventStream:
+    def events(self, tasks: list | None = None, last_event_id: str | None = None,
+               current: bool = True) -> EventStream:
         """The raw event stream; see AsyncClient.events."""
         inner = [t.handle if isinstance(t, TaskHandle) else t for t in tasks or []]
-        return EventStream(self, self._async.events(inner, last_event_id))
+        return EventStream(self, self._async.events(inner, last_event_id, current))
 
     def capabilities(self) -> list[str]:
         return self._run(self._async.capabilities())

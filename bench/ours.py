@@ -12,15 +12,16 @@ from bench.common import HOST, PY, ROOT, Proc, free_port, http_ok, run_json, wai
 
 class OursServer:
     def __init__(self, tmp: Path, fsync: str = "always", name: str = "offloadmq",
-                 trace_out: Path | None = None):
+                 trace_out: Path | None = None, extra_env: dict | None = None,
+                 client_key: str | None = None):
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.agent_key = "ak_" + secrets.token_urlsafe(16)
-        self.client_key = "ck_" + secrets.token_urlsafe(16)
+        self.client_key = client_key or "ck_" + secrets.token_urlsafe(16)
         self.mgmt_token = "mt_" + secrets.token_urlsafe(16)
         env = {"AGENT_API_KEYS": self.agent_key, "CLIENT_API_KEYS": self.client_key,
-               "MGMT_TOKEN": self.mgmt_token, "JWT_SECRET": secrets.token_urlsafe(32)}
+               "MGMT_TOKEN": self.mgmt_token, "JWT_SECRET": secrets.token_urlsafe(32), **(extra_env or {})}
         data = tmp / f"{name}-data"
         # trace_out: run bench/trace_server.py (the same app plus timers) instead.
         program = [PY, "-m", "bench.trace_server"] if trace_out else [PY, str(ROOT / "offloadmq.py")]

@@ -30,6 +30,14 @@ Workloads (definitions from the issue, kept exactly):
   Scale  1,000 idle long-polling agents (server CPU and RSS), claim latency with 100,000
          queued tasks over 1,000 capabilities vs an empty queue, replay of a 1,000,000-
          record journal, memory per queued task.
+  fanout  (issue 18) submit p50/p90 and server CPU per submit with no event stream open,
+         then with --subscribers /management/events readers, in one run: target ≤ 2×.
+  streams (issue 18) at --stream-pending pending tasks: first event of a stream's start,
+         /health while 10 streams that never read start, server RSS held and after close.
+  list    (issue 16) at --list-tasks tasks (90 % ended): the first page of tasks/list
+         (limit 200), the unparameterized listing, /health during it, console first paint
+         in bytes. The three build their state through the project's own broker and
+         journal before the server starts (bench/streams.py).
 The machine's speed drifts over minutes, so ours and the peers' W1/W1c/W2 run in turn for
 --rounds rounds (default 2) and each system shows its best round.
 Peers, same W1/W2: Huey + SQLite (no server), Huey + Redis, Celery + Redis, with Debian's
@@ -63,7 +71,8 @@ from bench.common import PY, run_json  # noqa: E402
 from bench.l0 import run_l0  # noqa: E402
 from bench.ours import OursServer  # noqa: E402
 
-SECTIONS = ("ours", "ours-original", "huey-sqlite", "huey-redis", "celery", "l0", "idle", "claim", "replay")
+SECTIONS = ("ours", "ours-original", "huey-sqlite", "huey-redis", "celery", "l0", "idle", "claim", "replay",
+            "fanout", "streams", "list")
 COMPARED = ("ours", "ours-original", "huey-sqlite", "huey-redis", "celery")  # run in turn, best round kept
 EXTRA_SECTIONS = ("trace",)  # only when asked for: W1 again on an instrumented server
 PEERS = (("huey-sqlite", "Huey-SQLite"), ("huey-redis", "Huey-Redis"), ("celery", "Celery+Redis"))
@@ -220,6 +229,58 @@ def run_replay(tmp: Path, args, results: dict) -> None:
     log(f"replay: {args.records:,}-record journal")
     results["replay"] = run_json([PY, "-m", "bench.replay", "--records", str(args.records),
                                   "--dir", str(tmp / "replay")], 1800)
+
+
+def run_fanout(tmp: Path, args, results: dict) -> None:
+    """Submit latency with no event stream open, then with --subscribers management
+    streams, on one server in one run (issue 18: within 2x)."""
+    server = OursServer(tmp, name="offloadmq-fanout",
+                        extra_env={"OFFLOADMQ_STREAMS_PER_KEY": str(args.subscribers + 10)})
+    try:
+        log(f"fanout: {args.fanout_n} submits alone, then with {args.subscribers} subscribers")
+        results["fanout"] = run_json(
+            [PY, "-m", "bench.streams", "fanout", "--url", server.url, "--key", server.client_key,
+             "--token", server.mgmt_token, "--pid", str(server.proc.pid),
+             "--subscribers", str(args.subscribers), "--n", str(args.fanout_n)], 900)
+    finally:
+        server.stop()
+
+
+def _prebuilt(tmp: Path, name: str, pending: int, ended: int = 0) -> tuple[str, Path]:
+    import secrets
+    from bench.streams import build_state
+    key = "ck_" + secrets.token_urlsafe(16)
+    build_state(tmp / f"{name}-data", key, pending, ended)
+    return key, tmp / f"{name}-data"
+
+
+def run_streams(tmp: Path, args, results: dict) -> None:
+    """Event streams starting at a queue of --stream-pending pending tasks."""
+    log(f"streams: building {args.stream_pending:,} pending tasks")
+    key, _ = _prebuilt(tmp, "offloadmq-streams", args.stream_pending)
+    server = OursServer(tmp, name="offloadmq-streams", client_key=key, fsync="no")
+    try:
+        log("streams: 10 streams that never read")
+        results["streams"] = run_json(
+            [PY, "-m", "bench.streams", "streams", "--url", server.url, "--key", key,
+             "--pid", str(server.proc.pid), "--count", "10"], 600)
+        results["streams"]["pending"] = args.stream_pending
+    finally:
+        server.stop()
+
+
+def run_list(tmp: Path, args, results: dict) -> None:
+    """/management/tasks/list and the console's Tasks page at --list-tasks tasks (90 % ended)."""
+    ended = args.list_tasks * 9 // 10
+    log(f"list: building {args.list_tasks:,} tasks ({ended:,} ended)")
+    key, _ = _prebuilt(tmp, "offloadmq-list", args.list_tasks - ended, ended)
+    server = OursServer(tmp, name="offloadmq-list", client_key=key, fsync="no")
+    try:
+        results["list"] = run_json(
+            [PY, "-m", "bench.streams", "list", "--url", server.url, "--token", server.mgmt_token,
+             "--pid", str(server.proc.pid), "--static", str(ROOT / "static")], 600)
+    finally:
+        server.stop()
 
 
 def run_trace(tmp: Path, args, results: dict) -> None:
@@ -392,6 +453,41 @@ def build_table(results: dict, args) -> list[list[str]]:
     single(f"replay {get(results, 'replay', 'records') or args.records:,} records, records/s", rps,
            ",.0f", "≥200,000", None if rps is None else rps >= 200_000)
     single("replay time, s", get(results, "replay", "replay_s"), ".2f")
+    fan = results.get("fanout") or {}
+    if fan:
+        subs = fan["subscribers"]
+        single("submit p50 ms, no event stream open", get(fan, "none", "p50"), ".2f")
+        ratio = fan.get("p50_ratio")
+        rows.append([f"submit p50 ms, {subs} /management/events readers", fmt(get(fan, "with", "p50"), ".2f"),
+                     *[""] * len(names), "", fmt(ratio, ".2f") + "× none" if ratio else "—", "≤2.00×",
+                     verdict(None if ratio is None else ratio <= 2.0)])
+        single("submit p90 ms: none / with readers",
+               f"{get(fan, 'none', 'p90'):.2f} / {get(fan, 'with', 'p90'):.2f}", "")
+        single("server CPU ms per submit: none / with readers",
+               f"{get(fan, 'none', 'server_cpu_ms_per_submit'):.2f} / "
+               f"{get(fan, 'with', 'server_cpu_ms_per_submit'):.2f}", "", "info")
+    st = results.get("streams") or {}
+    if st:
+        single(f"stream start at {st['pending']:,} pending: first event, ms", st["first_event_ms"], ".1f")
+        single(f"/health max ms while {st['streams']} never-reading streams start", st["health_max_ms"], ".1f")
+        single("server RSS MB: before / streams held / after close",
+               f"{st['rss_before_mb']:.0f} / {st['rss_held_mb']:.0f} / {st['rss_after_mb']:.0f}", "")
+    li = results.get("list") or {}
+    if li:
+        single(f"tasks/list first page (limit 200) at {li['tasks']:,} tasks, ms", li["page_ms"], ".1f")
+        single("tasks/list first page, bytes", li["page_bytes"], ",.0f")
+        single("tasks/list unparameterized (original shape), ms", li["full_ms"], ",.0f")
+        single("tasks/list unparameterized, bytes", li["full_bytes"], ",.0f")
+        single("/health max ms during the unparameterized listing", li["health_max_ms_during_full"], ".1f")
+        single("console Tasks first paint, bytes (static files + first page + overview calls)",
+               li["console_first_paint_bytes"], ",.0f", "<5 MB",
+               li["console_first_paint_bytes"] < 5 * 2**20)
+        seen = li.get("browser")
+        if seen:
+            single(f"console Tasks in Chromium: first row shown, ms ({seen['rows']} rows)",
+                   seen["first_row_ms"], ",.0f", "<1 s", seen["first_row_ms"] < 1000)
+            single("console Tasks in Chromium: bytes received by then", seen["bytes"], ",.0f",
+                   "<5 MB", seen["bytes"] < 5 * 2**20)
     return rows
 
 
@@ -423,6 +519,10 @@ def parse_args(argv=None):
     p.add_argument("--claim-iters", type=int, help="claims measured per case (default 300)")
     p.add_argument("--records", type=int, help="journal records to replay (default 1000000)")
     p.add_argument("--l0-duration", type=int, help="wrk seconds (default 5)")
+    p.add_argument("--subscribers", type=int, help="fanout: /management/events readers (default 500)")
+    p.add_argument("--fanout-n", type=int, help="fanout: submits measured per case (default 500)")
+    p.add_argument("--stream-pending", type=int, help="streams: pending tasks (default 50000)")
+    p.add_argument("--list-tasks", type=int, help="list: tasks in the state (default 100000)")
     p.add_argument("--redis-fsync", default="always", choices=("always", "everysec", "no"),
                    help="redis appendfsync for the peers (default always, like our journal)")
     p.add_argument("--profile", type=Path, help="py-spy our W1 (server and agent) into this folder")
@@ -436,7 +536,8 @@ def parse_args(argv=None):
     quick = args.quick
     defaults = {"w1": (5000, 500), "w2": (1000, 100), "agents": (1000, 200),
                 "idle_duration": (60.0, 5.0), "fill": (100_000, 5_000), "claim_iters": (300, 50),
-                "records": (1_000_000, 50_000), "l0_duration": (5, 2)}
+                "records": (1_000_000, 50_000), "l0_duration": (5, 2), "subscribers": (500, 100),
+                "fanout_n": (500, 200), "stream_pending": (50_000, 10_000), "list_tasks": (100_000, 20_000)}
     for name, (full, short) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, short if quick else full)
@@ -460,7 +561,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()
     runners = {"ours": run_ours, "ours-original": run_ours_original, "trace": run_trace, "l0": run_l0_section, "idle": run_idle, "claim": run_claim,
-               "replay": run_replay}
+               "replay": run_replay, "fanout": run_fanout, "streams": run_streams, "list": run_list}
     # The machine's speed drifts over minutes: the compared sections run in turn, for
     # `--rounds` rounds, and each system keeps its best round; the rest run once, after.
     compared = [s for s in args.sections if s in COMPARED]

@@ -52,7 +52,7 @@ def http(method, url, body=None, headers=None, timeout=30):
 class ServerProcess:
     """`python offloadmq.py` as a child process; stopped by its pid."""
 
-    def __init__(self, data_dir: Path, extra_env=None, extra_args=(), script=None):
+    def __init__(self, data_dir: Path, extra_env=None, extra_args=(), script=None, preexec_fn=None):
         self.data = Path(data_dir)
         self.script = script or ROOT / "offloadmq.py"
         self.port = free_port()
@@ -62,6 +62,7 @@ class ServerProcess:
         self.mgmt_token = "mt-" + secrets.token_hex(8)
         self.extra_env = extra_env or {}
         self.extra_args = list(extra_args)
+        self.preexec_fn = preexec_fn  # runs in the child before the server (e.g. setrlimit)
         self.log_path = self.data.parent / f"server-{self.port}.log"
         self.proc = None
 
@@ -79,6 +80,7 @@ class ServerProcess:
             [sys.executable, str(self.script), "--host", "127.0.0.1",
              "--port", str(self.port), "--data", str(self.data), *self.extra_args],
             cwd=str(self.data.parent), env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec_fn,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -160,6 +162,44 @@ def make_server(tmp_path):
         srv.stop()
 
 
+# ---------------------------------------------------------------- a small disk, filled for real
+
+def mount_tmpfs(path: Path, size: str) -> None:
+    """A tmpfs of `size` at `path`: a disk that fills up for real (ENOSPC). Skips, saying
+    so, where mounting is not permitted (it needs root, as in CI)."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()}); "
+                    "these tests need root, as in CI")
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs to keep a data folder on."""
+    mnt = tmp_path / "disk"
+    mount_tmpfs(mnt, "1m")
+    yield mnt
+    unmount(mnt)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(folder: Path, leave: int) -> Path:
+    """A filler file that leaves about `leave` bytes free."""
+    filler = folder / "filler"
+    filler.write_bytes(b"\0" * max(0, free_bytes(folder) - leave))
+    return filler
+
+
 # ---------------------------------------------------------------- the core's changes
 
 def recorded(broker):
@@ -205,8 +245,9 @@ JWT_SECRET = "jwt-secret-for-tests-" + "0123456789abcdef" * 4  # 64+ bytes, so H
 CLIENT = {"X-API-Key": CLIENT_KEY}
 MGMT = {"X-Mgmt-Token": MGMT_TOKEN}
 ERROR_TYPES = {400: "bad_request", 401: "authentication_error", 403: "authorization_error",
-               404: "not_found", 409: "conflict", 413: "payload_too_large", 429: "too_many_requests",
-               503: "scheduling_impossible", 504: "timeout"}
+               404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 409: "conflict",
+               413: "payload_too_large", 429: "too_many_requests", 503: "scheduling_impossible",
+               504: "timeout"}
 
 
 def api_config(folder: Path, **changes) -> Config:
@@ -242,11 +283,12 @@ async def call(client, method, path, status=200, **kw):
     return json.loads(text) if text else None
 
 
-async def fails(client, method, path, status, **kw):
-    """Send a request that must fail with the contract's error body; return that body."""
+async def fails(client, method, path, status, error_type=None, **kw):
+    """Send a request that must fail with the contract's error body (of `error_type`, by
+    default the status's usual one); return that body."""
     body = await call(client, method, path, status, **kw)
     assert set(body["error"]) == {"type", "message", "status"}, body
-    assert body["error"]["type"] == ERROR_TYPES[status], body
+    assert body["error"]["type"] == (error_type or ERROR_TYPES[status]), body
     assert body["error"]["status"] == status
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     return body

@@ -9,7 +9,9 @@ heartbeats and what agents hold.
 """
 import asyncio
 import base64
+import gzip
 import json
+import logging
 import os
 import re
 import subprocess
@@ -23,11 +25,15 @@ import pytest
 
 from conftest import (
     AGENT_KEY, CLIENT, CLIENT_KEY, JWT_SECRET as SECRET, MGMT as MGMT_H,
-    MGMT_TOKEN as MGMT, api_config, call, fails, http, new_agent, new_agent as agent, submit,
+    MGMT_TOKEN as MGMT, api_config, call, fails, fill, http, new_agent, new_agent as agent, submit,
 )
 from openapi_spec_validator import validate
+from yarl import URL
 
-from offloadmq import ROUTES, Config, Hub, create_app, openapi_document, openapi_path
+from offloadmq import (
+    HUB, ROUTES, AuthThrottle, Config, Hub, create_app, openapi_document, openapi_path,
+    warn_short_secrets,
+)
 
 
 def tp(tid):
@@ -94,7 +100,9 @@ async def test_stats_counts_agents_and_tasks_by_queue_and_status(client):
     assert stats["agents"] == {"all": 1, "online": 1}
     assert stats["tasks"] == {"urgent": {"pending": 1}, "regular": {"pending": 1}}
     assert stats["queues"] == {"echo": 2}
-    assert {"journal", "uptimeSecs", "version"} <= set(stats)
+    assert {"uptimeSecs", "version"} <= set(stats) and "journal" not in stats  # no paths for anyone
+    internal = await call(client, "GET", "/stats", headers=MGMT_H)
+    assert internal["journal"]["path"].endswith("journal.jsonl")
 
 
 async def test_console_is_served_at_root(client):
@@ -162,8 +170,8 @@ async def test_ids_order_by_creation(client):
 
 async def test_key_patterns_limit_capabilities(client):
     await call(client, "POST", "/management/client_api_keys/update", headers=MGMT_H,
-               json={"key": "ck-llm", "capabilities": ["llm.*", "debug.echo"]})
-    h = {"X-API-Key": "ck-llm"}
+               json={"key": "ck-llm-0123456789abcdef", "capabilities": ["llm.*", "debug.echo"]})
+    h = {"X-API-Key": "ck-llm-0123456789abcdef"}
     await submit(client, "llm.chat", headers=h)
     await submit(client, "debug.echo", headers=h)
     for cap in ("vision", "llm", "debug.echo2"):
@@ -358,8 +366,8 @@ async def test_client_poll_unknown_task_or_other_key_is_404(client):
     await fails(client, "GET", f"/api/task/poll/echo/01ARZ3NDEKTSV4RRFFQ69G5FAV", 404, headers=CLIENT)
     await fails(client, "GET", f"/api/task/poll/other/{tid['id']}", 404, headers=CLIENT)
     await call(client, "POST", "/management/client_api_keys/update", headers=MGMT_H,
-               json={"key": "ck-other", "capabilities": ["*"]})
-    await fails(client, "GET", f"/api/task/poll/{tp(tid)}", 404, headers={"X-API-Key": "ck-other"})
+               json={"key": "ck-other-0123456789abcdef", "capabilities": ["*"]})
+    await fails(client, "GET", f"/api/task/poll/{tp(tid)}", 404, headers={"X-API-Key": "ck-other-0123456789abcdef"})
     await fails(client, "GET", f"/api/task/poll/{tp(tid)}", 401)
 
 
@@ -908,26 +916,26 @@ async def test_client_key_create_replace_revoke(client):
     assert predefined["key"] == CLIENT_KEY and predefined["isPredefined"] is True
     assert predefined["capabilities"] == ["*"] and predefined["isRevoked"] is False
     made = await call(client, "POST", "/management/client_api_keys/update", headers=MGMT_H,
-                      json={"key": "ck-new", "capabilities": ["llm.*"]})
+                      json={"key": "ck-new-0123456789abcdef", "capabilities": ["llm.*"]})
     assert set(made) >= {"key", "capabilities", "isPredefined", "created", "isRevoked"}
-    assert made == {**made, "key": "ck-new", "capabilities": ["llm.*"], "isPredefined": False,
+    assert made == {**made, "key": "ck-new-0123456789abcdef", "capabilities": ["llm.*"], "isPredefined": False,
                     "isRevoked": False}
-    h = {"X-API-Key": "ck-new"}
+    h = {"X-API-Key": "ck-new-0123456789abcdef"}
     await fails(client, "POST", "/api/task/submit", 403, headers=h, json={"capability": "echo"})
     replaced = await call(client, "POST", "/management/client_api_keys/update",
                           headers={"Authorization": f"Bearer {MGMT}"},
-                          json={"key": "ck-new", "capabilities": ["echo"]})
+                          json={"key": "ck-new-0123456789abcdef", "capabilities": ["echo"]})
     assert replaced["capabilities"] == ["echo"] and replaced["created"] == made["created"]
     tid = await submit(client, headers=h)
     assert len(await call(client, "GET", "/management/client_api_keys/list", headers=MGMT_H)) == 2
-    revoked = await call(client, "POST", "/management/client_api_keys/revoke/ck-new", headers=MGMT_H)
-    assert revoked["isRevoked"] is True and revoked["key"] == "ck-new"
+    revoked = await call(client, "POST", "/management/client_api_keys/revoke/ck-new-0123456789abcdef", headers=MGMT_H)
+    assert revoked["isRevoked"] is True and revoked["key"] == "ck-new-0123456789abcdef"
     await fails(client, "POST", "/api/task/submit", 401, headers=h, json={"capability": "echo"})
     await fails(client, "GET", f"/api/task/poll/{tp(tid)}", 401, headers=h)
     await fails(client, "POST", "/management/client_api_keys/revoke/ck-unknown", 404, headers=MGMT_H)
     # Updating a revoked key brings it back.
     await call(client, "POST", "/management/client_api_keys/update", headers=MGMT_H,
-               json={"key": "ck-new", "capabilities": ["echo"]})
+               json={"key": "ck-new-0123456789abcdef", "capabilities": ["echo"]})
     assert (await client_poll(client, tid, headers=h))["id"] == tid
 
 
@@ -1036,6 +1044,7 @@ async def test_the_deepest_payload_accepted_is_listed_streamed_and_resolved(clie
     listing = await call(client, "GET", "/management/tasks/list", headers=MGMT_H)
     assert listing["regular"]["assigned"][0]["status"] == "completed"
     resp = await client.get(f"/api/task/events?task={tid['cap']}/{tid['id']}", headers=CLIENT)
+    assert await resp.content.readuntil(b"\n\n") == b": connected\n\n"
     assert b"event: status" in await resp.content.readuntil(b"\n\n")
     resp.close()
 
@@ -1064,6 +1073,42 @@ async def test_an_idempotent_retry_is_answered_only_once_the_first_submit_is_on_
         assert on_disk and not created
         assert (await first) == (task, True)
         # Later retries are answered from memory: that task is on disk already.
+        assert (await hub.submit(data, "o", None, "key-1")) == (task, False)
+    finally:
+        await hub.release_waiters()
+        await hub.stop()
+
+
+async def test_an_idempotent_retry_waiting_for_a_write_that_fails_gets_the_same_507(tiny_disk):
+    """The disk fills up under the first submit's write (a tmpfs, for real): a retry that
+    arrived while that write was pending is answered what the first submit is, 507, and
+    no id is ever told that is not on disk; once there is room the key makes a new task."""
+    from offloadmq import StorageFull, parse_submission
+    config = Config(data_path=tiny_disk, jwt_secret=SECRET, client_api_keys=(CLIENT_KEY,))
+    hub = Hub(config)
+    hub.recover()
+    journal_path = tiny_disk / "journal.jsonl"
+    data = parse_submission({"capability": "echo", "payload": {"pad": "x" * 60_000}})
+    try:
+        filler = fill(tiny_disk, leave=30_000)
+        first = asyncio.ensure_future(hub.submit(data, "o", None, "key-1"))
+        while not hub.journal.buffer:  # the first submit's record waits for the write
+            await asyncio.sleep(0)
+        [refused] = hub.broker.tasks.values()
+
+        async def retry():
+            assert ("o", "key-1") in hub.submitting and not first.done(), "it must wait for the first"
+            return await hub.submit(data, "o", None, "key-1")
+
+        answers = await asyncio.gather(retry(), first, return_exceptions=True)
+        assert [type(a) for a in answers] == [StorageFull, StorageFull], answers
+        assert answers[0] is answers[1], "the retry gets what the first submit got"
+        assert refused.id.encode() not in journal_path.read_bytes() and not hub.broker.tasks
+
+        filler.unlink()
+        assert hub.journal.probe()
+        task, created = await hub.submit(data, "o", None, "key-1")
+        assert created and task.id != refused.id and task.id.encode() in journal_path.read_bytes()
         assert (await hub.submit(data, "o", None, "key-1")) == (task, False)
     finally:
         await hub.release_waiters()
@@ -1267,9 +1312,9 @@ async def test_client_cancels_a_queued_task(client):
 
 async def test_cancel_needs_the_owning_key(client):
     await client.post("/management/client_api_keys/update", headers=MGMT_H,
-                      json={"key": "other", "capabilities": ["*"]})
+                      json={"key": "other-key-0123456789", "capabilities": ["*"]})
     task_id = await submit(client, "job")
-    resp = await client.post(f"/api/task/cancel/job/{task_id['id']}", headers={"X-API-Key": "other"})
+    resp = await client.post(f"/api/task/cancel/job/{task_id['id']}", headers={"X-API-Key": "other-key-0123456789"})
     assert_error(resp.status, await resp.json(), 404, "not_found")
     resp = await client.post(f"/api/task/cancel/job/{task_id['id']}")
     assert_error(resp.status, await resp.json(), 401, "authentication_error")
@@ -1342,14 +1387,14 @@ async def test_drain_and_resume(client):
 
 async def test_max_in_flight_answers_429(client):
     resp = await client.post("/management/client_api_keys/update", headers=MGMT_H,
-                             json={"key": "small", "capabilities": ["job"], "maxInFlight": 1})
+                             json={"key": "small-key-0123456789", "capabilities": ["job"], "maxInFlight": 1})
     assert (await resp.json())["maxInFlight"] == 1
-    small = {"X-API-Key": "small"}
+    small = {"X-API-Key": "small-key-0123456789"}
     await submit(client, "job", headers=small)
     body = await submit(client, "job", headers=small, status=429)
     assert body["error"]["type"] == "too_many_requests" and body["error"]["status"] == 429
     resp = await client.post("/management/client_api_keys/update", headers=MGMT_H,
-                             json={"key": "small", "capabilities": ["job"], "maxInFlight": 0})
+                             json={"key": "small-key-0123456789", "capabilities": ["job"], "maxInFlight": 0})
     assert_error(resp.status, await resp.json(), 400, "bad_request")
 
 
@@ -1431,10 +1476,10 @@ async def test_events_resume_after_last_event_id_without_gaps(client):
 
 async def test_events_show_only_the_keys_own_tasks_and_named_ones(client):
     await client.post("/management/client_api_keys/update", headers=MGMT_H,
-                      json={"key": "other", "capabilities": ["*"]})
+                      json={"key": "other-key-0123456789", "capabilities": ["*"]})
     mine = await (await client.post("/api/task/submit", json={"capability": "job"}, headers=CLIENT)).json()
     theirs = await (await client.post("/api/task/submit", json={"capability": "job"},
-                                      headers={"X-API-Key": "other"})).json()
+                                      headers={"X-API-Key": "other-key-0123456789"})).json()
     # Without Last-Event-ID a stream starts with the current state of the visible tasks.
     stream = await client.get("/api/task/events", headers=CLIENT)
     events = await read_events(stream, 1)
@@ -1478,6 +1523,228 @@ async def test_management_events_tell_of_resets_of_agents_and_tasks(client):
     stream.close()
 
 
+# ---------------------------------------------------------------- event streams at scale (EventStreams)
+
+OTHER_KEY = "ck-other"
+OTHER = {"X-API-Key": OTHER_KEY}
+
+
+@pytest.fixture
+async def two_keys(make_client):
+    """A client with a second client key and at most 3 event streams per key."""
+    return await make_client(client_api_keys=(CLIENT_KEY, OTHER_KEY), max_streams_per_key=3)
+
+
+async def metric(client, name):
+    text = await (await client.get("/metrics", headers=MGMT_H)).text()
+    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+
+
+async def test_streams_per_key_are_capped_and_a_closed_one_frees_its_place(two_keys):
+    client = two_keys
+    streams = [await client.get("/api/task/events", headers=CLIENT) for _ in range(3)]
+    assert all(s.status == 200 for s in streams)
+    body = await fails(client, "GET", "/api/task/events", 429, headers=CLIENT)
+    assert "event streams" in body["error"]["message"]
+    # Other keys and management have their own count.
+    other = await client.get("/api/task/events", headers=OTHER)
+    mgmt = await client.get("/management/events", headers=MGMT_H)
+    assert other.status == 200 and mgmt.status == 200
+    assert await metric(client, "offloadmq_event_streams") == 5
+    streams[0].close()
+    for _ in range(50):  # the server notices a reader gone within a second
+        again = await client.get("/api/task/events", headers=CLIENT)
+        if again.status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert again.status == 200
+    for s in (*streams[1:], other, mgmt, again):
+        s.close()
+    for _ in range(50):
+        if await metric(client, "offloadmq_event_streams") == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await metric(client, "offloadmq_event_streams") == 0
+
+
+async def test_a_stream_with_current_0_starts_with_what_happens_next(client):
+    await submit(client)
+    stream = await client.get("/api/task/events?current=0", headers=CLIENT)
+    task = await submit(client)
+    events = await read_events(stream, 1)
+    assert events[0]["data"]["id"] == task and events[0]["data"]["op"] == "task.submitted"
+    body = await fails(client, "GET", "/api/task/events?current=maybe", 400, headers=CLIENT)
+    assert "current" in body["error"]["message"]
+    stream.close()
+
+
+async def test_status_events_carry_what_a_listing_row_shows(client):
+    stream = await client.get("/management/events?current=0", headers=MGMT_H)
+    task = await submit(client, priority=7)
+    [event] = await read_events(stream, 1)
+    [row] = (await call(client, "GET", f"/management/tasks/list?task=echo/{task['id']}",
+                        headers=MGMT_H))["regular"]["unassigned"]
+    for field in ("id", "status", "attempt", "createdAt"):
+        assert event["data"][field] == row[field]
+    assert event["data"]["urgent"] is False and event["data"]["priority"] == 7
+    assert event["data"]["agentId"] is None
+    stream.close()
+
+
+async def test_every_audience_gets_its_own_events_in_order_from_the_flusher(two_keys):
+    client = two_keys
+    mine = await client.get("/api/task/events?current=0", headers=CLIENT)
+    theirs = await client.get("/api/task/events?current=0", headers=OTHER)
+    everything = await client.get("/management/events?current=0", headers=MGMT_H)
+    first = await submit(client)
+    named = await client.get(f"/management/events?current=0&task=echo/{first['id']}", headers=MGMT_H)
+    await asyncio.sleep(0.05)
+    sent = []
+    for n in range(30):  # interleaved, and faster than one flush: batches of several
+        sent.append(("mine", await submit(client)))
+        sent.append(("theirs", await submit(client, headers=OTHER)))
+        if n % 10 == 0:
+            resp = await client.post(f"/management/tasks/cancel/echo/{first['id']}", headers=MGMT_H)
+            assert resp.status in (200, 409)
+    # Mine: 31 submitted, then the cancel's status and end; management: all 63.
+    got_mine = await read_events(mine, 33)
+    got_theirs = await read_events(theirs, 30)
+    got_all = await read_events(everything, 63)
+    got_named = await read_events(named, 1)
+    assert [e["event"] for e in got_mine].count("end") == 1
+    assert [e["data"]["id"] for e in got_mine if e["data"].get("op") == "task.submitted"] == \
+        [first] + [t for who, t in sent if who == "mine"]
+    assert [e["data"]["id"] for e in got_theirs] == [t for who, t in sent if who == "theirs"]
+    assert len([e for e in got_all if e["data"].get("op") == "task.submitted"]) == 61
+    for got in (got_mine, got_theirs, got_all):
+        ids = [int(e["id"]) for e in got]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert got_named[0]["data"]["id"] == first and got_named[0]["data"]["status"] == "canceled"
+    for s in (mine, theirs, everything, named):
+        s.close()
+
+
+async def test_a_stream_of_named_tasks_gets_theirs_in_order_and_resets(client):
+    one, two, other = await submit(client), await submit(client), await submit(client)
+    named = await client.get(f"/api/task/events?current=0&task=echo/{one['id']}&task=echo/{two['id']}",
+                             headers=CLIENT)
+    await asyncio.sleep(0.05)
+    for task in (two, other, one):
+        await call(client, "POST", f"/api/task/cancel/echo/{task['id']}", headers=CLIENT)
+    await call(client, "POST", "/management/tasks/reset", headers=MGMT_H)
+    events = await read_events(named, 5)  # status + end for each named task, then the reset
+    assert [e["event"] for e in events] == ["status", "end", "status", "end", "reset"]
+    assert [e["data"]["id"] for e in events[:4]] == [two, two, one, one]
+    ids = [int(e["id"]) for e in events]
+    assert ids == sorted(ids)
+    named.close()
+
+
+async def test_a_stream_start_sends_each_pending_task_once(two_keys):
+    client = two_keys
+    tasks = [await submit(client) for _ in range(300)]  # more than one slice of the start
+    await submit(client, headers=OTHER)
+    stream = await client.get("/api/task/events", headers=CLIENT)
+    events = await read_events(stream, 300)
+    assert sorted(e["data"]["id"]["id"] for e in events) == sorted(t["id"] for t in tasks)
+    assert {e["data"]["op"] for e in events} == {"current"}
+    stream.close()
+
+
+# ---------------------------------------------------------------- task listing pages
+
+def rows_of(listing):
+    return [row for queue in ("urgent", "regular") for kind in ("assigned", "unassigned")
+            for row in listing[queue][kind]]
+
+
+async def listed(client, query, status=200):
+    return await call(client, "GET", f"/management/tasks/list?{query}", status, headers=MGMT_H)
+
+
+async def test_a_cursor_walk_sees_every_task_once_while_tasks_are_submitted(client):
+    before = [await submit(client) for _ in range(120)]
+    seen, cursor, pages = [], None, 0
+    while True:
+        listing = await listed(client, "limit=7" + (f"&cursor={cursor}" if cursor else ""))
+        ids = [r["id"]["id"] for r in rows_of(listing)]
+        assert ids == sorted(ids, reverse=True)  # newest first within a page
+        seen += ids
+        pages += 1
+        for _ in range(3):  # submits during the walk
+            await submit(client)
+        cursor = listing["next"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)), "a task was listed twice"
+    assert set(t["id"] for t in before) <= set(seen)
+    assert seen == sorted(seen, reverse=True) and pages == 18
+
+
+async def test_pages_filter_by_status_capability_queue_key_and_task(two_keys):
+    client = two_keys
+    a = [await submit(client, cap="alpha") for _ in range(3)]
+    b = [await submit(client, cap="beta[gpu]", headers=OTHER) for _ in range(2)]
+    await call(client, "POST", f"/management/tasks/cancel/alpha/{a[0]['id']}", headers=MGMT_H)
+
+    async def ids(query):
+        return sorted(r["id"]["id"] for r in rows_of(await listed(client, query)))
+    assert await ids("capability=alpha") == sorted(t["id"] for t in a)
+    assert await ids("capability=beta") == sorted(t["id"] for t in b)  # the base
+    assert await ids("status=canceled&limit=5") == [a[0]["id"]]
+    assert await ids(f"key={OTHER_KEY}") == sorted(t["id"] for t in b)
+    assert await ids("queue=urgent") == []
+    assert (await listed(client, "queue=regular"))["total"] == 5
+    one = await listed(client, f"task=alpha/{a[1]['id']}")
+    assert [r["id"]["id"] for r in rows_of(one)] == [a[1]["id"]] and one["next"] is None and one["total"] == 1
+    assert rows_of(await listed(client, "task=alpha/nothing")) == []
+    listing = await listed(client, "limit=2&capability=alpha")
+    assert listing["total"] == 3 and listing["next"] == a[1]["id"]
+    assert await ids(f"limit=2&capability=alpha&cursor={listing['next']}") == [a[0]["id"]]
+
+
+async def test_a_page_shows_the_end_of_a_long_log_and_a_named_task_all_of_it(client):
+    ag = await new_agent(client, ["echo"])
+    task = await submit(client)
+    await call(client, "POST", f"/private/agent/take/echo/{task['id']}", headers=ag.h)
+    text = "".join(f"line {n}\n" for n in range(1000))
+    await call(client, "POST", f"/private/agent/task/progress/echo/{task['id']}", headers=ag.h,
+               json={"id": task, "logUpdate": text})
+    [row] = rows_of(await listed(client, "limit=10"))
+    assert row["logChars"] == len(text) and text.endswith(row["log"]) and len(row["log"]) < len(text)
+    [whole] = rows_of(await listed(client, f"task=echo/{task['id']}"))
+    assert whole["log"] == text and "logChars" not in whole
+
+
+@pytest.mark.parametrize("query, word", [
+    ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"), ("limit=-1", "limit"),
+    ("cursor=abc", "cursor"), ("cursor=" + "0" * 25 + "!", "cursor"), ("queue=soon", "queue"),
+    ("status=lost&limit=5", "status"), ("key=unknown", "key"), ("task=nothing", "task"),
+    ("capability=", "capability"),
+])
+async def test_bad_listing_parameters_answer_400(client, query, word):
+    body = await fails(client, "GET", f"/management/tasks/list?{query}", 400, headers=MGMT_H)
+    assert word in body["error"]["message"]
+
+
+async def test_the_unparameterized_listing_keeps_the_original_shape(client):
+    for _ in range(450):  # more than one written slice
+        await submit(client)
+    await submit(client, urgent=True, status=503)  # no agent serves it: nothing listed for it
+    last = await submit(client)
+    await call(client, "POST", f"/management/tasks/cancel/echo/{last['id']}", headers=MGMT_H)
+    resp = await client.get("/management/tasks/list", headers=MGMT_H)
+    assert resp.status == 200 and resp.content_type == "application/json"
+    listing = json.loads(await resp.read())
+    assert set(listing) == {"urgent", "regular"} and len(listing["regular"]["unassigned"]) == 450
+    page = await listed(client, "limit=1000")  # the same rows, newest first
+    for queue, kinds in listing.items():
+        for kind, rows in kinds.items():
+            assert sorted(rows, key=lambda r: r["id"]["id"]) == page[queue][kind][::-1]
+    canceled = await listed(client, "status=canceled")
+    assert set(canceled) == {"urgent", "regular"} and len(rows_of(canceled)) == 1
+
+
 # ---------------------------------------------------------------- Idempotency-Key
 
 async def test_idempotency_key_returns_the_original_task(client):
@@ -1495,10 +1762,10 @@ async def test_idempotency_key_returns_the_original_task(client):
 
 async def test_idempotency_keys_are_per_client_key(client):
     await client.post("/management/client_api_keys/update", headers=MGMT_H,
-                      json={"key": "other", "capabilities": ["*"]})
+                      json={"key": "other-key-0123456789", "capabilities": ["*"]})
     body = {"capability": "job"}
     a = await client.post("/api/task/submit", json=body, headers={**CLIENT, "Idempotency-Key": "k"})
-    b = await client.post("/api/task/submit", json=body, headers={"X-API-Key": "other", "Idempotency-Key": "k"})
+    b = await client.post("/api/task/submit", json=body, headers={"X-API-Key": "other-key-0123456789", "Idempotency-Key": "k"})
     assert b.status == 201 and (await a.json())["id"] != (await b.json())["id"]
     bad = await client.post("/api/task/submit", json=body, headers={**CLIENT, "Idempotency-Key": "x" * 300})
     assert bad.status == 400
@@ -1560,7 +1827,7 @@ async def test_event_ring_forgets_oldest_events_past_its_byte_budget(client, mon
                           headers=CLIENT)
     hub = client.app[offloadmq.HUB]
     log = hub.events
-    assert log.bytes <= 2000 and sum(len(e.data) for e in log.ring) == log.bytes
+    assert log.bytes <= 2000 and sum(e.size for e in log.ring) == log.bytes
     assert len(log.ring) < 30
     # A Last-Event-ID older than what is kept cannot resume: the stream starts over.
     assert log.after(log.ring[0].id - 2, "x", None) is None
@@ -1597,6 +1864,379 @@ async def test_a_change_wakes_only_the_clients_waiting_for_that_task(tmp_path):
         await hub.stop()
 
 
+# ---------------------------------------------------------------- hostile requests and credentials (raw sockets: test_e2e_hostile.py)
+
+# ---------------------------------------------------------------- methods and paths
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("GET", "/api/task/submit", "POST"),              # answered by the console's catch-all before
+    ("GET", "/management/agents/reset", "POST"),
+    ("GET", "/private/agent/take/echo/01ABC", "POST"),
+    ("TRACE", "/health", "GET"),                      # typed bad_request before
+    ("DELETE", "/api/task/submit", "POST"),
+    ("PUT", "/management/tasks/list", "GET"),
+])
+async def test_a_method_a_route_does_not_take_is_405_with_allow(client, method, path, allowed):
+    resp = await client.request(method, path, headers=MGMT_H)
+    assert resp.headers["Allow"] == allowed
+    message = (await fails(client, method, path, 405, headers=MGMT_H))["error"]["message"]
+    assert method in message and allowed in message
+
+
+async def test_console_files_and_unknown_pages_keep_their_answers(client):
+    assert (await client.get("/")).status == 200
+    await fails(client, "GET", "/no-such-page", 404)
+
+
+@pytest.mark.parametrize("tail", ["%ZZ/01ABC", "%E9/01ABC", "echo/%ZZ", "echo/%E9%80", "%/x"])
+async def test_undecodable_paths_are_400_alike(client, tail):
+    url = URL(str(client.make_url("/api/task/poll/")) + tail, encoded=True)  # sent as written
+    resp = await client.session.get(url, headers=CLIENT)
+    body = await resp.json()
+    assert resp.status == 400 and body["error"]["type"] == "bad_request", body
+    assert "surrogate" not in body["error"]["message"]
+
+
+async def test_a_number_range_prints_plainly(client):
+    message = (await fails(client, "POST", "/api/task/submit", 400, headers=CLIENT,
+                           json={"capability": "echo", "timeoutSecs": -1}))["error"]["message"]
+    assert "from 0.001 to 31622400" in message and "e+" not in message
+
+
+async def test_invalid_utf8_body_says_utf8_not_surrogates(client):
+    message = (await fails(client, "POST", "/api/task/submit", 400, headers=CLIENT,
+                           data=b'{"capability": "\xff\xfe"}'))["error"]["message"]
+    assert "UTF-8" in message and "surrogate" not in message
+
+
+async def test_a_non_ascii_credential_is_just_a_wrong_one(client):
+    """(Bytes that are not UTF-8 at all need a raw socket: tests/test_e2e_hostile.py.)"""
+    await fails(client, "GET", "/management/agents/list", 401,
+                headers={"X-Mgmt-Token": "mt-é"})
+    await fails(client, "POST", "/api/task/submit", 401,
+                headers={"X-API-Key": "ck-ÿ-0123456789abcdef"}, json={"capability": "echo"})
+
+
+async def test_idempotent_replay_says_it_is_the_earlier_task(client):
+    ag = await agent(client)
+    headers = {**CLIENT, "Idempotency-Key": "job-1"}
+    first = await call(client, "POST", "/api/task/submit", 201, headers=headers, json={"capability": "echo"})
+    assert first["message"] == "Added to tasks queue"
+    await call(client, "GET", "/private/agent/task/poll?wait=0", headers=ag.h)
+    await take(client, ag, first["id"])
+    await call(client, "POST", f"/private/agent/task/resolve/{tp(first['id'])}", headers=ag.h,
+               json={"id": first["id"]["id"], "status": {"failure": ["boom", 1]}})
+    replay = await call(client, "POST", "/api/task/submit", 200, headers=headers, json={"capability": "echo"})
+    assert replay["id"] == first["id"] and replay["status"] == "failed"
+    assert "Added" not in replay["message"] and "failed" in replay["message"]
+
+
+# ---------------------------------------------------------------- bodies
+
+async def test_a_broken_gzip_body_is_400(client):
+    broken = gzip.compress(json.dumps({"capability": "echo"}).encode())[:-12] + b"garbage!" * 3
+    message = (await fails(client, "POST", "/api/task/submit", 400, data=broken, headers={
+        **CLIENT, "Content-Encoding": "gzip", "Content-Type": "application/json"}))["error"]["message"]
+    assert "gzip" in message
+    ok = await client.post("/api/task/submit", headers={**CLIENT, "Content-Encoding": "gzip"},
+                           data=gzip.compress(json.dumps({"capability": "echo"}).encode()))
+    assert ok.status == 201
+
+
+async def test_a_wrong_header_credential_is_refused_before_the_body_is_read(client):
+    hub = client.server.app[HUB]
+    reads = []
+
+    async def body():
+        reads.append(1)
+        yield b'{"capability": "echo", '
+        await asyncio.sleep(30)  # a body that would hold the request this long
+        yield b'"payload": 1}'
+
+    resp = await asyncio.wait_for(client.post("/api/task/submit", headers={"X-API-Key": "ck-wrong-guess"},
+                                              data=body()), 5)
+    assert resp.status == 401
+    assert len(hub.broker.tasks) == 0
+
+
+async def test_past_the_body_budget_a_request_is_503_overloaded(make_client):
+    client = await make_client(body_budget_bytes=1000)
+    resp = await client.post("/api/task/submit", headers=CLIENT, json={"capability": "echo", "payload": "x" * 2000})
+    assert resp.status == 503 and (await resp.json())["error"]["type"] == "overloaded"
+    assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    await call(client, "POST", "/api/task/submit", 201, headers=CLIENT,
+               json={"capability": "echo", "payload": "x" * 100})  # the budget was given back
+
+
+# ---------------------------------------------------------------- control characters and logs
+
+@pytest.mark.parametrize("bad", ["echo\nINFO forged", "echo\r", "ec\x00ho", "echo\x1b[31m", "echo\x7f",
+                                 "echo\x85", "echo\u2028"])
+async def test_control_characters_in_capabilities_are_400(client, bad):
+    await fails(client, "POST", "/api/task/submit", 400, headers=CLIENT,
+                json={"capability": bad})
+    await fails(client, "POST", "/agent/register", 400,
+                json={"capabilities": [bad], "apiKey": AGENT_KEY})
+    ag = await agent(client)
+    await fails(client, "POST", "/private/agent/info/update", 400, headers=ag.h,
+                json={"capabilities": ["echo", bad]})
+    await fails(client, "POST", "/management/client_api_keys/update", 400, headers=MGMT_H,
+                json={"key": "ck-0123456789abcdef", "capabilities": [bad]})
+
+
+async def test_nothing_sent_forges_a_log_line(client, caplog):
+    caplog.set_level(logging.DEBUG, logger="offloadmq")
+    await client.post("/api/task/submit", json={"capability": "echo", "apiKey": "x\nWARNING forged line"})
+    await client.session.get(URL(str(client.make_url("/management/agents/list%0AWARNING%20forged")), encoded=True),
+                             headers={"X-Mgmt-Token": "wrong"})
+    await client.session.get(URL(str(client.make_url("/no-page%0AWARNING%20forged")), encoded=True))
+    for record in caplog.records:
+        assert "\n" not in record.getMessage(), record.getMessage()
+    assert "forged line" not in caplog.text  # a key is never logged, escaped or not
+
+
+# ---------------------------------------------------------------- schema and code agree
+
+async def test_agent_info_nulls_mean_defaults_and_odd_types_are_refused(client):
+    ag = await agent(client)
+    await call(client, "POST", "/private/agent/info/update", headers=ag.h,
+               json={"capabilities": ["echo"], "capacity": None, "tier": None, "systemInfo": None})
+    [listed] = await call(client, "GET", "/management/agents/list", headers=MGMT_H)
+    assert listed["capacity"] == 1 and listed["tier"] == 0
+    for info in ([], False, 0, ""):
+        await fails(client, "POST", "/private/agent/info/update", 400, headers=ag.h,
+                    json={"capabilities": ["echo"], "systemInfo": info})
+    await fails(client, "POST", "/private/agent/info/update", 400, headers=ag.h,
+                json={"capabilities": ["echo"], "capacity": 10 ** 30})
+
+
+def test_document_says_what_the_code_refuses():
+    doc = openapi_document(ROUTES)
+    schemas = doc["components"]["schemas"]
+    assert schemas["AgentInfo"]["properties"]["capacity"]["maximum"] >= 1
+    assert schemas["AgentInfo"]["properties"]["systemInfo"]["type"] == ["object", "null"]
+    update = doc["paths"]["/management/client_api_keys/update"]["post"]
+    key = update["requestBody"]["content"]["application/json"]["schema"]["properties"]["key"]
+    assert key["minLength"] == 16 and key["maxLength"] == 512
+    submission = json.dumps(schemas["Submission"])
+    assert "runAt" in submission and "delaySecs" in submission and '"not"' in submission
+    for path in ("/management/agents/rotate_key/{agent_id}", "/private/agent/rotate_key"):
+        assert "post" in doc["paths"][path]
+
+
+# ---------------------------------------------------------------- headers
+
+async def test_every_answer_carries_the_security_headers_and_no_version_banner(client):
+    for method, path in (("GET", "/"), ("GET", "/js/app.js"), ("GET", "/health"),
+                         ("GET", "/management/agents/list"), ("POST", "/api/task/submit")):
+        resp = await client.request(method, path)
+        csp = resp.headers["Content-Security-Policy"]
+        assert "default-src 'self'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        assert resp.headers["Referrer-Policy"] == "no-referrer"
+        assert resp.headers.get("Server", "OffloadMQ") == "OffloadMQ"
+
+
+# ---------------------------------------------------------------- authentication failures
+
+async def test_sixty_wrong_keys_from_one_address_get_429_with_retry_after(client):
+    statuses = []
+    for i in range(80):
+        resp = await client.post("/api/task/submit", headers={"X-API-Key": f"ck-guess-{i}"},
+                                 json={"capability": "echo"})
+        statuses.append(resp.status)
+        if resp.status == 429:
+            assert 1 <= int(resp.headers["Retry-After"]) <= 60
+            assert (await resp.json())["error"]["type"] == "too_many_requests"
+            break
+    assert statuses[-1] == 429 and statuses.count(401) >= 50, statuses
+    # Blocked: the right key too (else a 200 among 429s would tell the right guess).
+    resp = await client.post("/api/task/submit", headers=CLIENT, json={"capability": "echo"})
+    assert resp.status == 429
+    for path, kw in (("/agent/register", {"json": {"capabilities": ["a"], "apiKey": "wrong"}}),
+                     ("/agent/auth", {"json": {"agentId": "x", "key": "y"}}),
+                     ("/management/agents/list", {"headers": {"X-Mgmt-Token": "wrong"}})):
+        assert (await client.request("GET" if "management" in path else "POST", path, **kw)).status == 429
+
+
+@pytest.mark.parametrize("path, kw", [
+    ("/agent/register", {"json": {"capabilities": ["a"], "apiKey": "ak-guess"}}),
+    ("/agent/auth", {"json": {"agentId": "01ABC", "key": "guess"}}),
+    ("/management/tasks/list", {"headers": {"X-Mgmt-Token": "mt-guess"}}),
+])
+async def test_every_scheme_is_throttled(client, path, kw):
+    method = "GET" if path.startswith("/management") else "POST"
+    statuses = [(await client.request(method, path, **kw)).status for _ in range(70)]
+    assert 429 in statuses and statuses.index(429) >= 50, statuses
+
+
+async def test_successes_and_agent_tokens_are_not_counted(client):
+    ag = await agent(client)
+    for _ in range(100):
+        assert (await client.get("/management/agents/list", headers=MGMT_H)).status == 200
+        assert (await client.get("/private/agent/ping", headers={"Authorization": "Bearer bad.jwt.x"})).status == 401
+    assert (await client.get("/private/agent/ping", headers=ag.h)).status == 200
+    await submit(client)
+
+
+def test_throttle_keeps_other_addresses_apart_and_refills():
+    throttle = AuthThrottle(per_min=60)
+    for i in range(60):
+        assert throttle.wait_s("10.0.0.1", now=i * 0.001) == 0
+        throttle.failed("10.0.0.1", now=i * 0.001)
+    assert 0 < throttle.wait_s("10.0.0.1", now=0.1) <= 60
+    assert throttle.wait_s("10.0.0.2", now=0.1) == 0  # another address is unaffected
+    assert throttle.wait_s("10.0.0.1", now=2.0) == 0  # a token back after a second
+    for _ in range(1000):  # guesses in flight when the tokens ran out still count...
+        throttle.failed("10.0.0.3", now=5.0)
+    assert 59 < throttle.wait_s("10.0.0.3", now=5.0) <= 60  # ...but the wait stays within a minute
+    # IPv6 counts per /64; an IPv4-mapped address as its IPv4 address.
+    assert throttle.address_key("2001:db8::1") == throttle.address_key("2001:db8::ffff") == "2001:db8::/64"
+    assert throttle.address_key("::ffff:10.0.0.1") == "10.0.0.1"
+
+
+def test_throttle_table_is_capped_and_summaries_count_and_forget():
+    throttle = AuthThrottle(per_min=60)
+    throttle.MAX_ADDRESSES = 100
+    for i in range(1000):
+        assert throttle.failed(f"10.0.{i // 256}.{i % 256}", now=1.0) is True  # first: log it now
+    assert len(throttle.table) == 100
+    assert throttle.failed("10.0.3.231", now=1.0) is False  # second: summed up later
+    assert ("10.0.3.231", 2) in throttle.summaries(now=2.0)
+    assert throttle.summaries(now=200.0) == [] and not throttle.table  # full again: forgotten
+
+
+async def test_failures_are_logged_without_the_secret(client, caplog):
+    caplog.set_level(logging.INFO, logger="offloadmq")
+    for _ in range(5):
+        await client.get("/management/agents/list", headers={"X-Mgmt-Token": "mt-secret-guess-123"})
+    lines = [r.getMessage() for r in caplog.records if "failed authentication" in r.getMessage()]
+    assert len(lines) == 1 and "127.0.0.1" in lines[0], lines
+    assert "mt-secret-guess-123" not in caplog.text
+
+
+# ---------------------------------------------------------------- keys
+
+@pytest.mark.parametrize("key", ["short", "ck-" + "a" * 12, "has space 0123456789", "ck/0123456789abcdef",
+                                 "ck-0123456789abcdef\n", "k" * 513])
+async def test_created_keys_must_be_long_and_plain(client, key):
+    message = (await fails(client, "POST", "/management/client_api_keys/update", 400,
+                           headers=MGMT_H, json={"key": key, "capabilities": ["*"]}))["error"]["message"]
+    assert "16" in message
+
+
+async def test_a_short_key_set_at_start_can_still_get_a_limit(client):
+    saved = await call(client, "POST", "/management/client_api_keys/update", headers=MGMT_H,
+                       json={"key": CLIENT_KEY, "capabilities": ["*"], "maxInFlight": 2})
+    assert saved["key"] == CLIENT_KEY and saved["isPredefined"] is True and saved["maxInFlight"] == 2
+
+
+async def test_short_keys_set_at_start_stay_and_are_warned_about(config, caplog):
+    caplog.set_level(logging.WARNING, logger="offloadmq")
+    warn_short_secrets(config)  # ck-test, ak-test, mt-test: all short
+    assert len([r for r in caplog.records if "characters" in r.getMessage()]) == 3
+    assert CLIENT_KEY not in caplog.text and MGMT not in caplog.text
+
+
+async def test_max_queued_bytes_limits_what_a_key_has_queued(client):
+    key = "ck-quota-0123456789abcdef"
+    saved = await call(client, "POST", "/management/client_api_keys/update", headers=MGMT_H,
+                       json={"key": key, "capabilities": ["*"], "maxQueuedBytes": 3000})
+    assert saved["maxQueuedBytes"] == 3000
+    headers = {"X-API-Key": key}
+    first = await submit(client, headers=headers, payload="x" * 1000)
+    await submit(client, headers=headers, payload="x" * 1000)
+    message = (await fails(client, "POST", "/api/task/submit", 429, headers=headers,
+                           json={"capability": "echo", "payload": "x" * 1000}))["error"]["message"]
+    assert "maxQueuedBytes is 3000" in message
+    await submit(client, payload="x" * 1000)  # another key is not affected
+    # An ended task gives its bytes back.
+    await call(client, "POST", f"/api/task/cancel/{tp(first)}", headers=headers)
+    await submit(client, headers=headers, payload="x" * 1000)
+    [listed] = [k for k in await call(client, "GET", "/management/client_api_keys/list", headers=MGMT_H)
+                if k["key"] == key]
+    assert listed["maxQueuedBytes"] == 3000
+    for bad in (0, -1, True, "1", 1 << 60):
+        await fails(client, "POST", "/management/client_api_keys/update", 400, headers=MGMT_H,
+                    json={"key": key, "capabilities": ["*"], "maxQueuedBytes": bad})
+
+
+async def test_max_queued_bytes_survives_a_restart(make_client, config):
+    key = "ck-quota-0123456789abcdef"
+    first = await make_client()
+    await call(first, "POST", "/management/client_api_keys/update", headers=MGMT_H,
+               json={"key": key, "capabilities": ["*"], "maxQueuedBytes": 1500})
+    await submit(first, headers={"X-API-Key": key}, payload="x" * 1000)
+    await first.close()
+    second = await make_client()
+    await fails(second, "POST", "/api/task/submit", 429, headers={"X-API-Key": key},
+                json={"capability": "echo", "payload": "x" * 1000})
+
+
+# ---------------------------------------------------------------- agent credentials
+
+async def test_management_rotation_revokes_the_old_key_and_tokens(make_client):
+    client = await make_client()
+    ag = await agent(client)
+    tid = await submit(client)
+    await call(client, "GET", "/private/agent/task/poll?wait=0", headers=ag.h)
+    await take(client, ag, tid)
+    rotated = await call(client, "POST", f"/management/agents/rotate_key/{ag.uid}", headers=MGMT_H)
+    assert rotated["uid"] == ag.uid and rotated["tasksInFlight"] == 1 and "key" not in rotated
+    message = (await fails(client, "GET", "/private/agent/ping", 401, headers=ag.h))["error"]["message"]
+    assert "revoked" in message
+    await fails(client, "POST", "/agent/auth", 401,
+                json={"agentId": ag.uid, "key": ag.key})
+    await fails(client, "POST", "/management/agents/rotate_key/nope", 404, headers=MGMT_H)
+    await fails(client, "POST", f"/management/agents/rotate_key/{ag.uid}", 401)
+
+
+async def test_agent_rotates_its_own_key_and_keeps_its_id_and_tasks_across_a_restart(make_client):
+    client = await make_client()
+    ag = await agent(client)
+    tid = await submit(client)
+    await call(client, "GET", "/private/agent/task/poll?wait=0", headers=ag.h)
+    await take(client, ag, tid)
+    fresh = await call(client, "POST", "/private/agent/rotate_key", headers=ag.h)
+    assert fresh["agentId"] == ag.uid and fresh["key"] != ag.key and fresh["expiresIn"] > 0
+    new_h = {"Authorization": f"Bearer {fresh['token']}"}
+    await fails(client, "GET", "/private/agent/ping", 401, headers=ag.h)
+    await call(client, "GET", "/private/agent/ping", headers=new_h)
+    await client.server.app[HUB].compact()  # the rotation must survive a snapshot too
+    await client.close()
+
+    again = await make_client()  # the snapshot and journal replayed
+    await fails(again, "GET", "/private/agent/ping", 401, headers=ag.h)
+    await fails(again, "POST", "/agent/auth", 401,
+                json={"agentId": ag.uid, "key": ag.key})
+    await call(again, "GET", "/private/agent/ping", headers=new_h)
+    token = (await call(again, "POST", "/agent/auth", json={"agentId": ag.uid, "key": fresh["key"]}))["token"]
+    h = {"Authorization": f"Bearer {token}"}
+    await call(again, "POST", f"/private/agent/task/resolve/{tp(tid)}", headers=h,
+               json={"id": tid["id"], "status": {"success": 1}})
+    status = await call(again, "GET", f"/api/task/poll/{tp(tid)}", headers=CLIENT)
+    assert status["status"] == "completed"
+
+
+async def test_a_token_from_before_the_rotation_fails_even_within_the_same_second(make_client):
+    now = [time.time() // 1 - 10 + 0.25]  # pyjwt refuses an iat in its future
+    client = await make_client(clock=lambda: now[0])
+    ag = await agent(client)
+    now[0] += 0.001
+    await call(client, "POST", f"/management/agents/rotate_key/{ag.uid}", headers=MGMT_H)
+    await fails(client, "GET", "/private/agent/ping", 401, headers=ag.h)
+    claims = jwt.decode(ag.token, SECRET, algorithms=["HS256"])
+    assert int(claims["iat"]) == int(now[0])  # same second, still refused
+
+
+async def test_a_token_issued_at_the_very_instant_of_the_rotation_works(make_client):
+    now = time.time() // 1 - 10 + 0.1234567  # a clock that does not move, below a microsecond
+    client = await make_client(clock=lambda: now)
+    ag = await agent(client)
+    fresh = await call(client, "POST", "/private/agent/rotate_key", headers=ag.h)
+    await call(client, "GET", "/private/agent/ping", headers={"Authorization": f"Bearer {fresh['token']}"})
+
+
 # ---------------------------------------------------------------- the OpenAPI document, and schemathesis run from it
 
 # Streams never end, so schemathesis cannot judge them; the event stream tests above cover them.
@@ -1622,9 +2262,13 @@ def test_document_names_every_route():
         if kind != "open":
             assert "401" in operation["responses"], (method, path)
         for status, answer in operation["responses"].items():
+            health = status == "503" and path in ("/health", "/api/ping")  # unhealthy: the Health body
             if int(status) >= 400:
                 assert answer["content"]["application/json"]["schema"] == {
-                    "$ref": "#/components/schemas/Error"}
+                    "$ref": "#/components/schemas/" + ("Health" if health else "Error")}
+    assert "507" in paths["/api/task/submit"]["post"]["responses"]
+    assert "507" in paths["/private/agent/task/poll"]["get"]["responses"], "?take=1 writes"
+    assert "507" not in paths["/private/agent/ping"]["post"]["responses"], "a contact only"
 
 
 def test_served_document_is_the_built_one(server):
@@ -1766,8 +2410,8 @@ def test_happy_paths_answer_the_documented_shapes(server):
     check("POST", "/management/agents/drain/{agent_id}", {"agent_id": reg["agentId"]}, headers=mgmt)
     check("POST", "/management/agents/resume/{agent_id}", {"agent_id": reg["agentId"]}, headers=mgmt)
     check("POST", "/management/client_api_keys/update", headers=mgmt,
-          body={"key": "ck-extra", "capabilities": ["llm.*"], "maxInFlight": 3})
-    check("POST", "/management/client_api_keys/revoke/{key}", {"key": "ck-extra"}, headers=mgmt)
+          body={"key": "ck-extra-0123456789abcdef", "capabilities": ["llm.*"], "maxInFlight": 3})
+    check("POST", "/management/client_api_keys/revoke/{key}", {"key": "ck-extra-0123456789abcdef"}, headers=mgmt)
     for path in ("/health", "/stats", "/api/ping"):
         check("GET", path)
     check("GET", "/api/task/poll/{cap}/{id}", {"cap": "a/b", "id": "nope"}, headers=client, expect=404)

@@ -316,6 +316,30 @@ def test_overview_shows_online_agents_capabilities_and_queue_depth(console, serv
     expect(view.locator("[data-ref=waiting]")).to_have_text("2")
 
 
+def test_health_says_unhealthy_and_why_while_the_disk_refuses_writes(console, server):
+    """The journal replaced under the running server (storage_lost, for real): /health
+    answers 503 with the reason, and the console shows the server up but unhealthy, with
+    that reason, rather than unreachable; the overview still shows the counts."""
+    server.submit("train/big", {"n": 1})
+    journal = server.data / "journal.jsonl"
+    replacement = server.data / "journal.jsonl.new"
+    replacement.write_bytes(journal.read_bytes())
+    os.replace(replacement, journal)
+    deadline = time.monotonic() + 10
+    while http("GET", server.url + "/health")[0] != 503:  # the next background round sees it
+        assert time.monotonic() < deadline, "the lost journal was not noticed"
+        time.sleep(0.1)
+    console.expect_http_errors(503)
+    page = console.sign_in()
+
+    expect(page.locator("#health-text")).to_have_text("unhealthy")
+    expect(page.locator("#health")).to_have_attribute("title", re.compile("no longer the journal"))
+    view = page.locator("#view")
+    expect(view.locator("[data-ref=health]")).to_have_text("unhealthy")
+    expect(view.locator("[data-ref=health-note]")).to_contain_text("restart the server")
+    expect(view.locator("[data-ref=waiting]")).to_have_text("1")
+
+
 def test_agents_page_shows_an_agent_and_deletes_it_after_confirmation(console, server):
     agent = Agent(server, ["shell.bash", "llm.test"], capacity=2, tier=3)
     task_id = server.submit("shell.bash", {"command": "sleep 1"})
@@ -392,22 +416,22 @@ def test_api_keys_can_be_created_and_revoked(console, server):
 
     page.click("[data-ref=generate]")
     expect(page.locator("[data-ref=key]")).to_have_value(re.compile(r"^ck-[0-9a-f]{32}$"))
-    page.fill("[data-ref=key]", "ck-console-test")
+    page.fill("[data-ref=key]", "ck-console-test-key")
     page.fill("[data-ref=capabilities]", "llm.*, shell.bash")
     page.click("[data-ref=create]")
-    row = page.locator("tr[data-key='ck-console-test']")
+    row = page.locator("tr[data-key='ck-console-test-key']")
     expect(row.locator(".chip")).to_have_text(["llm.*", "shell.bash"])
     expect(row.locator(".badge")).to_have_text("active")
     keys = {k["key"]: k for k in http("GET", server.url + "/management/client_api_keys/list", headers=server.mgmt)[1]}
-    assert keys["ck-console-test"]["capabilities"] == ["llm.*", "shell.bash"]
+    assert keys["ck-console-test-key"]["capabilities"] == ["llm.*", "shell.bash"]
 
     row.get_by_role("button", name="Revoke").click()
-    expect(page.locator("#confirm-text")).to_contain_text("ck-console-test")
+    expect(page.locator("#confirm-text")).to_contain_text("ck-console-test-key")
     page.click("#confirm-ok")
     expect(row.locator(".badge")).to_have_text("revoked")
     expect(row.get_by_role("button", name="Revoke")).to_have_count(0)
     keys = {k["key"]: k for k in http("GET", server.url + "/management/client_api_keys/list", headers=server.mgmt)[1]}
-    assert keys["ck-console-test"]["isRevoked"] is True
+    assert keys["ck-console-test-key"]["isRevoked"] is True
 
 
 def test_sandbox_submit_completes_with_a_scripted_agent(console, server, scripted_agent):
@@ -637,7 +661,7 @@ def test_agents_drain_and_resume_and_a_key_gets_a_limit(console, server):
 
 def test_pages_fall_back_to_polling_when_the_event_stream_is_blocked(console, server):
     page = console.page
-    console.block("**/management/events")
+    console.block("**/management/events*")
     console.sign_in()
     expect(page.locator("#live")).to_have_text("polling")
     console.go("tasks")
@@ -645,7 +669,7 @@ def test_pages_fall_back_to_polling_when_the_event_stream_is_blocked(console, se
     task_id = server.submit("job.quiet", {"n": 1})
     expect(page.locator(f"tr[data-task='{task_id['id']}']")).to_be_visible(timeout=5000)
 
-    page.unroute("**/management/events")  # the stream comes back: retried with backoff
+    page.unroute("**/management/events*")  # the stream comes back: retried with backoff
     expect(page.locator("#live")).to_have_text("live")
     other = server.submit("job.quiet", {"n": 2})
     expect(page.locator(f"tr[data-task='{other['id']}']")).to_be_visible(timeout=3000)
@@ -683,3 +707,75 @@ def test_sandbox_sends_lifecycle_fields_and_stops_a_bash_command(console, server
     expect(terminal.locator(".term-error").last).to_have_text("canceled")
     expect(page.locator("[data-ref=term-stop]")).to_be_hidden()
     assert len(agent.canceled) == 1
+
+
+def test_an_agents_credential_is_revoked_from_its_row(console, server):
+    agent = Agent(server, ["echo"])
+    task_id = server.submit("echo", {"n": 1})
+    agent.take(agent.poll()["id"])
+    page = console.sign_in()
+    console.go("agents")
+    row = page.locator(f"tr[data-agent='{agent.id}']")
+    row.get_by_role("button", name="Revoke credential").click()
+    expect(page.locator("#confirm-text")).to_contain_text("stops working")
+    page.click("#confirm-ok")
+    expect(page.locator(".toast")).to_contain_text("credential revoked")
+    status, answer = http("GET", server.url + "/private/agent/ping", headers=agent.headers)
+    assert status == 401 and "revoked" in answer["error"]["message"]
+    # Same agent, same task: only its credential changed.
+    expect(row.locator("td[data-label='In flight']")).to_have_text("1 / 2")
+    [listed] = http("GET", server.url + "/management/agents/list", headers=server.mgmt)[1]
+    assert listed["uid"] == agent.id and listed["tasksInFlight"] == 1
+    assert task_id
+
+
+def test_the_console_works_under_its_content_security_policy(console, server):
+    """Every page renders with no inline script or style refused; the fixture fails the
+    test on any console error, which is how Chromium reports a CSP violation too."""
+    Agent(server, ["echo"])
+    server.submit("train/big", {"n": 1})
+    page = console.page
+    page.add_init_script("window.__csp = []; document.addEventListener('securitypolicyviolation',"
+                         " (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
+    response = page.goto(server.url + "/")
+    csp = response.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    console.sign_in()
+    bar = page.locator("[data-ref=queues] .bar > span").first
+    expect(bar).to_be_visible()
+    assert bar.evaluate("el => el.style.width") == "100%"  # set through the CSSOM, allowed
+    for name in PAGES:
+        console.go(name)
+        page.wait_for_timeout(200)
+    assert page.evaluate("window.__csp") == []
+
+
+def test_tasks_page_loads_a_page_and_adds_new_tasks_from_the_event_stream(console, server):
+    for n in range(250):
+        server.submit("bulk.job", {"n": n})
+    page = console.page
+    listings = []
+    page.on("request", lambda r: listings.append(r.url) if "/management/tasks/list" in r.url else None)
+    console.sign_in()
+    console.go("tasks")
+    rows = page.locator("#view tbody tr")
+    expect(rows).to_have_count(200)
+    expect(page.locator("#view [data-ref=count]")).to_have_text("250")
+    expect(page.locator("[data-ref=more]")).to_contain_text("newest 200 of 250")
+    expect(page.locator("#live")).to_have_text("live")
+    assert listings and all("limit=" in url for url in listings), listings  # never the whole list
+    asked = len(listings)
+
+    task_id = server.submit("bulk.job", {"n": "new"})
+    expect(rows.first).to_have_attribute("data-task", task_id["id"])
+    expect(rows.first).to_contain_text("pending")
+    expect(page.locator("#view [data-ref=count]")).to_have_text("251")
+    http("POST", f"{server.url}/management/tasks/cancel/bulk.job/{task_id['id']}", headers=server.mgmt)
+    expect(rows.first).to_contain_text("canceled")
+    assert len(listings) == asked, listings[asked:]  # applied from the events, not fetched
+
+    page.locator("[data-ref=load-more]").click()
+    expect(rows).to_have_count(251)
+    expect(page.locator("[data-ref=load-more]")).to_be_hidden()

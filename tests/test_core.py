@@ -2,19 +2,21 @@
 The state machine, matching, tiers, capacity, leases, the LRU of agents, all-or-nothing
 changes, heartbeats and what agents hold; then lifecycle control: cancel, timeouts,
 retries with backoff, dead letters, priority and fairness, delays, drain, per-key limits."""
+import json
 import random
 
 import pytest
 
+import offloadmq
 from conftest import (
     OWNER, T0, claim, core_agent as agent, core_submit as submit, recorded, take_records,
 )
 from offloadmq import (
     ASSIGNED, BadRequest, Broker, CANCELED, CANCEL_GRACE_S, COMPLETED, Conflict,
-    DEFAULT_MAX_RETRIES, FAILED, Forbidden, HOLD_GRACE_S, MAX_RETRY_DELAY_S, NotFound,
+    DEFAULT_MAX_RETRIES, ENDED, FAILED, Forbidden, HOLD_GRACE_S, MAX_RETRY_DELAY_S, NotFound,
     ONLINE_S, PENDING, RUNNING, SchedulingImpossible, TASK_MOVES, TooManyRequests,
     URGENT_KEEP_S, URGENT_TAKE_S, UlidFactory, Unauthenticated, agent_json, assigned_json,
-    base_capability, iso, listing_json, parse_iso, parse_submission, pattern_allows,
+    base_capability, iso, listing_place, listing_row, parse_iso, parse_submission, pattern_allows,
     task_id_json,
 )
 
@@ -851,9 +853,10 @@ def test_dead_letters_are_listed_and_can_be_requeued():
     task = submit(b)
     claim(b, uid, T0)
     b.resolve(uid, task.cap, task.id, "failure", "x", None, T0)
-    listing = listing_json([t for t in b.tasks.values() if t.status == FAILED])
-    assert [t["id"] for t in listing["regular"]["assigned"]] == [task_id_json(task)]
-    assert listing_json([t for t in b.tasks.values() if t.status == COMPLETED])["regular"]["assigned"] == []
+    dead = [t for t in b.tasks.values() if t.status == FAILED]
+    assert [(listing_place(t), listing_row(t)["id"]) for t in dead] == \
+        [(("regular", "assigned"), task_id_json(task))]
+    assert [t for t in b.tasks.values() if t.status == COMPLETED] == []
     b.requeue(task.cap, task.id, T0 + 1)
     assert task.status == PENDING and task.attempts == 0 and task.result is None
     assert claim(b, uid, T0 + 2) is task
@@ -986,6 +989,50 @@ def test_max_in_flight_limits_queued_plus_running_tasks_per_key():
     submit(b, limit=2)
 
 
+def replay(records):
+    broker = Broker()
+    broker.begin_loading()
+    for record in records:
+        broker.apply(record)
+    broker.end_loading()
+    return broker
+
+
+def test_max_queued_bytes_counts_the_encoded_tasks_per_key_and_replay_agrees():
+    b = recorded(Broker())
+    data = parse_submission({"capability": "echo", "payload": "x" * 100})
+    size = len(json.dumps(data, separators=(",", ":")))
+    first = b.submit(data, "o1", None, T0, max_queued_bytes=3 * size)
+    b.submit(data, "o1", None, T0)
+    b.submit(data, "o2", None, T0)
+    assert b.bytes_by_owner == {"o1": 2 * size, "o2": size}
+    with pytest.raises(TooManyRequests, match=f"maxQueuedBytes is {2 * size}"):
+        b.submit(data, "o1", None, T0, max_queued_bytes=2 * size)
+    b.cancel(first.cap, first.id, "o1", T0)
+    assert b.bytes_by_owner["o1"] == size
+    records = take_records(b)
+    assert replay(records).bytes_by_owner == {"o1": size, "o2": size}
+    b.requeue(first.cap, first.id, T0)  # management may requeue past the quota
+    assert b.bytes_by_owner["o1"] == 2 * size
+    b.reset_tasks(T0)
+    assert not any(b.bytes_by_owner.values())
+
+
+def test_key_rotation_is_a_record_that_replays_to_the_same_agent():
+    b = recorded(Broker())
+    uid = agent(b)
+    live = b.agents[uid]
+    old_key = live.key
+    rotated = b.rotate_agent_key(uid, T0 + 1)
+    assert rotated is live and live.key != old_key and live.tokens_after == T0 + 1
+    records = take_records(b)
+    assert records[-1]["op"] == "agent.key_rotated" and records[-1]["tokensAfter"] == T0 + 1
+    again = replay(records).agents[uid]
+    assert (again.key, again.tokens_after) == (live.key, T0 + 1)
+    with pytest.raises(NotFound):
+        b.rotate_agent_key("nope", T0)
+
+
 def test_lifecycle_state_survives_replay():
     live = recorded(Broker(rng=random.Random(5)))
     uid = agent(live, capacity=3)
@@ -1026,3 +1073,111 @@ def test_declined_task_returns_to_the_same_agent_when_it_is_the_only_one():
     claim(b, only, T0)
     b.resolve(only, task.cap, task.id, "notExecuted", "busy", None, T0)
     assert claim(b, only, T0) is task
+
+
+# ---------------------------------------------------------------- retention
+
+def ended_run(n):
+    """n regular tasks ending in the reverse of their creation order, one a second, plus
+    an urgent ended task and a pending one (retention never drops those)."""
+    b = recorded(Broker())
+    uid = agent(b, capacity=1000)
+    tasks = [submit(b, payload=i) for i in range(n)]
+    for i, task in enumerate(reversed(tasks)):
+        b.take(uid, task.cap, task.id, T0 + 1 + i)
+        b.resolve(uid, task.cap, task.id, "success", None, i, T0 + 1 + i)
+    urgent = submit(b, urgent=True)
+    b.take(uid, urgent.cap, urgent.id, T0 + 1)
+    b.resolve(uid, urgent.cap, urgent.id, "success", None, 0, T0 + 1)
+    submit(b)
+    return b, tasks
+
+
+def replayed(b):
+    """A fresh broker that applied `b`'s records since the last take_records."""
+    again = Broker()
+    for record in take_records(b):
+        again.apply(record)
+    return again
+
+
+def test_retention_by_count_drops_the_earliest_ended_through_one_record():
+    b, tasks = ended_run(6)
+    again = replayed(b)
+    assert b.drop_retained(1e9, 4, T0 + 10) == 2
+    change = b.out[-1]
+    assert change.op == "tasks.dropped" and change.durable
+    assert change.record["tasks"] == [list(tasks[5].key), list(tasks[4].key)], "ended first, dropped first"
+    assert all(t.key in b.tasks for t in tasks[:4])
+    assert b.drop_retained(1e9, 4, T0 + 10) == 0
+    again.apply(take_records(b)[-1])
+    assert again.snapshot() == b.snapshot() and list(again.ended) == list(b.ended)
+
+
+def test_retention_by_age_drops_what_ended_before_the_cutoff_and_never_a_live_or_urgent_task():
+    b, tasks = ended_run(6)  # ended at T0+1 .. T0+6
+    assert b.drop_retained(100, 1000, T0 + 103.5) == 3
+    assert [t.key in b.tasks for t in tasks] == [True, True, True, False, False, False]
+    assert sum(1 for t in b.tasks.values() if t.urgent) == 1 and b.counts[(False, PENDING)] == 1
+    assert b.drop_retained(0, 0, T0 + 1e6) == 3 and not b.ended
+    assert len(b.tasks) == 2, "the pending and the urgent task stay"
+    assert replayed(b).snapshot() == b.snapshot()
+
+
+def test_retention_drops_in_bounded_batches(monkeypatch):
+    monkeypatch.setattr(offloadmq, "DROP_BATCH", 2)
+    b, tasks = ended_run(5)
+    assert [b.drop_retained(1e9, 0, T0 + 10) for _ in range(4)] == [2, 2, 1, 0]
+    assert not any(t.status in ENDED and not t.urgent for t in b.tasks.values())
+
+
+def test_a_requeued_task_leaves_retention_until_it_ends_again():
+    b = Broker()
+    tasks = [submit(b) for _ in range(3)]
+    for i, task in enumerate(tasks):
+        b.cancel(task.cap, task.id, OWNER, T0 + 1 + i)
+    b.requeue(tasks[0].cap, tasks[0].id, T0 + 10)  # ended first; waits again
+    assert tasks[0].key not in b.ended
+    assert b.drop_retained(1e9, 0, T0 + 11) == 2 and tasks[0].key in b.tasks
+    b.cancel(tasks[0].cap, tasks[0].id, OWNER, T0 + 12)
+    assert list(b.ended) == [tasks[0].key]
+
+
+def test_a_dropped_record_naming_a_task_not_ended_changes_nothing():
+    b, tasks = ended_run(2)
+    waiting = next(t for t in b.tasks.values() if t.status == PENDING)
+    record = {"op": "tasks.dropped", "at": iso(T0 + 20),
+              "tasks": [list(tasks[0].key), list(waiting.key)]}
+    with pytest.raises(Conflict):
+        b.apply(record)
+    assert tasks[0].key in b.tasks and tasks[0].key in b.ended and waiting.key in b.tasks
+
+
+def test_a_snapshot_keeps_the_order_tasks_ended_in():
+    b, tasks = ended_run(5)
+    again = Broker()
+    again.begin_loading()
+    again.load_snapshot(b.snapshot())  # which lists tasks by creation
+    again.end_loading()
+    assert list(again.ended) == list(b.ended) == [t.key for t in reversed(tasks)]
+
+
+def test_adopting_memory_only_tasks_keeps_urgent_ones_as_they_were():
+    """How the hub goes back to the disk: the rebuilt broker takes the urgent tasks
+    (never journaled) of the one it replaces, same objects, with their timers."""
+    b = recorded(Broker())
+    uid = agent(b, capacity=3)
+    regular = submit(b)
+    held, waiting, ended = (submit(b, urgent=True) for _ in range(3))
+    b.take(uid, held.cap, held.id, T0)
+    b.take(uid, ended.cap, ended.id, T0)
+    b.resolve(uid, ended.cap, ended.id, "success", None, 1, T0)
+    rebuilt = replayed(b)
+    rebuilt.touch(uid, T0)
+    rebuilt.adopt_memory_only(b)
+    assert rebuilt.tasks[held.key] is held and held.key in rebuilt.agents[uid].held
+    assert rebuilt.tasks[ended.key] is ended and rebuilt.tasks[regular.key] is not regular
+    assert rebuilt.offer(uid, T0) is waiting
+    assert rebuilt.counts[(True, PENDING)] == 1 and rebuilt.counts[(True, COMPLETED)] == 1
+    rebuilt.expire(T0 + URGENT_KEEP_S + URGENT_TAKE_S + 1)
+    assert ended.key not in rebuilt.tasks, "an ended urgent task is still forgotten in time"

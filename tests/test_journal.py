@@ -1,5 +1,6 @@
 """The journal: crafted files replayed into a fresh Broker, the Hub's compaction under
-load, and the real server process crashing at each compaction step.
+load, the real server process crashing at each compaction step, and the disk failing
+for real under the Hub (a small tmpfs filled up, the journal replaced).
 
 Most tests build a realistic run on a live Broker (explicit `now`), write its durable
 records with the real `encode_record`, damage the file the way a crash or a bad disk
@@ -9,6 +10,7 @@ import asyncio
 import logging
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -16,10 +18,12 @@ from urllib.parse import quote
 import orjson
 import pytest
 
-from conftest import ROOT, http, recorded, take_records
+import offloadmq
+from conftest import ROOT, fill, http, recorded, take_records
 from offloadmq import (
-    PENDING, Broker, Config, Hub, Journal, JournalCorrupt, OffloadError, decode_record,
-    encode_record, iso, owner_of, parse_iso, parse_submission,
+    PENDING, Broker, Config, Hub, Journal, JournalCorrupt, OffloadError, StorageFull,
+    StorageLost, decode_record, encode_record, iso, load_config, owner_of, parse_iso,
+    parse_submission,
 )
 
 T0 = 1_800_000_000.0
@@ -528,9 +532,8 @@ def test_crash_at_each_compaction_step_recovers_every_acknowledged_task(make_ser
         except OSError:
             break
     srv.proc.wait(timeout=10)
-    if step.startswith("snapshot"):  # the forked writer died there; the server stops after it
-        assert srv.proc.returncode == 70, srv.output()[-3000:]
-        assert "writer exited with 99" in srv.output()
+    if step.startswith("snapshot"):  # the forked writer died there, and the server with it
+        assert srv.proc.returncode == -signal.SIGKILL, srv.output()[-3000:]
     else:
         assert srv.proc.returncode == 99, srv.output()[-3000:]
     leftovers = {p.name for p in srv.data.glob("*.tmp")}
@@ -689,6 +692,8 @@ def random_run(rng: random.Random, steps: int) -> tuple[list[dict], Broker]:
                 b.update_key(rng.choice(("ck-new", "ck-pre")), ["*"], rng.choice((None, 9)), t)
             elif roll < 0.976:
                 b.reset_tasks(t)
+            elif roll < 0.98:
+                b.drop_retained(rng.choice((0, 30, 1e9)), rng.randint(0, 20), t)
             else:
                 b.expire(t)
         except OffloadError:
@@ -735,7 +740,7 @@ def full_state(b: Broker) -> dict:
              for slot, q in b.queues.items()}
     return {**view(b), "ready": {slot: entries for slot, entries in ready.items() if entries},
             "in_flight": {o: n for o, n in b.in_flight_by_owner.items() if n},
-            "idempotent": b.idempotent, "timers": sorted(b.timers),
+            "idempotent": b.idempotent, "timers": sorted(b.timers), "ended": list(b.ended),
             "offered": {uid: a.offered for uid, a in b.agents.items()}}
 
 
@@ -745,7 +750,7 @@ def test_replay_builds_the_state_that_applying_each_record_builds(tmp_path, seed
     be the one that applying the records one by one, as the live broker did, gives."""
     rng = random.Random(seed)
     records, live = random_run(rng, 1500)
-    assert {"task.completed", "task.failed", "task.retried", "task.requeued"} <= {
+    assert {"task.completed", "task.failed", "task.retried", "task.requeued", "tasks.dropped"} <= {
         r["op"] for r in records}
     reference = recorded(Broker(PREDEFINED, T0))
     for record in records:
@@ -827,3 +832,196 @@ def test_a_record_encoded_by_the_core_is_written_as_encode_record_would_write_it
         line = encode_line(seq, change.line)
         assert line == encode_record({"seq": seq, **change.record})
         assert decode_record(line) == {"seq": seq, **change.record}
+
+
+# ---------------------------------------------------------------- disk faults (a tmpfs filled for real)
+
+BIG = {"pad": "x" * 60_000}
+
+
+def durable(state: dict) -> dict:
+    """A view without pending_by_cap, which counts urgent tasks too."""
+    return {k: v for k, v in state.items() if k != "pending_by_cap"}
+
+
+async def started_hub(folder: Path, clock: list, **overrides) -> tuple[Hub, object]:
+    hub = Hub(hub_config(folder, **overrides), clock=lambda: clock[0])
+    hub.recover()
+    agent = await hub.register_agent(agent_info(["debug.echo"], capacity=10))
+    return hub, agent
+
+
+async def submit(hub: Hub, payload=None, urgent=False):
+    task, _ = await hub.submit(submission("debug.echo", urgent=urgent, payload=payload), OWNER, None, None)
+    return task
+
+
+async def test_a_refused_write_takes_memory_back_to_the_disk_and_keeps_urgent_tasks(tiny_disk):
+    clock = [T0]
+    hub, agent = await started_hub(tiny_disk, clock)
+    kept = [await submit(hub, {"i": i}) for i in range(3)]
+    await hub.take(agent.uid, kept[0].cap, kept[0].id)
+    urgent = await submit(hub, urgent=True)
+    regular_waiter = asyncio.ensure_future(hub.poll(kept[1].cap, kept[1].id, OWNER, 30))
+    urgent_waiter = asyncio.ensure_future(hub.poll(urgent.cap, urgent.id, OWNER, 30))
+    await asyncio.sleep(0)
+    before, old = view(hub.broker), hub.broker
+    filler = fill(tiny_disk, leave=30_000)
+
+    # One batch: three big submits and a resolve; it cannot be written whole.
+    results = await asyncio.gather(
+        *[submit(hub, BIG) for _ in range(3)],
+        hub.resolve(agent.uid, kept[0].cap, kept[0].id, "success", None, 1),
+        return_exceptions=True)
+    assert all(isinstance(r, StorageFull) for r in results), results
+    assert hub.broker is not old and view(hub.broker) == before
+    assert (tiny_disk / "journal.jsonl").stat().st_size == hub.journal.size
+    assert (tiny_disk / "journal.jsonl").read_bytes().endswith(b"\n"), "the partial write was cut"
+    clock[0] += 1
+    from_disk, _, _ = replay(tiny_disk, now=clock[0])
+    assert durable(view(from_disk)) == durable(before), "memory is what a restart would rebuild"
+
+    # What never depended on the disk stays as it was.
+    assert hub.broker.tasks[urgent.key] is urgent and hub.broker.counts[(True, "pending")] == 1
+    assert agent.uid in hub.broker.online
+    await asyncio.sleep(0)
+    assert isinstance(regular_waiter.exception(), StorageFull), "its task may have been undone"
+    assert not urgent_waiter.done()
+    assert hub.events.ring[-1].kind == "reset"
+    assert not hub.metrics.totals.get(("completed", "debug.echo")), "nothing refused is counted"
+
+    # Refused up front while the disk stays full, memory untouched; a ping is a contact.
+    with pytest.raises(StorageFull):
+        await submit(hub, {"late": 1})
+    with pytest.raises(StorageFull):
+        await submit(hub, urgent=True)
+    clock[0] += 1
+    assert (await hub.ping(agent.uid, set()))["released"] == []
+    assert hub.broker.agents[agent.uid].last_contact == clock[0]
+    assert view(hub.broker) == before
+    assert hub.health()["status"] == "unhealthy" and hub.health()["reason"] == "storage_full"
+    assert not hub.journal.probe()
+
+    filler.unlink()
+    assert hub.journal.probe() and hub.health()["status"] == "healthy"
+    taken = await hub.take(agent.uid, urgent.cap, urgent.id)
+    await hub.resolve(agent.uid, taken.cap, taken.id, "success", None, "ok")
+    await asyncio.wait_for(urgent_waiter, 5)
+    late = await submit(hub, BIG)
+    await hub.journal.close()
+    again, _, _ = replay(tiny_disk, now=clock[0])
+    assert view(again) == view(hub.broker) and late.key in again.tasks
+
+
+async def test_everysec_write_refused_later_still_goes_back_to_the_disk(tiny_disk):
+    clock = [T0]
+    hub, agent = await started_hub(tiny_disk, clock, fsync="everysec")
+    await submit(hub, {"i": 1})
+    await asyncio.sleep(0.01)
+    before = view(hub.broker)
+    fill(tiny_disk, leave=30_000)
+    await submit(hub, BIG)  # everysec answers before the write: the documented trade
+    await asyncio.sleep(0.01)
+    assert view(hub.broker) == before
+    with pytest.raises(StorageFull):
+        await submit(hub, {"i": 2})
+    await hub.journal.close()
+
+
+async def test_compaction_on_a_full_disk_keeps_the_files_and_retries_later(tiny_disk, caplog):
+    caplog.set_level(logging.INFO, "offloadmq")
+    clock = [T0]
+    hub, agent = await started_hub(tiny_disk, clock)
+    for _ in range(5):
+        await submit(hub, BIG)
+    journal = (tiny_disk / "journal.jsonl").read_bytes()
+    filler = fill(tiny_disk, leave=100_000)
+    await hub.compact()
+    assert "compaction failed" in caplog.text and "No space left" in caplog.text
+    assert (tiny_disk / "journal.jsonl").read_bytes() == journal
+    assert not (tiny_disk / "snapshot.json").exists() and not list(tiny_disk.glob("*.tmp"))
+    assert hub.journal.fault is None and hub.health()["status"] == "healthy"
+    await submit(hub, {"small": 1})  # writes go on
+
+    filler.unlink()
+    caplog.clear()
+    await hub.compact()
+    assert not (tiny_disk / "snapshot.json").exists(), "not before its retry time"
+    clock[0] += offloadmq.COMPACT_RETRY_S + 1
+    await hub.compact()
+    assert (tiny_disk / "snapshot.json").exists() and "journal compacted" in caplog.text
+    await hub.journal.close()
+    again, _, _ = replay(tiny_disk, now=clock[0])
+    assert view(again) == view(hub.broker)
+
+
+async def test_a_journal_replaced_under_the_hub_is_lost_for_writes_and_memory_saved(tmp_path):
+    clock = [T0]
+    data = tmp_path / "data"
+    hub, agent = await started_hub(data, clock)
+    first = await submit(hub, {"i": 1})
+    replacement = data / "other.jsonl"
+    replacement.write_bytes(b"")
+    os.replace(replacement, data / "journal.jsonl")
+    with pytest.raises(StorageLost):
+        await submit(hub, {"i": 2})
+    assert hub.broker.tasks[first.key] is first, "reads go on from memory"
+    assert not hub.journal.probe(), "a lost journal does not come back by itself"
+    assert hub.health()["reason"] == "storage_lost"
+    with pytest.raises(StorageLost):
+        await submit(hub, {"i": 3})
+    await hub.journal.close()
+
+    rescued = list(tmp_path.glob("data-rescued-*.json"))
+    assert len(rescued) == 1, "saved once, next to the data folder"
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    os.replace(rescued[0], fresh / "snapshot.json")
+    again, _, _ = replay(fresh, now=clock[0])
+    assert view(again) == view(hub.broker)
+
+
+# ---------------------------------------------------------------- retention in the hub
+
+async def test_the_background_round_applies_retention_and_replay_agrees(tmp_path):
+    clock = [T0]
+    hub, agent = await started_hub(tmp_path, clock, retention_tasks=2, retention_s=3600.0)
+    tasks = [await submit(hub, {"i": i}) for i in range(5)]
+    for task in tasks:
+        await hub.take(agent.uid, task.cap, task.id)
+        await hub.resolve(agent.uid, task.cap, task.id, "success", None, 1)
+    await hub.start()
+    try:
+        for _ in range(50):
+            if len(hub.broker.ended) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert [t.key in hub.broker.tasks for t in tasks] == [False, False, False, True, True]
+        clock[0] += 3601  # and by age, the rest
+        for _ in range(50):
+            if not hub.broker.ended:
+                break
+            await asyncio.sleep(0.1)
+        assert not hub.broker.ended
+    finally:
+        await hub.release_waiters()
+        await hub.stop()
+    again, _, _ = replay(tmp_path, now=clock[0])
+    assert view(again) == view(hub.broker)
+
+
+def test_retention_settings_from_flags_and_environment(tmp_path):
+    secrets = {"JWT_SECRET": "j", "AGENT_API_KEYS": "a", "CLIENT_API_KEYS": "c", "MGMT_TOKEN": "m"}
+    data = ["--data", str(tmp_path)]
+    config = load_config(data, secrets, tmp_path)
+    assert config.retention_s == 7 * 86400 and config.retention_tasks == 100_000
+    config = load_config(data, {**secrets, "OFFLOADMQ_RETENTION_DAYS": "0.5",
+                                "OFFLOADMQ_RETENTION_TASKS": "10"}, tmp_path)
+    assert config.retention_s == 43200 and config.retention_tasks == 10
+    config = load_config([*data, "--retention-days", "2", "--retention-tasks", "3"],
+                         {**secrets, "OFFLOADMQ_RETENTION_DAYS": "0.5"}, tmp_path)
+    assert config.retention_s == 2 * 86400 and config.retention_tasks == 3
+    for bad in ({"OFFLOADMQ_RETENTION_DAYS": "soon"}, {"OFFLOADMQ_RETENTION_TASKS": "-1"},
+                {"OFFLOADMQ_RETENTION_DAYS": "nan"}):
+        with pytest.raises(SystemExit):
+            load_config(data, {**secrets, **bad}, tmp_path)

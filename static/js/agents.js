@@ -1,5 +1,6 @@
 // Agents: every registered agent with its state, load and machine; drain one before
-// maintenance and resume it, delete one, reset all. Follows the event stream.
+// maintenance and resume it, revoke its credential, delete one, reset all. Follows the
+// event stream.
 
 import { api } from "./api.js";
 import { poll } from "./poll.js";
@@ -69,7 +70,7 @@ function render(refs, agents, inFlight, loop) {
           chips(agent.capabilities),
           system(agent.systemInfo),
           timeCell(agent.lastContact),
-          h("td", { class: "actions" }, drainButton(agent, loop), deleteButton(agent, loop)),
+          h("td", { class: "actions" }, drainButton(agent, loop), revokeButton(agent, loop), deleteButton(agent, loop)),
         ],
         LABELS,
         { dataset: { agent: agent.uid, draining: String(!!agent.draining) }, class: agent.online ? undefined : "is-offline" },
@@ -106,6 +107,24 @@ function drainButton(agent, loop) {
       () => (draining ? api.resumeAgent(agent.uid) : api.drainAgent(agent.uid)),
       draining ? `Agent ${name} gets tasks again.` : `Agent ${name} is draining: no new tasks.`,
     );
+    if (done) loop.now();
+  });
+  return button;
+}
+
+// Revoke credential: for a machine that may be compromised. The agent keeps its id and
+// tasks; it must register again (our agent does so by itself with a registration key).
+function revokeButton(agent, loop) {
+  const name = agent.uidShort || agent.uid;
+  const button = h("button", { type: "button", class: "btn btn-small btn-danger-ghost", dataset: { action: "revoke" } }, "Revoke credential");
+  button.addEventListener("click", async () => {
+    const ok = await confirmAction(
+      `Revoke the credential of agent ${name}?`,
+      "Its login secret is replaced and every token it holds stops working at once. It keeps its id and its tasks; it must register again to get a new credential.",
+      "Revoke credential",
+    );
+    if (!ok) return;
+    const done = await act(button, () => api.rotateAgentKey(agent.uid), `Agent ${name}: credential revoked.`);
     if (done) loop.now();
   });
   return button;

@@ -114,7 +114,12 @@ const taskPath = (id) => `${seg(id.cap)}/${seg(id.id)}`;
 
 // Every route the console uses, named after what it does.
 export const api = {
-  health: () => request("GET", "/health"),
+  // A 503 is still the health body: the server is up but refuses writes (a full or lost disk).
+  health: () =>
+    request("GET", "/health").catch((err) => {
+      if (err.status === 503 && err.body && err.body.status) return err.body;
+      throw err;
+    }),
   stats: () => request("GET", "/stats"),
   // Sign-in checks a candidate token without storing it first.
   checkToken: (token) => request("GET", "/management/capabilities/list/online", { token }),
@@ -126,13 +131,26 @@ export const api = {
 
   drainAgent: (uid) => request("POST", `/management/agents/drain/${seg(uid)}`),
   resumeAgent: (uid) => request("POST", `/management/agents/resume/${seg(uid)}`),
+  // A new login secret for the agent; its earlier tokens stop working (it registers again).
+  rotateAgentKey: (uid) => request("POST", `/management/agents/rotate_key/${seg(uid)}`),
 
-  // status: only tasks in that status ("failed" lists the dead letters).
+  // status: only tasks in that status ("failed" lists the dead letters). Every task at
+  // once: the Tasks page asks for pages instead.
   tasks: (status) => request("GET", `/management/tasks/list${status ? `?status=${seg(status)}` : ""}`),
+  // One page, newest first: {urgent, regular, next, total}. Filters (empty ones left
+  // out): status, capability, queue, cursor (the `next` of the page before), limit.
+  taskPage: (filters = {}) => {
+    const query = new URLSearchParams({ limit: "200" });
+    for (const [name, value] of Object.entries(filters)) if (value) query.set(name, String(value));
+    return request("GET", `/management/tasks/list?${query}`);
+  },
+  // One task with its whole log, in the listing's shape (empty when it is gone).
+  task: (id) => request("GET", `/management/tasks/list?task=${seg(`${id.cap}/${id.id}`)}`),
   resetTasks: () => request("POST", "/management/tasks/reset"),
   cancelTask: (id) => request("POST", `/management/tasks/cancel/${taskPath(id)}`),
   requeueTask: (id) => request("POST", `/management/tasks/requeue/${taskPath(id)}`),
-  events: (options) => openEventStream("/management/events", options),
+  // Only what happens from now: pages load the present state themselves, a page at a time.
+  events: (options) => openEventStream("/management/events?current=0", options),
 
   keys: () => request("GET", "/management/client_api_keys/list"),
   // maxInFlight: a positive integer, or null for no limit (the server clears it when absent).

@@ -90,6 +90,7 @@ function startHealth() {
       const ok = health && health.status === "healthy";
       box.dataset.state = ok ? "up" : "down";
       text.textContent = ok ? "healthy" : String((health && health.status) || "unknown");
+      box.title = (health && health.message) || ""; // why it is unhealthy
     },
     {
       everyMs: 5000,

@@ -10,6 +10,8 @@ export function h(tag, props = {}, ...children) {
     else if (name === "text") el.textContent = String(value);
     else if (name === "dataset") Object.assign(el.dataset, value);
     else if (name === "on") for (const [type, fn] of Object.entries(value)) el.addEventListener(type, fn);
+    // Through the CSSOM: a style attribute would be an inline style, which the CSP refuses.
+    else if (name === "style") el.style.cssText = String(value);
     else if (name in el && typeof value !== "string") el[name] = value;
     else el.setAttribute(name, value === true ? "" : String(value));
   }

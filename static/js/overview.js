@@ -36,6 +36,7 @@ function render(refs, health, stats, capabilities) {
     stats.version ? `v${stats.version}` : null,
     typeof stats.uptimeSecs === "number" ? `up ${duration(stats.uptimeSecs)}` : null,
     typeof health.cached_agents === "number" ? `${health.cached_agents} agents cached` : null,
+    health.message || null, // why it is unhealthy
   ]
     .filter(Boolean)
     .join(" · ");

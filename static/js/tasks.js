@@ -4,7 +4,7 @@
 
 import { api } from "./api.js";
 import { poll } from "./poll.js";
-import { follow, pace, subscribe, taskOf } from "./events.js";
+import { follow, onState, pace, subscribe, taskOf } from "./events.js";
 import { h, mountTemplate, fillTable, fillFacts, tr, showError, badge, mono, pretty, setLog, timeCell, confirmAction, act } from "./dom.js";
 import {
   STATUSES, ENDED, flattenTasks, rowOf, idOf, shortId, taskHref,
@@ -12,22 +12,30 @@ import {
 } from "./model.js";
 
 const LABELS = ["Task", "Capability", "Queue", "Status", "Stage", "Agent", "Attempt", "Created", ""];
-// Enough to scan; the filters narrow down the rest. Keeps each refresh cheap.
-const MAX_ROWS = 200;
 
 // The filters outlive the page so that coming back from a task's detail keeps them.
 const filters = { queue: "", status: "", capability: "", dead: false };
-
-const isTaskEvent = (e) => e.type === "status" || e.type === "end" || e.type === "reset";
 
 export function mount(root, params) {
   if (params.length >= 2) return mountDetail(root, { cap: params[0], id: params[1] });
   return mountList(root);
 }
 
+// The list shows the server's pages (newest first, filtered by the server) and keeps them
+// current from the event stream: a new task, or a change, is applied to the rows shown
+// without asking for the list again. Pages are asked for again only when the filters
+// change, after a reset, when the stream (re)connects, and at the polling pace while it
+// is down.
 function mountList(root) {
   const refs = mountTemplate(root, "tasks");
-  let last = [];
+  let rows = []; // the loaded pages, newest first
+  let next = null; // cursor of the page after the loaded ones; null: all are loaded
+  let total = 0; // tasks the server counts for these filters
+  let loaded = false;
+  let pending = null; // events that arrive while a page is on its way, applied after it
+  let generation = 0; // a newer load makes an older answer stale
+  let drawTimer = null;
+  const caps = new Set();
 
   refs["f-status"].append(...STATUSES.map((s) => h("option", { value: s }, s)));
   refs["f-queue"].value = filters.queue;
@@ -36,7 +44,7 @@ function mountList(root) {
     filters.queue = refs["f-queue"].value;
     filters.status = refs["f-status"].value;
     filters.capability = refs["f-capability"].value;
-    render(refs, last, loop);
+    reload();
   });
   refs.filters.addEventListener("submit", (e) => e.preventDefault());
 
@@ -50,9 +58,7 @@ function mountList(root) {
   refs.dead.addEventListener("click", () => {
     filters.dead = !filters.dead;
     syncDead();
-    last = [];
-    render(refs, last, loop);
-    loop.now();
+    reload();
   });
 
   refs.rows.addEventListener("click", (event) => {
@@ -60,18 +66,120 @@ function mountList(root) {
     if (row && !event.target.closest("a, button")) location.hash = row.dataset.href;
   });
 
-  const loop = poll(
-    async () => {
-      const dead = filters.dead;
-      const listing = await api.tasks(dead ? "failed" : undefined);
-      if (dead !== filters.dead) return; // the view was switched meanwhile
-      last = flattenTasks(listing);
-      render(refs, last, loop);
-      showError(refs.error, null);
+  const matches = (t) =>
+    (filters.dead ? t.status === "failed" : !filters.status || t.status === filters.status) &&
+    (!filters.queue || t.queue === filters.queue) &&
+    (!filters.capability || t.capability === filters.capability || t.capability.split("[")[0] === filters.capability);
+
+  async function load(more) {
+    const mine = more ? generation : ++generation;
+    if (!more) pending = [];
+    let listing;
+    try {
+      listing = await api.taskPage({
+        status: filters.dead ? "failed" : filters.status,
+        capability: filters.capability,
+        queue: filters.queue,
+        cursor: more ? next : "",
+      });
+    } catch (err) {
+      if (!more && mine === generation) pending = null; // events apply to the rows shown again
+      throw err;
+    }
+    if (mine !== generation) return; // the filters changed meanwhile
+    const page = flattenTasks(listing);
+    if (more) {
+      const have = new Set(rows.map(keyOf));
+      rows = rows.concat(page.filter((t) => !have.has(keyOf(t))));
+    } else {
+      rows = page;
+    }
+    next = listing.next;
+    total = listing.total;
+    loaded = true;
+    if (!more) {
+      const later = pending || [];
+      pending = null;
+      for (const event of later) apply(event);
+    }
+    draw();
+    showError(refs.error, null);
+  }
+
+  function reload() {
+    rows = [];
+    loaded = false;
+    draw();
+    loop.now();
+  }
+
+  function apply(event) {
+    if (pending) {
+      pending.push(event);
+      return;
+    }
+    if (event.type === "reset") return reload();
+    if (event.type !== "status" && event.type !== "end") return;
+    const d = event.data;
+    if (!d || !d.id || typeof d.id !== "object" || !loaded) return;
+    const key = `${d.id.cap}/${d.id.id}`;
+    const at = rows.findIndex((t) => keyOf(t) === key);
+    const old = at >= 0 ? rows[at] : null;
+    let row;
+    if (event.type === "end") {
+      row = rowOf(d);
+    } else if (old) {
+      // A task that ended leaves that state only by a requeue.
+      if (ENDED.has(old.status) && d.op !== "task.requeued") return;
+      row = { ...old, status: d.status, stage: d.stage, attempt: d.attempt, cancelRequested: !!d.cancelRequested, agentId: d.agentId ?? old.agentId };
+    } else {
+      row = rowFromStatus(d);
+    }
+    caps.add(row.capability);
+    if (old) {
+      if (matches(row)) rows[at] = row;
+      else {
+        rows.splice(at, 1);
+        total = Math.max(0, total - 1);
+      }
+    } else if (matches(row) && (next === null || idOf(row) > idOf(rows[rows.length - 1]))) {
+      // Within the pages loaded (a later page would bring an older one).
+      let i = 0;
+      while (i < rows.length && idOf(rows[i]) > idOf(row)) i += 1;
+      rows.splice(i, 0, row);
+      total += 1;
+    } else return;
+    scheduleDraw();
+  }
+
+  function scheduleDraw() {
+    if (!drawTimer) drawTimer = setTimeout(draw, 100); // a burst of events costs one render
+  }
+
+  function draw() {
+    clearTimeout(drawTimer);
+    drawTimer = null;
+    for (const t of rows) caps.add(t.capability);
+    render(refs, { rows, total, next, loaded }, caps, () => loop.now());
+  }
+
+  const loop = poll(() => load(false), {
+    everyMs: pace(60000, 3000),
+    onError: (err) => showError(refs.error, err),
+  });
+  const unsubscribe = subscribe(apply);
+  const offState = onState((state) => {
+    if (state === "live") loop.now(); // what happened while it was down
+  });
+  api.capabilitiesOnline().then(
+    (online) => {
+      for (const c of online || []) caps.add(c);
+      if (loaded) draw();
     },
-    { everyMs: pace(15000, 2000), onError: (err) => showError(refs.error, err) },
+    () => {}, // the list still offers the capabilities of its rows
   );
-  const unfollow = follow(loop, isTaskEvent, 1000);
+
+  refs["load-more"].addEventListener("click", () => act(refs["load-more"], () => load(true)));
 
   refs.reset.addEventListener("click", async () => {
     const ok = await confirmAction(
@@ -80,40 +188,52 @@ function mountList(root) {
       "Reset tasks",
     );
     if (ok) await act(refs.reset, () => api.resetTasks(), "All tasks were reset.");
-    loop.now();
+    reload();
   });
 
   return () => {
-    unfollow();
+    clearTimeout(drawTimer);
+    unsubscribe();
+    offState();
     loop.stop();
   };
 }
 
-function render(refs, tasks, loop) {
-  syncCapabilityOptions(refs["f-capability"], tasks);
-  const shown = tasks.filter(
-    (t) =>
-      (!filters.queue || t.queue === filters.queue) &&
-      (filters.dead || !filters.status || t.status === filters.status) &&
-      (!filters.capability || t.capability === filters.capability),
-  );
+const keyOf = (t) => `${t.id.cap}/${t.id.id}`;
+
+// A new task as a row, from its `status` event (which carries what the list shows).
+function rowFromStatus(d) {
+  return rowOf({
+    id: d.id,
+    status: d.status,
+    stage: d.stage,
+    attempt: d.attempt,
+    cancelRequested: !!d.cancelRequested,
+    agentId: d.agentId || null,
+    createdAt: d.createdAt,
+    data: { capability: d.id.cap, urgent: !!d.urgent, priority: d.priority },
+  });
+}
+
+function render(refs, { rows, total, next, loaded }, caps, refresh) {
+  syncCapabilityOptions(refs["f-capability"], caps);
   const what = filters.dead ? "dead letters" : "tasks";
-  refs.count.textContent = shown.length === tasks.length ? String(tasks.length) : `${shown.length} of ${tasks.length}`;
-  refs.empty.hidden = shown.length > 0;
+  const filtered = filters.dead || filters.status || filters.queue || filters.capability;
+  refs.count.textContent = loaded ? String(total) : "";
+  refs.empty.hidden = !loaded || rows.length > 0;
   refs.empty.textContent = filters.dead
-    ? tasks.length
-      ? "No dead letter matches these filters."
-      : "No dead letters: no task has failed for good."
-    : tasks.length
+    ? "No dead letters: no task has failed for good."
+    : filtered
       ? "No task matches these filters."
       : "No tasks yet. Submit one from the Sandbox.";
-  refs.more.hidden = shown.length <= MAX_ROWS;
-  refs.more.textContent = `Showing the newest ${MAX_ROWS} of ${shown.length} ${what}; the filters narrow the list down.`;
+  refs.more.hidden = next === null;
+  refs["load-more"].hidden = next === null;
+  refs.more.textContent = `Showing the newest ${rows.length} of ${total} ${what}.`;
   const none = () => h("td", { class: "is-empty" }, h("span", { class: "muted" }, "—"));
   const now = Date.now();
   fillTable(
     refs.rows,
-    shown.slice(0, MAX_ROWS).map((t) => {
+    rows.map((t) => {
       const attempt = attemptText(t);
       return tr(
         [
@@ -125,7 +245,7 @@ function render(refs, tasks, loop) {
           t.agentId ? mono(String(t.agentId).slice(-6), t.agentId) : none(),
           attempt ? h("td", { class: "num attempt" }, attempt) : h("td", { class: "num is-empty" }, h("span", { class: "muted" }, "—")),
           timeCell(t.createdAt),
-          h("td", { class: "actions" }, taskActions(t, () => loop.now(), true)),
+          h("td", { class: "actions" }, taskActions(t, refresh, true)),
         ],
         LABELS,
         { dataset: { href: taskHref(t.id), task: idOf(t), status: t.status } },
@@ -194,8 +314,8 @@ function timeOfDay(iso) {
   return sameDay ? d.toLocaleTimeString() : d.toLocaleString();
 }
 
-function syncCapabilityOptions(select, tasks) {
-  const caps = [...new Set(tasks.map((t) => t.capability))].sort();
+function syncCapabilityOptions(select, known) {
+  const caps = [...known].sort();
   if (filters.capability && !caps.includes(filters.capability)) caps.push(filters.capability);
   const have = [...select.options].slice(1).map((o) => o.value);
   if (have.join("\n") !== caps.join("\n")) {
@@ -225,7 +345,7 @@ function mountDetail(root, id) {
   const loop = poll(
     async () => {
       const before = deltas;
-      const task = flattenTasks(await api.tasks()).find((t) => idOf(t) === id.id);
+      const task = flattenTasks(await api.task(id))[0];
       if (!task) {
         showError(refs.error, "This task is not in the server's listing: it may have been reset, or the link is wrong.");
         return;
