@@ -5074,10 +5074,10 @@ async def serve(app: web.Application, config: Config) -> None:
     # aiohttp waits its shutdown_timeout twice for a handler that does not end (a stream
     # stuck writing to a client that does not read): once for it to finish, once more
     # after cancelling it. Half each keeps the whole shutdown within SHUTDOWN_S.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S / 2)
-    await runner.setup()
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.create_server((config.host, config.port), family=family, backlog=128)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S / 2)
+    await runner.setup()
     listener = Listener(runner.server, sock, connection_limit(config.max_connections))
     listener.start()
     stop = asyncio.Event()
@@ -5092,8 +5092,12 @@ async def serve(app: web.Application, config: Config) -> None:
 
 
 def print_first_start(config: Config) -> None:
-    """Secrets generated at this start are printed once; they stay in the data folder."""
+    """Secrets generated at this start are printed once; they stay in the data folder.
+    Later starts say where they are (the file, never the secrets)."""
     if not config.generated:
+        if (config.data_path / SECRETS_FILE).exists():
+            print(f"OffloadMQ: the generated secrets are kept in {config.data_path / SECRETS_FILE}")
+            sys.stdout.flush()
         return
     shown = {"AGENT_API_KEYS": ("agent registration key", config.agent_api_keys[0]),
              "CLIENT_API_KEYS": ("client API key", config.client_api_keys[0]),
@@ -5138,6 +5142,18 @@ def unusable_data_folder(err: OSError) -> str:
     return f"{where}: {problem}. Remedy: {remedy}"
 
 
+def unusable_address(config: Config, err: OSError) -> str:
+    """One line naming the address and how to choose another."""
+    where = f"{config.host}:{config.port}"
+    if err.errno == errno.EADDRINUSE:
+        return (f"{where} is in use by another process. Remedy: stop that process, or choose "
+                "another port with --port (or SERVER_ADDRESS=host:port)")
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}: {err.strerror}. Remedy: choose a port above 1023 with --port"
+    return (f"{where}: {err.strerror}. Remedy: choose an address of this machine with --host "
+            "(0.0.0.0 for all of them)")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and not argv[0].startswith("-"):  # a CLI command (submit, status, cancel)
@@ -5168,7 +5184,11 @@ def main(argv: list[str] | None = None) -> None:
         gc.enable()
     log.info("OffloadMQ %s on http://%s:%d (data in %s, fsync %s)", __version__,
              config.host, config.port, config.data_path, config.fsync)
-    asyncio.run(serve(create_app(config, hub), config))
+    try:
+        asyncio.run(serve(create_app(config, hub), config))
+    except OSError as err:  # binding the address: in use, or not this machine's
+        log.critical("cannot start: %s", unusable_address(config, err))
+        sys.exit(2)
 
 
 # ============================================================================ client

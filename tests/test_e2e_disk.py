@@ -5,6 +5,7 @@ cannot open at start, and SIGTERM with connections that hold on.
 The tmpfs tests need to mount (root, as in CI); they skip, saying so, where that is
 not permitted.
 """
+import json
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_bytes, http, mount_tmpfs, unmount
+from conftest import ROOT, free_bytes, free_port, http, mount_tmpfs, unmount
 
 CAP = "debug.echo"
 
@@ -54,12 +55,12 @@ def wait_for(condition, timeout_s, what):
     raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
-def run_server_expecting_exit(data: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def run_server_expecting_exit(data: Path, tmp_path: Path, port: int = 9) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOADMQ_")}
     env.update(AGENT_API_KEYS="ak-start", CLIENT_API_KEYS="ck-start", MGMT_TOKEN="mt-start",
                JWT_SECRET="js-start", PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, str(ROOT / "offloadmq.py"), "--host", "127.0.0.1", "--port", "9",
+        [sys.executable, str(ROOT / "offloadmq.py"), "--host", "127.0.0.1", "--port", str(port),
          "--data", str(data)],
         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60)
 
@@ -208,6 +209,15 @@ def test_read_only_data_folder_exits_2_with_one_line(tmp_path):
         unmount(mnt)
 
 
+def test_a_busy_port_exits_2_with_one_line_naming_it(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_server_expecting_exit(tmp_path / "data", tmp_path, port)
+    assert_one_line_exit(done, f"127.0.0.1:{port}", "in use", "--port")
+
+
 # ---------------------------------------------------------------- shutdown
 
 def test_sigterm_exits_within_its_timeout_with_streams_and_long_polls_open(server):
@@ -258,3 +268,37 @@ def test_sigterm_exits_within_its_timeout_with_streams_and_long_polls_open(serve
     reading.close()
     assert took < 4.0, f"SIGTERM took {took:.1f} s to exit (timeout 3 s)"
     assert server.proc.returncode == 0, server.output()
+
+
+# ---------------------------------------------------------------- secrets at start
+
+def start_and_stop_without_secrets(tmp_path: Path) -> str:
+    """`python offloadmq.py` with nothing configured, stopped once it serves; its output."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("OFFLOADMQ_") and k not in ("AGENT_API_KEYS", "CLIENT_API_KEYS",
+                                                            "MGMT_TOKEN", "JWT_SECRET")}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "offloadmq.py"), "--host", "127.0.0.1",
+                             "--port", str(port), "--data", str(tmp_path / "data")],
+                            cwd=str(tmp_path), env={**env, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if http("GET", f"http://127.0.0.1:{port}/health", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+    return proc.communicate(timeout=15)[0]
+
+
+def test_secrets_are_printed_once_and_their_place_at_every_start(tmp_path):
+    first = start_and_stop_without_secrets(tmp_path)
+    stored = json.loads((tmp_path / "data" / "secrets.json").read_text())
+    assert stored["MGMT_TOKEN"] in first and stored["CLIENT_API_KEYS"] in first
+    again = start_and_stop_without_secrets(tmp_path)
+    assert str(tmp_path / "data" / "secrets.json") in again
+    assert stored["MGMT_TOKEN"] not in again and stored["CLIENT_API_KEYS"] not in again

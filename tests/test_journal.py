@@ -887,7 +887,8 @@ async def test_a_refused_write_takes_memory_back_to_the_disk_and_keeps_urgent_ta
     await asyncio.sleep(0)
     assert isinstance(regular_waiter.exception(), StorageFull), "its task may have been undone"
     assert not urgent_waiter.done()
-    assert hub.events.ring[-1].kind == "reset"
+    reset = hub.events.ring[-1]
+    assert b"event: reset\n" in reset.frame and hub.events.released == reset.id, "streams hear of it"
     assert not hub.metrics.totals.get(("completed", "debug.echo")), "nothing refused is counted"
 
     # Refused up front while the disk stays full, memory untouched; a ping is a contact.
