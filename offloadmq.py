@@ -5904,7 +5904,28 @@ def cli_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("capability")
         command.add_argument("id")
+    keys = commands.add_parser("keys", help="print the secrets the server generated (read from "
+                               "its data folder on this machine)")
+    keys.add_argument("--data", help="the server's data folder (DATABASE_ROOT_PATH; default ./data)")
     return parser
+
+
+def cli_keys(data: str | None) -> int:
+    """The generated secrets, from the data folder: whoever can read that file has them
+    already, so this shows nothing a network caller could not see otherwise."""
+    folder = Path(data or os.environ.get("DATABASE_ROOT_PATH") or "./data")
+    try:
+        stored = orjson.loads((folder / SECRETS_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError) as err:
+        print(f"offloadmq: cannot read {folder / SECRETS_FILE}: {getattr(err, 'strerror', err)} "
+              "(give the server's --data folder with --data)", file=sys.stderr)
+        return EXIT_USAGE
+    for name, label in (("AGENT_API_KEYS", "agent registration key"), ("CLIENT_API_KEYS", "client API key"),
+                        ("MGMT_TOKEN", "management token")):
+        if stored.get(name):
+            print(f"{label:24} {stored[name]}")
+    print(f"(from {folder / SECRETS_FILE}; keys set in the environment or .env are not shown)")
+    return EXIT_COMPLETED
 
 
 def cli_payload(parser: argparse.ArgumentParser, text: str) -> Any:
@@ -5976,6 +5997,8 @@ def cli_main(argv: list[str], config: ClientConfig | None = None) -> int:
     """Run one CLI command; answers the exit status."""
     parser = cli_parser()
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return cli_keys(args.data)
     payload = cli_payload(parser, args.payload) if args.command == "submit" else None
     if args.command == "submit" and args.timeout is not None and args.timeout <= 0:
         parser.error("--timeout must be a positive number of seconds")
