@@ -327,8 +327,8 @@ class ServerHttp:
                 return status, answer
 
     @staticmethod
-    async def _response(reader: asyncio.StreamReader, status_line: bytes,
-                        method: str) -> tuple[int, bytes, bool]:
+    async def _head(reader: asyncio.StreamReader, status_line: bytes) -> tuple[int, dict, bool]:
+        """Status code, headers (lower-cased) and whether the connection stays open."""
         version, status, *_ = status_line.split(None, 2) or [b"", b""]
         if not version.startswith(b"HTTP/1."):
             raise ConnectionError(f"not an HTTP/1.x answer: {status_line[:80]!r}")
@@ -336,26 +336,84 @@ class ServerHttp:
         while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip().lower()
-        keep = version == b"HTTP/1.1" and headers.get("connection") != "close"
-        code = int(status)
+        return int(status), headers, version == b"HTTP/1.1" and headers.get("connection") != "close"
+
+    @classmethod
+    async def _response(cls, reader: asyncio.StreamReader, status_line: bytes,
+                        method: str) -> tuple[int, bytes, bool]:
+        code, headers, keep = await cls._head(reader, status_line)
         if method == "HEAD" or code in (204, 304):
             return code, b"", keep
         if "chunked" in headers.get("transfer-encoding", ""):
             chunks = []
-            while size := int((await reader.readline()).split(b";")[0], 16):
-                chunks.append(await reader.readexactly(size))
-                await reader.readexactly(2)
-            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass  # trailers
+            while chunk := await _read_chunk(reader):
+                chunks.append(chunk)
             return code, b"".join(chunks), keep
         if "content-length" in headers:
             return code, await reader.readexactly(int(headers["content-length"])), keep
         return code, await reader.read(), False  # the body ends with the connection
 
+    async def open_stream(self, path: str, headers: dict, timeout_s: float) -> "ServerStream":
+        """A GET whose answer is read piece by piece as it comes (Server-Sent Events), on
+        a connection of its own; `timeout_s` bounds the connect and the answer's head."""
+        message = "".join([f"GET {self.prefix}{path} HTTP/1.1\r\n", self.fixed_headers,
+                           *(f"{name}: {value}\r\n" for name, value in headers.items()),
+                           "\r\n"]).encode("latin-1")
+        writer = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_connection(self.host, self.port,
+                                                               ssl=self.ssl or None)
+                writer.write(message)
+                code, answer_headers, _ = await self._head(reader, await reader.readline())
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            raise
+        return ServerStream(code, reader, writer,
+                            "chunked" in answer_headers.get("transfer-encoding", ""))
+
     async def close(self) -> None:
         for _, writer in self.idle:
             writer.close()
         self.idle.clear()
+
+
+async def _read_chunk(reader: asyncio.StreamReader) -> bytes:
+    """One piece of a chunked body; b"" after the last (trailers skipped)."""
+    size = int((await reader.readline()).split(b";")[0], 16)
+    if size:
+        chunk = await reader.readexactly(size)
+        await reader.readexactly(2)
+        return chunk
+    while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+        pass  # trailers
+    return b""
+
+
+class ServerStream:
+    """The body of one answer of `ServerHttp.open_stream`, as it arrives."""
+
+    def __init__(self, status: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 chunked: bool):
+        self.status = status
+        self.reader, self.writer, self.chunked = reader, writer, chunked
+
+    async def read(self) -> bytes:
+        """The next piece of the body; b"" once it ended."""
+        if self.chunked:
+            return await _read_chunk(self.reader)
+        return await self.reader.read(65536)
+
+    async def read_all(self, limit: int = 1 << 20) -> bytes:
+        pieces, size = [], 0
+        while size < limit and (piece := await self.read()):
+            pieces.append(piece)
+            size += len(piece)
+        return b"".join(pieces)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class NoPushChannel(Exception):

@@ -7,13 +7,15 @@ generates its secrets there once (printing the keys at first start).
 
 The wire contract is shared/API.md (compatible with the original OffloadMQ server).
 
+Python client: `offloadmq.Client` (blocking) and `offloadmq.AsyncClient` (see the client
+section; they need offload_agent.py beside this file, which `pip install offloadmq` puts).
 CLI for CI runners: python offloadmq.py submit CAP [--payload JSON|@file] [--wait] ...,
 status CAP ID, cancel CAP ID (OFFLOADMQ_URL, OFFLOADMQ_API_KEY; see the cli section).
 
 Sections (``grep '^# ===' offloadmq.py``), each using only what is above it:
   imports · config · errors · models · core (pure) · journal · wire shapes · listing ·
   hub · streams · auth · handlers · agent websocket · agent logs · routes · openapi ·
-  app · cli (main() hands CLI commands to the last one)
+  app · client · cli (main() hands CLI commands to the last one)
 """
 # ============================================================================ imports
 from __future__ import annotations
@@ -40,7 +42,9 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
+import weakref
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
@@ -3611,7 +3615,7 @@ class AgentTokens:
 
 
 @dataclass(frozen=True, slots=True)
-class Client:
+class Caller:
     """Who calls /api/*: the owner digest of its key, its capability patterns, and the
     request body already parsed (the key may have come in it)."""
     owner: str
@@ -3628,12 +3632,12 @@ def header_credential(request: web.Request) -> bool:
         or bearer(request) is not None
 
 
-def client_caller(hub: Hub, request: web.Request, body: Any) -> Client:
+def client_caller(hub: Hub, request: web.Request, body: Any) -> Caller:
     # X-MGMT-API-KEY is the original's name for the same management override.
     token = request.headers.get("X-Mgmt-Token") or request.headers.get("X-MGMT-API-KEY")
     if token is not None:
         if secret_equal(token, hub.config.mgmt_token):
-            return Client(MGMT_OWNER, ["*"], body)
+            return Caller(MGMT_OWNER, ["*"], body)
         raise Unauthenticated("wrong management token")
     key = request.headers.get("X-API-Key") or bearer(request)
     if key is None and isinstance(body, dict):
@@ -3642,10 +3646,10 @@ def client_caller(hub: Hub, request: web.Request, body: Any) -> Client:
         raise Unauthenticated("missing API key: send X-API-Key, Authorization: Bearer, or apiKey")
     found = hub.client_key(key)
     if found is None and secret_equal(key, hub.config.mgmt_token):
-        return Client(MGMT_OWNER, ["*"], body)
+        return Caller(MGMT_OWNER, ["*"], body)
     if found is None or found.is_revoked:
         raise Unauthenticated("unknown or revoked API key")
-    return Client(owner_of(key), found.capabilities, body, found.max_in_flight, found.max_queued_bytes)
+    return Caller(owner_of(key), found.capabilities, body, found.max_in_flight, found.max_queued_bytes)
 
 
 def check_agent_registration_key(hub: Hub, key: Any) -> None:
@@ -4097,7 +4101,7 @@ def parse_key_update(body: Any) -> tuple[str, list[str], int | None, int | None]
     return key, patterns, limit, max_bytes
 
 
-def allowed_submission(client: Client, urgent_only: bool = False) -> dict:
+def allowed_submission(client: Caller, urgent_only: bool = False) -> dict:
     data = parse_submission(client.body)
     if urgent_only and not data["urgent"]:
         raise BadRequest("submit_blocking takes urgent tasks only: set \"urgent\": true")
@@ -4155,7 +4159,7 @@ def task_query(request: web.Request) -> TaskQuery:
 
 # ---------------------------------------------------------------- client API
 
-async def handle_task_submit(request: web.Request, client: Client) -> web.Response:
+async def handle_task_submit(request: web.Request, client: Caller) -> web.Response:
     data, key = allowed_submission(client), idempotency_key(request)
     task, created = await request.app[HUB].submit(data, client.owner, client.max_in_flight, key,
                                                   client.max_queued_bytes)
@@ -4169,20 +4173,20 @@ async def handle_task_submit(request: web.Request, client: Client) -> web.Respon
                          code)
 
 
-async def handle_task_submit_blocking(request: web.Request, client: Client) -> web.Response:
+async def handle_task_submit_blocking(request: web.Request, client: Caller) -> web.Response:
     data = allowed_submission(client, urgent_only=True)
     task = await request.app[HUB].submit_and_wait(data, client.owner, client.max_in_flight,
                                                   client.max_queued_bytes)
     return json_response(assigned_json(task))
 
 
-async def handle_task_poll(request: web.Request, client: Client) -> web.Response:
+async def handle_task_poll(request: web.Request, client: Caller) -> web.Response:
     cap, task_id = path_task(request)
     task = await request.app[HUB].poll(cap, task_id, client.owner, wait_param(request, 0.0))
     return json_response(status_json(task))
 
 
-async def handle_task_cancel(request: web.Request, client: Client) -> web.Response:
+async def handle_task_cancel(request: web.Request, client: Caller) -> web.Response:
     """Extension: cancel a task submitted with this key."""
     task = await request.app[HUB].cancel(*path_task(request), client.owner)
     return json_response(status_json(task))
@@ -4196,12 +4200,12 @@ async def events_of(request: web.Request, owner: str) -> web.StreamResponse:
     return await request.app[STREAMS].respond(request, owner, names, last_event_id(request), current)
 
 
-async def handle_task_events(request: web.Request, client: Client) -> web.StreamResponse:
+async def handle_task_events(request: web.Request, client: Caller) -> web.StreamResponse:
     """Extension: the key's tasks as Server-Sent Events."""
     return await events_of(request, client.owner)
 
 
-async def handle_capabilities_online(request: web.Request, client: Client) -> web.Response:
+async def handle_capabilities_online(request: web.Request, client: Caller) -> web.Response:
     return json_response(request.app[HUB].online_capabilities(client.patterns))
 
 
@@ -5796,30 +5800,698 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-# ============================================================================ cli
+# ============================================================================ client
 #
-# `python offloadmq.py submit|status|cancel ...`: a client for CI runners, talking to a
-# server over HTTP like any other client (X-API-Key). It prints the task as JSON on
-# stdout and tells how the task ended by its exit status (below). While `--wait`ing it
-# follows the task's Server-Sent Events, copying log lines to stderr as they arrive:
-# the stream is opened before the submit, so no early line is missed.
+# `offloadmq.Client` (blocking) and `offloadmq.AsyncClient` (asyncio): the Python client
+# of /api/*. Requests go over the agent's lean keep-alive HTTP/1.1 client (`ServerHttp`
+# in offload_agent.py, imported on first use: the server never needs that file, and the
+# HTTP code exists once). Results of many tasks come through ONE event stream (the
+# "watch"), opened the first time they are awaited together (`as_completed`, `map`)
+# and kept, resumed with Last-Event-ID after a connection loss; a lone `result()` with
+# no watch open long-polls instead (`poll?wait=`), one request per minute of waiting.
+#
+# A task is "covered" by the watch when its submit was sent while the watch was live
+# and not resumed since: its end event cannot be missed. Any other task (submitted
+# before the watch opened, or waited for across a resume: a stream does not tell
+# whether the server could replay) is polled once after the watch is live again, so no
+# result is lost either way.
 
-EXIT_COMPLETED, EXIT_NOT_COMPLETED, EXIT_USAGE, EXIT_HTTP, EXIT_TIMEOUT = 0, 1, 2, 3, 124
-CLI_REQUEST_S = 30.0  # a plain request; the event stream has its own read limit
+CLIENT_RETRY_S = 30.0      # how long connection errors are retried before raising
+CLIENT_REQUEST_S = 30.0    # one request, the held long poll excepted
+CLIENT_POLL_WAIT_S = 60    # the server's longest poll?wait=
+ORPHANS_KEPT = 10_000      # end events of tasks whose submit answer is still on its way
 
 
-class CliError(Exception):
-    """A failure the CLI reports in one line on stderr and by its exit status."""
+class Unreachable(OffloadError):
+    """The server could not be reached (or kept failing) for the client's retry time."""
+    status, type = 0, "unreachable"
 
-    def __init__(self, message: str, code: int = EXIT_HTTP):
-        super().__init__(message)
-        self.code = code
+
+class TaskFailed(OffloadError):
+    """`result()` of a task that ended `failed` or `canceled`: `task` is its final form,
+    with `output` (what the agent sent back) and `log`."""
+    status, type = 0, "task_failed"
+
+    def __init__(self, task: dict):
+        self.task = task
+        self.output = task.get("result", task.get("output"))
+        self.log = task.get("log") or ""
+        ident = task.get("id") or {}
+        super().__init__(f"task {ident.get('cap')}/{ident.get('id')} {task.get('status')}: "
+                         f"{self.output!r:.300}")
+
+
+class TaskCanceled(TaskFailed):
+    """`result()` of a task that ended `canceled`."""
+
+
+def server_error(status: int, raw: bytes) -> OffloadError:
+    """The OffloadError subclass of the server's error type (its message, status and
+    extra fields); an answer without the contract's body becomes a plain OffloadError."""
+    try:
+        body = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        err = OffloadError(f"HTTP {status}: {raw[:300].decode(errors='replace')}")
+    else:
+        kinds = {cls.type: cls for cls in _error_classes(OffloadError) if cls.status}
+        cls = kinds.get(error.get("type"), OffloadError)
+        err = cls(str(error.get("message", "")), **{k: v for k, v in body.items() if k != "error"})
+        err.type = str(error.get("type", cls.type))
+    err.status = status
+    return err
+
+
+def _error_classes(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_error_classes(sub)]
+    return found
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _task_path(cap: str, task_id: str) -> str:
+    return f"{quote(cap, safe='')}/{quote(task_id, safe='')}"
+
+
+def _final_output(task: dict) -> Any:
+    """The output of an ended task, from an `end` event (`result`) or a poll (`output`)."""
+    if task.get("status") == COMPLETED:
+        return task.get("result", task.get("output"))
+    raise (TaskCanceled if task.get("status") == CANCELED else TaskFailed)(task)
 
 
 @dataclass(frozen=True, slots=True)
-class CliServer:
-    session: aiohttp.ClientSession
-    url: str
+class TaskEvent:
+    """One event of `/api/task/events`: `kind` is status, log, end (or agent, reset)."""
+    id: str | None
+    kind: str
+    data: Any
+
+
+def parse_events(buffer: bytes) -> tuple[list[TaskEvent | str], bytes]:
+    """Complete events (and comments, as str) in `buffer`, and the incomplete rest."""
+    *blocks, rest = buffer.replace(b"\r\n", b"\n").split(b"\n\n")
+    out: list[TaskEvent | str] = []
+    for block in blocks:
+        fields: dict[str, str] = {}
+        for line in block.split(b"\n"):
+            if line.startswith(b":"):
+                out.append(line[1:].strip().decode(errors="replace"))
+                continue
+            name, _, value = line.decode(errors="replace").partition(":")
+            fields[name] = fields[name] + "\n" + value.removeprefix(" ") \
+                if name == "data" and "data" in fields else value.removeprefix(" ")
+        if "data" in fields:
+            out.append(TaskEvent(fields.get("id"), fields.get("event", "message"),
+                                 orjson.loads(fields["data"])))
+    return out, rest
+
+
+class AsyncTaskHandle:
+    """A submitted task: `await result()`, `await status()`, `await cancel()`,
+    `async for piece in logs()`."""
+
+    def __init__(self, client: AsyncClient, cap: str, task_id: str, answer: dict | None = None,
+                 covered_by: int = -1):
+        self.client = client
+        self.cap, self.id = cap, task_id
+        self.answer = answer or {}          # the submit's answer
+        self.final: dict | None = None      # the ended task, once seen
+        self.covered_by = covered_by        # the watch generation its events are sure in
+
+    @property
+    def task_id(self) -> dict:
+        return {"cap": self.cap, "id": self.id}
+
+    def __repr__(self) -> str:
+        return f"<task {self.cap}/{self.id}{' ' + self.final['status'] if self.final else ''}>"
+
+    async def status(self) -> dict:
+        """The task's TaskStatus now: {"id", "status", "stage"?, "output"?, "log", "createdAt"}."""
+        return await self.client._poll(self, 0)
+
+    async def cancel(self) -> dict:
+        """Cancel it (a running task is asked to stop); its TaskStatus. Conflict if it ended."""
+        return await self.client._call("POST", f"/api/task/cancel/{_task_path(self.cap, self.id)}")
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """The output once it completed; raises TaskFailed/TaskCanceled when it did not,
+        WaitTimeout after `timeout` seconds (the task goes on)."""
+        if self.final is None:
+            if self.client._watch is not None:
+                async for _ in self.client.as_completed([self], timeout):
+                    pass
+            else:
+                await self.client._wait_by_polling(self, timeout)
+        return _final_output(self.final)
+
+    async def logs(self) -> Any:
+        """The log so far, then each new piece as the agent reports it, until the task
+        ends. Each event of the task on its stream brings a poll, whose log (append-only)
+        says exactly what is new: deltas alone could repeat a piece reported in the
+        instant the stream opened. (Past the server's 1 MiB log window the head is gone
+        from the polled log, and pieces stop; `status()["log"]` has the rest.)"""
+        async with self.client.events(tasks=[self]) as stream:
+            sent = 0
+            while True:
+                status = await self.status()
+                log = status.get("log") or ""
+                if len(log) > sent:
+                    yield log[sent:]
+                    sent = len(log)
+                if status["status"] in ENDED:
+                    return
+                async for event in stream:  # until something happens to the task
+                    if event.kind == "gap" or (isinstance(event.data, dict)
+                                               and event.data.get("id") == self.task_id
+                                               and not (event.kind == "status"
+                                                        and event.data.get("op") == "current")):
+                        break
+
+
+class AsyncEventStream:
+    """`/api/task/events` as TaskEvents, resumed with Last-Event-ID after a connection
+    loss. `async with` returns once the stream is live (later events cannot be missed).
+    Each resume is followed by a `gap` event: the server may not have been able to
+    replay what happened meanwhile (it restarted, or the events left its ring), and a
+    stream does not say so, so whoever waits for tasks asks the server once about them."""
+
+    def __init__(self, client: AsyncClient, tasks: list | None = None,
+                 last_event_id: str | None = None, current: bool = True):
+        self.client = client
+        query = [f"task={quote(t.cap + '/' + t.id if isinstance(t, AsyncTaskHandle) else t['cap'] + '/' + t['id'], safe='')}"
+                 for t in tasks or []]
+        if not current:
+            query.append("current=0")
+        self.path = "/api/task/events" + ("?" + "&".join(query) if query else "")
+        self.last_id = last_event_id
+        self.stream: Any = None
+        self.pending: deque = deque()  # parsed, not yet handed out
+        self.buffer = b""
+        self.closed = False
+
+    async def __aenter__(self) -> AsyncEventStream:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def open(self) -> None:
+        """Connect (retrying for the client's retry time) and wait until live: the first
+        bytes of the stream come once the server has taken its starting point."""
+        resumed = self.last_id is not None
+
+        async def connect() -> Any:
+            headers = dict(self.client.headers)
+            if self.last_id:
+                headers["Last-Event-ID"] = self.last_id
+            stream = await self.client.http.open_stream(self.path, headers, self.client.request_s)
+            if stream.status >= 400:
+                raw = await stream.read_all()
+                stream.close()
+                raise server_error(stream.status, raw)
+            self.stream, self.buffer = stream, b""
+            if not await self._fill():
+                stream.close()
+                raise ConnectionResetError("the event stream ended before it began")
+        await self.client._retrying(connect)
+        if resumed:
+            self.pending.appendleft(TaskEvent(None, "gap", None))
+
+    async def _fill(self) -> bool:
+        """Read until at least one item is parsed; False when the connection ended."""
+        while not self.pending:
+            try:
+                piece = await asyncio.wait_for(self.stream.read(), 3 * SSE_HEARTBEAT_S)
+            except (OSError, EOFError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+                piece = b""
+            if not piece:
+                return False
+            items, self.buffer = parse_events(self.buffer + piece)
+            self.pending.extend(items)
+        return True
+
+    def __aiter__(self) -> AsyncEventStream:
+        return self
+
+    async def __anext__(self) -> TaskEvent:
+        while True:
+            if self.closed:
+                raise StopAsyncIteration
+            if not self.pending and not await self._fill():
+                self.stream.close()
+                await asyncio.sleep(0.05)
+                await self.open()
+                continue
+            item = self.pending.popleft()
+            if isinstance(item, str):  # a comment (connected, heartbeat)
+                continue
+            if item.id:
+                self.last_id = item.id
+            return item
+
+    def close(self) -> None:
+        self.closed = True
+        if self.stream is not None:
+            self.stream.close()
+
+
+class _Watch:
+    """The client's one event stream for collecting results (see the section comment)."""
+
+    def __init__(self, client: AsyncClient):
+        self.client = client
+        self.events = AsyncEventStream(client, current=False)  # only what happens from now
+        self.generation = 0       # renewed whenever events may have been missed
+        self.handles: weakref.WeakValueDictionary[str, AsyncTaskHandle] = weakref.WeakValueDictionary()
+        self.orphans: OrderedDict[str, dict] = OrderedDict()  # ends of tasks not yet known
+        self.listeners: dict[str, asyncio.Queue] = {}
+        self.error: BaseException | None = None
+        self.reader: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.events.open()
+        self.generation = next(self.client._generations)
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for event in self.events:
+                if event.kind == "end":
+                    self._ended(event.data)
+                elif event.kind == "gap":
+                    self.generation = next(self.client._generations)
+                    for queue in set(self.listeners.values()):
+                        queue.put_nowait(None)  # None: poll the tasks you wait for
+        except BaseException as err:  # the key was revoked, the server gone for good
+            self.error = err if isinstance(err, Exception) else Unreachable("client closed")
+            for queue in set(self.listeners.values()):
+                queue.put_nowait(None)
+            if not isinstance(err, Exception):
+                raise
+
+    def _ended(self, task: dict) -> None:
+        task_id = (task.get("id") or {}).get("id")
+        handle = self.handles.get(task_id)
+        if handle is None:
+            self.orphans[task_id] = task
+            if len(self.orphans) > ORPHANS_KEPT:
+                self.orphans.popitem(last=False)
+            return
+        handle.final = task
+        queue = self.listeners.pop(task_id, None)
+        if queue is not None:
+            queue.put_nowait(handle)
+
+    def adopt(self, handle: AsyncTaskHandle) -> None:
+        self.handles[handle.id] = handle
+        task = self.orphans.pop(handle.id, None)
+        if task is not None and handle.final is None:
+            handle.final = task
+
+    async def close(self) -> None:
+        self.events.close()
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+
+
+class AsyncClient:
+    """An asyncio client of an OffloadMQ server, over one keep-alive connection (more
+    only while requests run concurrently) plus, once results are collected together,
+    one event stream.
+
+        async with AsyncClient() as mq:   # OFFLOADMQ_URL, OFFLOADMQ_API_KEY
+            handle = await mq.submit("shell.bash", {"command": "make"})
+            print(await handle.result())
+
+    Errors are the server's (`BadRequest`, `Unauthenticated`, `Forbidden`, `NotFound`,
+    `Conflict`, `TooManyRequests`, `SchedulingImpossible`, `WaitTimeout`, ...: subclasses
+    of `OffloadError` with the server's `message` and `status`); `Unreachable` after
+    connection errors outlast `retry_s`; `TaskFailed` from `result()`.
+    """
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 retry_s: float = CLIENT_RETRY_S, request_s: float = CLIENT_REQUEST_S):
+        if url is None or api_key is None:
+            config = load_client_config()
+            url, api_key = url or config.url, api_key if api_key is not None else config.api_key
+        try:
+            from offload_agent import ServerHttp  # the agent's HTTP/1.1 client; see above
+        except ImportError as err:
+            raise ImportError("the OffloadMQ client needs offload_agent.py beside offloadmq.py "
+                              "(pip install offloadmq installs both)") from err
+        self.url = url.rstrip("/")
+        self.http = ServerHttp(self.url)
+        self.http.fixed_headers = self.http.fixed_headers.replace("offload-agent/", "offloadmq-client/")
+        self.headers = {"X-API-Key": api_key}
+        self.retry_s, self.request_s = retry_s, request_s
+        self._watch: _Watch | None = None
+        self._generations = itertools.count(1)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            await self._watch.close()
+            self._watch = None
+        await self.http.close()
+
+    # -- requests ---------------------------------------------------------------
+
+    async def _retrying(self, attempt: Callable) -> Any:
+        """`attempt()` again after connection errors (doubling pauses) for `retry_s`."""
+        deadline, pause = time.monotonic() + self.retry_s, 0.05
+        while True:
+            try:
+                return await attempt()
+            except (OSError, EOFError, TimeoutError, asyncio.IncompleteReadError) as err:
+                if time.monotonic() + pause > deadline:
+                    raise Unreachable(f"{self.url}: {type(err).__name__}: {err}") from None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+    async def _call(self, method: str, path: str, body: Any = None, headers: dict | None = None,
+                    timeout_s: float | None = None, retry: bool = True) -> Any:
+        """One request, retried after connection errors when `retry` (safe for every call
+        but submit_blocking: a submit carries its Idempotency-Key); an error answer raises."""
+        data = None if body is None else orjson.dumps(body)
+        all_headers = {**self.headers, **headers} if headers else self.headers
+
+        async def attempt() -> tuple[int, bytes]:
+            return await self.http.request(method, path, data, all_headers, timeout_s or self.request_s)
+        try:
+            status, raw = await (self._retrying(attempt) if retry else attempt())
+        except (OSError, EOFError, TimeoutError, asyncio.IncompleteReadError) as err:
+            raise Unreachable(f"{self.url}: {type(err).__name__}: {err}") from None
+        if status >= 400:
+            raise server_error(status, raw)
+        return orjson.loads(raw) if raw else None
+
+    async def _poll(self, handle: AsyncTaskHandle, wait_s: float) -> dict:
+        path = f"/api/task/poll/{_task_path(handle.cap, handle.id)}"
+        if wait_s:
+            path += f"?wait={wait_s:g}"
+        status = await self._call("GET", path, timeout_s=wait_s + self.request_s)
+        if status.get("status") in ENDED:
+            handle.final = status
+        return status
+
+    async def _wait_by_polling(self, handle: AsyncTaskHandle, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while handle.final is None:
+            left = CLIENT_POLL_WAIT_S if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(f"task {handle.cap}/{handle.id} has not ended after {timeout:g} s")
+            await self._poll(handle, max(0.001, min(left, CLIENT_POLL_WAIT_S)))
+
+    # -- the public verbs -------------------------------------------------------
+
+    async def submit(self, capability: str, payload: Any = None, *, urgent: bool = False,
+                     idempotency_key: str | None = None, **fields: Any) -> AsyncTaskHandle:
+        """Queue a task; its handle. `fields` are the submission's lifecycle fields, in
+        snake_case or camelCase (`restartable`, `max_retries`, `timeout_secs`, `priority`,
+        `delay_secs`, `run_at`, `fetch_files`, ...). A retry after a connection error
+        sends the same Idempotency-Key (one is made unless given): never two tasks."""
+        body = {"capability": capability, "payload": payload,
+                **{_camel(k): v for k, v in fields.items()}}
+        if urgent:
+            body["urgent"] = True
+        watch = self._watch
+        covered_by = watch.generation if watch is not None and watch.error is None else -1
+        answer = await self._call("POST", "/api/task/submit", body,
+                                  {"Idempotency-Key": idempotency_key or secrets.token_hex(16)})
+        handle = AsyncTaskHandle(self, answer["id"]["cap"], answer["id"]["id"], answer, covered_by)
+        if watch is not None:
+            watch.adopt(handle)
+        return handle
+
+    async def submit_blocking(self, capability: str, payload: Any = None, **fields: Any) -> Any:
+        """An urgent task, held until it ends: its output. SchedulingImpossible when no
+        agent serves it, TaskFailed when it fails, WaitTimeout past the server's hold."""
+        body = {"capability": capability, "payload": payload, "urgent": True,
+                **{_camel(k): v for k, v in fields.items()}}
+        # Not retried: the route takes no Idempotency-Key, a resend could run it twice.
+        return _final_output(await self._call("POST", "/api/task/submit_blocking", body,
+                                              timeout_s=self.request_s + 600, retry=False))
+
+    def task(self, capability: str, task_id: str) -> AsyncTaskHandle:
+        """A handle of a task submitted earlier (by id)."""
+        return AsyncTaskHandle(self, capability, task_id)
+
+    async def _watching(self) -> _Watch:
+        if self._watch is None or self._watch.error is not None:
+            watch = _Watch(self)
+            await watch.start()
+            self._watch = watch
+        return self._watch
+
+    async def as_completed(self, handles: Any, timeout: float | None = None) -> Any:
+        """The handles as their tasks end (any order), collected through the client's one
+        event stream; WaitTimeout after `timeout` seconds."""
+        watch = await self._watching()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        queue: asyncio.Queue = asyncio.Queue()
+        waiting: dict[str, AsyncTaskHandle] = {}
+        for handle in handles:
+            watch.adopt(handle)
+            waiting[handle.id] = handle
+            if handle.final is not None:
+                queue.put_nowait(handle)
+            else:
+                watch.listeners[handle.id] = queue
+        unsure = [h for h in waiting.values() if h.final is None and h.covered_by != watch.generation]
+        try:
+            while waiting:
+                for handle in unsure:  # might have ended unseen: ask once, now the watch is live
+                    if handle.id in waiting and handle.final is None:
+                        await self._poll(handle, 0)
+                    if handle.final is not None:
+                        watch.listeners.pop(handle.id, None)
+                        queue.put_nowait(handle)
+                    handle.covered_by = watch.generation
+                unsure = []
+                left = None if deadline is None else deadline - time.monotonic()
+                try:
+                    item = queue.get_nowait() if not queue.empty() else \
+                        await asyncio.wait_for(queue.get(), left)
+                except TimeoutError:
+                    raise WaitTimeout(f"{len(waiting)} tasks have not ended after {timeout:g} s") from None
+                if item is None:  # the stream lost events (or failed): ask the server
+                    if watch.error is not None:
+                        raise watch.error
+                    unsure = list(waiting.values())
+                elif waiting.pop(item.id, None) is not None:
+                    yield item
+        finally:
+            for task_id in waiting:
+                watch.listeners.pop(task_id, None)
+
+    async def map(self, capability: str, payloads: Any, *, in_flight: int = 1,
+                  **fields: Any) -> Any:
+        """Submit one task per payload (`in_flight` submits at a time), then their
+        outputs in the payloads' order; a failed task raises TaskFailed there."""
+        await self._watching()
+        payloads = list(payloads)
+        if in_flight <= 1:
+            handles = [await self.submit(capability, p, **fields) for p in payloads]
+        else:
+            gate = asyncio.Semaphore(in_flight)
+
+            async def one(payload: Any) -> AsyncTaskHandle:
+                async with gate:
+                    return await self.submit(capability, payload, **fields)
+            handles = await asyncio.gather(*(one(p) for p in payloads))
+        done = 0
+        async for _ in self.as_completed(handles):
+            while done < len(handles) and handles[done].final is not None:
+                yield _final_output(handles[done].final)
+                done += 1
+
+    def events(self, tasks: list | None = None, last_event_id: str | None = None,
+               current: bool = True) -> AsyncEventStream:
+        """The raw event stream (`async with client.events() as stream: async for ev in
+        stream`) of this key's tasks, or only `tasks`; it starts with their current
+        state (`status` events, op `current`) unless `current=False`. Resumed after a
+        connection loss, then a `gap` event: events may be missing from there."""
+        return AsyncEventStream(self, tasks, last_event_id, current)
+
+    async def capabilities(self) -> list[str]:
+        """The capabilities online agents serve (that this key may use)."""
+        return await self._call("GET", "/api/capabilities/online")
+
+
+class TaskHandle:
+    """A submitted task, blocking: `result()`, `status()`, `cancel()`, `logs()`."""
+
+    def __init__(self, client: Client, handle: AsyncTaskHandle):
+        self.client, self.handle = client, handle
+
+    cap = property(lambda self: self.handle.cap)
+    id = property(lambda self: self.handle.id)
+    task_id = property(lambda self: self.handle.task_id)
+    answer = property(lambda self: self.handle.answer)
+    final = property(lambda self: self.handle.final, doc="the ended task, once seen")
+
+    def __repr__(self) -> str:
+        return repr(self.handle)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The output once it completed; TaskFailed/TaskCanceled, or WaitTimeout."""
+        return self.client._run(self.handle.result(timeout))
+
+    def status(self) -> dict:
+        return self.client._run(self.handle.status())
+
+    def cancel(self) -> dict:
+        return self.client._run(self.handle.cancel())
+
+    def logs(self) -> Any:
+        """The log so far, then each new piece, until the task ends (a generator)."""
+        return self.client._iterate(self.handle.logs())
+
+
+class EventStream:
+    """Blocking `/api/task/events`: `with client.events() as stream: for ev in stream`."""
+
+    def __init__(self, client: Client, stream: AsyncEventStream):
+        self.client, self.stream = client, stream
+
+    def __enter__(self) -> EventStream:
+        self.client._run(self.stream.open())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> TaskEvent:
+        try:
+            return self.client._run(self.stream.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        self.client._loop.call_soon_threadsafe(self.stream.close)
+
+
+class Client:
+    """A blocking client of an OffloadMQ server (scripts, CI, notebooks, threads): the
+    AsyncClient run on a private event loop thread, so it works inside a running loop
+    too. One keep-alive connection for sequential calls.
+
+        from offloadmq import Client
+        mq = Client()                     # OFFLOADMQ_URL, OFFLOADMQ_API_KEY
+        task = mq.submit("shell.bash", {"command": "uname -a"})
+        print(task.result(timeout=60))
+    """
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 retry_s: float = CLIENT_RETRY_S, request_s: float = CLIENT_REQUEST_S):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="offloadmq-client",
+                                        daemon=True)
+        self._thread.start()
+        self._async = self._run(self._make(url, api_key, retry_s, request_s))
+
+    @staticmethod
+    async def _make(*args: Any) -> AsyncClient:
+        url, api_key, retry_s, request_s = args
+        return AsyncClient(url, api_key, retry_s=retry_s, request_s=request_s)
+
+    def _run(self, coro: Any) -> Any:
+        if not self._thread.is_alive():
+            coro.close()
+            raise RuntimeError("this Client is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _iterate(self, agen: Any) -> Any:
+        try:
+            while True:
+                try:
+                    yield self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            if self._thread.is_alive():
+                self._run(agen.aclose())
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._run(self._async.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            self._loop.close()
+
+    @property
+    def url(self) -> str:
+        return self._async.url
+
+    def submit(self, capability: str, payload: Any = None, *, urgent: bool = False,
+               idempotency_key: str | None = None, **fields: Any) -> TaskHandle:
+        """Queue a task; its handle (see AsyncClient.submit for the fields)."""
+        return TaskHandle(self, self._run(self._async.submit(
+            capability, payload, urgent=urgent, idempotency_key=idempotency_key, **fields)))
+
+    def submit_blocking(self, capability: str, payload: Any = None, **fields: Any) -> Any:
+        """An urgent task, held until it ends: its output (TaskFailed if it failed)."""
+        return self._run(self._async.submit_blocking(capability, payload, **fields))
+
+    def task(self, capability: str, task_id: str) -> TaskHandle:
+        """A handle of a task submitted earlier (by id)."""
+        return TaskHandle(self, self._async.task(capability, task_id))
+
+    def as_completed(self, handles: Any, timeout: float | None = None) -> Any:
+        """The handles as their tasks end, through one event stream (a generator)."""
+        by_inner = {h.handle: h for h in handles}
+        for inner in self._iterate(self._async.as_completed(list(by_inner), timeout)):
+            yield by_inner[inner]
+
+    def map(self, capability: str, payloads: Any, *, in_flight: int = 1, **fields: Any) -> Any:
+        """One task per payload; their outputs in order (a generator)."""
+        return self._iterate(self._async.map(capability, payloads, in_flight=in_flight, **fields))
+
+    def events(self, tasks: list | None = None, last_event_id: str | None = None,
+               current: bool = True) -> EventStream:
+        """The raw event stream; see AsyncClient.events."""
+        inner = [t.handle if isinstance(t, TaskHandle) else t for t in tasks or []]
+        return EventStream(self, self._async.events(inner, last_event_id, current))
+
+    def capabilities(self) -> list[str]:
+        return self._run(self._async.capabilities())
+
+
+# ============================================================================ cli
+#
+# `python offloadmq.py submit|status|cancel ...`: the client above for CI runners. It
+# prints the task as JSON on stdout and tells how the task ended by its exit status
+# (below). While `--wait`ing it follows the key's event stream, copying the task's log
+# lines to stderr as they arrive: the stream is live before the submit, so no early line
+# is missed.
+
+EXIT_COMPLETED, EXIT_NOT_COMPLETED, EXIT_USAGE, EXIT_HTTP, EXIT_TIMEOUT = 0, 1, 2, 3, 124
+CLI_RETRY_S = 3.0  # a CI step should fail fast when the server is not there
 
 
 def cli_parser() -> argparse.ArgumentParser:
@@ -5841,7 +6513,28 @@ def cli_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("capability")
         command.add_argument("id")
+    keys = commands.add_parser("keys", help="print the secrets the server generated (read from "
+                               "its data folder on this machine)")
+    keys.add_argument("--data", help="the server's data folder (DATABASE_ROOT_PATH; default ./data)")
     return parser
+
+
+def cli_keys(data: str | None) -> int:
+    """The generated secrets, from the data folder: whoever can read that file has them
+    already, so this shows nothing a network caller could not see otherwise."""
+    folder = Path(data or os.environ.get("DATABASE_ROOT_PATH") or "./data")
+    try:
+        stored = orjson.loads((folder / SECRETS_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError) as err:
+        print(f"offloadmq: cannot read {folder / SECRETS_FILE}: {getattr(err, 'strerror', err)} "
+              "(give the server's --data folder with --data)", file=sys.stderr)
+        return EXIT_USAGE
+    for name, label in (("AGENT_API_KEYS", "agent registration key"), ("CLIENT_API_KEYS", "client API key"),
+                        ("MGMT_TOKEN", "management token")):
+        if stored.get(name):
+            print(f"{label:24} {stored[name]}")
+    print(f"(from {folder / SECRETS_FILE}; keys set in the environment or .env are not shown)")
+    return EXIT_COMPLETED
 
 
 def cli_payload(parser: argparse.ArgumentParser, text: str) -> Any:
@@ -5858,123 +6551,54 @@ def cli_payload(parser: argparse.ArgumentParser, text: str) -> Any:
         parser.error(f"{source} is not valid JSON: {err}")
 
 
-def cli_task_path(cap: str, task_id: str) -> str:
-    return f"{quote(cap, safe='')}/{quote(task_id, safe='')}"
+def cli_print(data: Any) -> None:
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
 
 
-async def cli_request(server: CliServer, method: str, path: str, body: Any = None) -> Any:
-    """One JSON request; an error answer becomes a CliError with the server's message."""
-    try:
-        async with server.session.request(method, server.url + path, json=body,
-                                   timeout=aiohttp.ClientTimeout(total=CLI_REQUEST_S)) as resp:
-            raw = await resp.read()
-    except (aiohttp.ClientError, TimeoutError) as err:
-        raise CliError(f"{method} {path}: {err or type(err).__name__}") from None
-    try:
-        answer = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError:
-        answer = None
-    if resp.status >= 400:
-        error = answer.get("error") if isinstance(answer, dict) else None
-        message = error.get("message") if isinstance(error, dict) else raw[:300].decode(errors="replace")
-        raise CliError(f"{method} {path}: HTTP {resp.status}: {message}")
-    return answer
-
-
-async def cli_events(server: CliServer, query: dict, last_id: str | None) -> Any:
-    """Open the event stream; the answer's headers have arrived when this returns."""
-    headers = {"Last-Event-ID": last_id} if last_id else {}
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CLI_REQUEST_S,
-                                    sock_read=3 * SSE_HEARTBEAT_S)
-    try:
-        resp = await server.session.get(server.url + "/api/task/events", params=query,
-                                        headers=headers, timeout=timeout)
-    except (aiohttp.ClientError, TimeoutError) as err:
-        raise CliError(f"GET /api/task/events: {err or type(err).__name__}") from None
-    if resp.status >= 400:
-        raw = await resp.read()
-        resp.release()
-        raise CliError(f"GET /api/task/events: HTTP {resp.status}: {raw[:300].decode(errors='replace')}")
-    return resp
-
-
-async def cli_sse(resp: Any) -> Any:
-    """(id, event, data) of each event of a stream; comments skipped."""
-    buffer, fields = b"", {}
-    async for chunk in resp.content.iter_any():
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if not line:
-                if "data" in fields:
-                    yield fields.get("id"), fields.get("event", "message"), orjson.loads(fields["data"])
-                fields = {}
-            elif not line.startswith(b":"):
-                name, _, value = line.decode().partition(":")
-                fields[name] = value.removeprefix(" ")
-
-
-async def cli_follow(server: CliServer, task_id: dict, resp: Any) -> dict:
-    """Copy the task's log to stderr until it ends; answer its final form. A dropped
-    stream is reopened from the last event seen."""
-    last_id, wanted = None, {"cap": task_id["cap"], "id": task_id["id"]}
-    while True:
-        try:
-            async for event_id, kind, data in cli_sse(resp):
-                last_id = event_id or last_id
-                if not isinstance(data, dict) or data.get("id") != wanted:
-                    continue
-                if kind == "log" and data.get("log"):
-                    sys.stderr.write(data["log"])
-                    sys.stderr.flush()
-                elif kind == "end":
-                    return data
-                elif kind == "status" and data.get("op") == "current" and data.get("status") in ENDED:
-                    # A resumed stream that could not replay: the end event is gone.
-                    return await cli_request(server, "GET", "/api/task/poll/" + cli_task_path(
-                        wanted["cap"], wanted["id"]))
-        except (aiohttp.ClientError, TimeoutError):
-            pass
-        finally:
-            resp.release()
-        await asyncio.sleep(1.0)  # the server went away: reconnect, from where we were
-        resp = await cli_events(server, {"task": f"{wanted['cap']}/{wanted['id']}"}, last_id)
+async def cli_follow(stream: AsyncEventStream, handle: AsyncTaskHandle) -> dict:
+    """Copy the task's log to stderr until it ends; its final form. A resume that could
+    not replay asks the server whether it ended meanwhile."""
+    async for event in stream:
+        if event.kind == "gap":
+            status = await handle.status()
+            if status["status"] in ENDED:
+                return status
+            continue
+        if not isinstance(event.data, dict) or event.data.get("id") != handle.task_id:
+            continue
+        if event.kind == "log" and event.data.get("log"):
+            sys.stderr.write(event.data["log"])
+            sys.stderr.flush()
+        elif event.kind == "end":
+            return event.data
+    raise Unreachable("the event stream ended")
 
 
 async def cli_run(args: argparse.Namespace, payload: Any, config: ClientConfig) -> int:
-    async with aiohttp.ClientSession(headers={"X-API-Key": config.api_key}) as session:
-        server = CliServer(session, config.url)
+    async with AsyncClient(config.url, config.api_key, retry_s=CLI_RETRY_S) as client:
         if args.command in ("status", "cancel"):
-            path = cli_task_path(args.capability, args.id)
-            if args.command == "status":
-                task = await cli_request(server, "GET", "/api/task/poll/" + path)
-                print(orjson.dumps(task, option=orjson.OPT_INDENT_2).decode())
-                return EXIT_COMPLETED if task.get("status") == COMPLETED else EXIT_NOT_COMPLETED
-            print(orjson.dumps(await cli_request(server, "POST", "/api/task/cancel/" + path),
-                               option=orjson.OPT_INDENT_2).decode())
+            handle = client.task(args.capability, args.id)
+            if args.command == "cancel":
+                cli_print(await handle.cancel())
+                return EXIT_COMPLETED
+            task = await handle.status()
+            cli_print(task)
+            return EXIT_COMPLETED if task.get("status") == COMPLETED else EXIT_NOT_COMPLETED
+        if not args.wait:
+            cli_print((await client.submit(args.capability, payload, urgent=args.urgent)).answer)
             return EXIT_COMPLETED
-        body = {"capability": args.capability, "payload": payload, "urgent": args.urgent}
-        stream = await cli_events(server, {}, None) if args.wait else None
-        try:
-            answer = await cli_request(server, "POST", "/api/task/submit", body)
-        except CliError:
-            if stream is not None:
-                stream.release()
-            raise
-        if stream is None:
-            print(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode())
-            return EXIT_COMPLETED
-        print(f"task {answer['id']['cap']}/{answer['id']['id']} {answer['status']}", file=sys.stderr)
-        try:
-            task = await asyncio.wait_for(cli_follow(server, answer["id"], stream), args.timeout)
-        except TimeoutError:
-            task = await cli_request(server, "GET", "/api/task/poll/" + cli_task_path(
-                answer["id"]["cap"], answer["id"]["id"]))
-            print(orjson.dumps(task, option=orjson.OPT_INDENT_2).decode())
-            print(f"offloadmq: task still {task.get('status')} after {args.timeout:g} s "
-                  "(it goes on; cancel it with `offloadmq.py cancel`)", file=sys.stderr)
-            return EXIT_TIMEOUT
-        print(orjson.dumps(task, option=orjson.OPT_INDENT_2).decode())
+        async with client.events() as stream:
+            handle = await client.submit(args.capability, payload, urgent=args.urgent)
+            print(f"task {handle.cap}/{handle.id} {handle.answer['status']}", file=sys.stderr)
+            try:
+                task = await asyncio.wait_for(cli_follow(stream, handle), args.timeout)
+            except TimeoutError:
+                task = await handle.status()
+                cli_print(task)
+                print(f"offloadmq: task still {task.get('status')} after {args.timeout:g} s "
+                      "(it goes on; cancel it with `offloadmq.py cancel`)", file=sys.stderr)
+                return EXIT_TIMEOUT
+        cli_print(task)
         return EXIT_COMPLETED if task.get("status") == COMPLETED else EXIT_NOT_COMPLETED
 
 
@@ -5982,6 +6606,8 @@ def cli_main(argv: list[str], config: ClientConfig | None = None) -> int:
     """Run one CLI command; answers the exit status."""
     parser = cli_parser()
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return cli_keys(args.data)
     payload = cli_payload(parser, args.payload) if args.command == "submit" else None
     if args.command == "submit" and args.timeout is not None and args.timeout <= 0:
         parser.error("--timeout must be a positive number of seconds")
@@ -5992,9 +6618,12 @@ def cli_main(argv: list[str], config: ClientConfig | None = None) -> int:
         return EXIT_USAGE
     try:
         return asyncio.run(cli_run(args, payload, config))
-    except CliError as err:
-        print(f"offloadmq: {err}", file=sys.stderr)
-        return err.code
+    except Unreachable as err:
+        print(f"offloadmq: cannot reach the server: {err}", file=sys.stderr)
+        return EXIT_HTTP
+    except OffloadError as err:
+        print(f"offloadmq: HTTP {err.status} {err.type}: {err.message}", file=sys.stderr)
+        return EXIT_HTTP
     except KeyboardInterrupt:
         return 130
 

@@ -71,7 +71,7 @@ class OursServer:
         return total
 
     def client(self, *args: str, timeout_s: float = 900) -> dict:
-        return run_json([PY, "-m", "bench.ours_client", *args, "--url", self.url,
+        return run_json([PY, "-m", "bench.ours_workload", *args, "--url", self.url,
                          "--key", self.client_key], timeout_s)
 
     def stop(self) -> None:

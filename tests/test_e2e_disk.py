@@ -302,3 +302,16 @@ def test_secrets_are_printed_once_and_their_place_at_every_start(tmp_path):
     again = start_and_stop_without_secrets(tmp_path)
     assert str(tmp_path / "data" / "secrets.json") in again
     assert stored["MGMT_TOKEN"] not in again and stored["CLIENT_API_KEYS"] not in again
+
+
+def test_keys_prints_the_generated_secrets_from_the_data_folder(tmp_path):
+    start_and_stop_without_secrets(tmp_path)
+    stored = json.loads((tmp_path / "data" / "secrets.json").read_text())
+    done = subprocess.run([sys.executable, str(ROOT / "offloadmq.py"), "keys", "--data",
+                           str(tmp_path / "data")], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    for name in ("AGENT_API_KEYS", "CLIENT_API_KEYS", "MGMT_TOKEN"):
+        assert stored[name] in done.stdout
+    missing = subprocess.run([sys.executable, str(ROOT / "offloadmq.py"), "keys", "--data",
+                              str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr and not missing.stdout
