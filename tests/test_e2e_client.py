@@ -11,7 +11,7 @@ import pytest
 
 from conftest import free_port, http
 from test_e2e_agent import AgentProcess
-from test_e2e_cli import CAP, ScriptedAgent
+from test_e2e_cli import CAP, agent  # noqa: F401 (a fixture)
 
 import offloadmq
 from offloadmq import (AsyncClient, BadRequest, Client, Conflict, NotFound, OffloadError,
@@ -97,14 +97,6 @@ def proxy(server):
     p.stop()
 
 
-@pytest.fixture
-def agent(server):
-    thread = ScriptedAgent(server)
-    thread.start()
-    yield thread
-    thread.release.set()
-    thread.stop.set()
-    thread.join(5)
 
 
 @pytest.fixture
