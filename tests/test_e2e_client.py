@@ -97,8 +97,6 @@ def proxy(server):
     p.stop()
 
 
-
-
 @pytest.fixture
 def mq(server):
     client = Client(server.url, server.client_key)
