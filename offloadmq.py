@@ -3008,12 +3008,20 @@ class Hub:
     async def next_task(self, uid: str, wait_s: float, urgent_only: bool,
                         gone: Callable[[], bool], take: bool = False) -> Task | None:
         """Long poll: the next task this agent may take (held for it), or None.
-        With `take` it is also assigned to the agent (saves the agent a round trip)."""
+        With `take` it is also assigned to the agent (saves the agent a round trip).
+        A poll whose credential is revoked while it waits ends empty: it must not hand a
+        task to whoever held the old credential."""
         task = None
+        agent = self.broker.agents.get(uid)
+        credential = agent.tokens_after if agent is not None else None
+
+        def revoked() -> bool:
+            now_agent = self.broker.agents.get(uid)
+            return now_agent is not None and now_agent.tokens_after != credential
 
         def ready() -> bool:
             nonlocal task
-            if gone():
+            if gone() or revoked():
                 return True
             now = self.clock()
             self.broker.touch(uid, now)
@@ -3022,7 +3030,7 @@ class Hub:
 
         if not ready() and wait_s > 0:
             await self._wait_until(ready, wait_s, self.offers_changed)
-        if task is not None and gone():  # nobody is left to hand it to
+        if task is not None and (gone() or revoked()):  # nobody is left to hand it to
             await self._change(self.broker.release_offer, task.key, writes=False)
             return None
         if task is not None and take:

@@ -2193,6 +2193,19 @@ async def test_management_rotation_revokes_the_old_key_and_tokens(make_client):
     await fails(client, "POST", f"/management/agents/rotate_key/{ag.uid}", 401)
 
 
+async def test_a_long_poll_held_across_a_rotation_hands_out_nothing(make_client):
+    client = await make_client()
+    ag = await agent(client)
+    poll = asyncio.ensure_future(call(client, "GET", "/private/agent/task/poll?take=1&wait=5",
+                                      headers=ag.h))
+    await asyncio.sleep(0.05)  # the poll is waiting
+    await call(client, "POST", f"/management/agents/rotate_key/{ag.uid}", headers=MGMT_H)
+    tid = await submit(client)
+    assert await asyncio.wait_for(poll, 3) is None
+    status = await call(client, "GET", f"/api/task/poll/{tp(tid)}", headers=CLIENT)
+    assert status["status"] == "pending"
+
+
 async def test_agent_rotates_its_own_key_and_keeps_its_id_and_tasks_across_a_restart(make_client):
     client = await make_client()
     ag = await agent(client)
