@@ -112,6 +112,20 @@ def percentiles(samples_s: list[float]) -> dict:
             "mean": sum(xs) / len(xs) * 1000}
 
 
+def round_trips(echo, n: int, warmup: int) -> dict:
+    """W2: `echo(payload)` answers the payload back, one at a time; latency percentiles
+    of the `n` after `warmup`, and how many answers were wrong."""
+    samples, wrong = [], 0
+    for i in range(-warmup, n):
+        t0 = time.perf_counter()
+        out = echo({"n": i})
+        dt = time.perf_counter() - t0
+        if i >= 0:
+            samples.append(dt)
+            wrong += out != {"n": i}
+    return {**percentiles(samples), "wrong": wrong}
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.common import emit, percentiles
+from bench.common import emit, round_trips
 from offloadmq import Client
 
 CAP = "debug.echo"
@@ -34,18 +34,9 @@ def w1(mq: Client, n: int, in_flight: int, collect: str) -> dict:
 
 
 def w2(mq: Client, n: int, mode: str, warmup: int) -> dict:
-    samples, wrong = [], 0
-    for i in range(-warmup, n):
-        t0 = time.perf_counter()
-        if mode == "blocking":
-            out = mq.submit_blocking(CAP, {"n": i})
-        else:
-            out = mq.submit(CAP, {"n": i}).result(timeout=60)
-        dt = time.perf_counter() - t0
-        if i >= 0:
-            samples.append(dt)
-            wrong += out != {"n": i}
-    return {**percentiles(samples), "wrong": wrong}
+    if mode == "blocking":
+        return round_trips(lambda payload: mq.submit_blocking(CAP, payload), n, warmup)
+    return round_trips(lambda payload: mq.submit(CAP, payload).result(timeout=60), n, warmup)
 
 
 def main() -> None:

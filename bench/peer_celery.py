@@ -12,7 +12,7 @@ import time
 
 from celery import Celery
 
-from bench.common import peer_main, percentiles
+from bench.common import peer_main, round_trips
 
 REDIS = f"redis://127.0.0.1:{os.environ.get('BENCH_REDIS_PORT', '6379')}"
 app = Celery("bench", broker=REDIS + "/0", backend=REDIS + "/1")
@@ -54,15 +54,7 @@ def w1c(n: int, concurrency: int) -> dict:
 
 
 def w2(n: int, warmup: int) -> dict:
-    samples, wrong = [], 0
-    for i in range(-warmup, n):
-        t0 = time.perf_counter()
-        out = echo.delay({"n": i}).get(timeout=60)
-        dt = time.perf_counter() - t0
-        if i >= 0:
-            samples.append(dt)
-            wrong += out != {"n": i}
-    return {**percentiles(samples), "wrong": wrong}
+    return round_trips(lambda payload: echo.delay(payload).get(timeout=60), n, warmup)
 
 
 def main() -> None:

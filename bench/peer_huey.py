@@ -15,7 +15,7 @@ import time
 
 from huey import RedisHuey, SqliteHuey
 
-from bench.common import peer_main, percentiles
+from bench.common import peer_main, round_trips
 
 KIND = os.environ.get("BENCH_HUEY", "sqlite")
 if KIND == "redis":
@@ -63,15 +63,7 @@ def w1c(n: int, concurrency: int) -> dict:
 
 
 def w2(n: int, warmup: int) -> dict:
-    samples, wrong = [], 0
-    for i in range(-warmup, n):
-        t0 = time.perf_counter()
-        out = echo({"n": i}).get(**GET)
-        dt = time.perf_counter() - t0
-        if i >= 0:
-            samples.append(dt)
-            wrong += out != {"n": i}
-    return {**percentiles(samples), "wrong": wrong}
+    return round_trips(lambda payload: echo(payload).get(**GET), n, warmup)
 
 
 def main() -> None:
