@@ -1178,13 +1178,18 @@ LLM_NUMBER_OPTIONS = frozenset({
 LLM_OPTIONS = LLM_NUMBER_OPTIONS | {"stop", "penalize_newline", "num_ctx", "num_predict"}
 
 
+def _refuse_unknown(given: dict, allowed: frozenset | set, what: str, also: tuple = ()) -> None:
+    """An allowlist: names beyond `allowed` (and `also`, accepted but not advertised) fail."""
+    unknown = sorted(set(given) - set(allowed) - set(also))
+    if unknown:
+        raise TaskFailed(f"{what} {', '.join(unknown)} not allowed on this agent; "
+                         f"allowed: {', '.join(sorted(allowed))}")
+
+
 def _llm_options(options: Any, max_ctx: int, max_predict: int) -> dict:
     if not isinstance(options, dict):
         raise TaskFailed("payload.options must be an object")
-    unknown = sorted(set(options) - LLM_OPTIONS)
-    if unknown:
-        raise TaskFailed(f"payload.options {', '.join(unknown)} not allowed on this agent; "
-                         f"allowed: {', '.join(sorted(LLM_OPTIONS))}")
+    _refuse_unknown(options, LLM_OPTIONS, "payload.options")
     for name in LLM_NUMBER_OPTIONS & set(options):
         value = options[name]
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -1211,10 +1216,7 @@ def ollama_chat_request(model: str, payload: Any, max_ctx: int = LLM_MAX_CTX,
         payload = {"prompt": payload}
     if not isinstance(payload, dict):
         raise TaskFailed('payload must be a prompt string or an object with "messages" or "prompt"')
-    unknown = sorted(set(payload) - LLM_BODY_FIELDS)
-    if unknown:
-        raise TaskFailed(f"payload field(s) {', '.join(unknown)} not allowed on this agent; "
-                         f"allowed: {', '.join(sorted(LLM_BODY_FIELDS - {'model'}))}")
+    _refuse_unknown(payload, LLM_BODY_FIELDS - {"model"}, "payload field(s)", also=("model",))
     body = {k: v for k, v in payload.items() if k not in ("prompt", "system", "model")}
     if "options" in body:
         body["options"] = _llm_options(body["options"], max_ctx, max_predict)
