@@ -179,13 +179,20 @@ def unmount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def mounted_disk(tmp_path: Path, size: str):
+    """A tmpfs of `size` at tmp_path/disk, for a fixture to yield; unmounted after."""
+    mnt = tmp_path / "disk"
+    mount_tmpfs(mnt, size)
+    try:
+        yield mnt
+    finally:
+        unmount(mnt)
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 1 MiB tmpfs to keep a data folder on."""
-    mnt = tmp_path / "disk"
-    mount_tmpfs(mnt, "1m")
-    yield mnt
-    unmount(mnt)
+    yield from mounted_disk(tmp_path, "1m")
 
 
 def free_bytes(path: Path) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_bytes, free_port, http, mount_tmpfs, unmount
+from conftest import ROOT, free_bytes, free_port, http, mount_tmpfs, mounted_disk, unmount
 
 CAP = "debug.echo"
 
@@ -28,10 +28,7 @@ CAP = "debug.echo"
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MiB tmpfs: the data folder itself, so the server log stays outside it."""
-    mnt = tmp_path / "disk"
-    mount_tmpfs(mnt, "2m")
-    yield mnt
-    unmount(mnt)
+    yield from mounted_disk(tmp_path, "2m")
 
 
 def submit(srv, n, headers=None, size=8000):
