@@ -3223,6 +3223,7 @@ class Hub:
         leading = await store.try_lead()
         followed = store.seq
         if not await store.catch_up(self.broker):  # compacted past us: start from its snapshot
+            log.info("standby: the leader compacted past record %d; loading its snapshot", store.seq)
             fresh = Broker(self.config.client_api_keys, self.clock(), self.broker.rng, self.broker.ids,
                            self.broker.new_secret)
             await store.load(fresh)

@@ -7,6 +7,7 @@ shared secrets, and event streams resumed across the failover.
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -258,6 +259,61 @@ def test_an_event_stream_resumed_on_the_new_leader_misses_no_result(postgres, tm
         end = json.loads(got.split(b"event: end\ndata: ", 1)[1].split(b"\n", 1)[0])
         assert end["id"] == missed and end["status"] == "completed" and end["result"] == "result"
         assert seen_task["id"].encode() not in got, "a task that did not end is not repeated"
+    finally:
+        standby.kill()
+        leader.kill()
+
+
+def test_a_leader_whose_session_ends_stops_and_the_standby_leads(postgres, tmp_path):
+    """Fencing by the engine: the leader's session is terminated in PostgreSQL (as when
+    keepalives find the network cut), so its lock is gone and it cannot write: it stops
+    at once rather than serve a state it can no longer keep; the standby leads."""
+    schema = postgres.new_schema()
+    url = postgres.url(schema)
+    leader = pg_server(tmp_path, url, "a").start()
+    standby = pg_server(tmp_path, url, "b", keys_from=leader).start()
+    try:
+        acked = [leader.submit(CAP, n) for n in range(5)]
+        holders = postgres.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            f"AND classid = {0x0FF10AD} AND objid = hashtext('{schema}')::oid")
+        assert len(holders) == 1
+        assert leader.proc.wait(timeout=10) == 70
+        assert "connection to" in leader.output() and "stopping now" in leader.output()
+        wait_for(lambda: ready(standby)[0] == 200, what="the takeover")
+        for tid in acked:
+            assert http("GET", f"{standby.url}/api/task/poll/{CAP}/{tid['id']}", headers=standby.client)[0] == 200
+    finally:
+        standby.kill()
+        leader.kill()
+
+
+def test_a_standby_stopped_across_a_compaction_starts_again_from_the_snapshot(postgres, tmp_path):
+    """A standby that was frozen (SIGSTOP) while the leader compacted lacks records that no
+    longer exist: it loads the snapshot and the records after it, and takes over with all."""
+    url = postgres.url(postgres.new_schema())
+    leader = pg_server(tmp_path, url, "a")
+    leader.extra_args += ["--compact-mb", "0.002"]
+    leader.start()
+    standby = pg_server(tmp_path, url, "b", keys_from=leader).start()
+    try:
+        first = [leader.submit(CAP, {"n": n}) for n in range(5)]
+        wait_for(lambda: ready(standby)[1].get("seq") == store_seq(leader), what="the standby to follow")
+        os.kill(standby.proc.pid, signal.SIGSTOP)
+        try:
+            later = [leader.submit(CAP, {"n": n, "pad": "x" * 100}) for n in range(40)]
+            wait_for(lambda: http("GET", leader.url + "/stats", headers=leader.mgmt)[1]["journal"]
+                     ["lastCompactionAt"], what="a compaction")
+            gone = postgres.execute("SELECT min(seq) FROM offloadmq_records", url.rsplit("=", 1)[1])[0][0]
+            assert gone is None or gone > 6, "the records the standby lacks were deleted"
+        finally:
+            os.kill(standby.proc.pid, signal.SIGCONT)
+        wait_for(lambda: ready(standby)[1].get("seq") == store_seq(leader), what="the standby to reload")
+        assert "compacted past record" in standby.output()
+        leader.kill()
+        wait_for(lambda: ready(standby)[0] == 200, what="the takeover")
+        for tid in first + later:
+            assert http("GET", f"{standby.url}/api/task/poll/{CAP}/{tid['id']}", headers=standby.client)[0] == 200
     finally:
         standby.kill()
         leader.kill()
