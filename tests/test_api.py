@@ -115,6 +115,11 @@ async def test_health_and_api_ping_share_the_health_shape(client):
     assert body["cached_agents"] == 1 and body["cached_tokens"] == 1
 
 
+async def test_ready_says_this_server_takes_the_writes(client):
+    """On either store a lone server leads: ready (a load balancer may send it traffic)."""
+    assert await call(client, "GET", "/health/ready") == {"ready": True, "role": "leader"}
+
+
 async def test_stats_counts_agents_and_tasks_by_queue_and_status(client):
     await agent(client)
     await submit(client)
@@ -2300,9 +2305,10 @@ def test_document_names_every_route():
             assert "401" in operation["responses"], (method, path)
         for status, answer in operation["responses"].items():
             health = status == "503" and path in ("/health", "/api/ping")  # unhealthy: the Health body
+            not_ready = status == "503" and path == "/health/ready"  # a standby: the Ready body
             if int(status) >= 400:
                 assert answer["content"]["application/json"]["schema"] == {
-                    "$ref": "#/components/schemas/" + ("Health" if health else "Error")}
+                    "$ref": "#/components/schemas/" + ("Health" if health else "Ready" if not_ready else "Error")}
     assert "507" in paths["/api/task/submit"]["post"]["responses"]
     assert "507" in paths["/private/agent/task/poll"]["get"]["responses"], "?take=1 writes"
     assert "507" not in paths["/private/agent/ping"]["post"]["responses"], "a contact only"

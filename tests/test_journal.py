@@ -944,10 +944,12 @@ async def test_a_refused_write_takes_memory_back_to_the_disk_and_keeps_urgent_ta
     assert hub.broker.agents[agent.uid].last_contact == clock[0]
     assert view(hub.broker) == before
     assert hub.health()["status"] == "unhealthy" and hub.health()["reason"] == "storage_full"
+    assert hub.readiness() == {"ready": False, "role": "leader", "reason": "storage_full"}
     assert not hub.journal.probe()
 
     filler.unlink()
     assert hub.journal.probe() and hub.health()["status"] == "healthy"
+    assert hub.readiness() == {"ready": True, "role": "leader"}
     taken = await hub.take(agent.uid, urgent.cap, urgent.id)
     await hub.resolve(agent.uid, taken.cap, taken.id, "success", None, "ok")
     await asyncio.wait_for(urgent_waiter, 5)
