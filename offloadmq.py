@@ -2393,6 +2393,7 @@ PG_CONNECT_TIMEOUT_S = 5.0
 PG_COMMAND_TIMEOUT_S = 10.0      # a write or check that takes longer: the session is gone
 PG_ALIVE_S = 1.0                 # an idle leader checks its session this often
 PG_FOLLOW_BATCH = 5000           # records a standby applies per query
+PG_SNAPSHOT_TIMEOUT_S = 300.0    # reading or writing a whole state may take this long
 # PostgreSQL probes an idle client after 5 s, then every 2 s, 3 times: a leader cut off by
 # the network loses its session (and lock) within about 11 s, not the system's 2 hours.
 PG_SERVER_SETTINGS = {"application_name": "offloadmq", "tcp_keepalives_idle": "5",
@@ -2556,7 +2557,8 @@ class PostgresStore:
         broker.begin_loading()
         async with self.using, self.conn.transaction(isolation="repeatable_read", readonly=True):
             row = await self.conn.fetchrow("SELECT seq, extract(epoch FROM at)::float8, state "
-                                           "FROM offloadmq_snapshots ORDER BY seq DESC LIMIT 1")
+                                           "FROM offloadmq_snapshots ORDER BY seq DESC LIMIT 1",
+                                           timeout=PG_SNAPSHOT_TIMEOUT_S)
             if row is not None:
                 try:
                     broker.load_snapshot(orjson.loads(row[2]))
@@ -2722,7 +2724,7 @@ class PostgresStore:
                 await self.conn.execute(
                     "INSERT INTO offloadmq_snapshots VALUES ($1, to_timestamp($2), $3) "
                     "ON CONFLICT (seq) DO UPDATE SET at = EXCLUDED.at, state = EXCLUDED.state",
-                    seq, now, state)
+                    seq, now, state, timeout=PG_SNAPSHOT_TIMEOUT_S)
                 await self.conn.execute("DELETE FROM offloadmq_records WHERE seq <= $1", seq)
                 await self.conn.execute("DELETE FROM offloadmq_snapshots WHERE seq < $1", seq)
         except Exception as err:
