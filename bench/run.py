@@ -24,6 +24,9 @@ Workloads (definitions from the issue, kept exactly):
          "ours" runs the agent with --transport http (long polls); "ours-ws" runs W1 and
          W2 again with the agent on its default transport, the agent WebSocket (tasks
          pushed, reports as frames).
+  failover (issue 13) two servers on PostgreSQL, a client submitting to whichever leads,
+         --kills rounds of kill -9 of the leader: seconds to the first 2xx from the new
+         leader (median, max) and tasks answered 201 that are missing after (goal 0).
   ours-pg  (issue 13) W2 and W1 again with the server on the PostgreSQL store (--store), a
          throwaway cluster of Debian's postgresql at its default durability; the rows give
          the ratio to the embedded journal's figures of the same run (goal ≤ 1.5×).
@@ -79,7 +82,7 @@ from bench.l0 import run_l0  # noqa: E402
 from bench.ours import OursServer  # noqa: E402
 
 SECTIONS = ("ours", "ours-pg", "ours-ws", "ours-original", "huey-sqlite", "huey-redis", "celery", "l0", "idle",
-            "idle-ws", "claim", "replay", "fanout", "streams", "list")
+            "idle-ws", "claim", "replay", "fanout", "streams", "list", "failover")
 COMPARED = ("ours", "ours-pg", "ours-ws", "ours-original", "huey-sqlite", "huey-redis", "celery")  # run in turn, best round kept
 EXTRA_SECTIONS = ("trace",)  # only when asked for: W1 again on an instrumented server
 PEERS = (("huey-sqlite", "Huey-SQLite"), ("huey-redis", "Huey-Redis"), ("celery", "Celery+Redis"))
@@ -286,6 +289,12 @@ def _spy(args, pid: int, name: str, tmp: Path):
         return None
     args.profile.mkdir(parents=True, exist_ok=True)
     return profile.start(pid, args.profile / f"{name}.txt", name, tmp)
+
+
+def run_failover(tmp: Path, args, results: dict) -> None:
+    log(f"failover: {args.kills} kill -9 of the leader on the PostgreSQL store under submits")
+    results["failover"] = run_json([PY, "-m", "bench.failover", "--kills", str(args.kills),
+                                    "--dir", str(tmp / "failover")], 900)
 
 
 def run_replay(tmp: Path, args, results: dict) -> None:
@@ -541,6 +550,12 @@ def build_table(results: dict, args) -> list[list[str]]:
                      verdict(None if ratio is None else ratio <= 1.2)])
     single("queue fill, submits/s (64 concurrent)", claim.get("fill_per_s"), ",.0f", "info")
     single("memory per queued task, bytes (RSS growth)", claim.get("bytes_per_task"), ",.0f", "info")
+    fo = results.get("failover") or {}
+    if fo:
+        single(f"failover on PostgreSQL: kill -9 to first 2xx, s, median / max of {fo['kills']} kills",
+               f"{fo['median_s']:.2f} / {fo['max_s']:.2f}", "", "≤5 s", fo["max_s"] <= 5)
+        single(f"failover: tasks answered 201 ({fo['acked']:,}) missing after it", fo["lost"], ",.0f",
+               "0", fo["lost"] == 0)
     rps = get(results, "replay", "records_per_s")
     single(f"replay {get(results, 'replay', 'records') or args.records:,} records, records/s", rps,
            ",.0f", "≥200,000", None if rps is None else rps >= 200_000)
@@ -615,6 +630,7 @@ def parse_args(argv=None):
     p.add_argument("--fanout-n", type=int, help="fanout: submits measured per case (default 500)")
     p.add_argument("--stream-pending", type=int, help="streams: pending tasks (default 50000)")
     p.add_argument("--list-tasks", type=int, help="list: tasks in the state (default 100000)")
+    p.add_argument("--kills", type=int, help="failover: kill -9 rounds of the leader (default 10)")
     p.add_argument("--redis-fsync", default="always", choices=("always", "everysec", "no"),
                    help="redis appendfsync for the peers (default always, like our journal)")
     p.add_argument("--profile", type=Path, help="py-spy our W1 (server and agent) into this folder")
@@ -629,7 +645,8 @@ def parse_args(argv=None):
     defaults = {"w1": (5000, 500), "w2": (1000, 100), "agents": (1000, 200),
                 "idle_duration": (60.0, 5.0), "fill": (100_000, 5_000), "claim_iters": (300, 50),
                 "records": (1_000_000, 50_000), "l0_duration": (5, 2), "subscribers": (500, 100),
-                "fanout_n": (500, 200), "stream_pending": (50_000, 10_000), "list_tasks": (100_000, 20_000)}
+                "fanout_n": (500, 200), "stream_pending": (50_000, 10_000), "list_tasks": (100_000, 20_000),
+                "kills": (10, 3)}
     for name, (full, short) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, short if quick else full)
@@ -652,10 +669,12 @@ def main(argv=None) -> int:
     errors: dict = {}
     started = time.monotonic()
     load_before = os.getloadavg()
-    runners = {"ours": run_ours, "ours-pg": run_ours_pg, "ours-ws": run_ours_ws, "ours-original": run_ours_original,
+    runners = {"ours": run_ours, "ours-pg": run_ours_pg, "ours-ws": run_ours_ws,
+               "ours-original": run_ours_original,
                "idle-ws": lambda tmp, args, found: run_idle(tmp, args, found, "ws"),
                "trace": run_trace, "l0": run_l0_section, "idle": run_idle, "claim": run_claim,
-               "replay": run_replay, "fanout": run_fanout, "streams": run_streams, "list": run_list}
+               "replay": run_replay, "failover": run_failover, "fanout": run_fanout,
+               "streams": run_streams, "list": run_list}
     # The machine's speed drifts over minutes: the compared sections run in turn, for
     # `--rounds` rounds, and each system keeps its best round; the rest run once, after.
     compared = [s for s in args.sections if s in COMPARED]
