@@ -2388,7 +2388,7 @@ class Journal:
 
 PG_SCHEMA_VERSION = 1
 PG_LOCK_CLASS = 0x0FF10AD        # advisory lock (PG_LOCK_CLASS, hashtext(schema)): one leader
-PG_LOCK_ATTEMPT_S = 0.5          # a standby tries the lock (and catches up) this often
+PG_LOCK_ATTEMPT_S = 0.25         # a standby tries the lock (and catches up) this often
 PG_CONNECT_TIMEOUT_S = 5.0
 PG_COMMAND_TIMEOUT_S = 10.0      # a write or check that takes longer: the session is gone
 PG_ALIVE_S = 1.0                 # an idle leader checks its session this often

@@ -342,13 +342,14 @@ async def submit(client, cap="echo", status=201, headers=CLIENT, **fields):
 
 IN_PROCESS_MODULES = {"test_core", "test_journal", "test_api", "test_agent_ws", "test_head_additions",
                       "test_agent_logs"}
-PROCESS_FIXTURES = {"server", "make_server"}
+PROCESS_FIXTURES = {"server", "make_server", "postgres"}  # postgres: a PostgreSQL server process
 
 
 def pytest_collection_modifyitems(items):
     """`unit`: the in-process layers, but for their tests that start a server process."""
     for item in items:
-        if item.module.__name__ in IN_PROCESS_MODULES \
+        on_postgres = getattr(item, "callspec", None) and item.callspec.params.get("store_url") == "postgres"
+        if item.module.__name__ in IN_PROCESS_MODULES and not on_postgres \
                 and not PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.unit)
 
