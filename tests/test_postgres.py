@@ -318,3 +318,32 @@ def test_a_standby_stopped_across_a_compaction_starts_again_from_the_snapshot(po
     finally:
         standby.kill()
         leader.kill()
+
+
+def test_the_store_and_advertised_url_come_from_flags_or_the_environment(tmp_path):
+    from offloadmq import load_config
+    config = load_config(["--store", "postgresql://u@db.invalid/q", "--port", "4000", "--data",
+                          str(tmp_path / "data")], environ={}, cwd=tmp_path)
+    assert config.store == "postgresql://u@db.invalid/q"
+    assert config.advertise_url == f"http://{socket.gethostname()}:4000"
+    assert config.jwt_secret == "" and not (tmp_path / "data").exists(), \
+        "in PostgreSQL mode the secrets come from the database, not the data folder"
+    config = load_config(["--host", "10.1.2.3", "--data", str(tmp_path / "d")], cwd=tmp_path, environ={
+        "OFFLOADMQ_STORE": "postgres://u@db.invalid/q", "OFFLOADMQ_ADVERTISE_URL": "https://mq.example"})
+    assert config.store == "postgres://u@db.invalid/q" and config.advertise_url == "https://mq.example"
+    assert load_config(["--host", "10.1.2.3", "--data", str(tmp_path / "d")], environ={},
+                       cwd=tmp_path).advertise_url == "http://10.1.2.3:3069"
+
+
+def test_a_standby_names_the_url_the_leader_advertises(postgres, tmp_path):
+    url = postgres.url(postgres.new_schema())
+    leader = pg_server(tmp_path, url, "a", OFFLOADMQ_ADVERTISE_URL="https://mq-a.invalid").start()
+    standby = pg_server(tmp_path, url, "b", keys_from=leader).start()
+    try:
+        status, body = ready(standby)
+        assert status == 503 and body["leader"] == "https://mq-a.invalid"
+        status, err = http("GET", standby.url + "/api/capabilities/online", headers=standby.client)
+        assert status == 503 and err["error"]["leader"] == "https://mq-a.invalid"
+    finally:
+        standby.kill()
+        leader.kill()
