@@ -108,8 +108,7 @@ def test_a_database_written_by_a_newer_schema_is_refused(postgres, tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "newer OffloadMQ" in lines[0] and "schema version 99" in lines[0]
-    tables = postgres.execute("SELECT tablename FROM pg_tables WHERE schemaname = $1".replace(
-        "$1", f"'{schema}'"))
+    tables = postgres.execute(f"SELECT tablename FROM pg_tables WHERE schemaname = '{schema}'")
     assert [t[0] for t in tables] == ["offloadmq_meta"], "nothing created in a newer database"
 
 
