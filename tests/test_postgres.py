@@ -128,7 +128,8 @@ def test_one_leads_the_other_follows_and_takes_over_within_5_s_of_a_kill_9(postg
         assert leader.url in err["error"]["message"]
         for path in ("/health", "/version", "/"):
             assert headers_of("GET", standby.url + path)[0] == 200, path
-        for path in ("/stats", "/metrics", "/management/agents/list", "/private/agent/task/poll"):
+        for path in ("/stats", "/metrics", "/management/agents/list", "/private/agent/task/poll",
+                     "/private/agent/ws", "/api/task/events", "/management/events", "/openapi.json"):
             assert headers_of("GET", standby.url + path, standby.mgmt)[0] == 503, path
 
         # Work on the leader: ended, running and pending tasks, an agent with a token.
@@ -343,6 +344,22 @@ def test_a_standby_names_the_url_the_leader_advertises(postgres, tmp_path):
         assert status == 503 and body["leader"] == "https://mq-a.invalid"
         status, err = http("GET", standby.url + "/api/capabilities/online", headers=standby.client)
         assert status == 503 and err["error"]["leader"] == "https://mq-a.invalid"
+    finally:
+        standby.kill()
+        leader.kill()
+
+
+def test_a_leader_stopped_by_sigterm_hands_over_with_every_acknowledged_task(postgres, tmp_path):
+    url = postgres.url(postgres.new_schema())
+    leader = pg_server(tmp_path, url, "a").start()
+    standby = pg_server(tmp_path, url, "b", keys_from=leader).start()
+    try:
+        acked = [leader.submit(CAP, n) for n in range(20)]
+        leader.stop()  # SIGTERM: it commits what is queued and ends its session
+        assert leader.proc.returncode == 0, leader.output()[-2000:]
+        wait_for(lambda: ready(standby)[0] == 200, what="the takeover")
+        for tid in acked:
+            assert http("GET", f"{standby.url}/api/task/poll/{CAP}/{tid['id']}", headers=standby.client)[0] == 200
     finally:
         standby.kill()
         leader.kill()
