@@ -3560,6 +3560,10 @@ class EventStreams:
 # ============================================================================ auth
 
 TOKEN_CACHE_SIZE = 10_000
+# Why an agent's login or token is refused, in the same words on /agent/auth and on
+# every private route, so the agent (and its operator) know to register again.
+AGENT_GONE = "this agent no longer exists; register again"
+AGENT_CREDENTIAL_REVOKED = "this agent's credential was revoked; register again (or log in with its new key)"
 
 
 def secret_equal(given: str, expected: str) -> bool:
@@ -3614,11 +3618,10 @@ class AgentTokens:
         agent = find(cached[0])
         if agent is None:
             self.cache.pop(token, None)
-            raise Unauthenticated("this agent no longer exists; register again")
+            raise Unauthenticated(AGENT_GONE)
         if cached[2] < int(agent.tokens_after * 1e6):  # as `issue` counts: whole microseconds
             self.cache.pop(token, None)
-            raise Unauthenticated("this agent's credential was revoked; register again "
-                                  "(or log in with its new key)")
+            raise Unauthenticated(AGENT_CREDENTIAL_REVOKED)
         return agent
 
 
@@ -4261,9 +4264,12 @@ async def handle_agent_auth(request: web.Request) -> web.Response:
             or not isinstance(body.get("key"), str):
         raise BadRequest("agentId and key are required strings")
     agent = request.app[HUB].agent(body["agentId"])
-    # One message for both cases, so the answer does not reveal which agents exist.
-    if agent is None or not secret_equal(body["key"], agent.key):
-        raise Unauthenticated("unknown agent or wrong key")
+    # Saying why tells an agent to register again instead of retrying forever; agent ids
+    # are random ULIDs and failed logins are throttled, so it reveals nothing guessable.
+    if agent is None:
+        raise Unauthenticated(AGENT_GONE)
+    if not secret_equal(body["key"], agent.key):
+        raise Unauthenticated(AGENT_CREDENTIAL_REVOKED if agent.tokens_after else "wrong key for this agent")
     return json_response(request.app[TOKENS].issue(agent))
 
 

@@ -446,12 +446,28 @@ async def test_register_and_auth_reject_malformed_json(client):
                     headers={"Content-Type": "application/json", **MGMT_H})
 
 
-async def test_auth_errors_share_one_message(client):
+async def test_auth_says_why_it_refuses_in_the_words_the_private_routes_use(client):
     ag = await agent(client)
     wrong_key = await fails(client, "POST", "/agent/auth", 401, json={"agentId": ag.uid, "key": "x"})
+    assert wrong_key["error"]["message"] == "wrong key for this agent"
     unknown = await fails(client, "POST", "/agent/auth", 401,
                           json={"agentId": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "key": ag.key})
-    assert wrong_key["error"]["message"] == unknown["error"]["message"]
+    assert unknown["error"]["message"] == "this agent no longer exists; register again"
+
+    await call(client, "POST", f"/management/agents/rotate_key/{ag.uid}", headers=MGMT_H)
+    on_ping = await fails(client, "GET", "/private/agent/ping", 401, headers=ag.h)
+    on_auth = await fails(client, "POST", "/agent/auth", 401, json={"agentId": ag.uid, "key": ag.key})
+    assert on_auth["error"]["message"] == on_ping["error"]["message"]
+    assert "credential was revoked; register again" in on_auth["error"]["message"]
+
+    for reset in ("/management/agents/delete/{uid}", "/management/agents/reset"):
+        gone = await agent(client)
+        await call(client, "GET", "/private/agent/ping", headers=gone.h)
+        await call(client, "POST", reset.format(uid=gone.uid), headers=MGMT_H)
+        on_ping = await fails(client, "GET", "/private/agent/ping", 401, headers=gone.h)
+        on_auth = await fails(client, "POST", "/agent/auth", 401, json={"agentId": gone.uid, "key": gone.key})
+        assert on_auth["error"]["message"] == on_ping["error"]["message"] \
+            == "this agent no longer exists; register again"
     await fails(client, "POST", "/agent/auth", 400, json={"agentId": ag.uid})
     await fails(client, "POST", "/agent/auth", 400, json={"agentId": 1, "key": "x"})
 
