@@ -1011,6 +1011,11 @@ class Broker:
         self._move(task, op)
         task.ended_at = now
         task.not_before = None
+        # An ended task is in no stage: the one it failed or was canceled in goes to its
+        # history, where it still explains the end.
+        if task.stage is not None and op != "task.completed":
+            description = f"{description} (in stage {task.stage})"
+        task.stage = None
         task.history.append((now, description))
         agent = self.agents.get(task.agent_id or "")
         if agent:
@@ -1749,7 +1754,7 @@ class Broker:
         agent = self.agents.get(task.agent_id or "")
         if agent:
             agent.held.discard(task.key)
-        task.agent_id = None
+        task.agent_id = task.stage = None  # the next attempt reports its own stages
 
     def _on_task_retried(self, r: dict, now: float) -> None:
         task = self.tasks[(r["cap"], r["id"])]
@@ -2353,6 +2358,7 @@ def assigned_json(task: Task) -> dict:
     return {"id": task_id_json(task), "data": task.data, "agentId": task.agent_id,
             "status": task.status, "history": history_json(task),
             "createdAt": iso(task.created_at), "assignedAt": iso(task.assigned_at),
+            "endedAt": iso(task.ended_at),
             "result": task.result, "log": task.log, "stage": task.stage,
             "attempt": task.attempts, "cancelRequested": task.cancel_requested_at is not None}
 
@@ -2388,7 +2394,8 @@ def status_event(task: Task, op: str) -> dict:
     return {"id": task_id_json(task), "status": task.status, "stage": task.stage, "op": op,
             "attempt": task.attempts, "cancelRequested": task.cancel_requested_at is not None,
             "agentId": task.agent_id, "urgent": task.urgent, "priority": task.priority,
-            "createdAt": iso(task.created_at)}
+            "createdAt": iso(task.created_at), "assignedAt": iso(task.assigned_at),
+            "endedAt": iso(task.ended_at)}
 
 
 def agent_json(agent: Agent, online: bool) -> dict:
@@ -5250,7 +5257,8 @@ OPENAPI_SCHEMAS = {
     "SubmitAnswer": _obj("id capability status message", id=_ref("TaskId"), capability=STR,
                          status=_STATUS, message=STR),
     "TaskStatus": _obj("id status log createdAt", id=_ref("TaskId"), status=_STATUS,
-                       stage=STR, output={}, log=STR, createdAt=TIME),
+                       stage={**STR, "description": "absent once the task has ended"},
+                       output={}, log=STR, createdAt=TIME),
     "UnassignedTask": _obj("id data createdAt", id=_ref("TaskId"), data=_ref("TaskData"),
                            createdAt=TIME),
     "AssignedTask": _obj(
@@ -5258,7 +5266,9 @@ OPENAPI_SCHEMAS = {
         id=_ref("TaskId"), data=_ref("TaskData"), agentId=_opt("string"), status=_STATUS,
         history={"type": "array", "items": _obj("timestamp description", timestamp=TIME,
                                                   description=STR)},
-        createdAt=TIME, assignedAt=_opt("string"), result={}, log=STR, stage=_opt("string"),
+        createdAt=TIME, assignedAt=_opt("string"), result={}, log=STR,
+        stage=_opt("string", description="what the agent last said it is doing; null once ended"),
+        endedAt=_opt("string", description="when it ended (completed, failed or canceled)"),
         attempt=INT, cancelRequested=BOOL),
     "AgentInfo": _AGENT_INFO,
     "AgentRegistration": {**_AGENT_INFO, "required": ["capabilities", "apiKey"],
