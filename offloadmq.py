@@ -60,6 +60,7 @@ from aiohttp import web
 
 __version__ = "0.1.0"
 log = logging.getLogger("offloadmq")
+access_log = logging.getLogger("offloadmq.access")  # --access-log: one line per request
 
 
 # ============================================================================ config
@@ -105,6 +106,7 @@ class Config:
     auth_failures_per_min: int = 60
     # Names of secrets generated at this start, so main() can print them once.
     generated: tuple[str, ...] = ()
+    access_log: bool = False  # one log line per request (access_middleware)
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -177,15 +179,25 @@ def load_secrets(data_path: Path, settings: dict[str, str]) -> tuple[dict[str, s
     return settings, tuple(generated)
 
 
+SERVER_EPILOG = """\
+commands, instead of starting the server (COMMAND --help tells more):
+  submit CAPABILITY [--payload JSON] [--urgent] [--wait]   submit a task
+  status CAPABILITY ID                                     print a task's status
+  cancel CAPABILITY ID                                     cancel a task
+  keys [--data FOLDER]                                     print the generated secrets
+"""
+
+
 def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None,
                 cwd: Path | None = None) -> Config:
     """Environment, then `.env` in the working directory, then flags (flags win)."""
     environ = dict(os.environ if environ is None else environ)
     settings = {**read_dotenv((cwd or Path.cwd()) / ".env"), **environ}
 
-    parser = argparse.ArgumentParser(prog="offloadmq", description="OffloadMQ server")
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
+    parser = argparse.ArgumentParser(prog="offloadmq", description="OffloadMQ server",
+                                     epilog=SERVER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", help="address to listen on (SERVER_ADDRESS=host:port; 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port to listen on (3069)")
     parser.add_argument("--data", help="data folder (DATABASE_ROOT_PATH)")
     parser.add_argument("--fsync", choices=FSYNC_POLICIES, help="journal fsync policy (OFFLOADMQ_FSYNC)")
     parser.add_argument("--compact-mb", type=float, help="compact the journal past this size")
@@ -197,6 +209,9 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
                         help="serve /metrics without the management token")
     parser.add_argument("--repair", action="store_true",
                         help="move a corrupt journal tail into a side file and start")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log one line per request: method, path, status, duration; never a "
+                             "key or token (OFFLOADMQ_ACCESS_LOG=1)")
     args = parser.parse_args(argv)
 
     host, _, port = settings.get("SERVER_ADDRESS", "0.0.0.0:3069").rpartition(":")
@@ -243,6 +258,7 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         stream_stall_s=float(settings.get("OFFLOADMQ_STREAM_STALL_S") or 60.0),
         max_connections=int(settings.get("OFFLOADMQ_MAX_CONNECTIONS") or 0),
         generated=generated,
+        access_log=args.access_log or settings.get("OFFLOADMQ_ACCESS_LOG", "") in ("1", "true"),
         body_timeout_s=min(MAX_BODY_TIMEOUT_S, max(0.1, float(settings.get("OFFLOADMQ_BODY_TIMEOUT") or 30))),
         body_budget_bytes=int(float(settings.get("OFFLOADMQ_BODY_BUDGET_MB") or 64) * 1024 * 1024),
     )
@@ -3170,6 +3186,18 @@ class Hub:
                  "uptimeSecs": round(self.clock() - self.started_at, 3), "version": __version__}
         return {**stats, "journal": self.journal.stats()} if internal else stats
 
+    def summary(self) -> str:
+        """The counts the start and stop lines log: tasks by state, agents."""
+        stats = self.broker.stats(self.clock())
+        counts: dict[str, int] = {}
+        for by_status in stats["tasks"].values():
+            for status, n in by_status.items():
+                state = "ended" if status in ENDED else "pending" if status in (PENDING, "queued") else "running"
+                counts[state] = counts.get(state, 0) + n
+        agents = stats["agents"]
+        return (f"tasks {counts.get('pending', 0)} pending, {counts.get('running', 0)} running, "
+                f"{counts.get('ended', 0)} ended; agents {agents['all']} ({agents['online']} online)")
+
     def metrics_text(self) -> str:
         return self.metrics.text(self.broker, self.journal, self.clock())
 
@@ -5058,7 +5086,7 @@ async def count_failures(request: web.Request, handler: Callable) -> web.StreamR
     except Unauthenticated:
         if throttle.failed(request.remote, now):
             log.warning("failed authentication from %s (%s %s)", throttle.address_key(request.remote),
-                        request.method, request.rel_url.raw_path)
+                        escape_control(request.method), loggable_target(request))
         raise
 
 
@@ -5090,6 +5118,43 @@ class UntrustedTextFilter(logging.Filter):
 
 
 log.addFilter(UntrustedTextFilter())
+
+
+# Query parameters and path segments with these in their names carry secrets (the agent
+# socket's `token`, a key to revoke): the access log shows them as HIDDEN.
+SECRET_NAME = re.compile(r"key|token|secret|password|auth", re.IGNORECASE)
+HIDDEN = "<hidden>"
+
+
+def loggable_target(request: web.Request) -> str:
+    """The request's path and query as the access log shows them: secrets hidden, control
+    characters escaped (the path is the caller's text)."""
+    match = request.match_info
+    resource = match.route.resource
+    if resource is not None and any(SECRET_NAME.search(name) for name in match):
+        path = resource.canonical.format_map(
+            {name: HIDDEN if SECRET_NAME.search(name) else quote(value, safe="") for name, value in match.items()})
+    else:
+        path = request.rel_url.raw_path
+    query = "&".join(f"{name}={HIDDEN if SECRET_NAME.search(name) else quote(value, safe='')}"
+                     for name, value in request.rel_url.query.items())
+    return escape_control(f"{path}?{query}" if query else path)
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """With --access-log: `<address> <method> <path> <status> <ms> ms` once the request ends."""
+    started, status = time.perf_counter(), "-"  # "-": the client left before the answer
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as err:
+        status = err.status
+        raise
+    finally:
+        access_log.info("%s %s %s %s %.1f ms", request.remote, escape_control(request.method),
+                        loggable_target(request), status, (time.perf_counter() - started) * 1000)
 
 
 @web.middleware
@@ -5596,8 +5661,10 @@ async def stop_task(task: asyncio.Task) -> None:
 def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Application:
     config = config or load_config([])
     hub = hub or Hub(config)
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[
-        cut_middleware, timing_middleware, error_middleware, path_middleware])
+    middlewares = [cut_middleware, timing_middleware, error_middleware, path_middleware]
+    if config.access_log:  # outermost, to log the status the client gets; absent, it costs nothing
+        middlewares.insert(0, access_middleware)
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[HUB] = hub
     app[STREAMS] = streams = EventStreams(hub)
     app[TOKENS] = AgentTokens(config.jwt_secret, config.jwt_lifetime_s, hub.clock)
@@ -5614,6 +5681,7 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
         await hub.start()
         auth_log = asyncio.get_running_loop().create_task(log_auth_failures(app[THROTTLE]))
         app.on_cleanup.insert(0, lambda app: stop_task(auth_log))
+        log.info("started: %s", hub.summary())
 
     async def shutdown(app: web.Application) -> None:
         await app[AGENT_SOCKETS].close_all()
@@ -5623,6 +5691,7 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
     async def stop(app: web.Application) -> None:
         streams.stop()
         await hub.stop()
+        log.info("stopped after %.0f s: %s", hub.clock() - hub.started_at, hub.summary())
 
     app.on_startup.append(start)
     app.on_shutdown.append(shutdown)
