@@ -120,9 +120,10 @@ export function relTime(iso, now = Date.now()) {
   return future ? `in ${text}` : `${text} ago`;
 }
 
-// 420 → "0.4 s", 75000 → "1 min 15 s": how long something took, from milliseconds.
+// 42 → "42 ms", 4200 → "4.2 s", 75000 → "1 min 15 s": how long something took.
 export function duration(ms) {
   const s = Math.max(0, ms) / 1000;
+  if (s < 1) return `${Math.round(s * 1000)} ms`;
   if (s < 10) return `${s.toFixed(1)} s`;
   if (s < 60) return `${Math.floor(s)} s`;
   if (s < 3600) return `${Math.floor(s / 60)} min ${Math.floor(s % 60)} s`;
