@@ -75,7 +75,7 @@ function watchTask(id, onUpdate, onError) {
       update({ ...state, log: (state.log || "") + (d.log || ""), stage: d.stage ?? state.stage });
     } else if (e.type === "status") {
       if (ENDED.has(d.status)) return; // the `end` event that follows carries the output
-      update({ ...state, status: d.status, stage: d.stage ?? state.stage, cancelRequested: !!d.cancelRequested });
+      update({ ...state, status: d.status, stage: "stage" in d ? d.stage : state.stage, cancelRequested: !!d.cancelRequested });
     } else if (e.type === "end") {
       update({ id: d.id, status: d.status, stage: d.stage, log: d.log || "", output: d.result });
     }
