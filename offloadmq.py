@@ -6163,8 +6163,10 @@ OPENAPI_OPS = {
         "Upload a file (multipart, part `file`); stored with its SHA-256", "UploadedFile",
         "404 409", _UPLOAD, status=(201,), body_media="multipart/form-data"),
     "/api/storage/bucket/{bucket_uid}/stat": _op("A bucket's files and room", "BucketStat", "404"),
-    "/api/storage/bucket/{bucket_uid}/file/{file_uid}": _op(
-        "Download a file", _BINARY["application/octet-stream"]["schema"], "404 410", media=_BINARY),
+    "/api/storage/bucket/{bucket_uid}/file/{file_uid}": {
+        "GET": _op("Download a file", _BINARY["application/octet-stream"]["schema"], "404 410",
+                   media=_BINARY),
+        "DELETE": _op("Delete a file", _obj("deleted_file_uid", deleted_file_uid=STR), "404")},
     "/api/storage/bucket/{bucket_uid}/file/{file_uid}/hash": _op(
         "A file's SHA-256", _obj("hash", hash=STR), "404"),
     "/api/storage/bucket/{bucket_uid}": _op(
@@ -6177,11 +6179,13 @@ OPENAPI_OPS = {
     "/private/agent/bucket/{bucket_uid}/upload": _op(
         "Upload a file into the output_bucket of a task this agent holds", "UploadedFile",
         "404 409", _UPLOAD, status=(201,), body_media="multipart/form-data"),
-    "/management/storage/buckets": _op("Every bucket, by client key", _obj("buckets_by_key", buckets_by_key={
-        "type": "object", "additionalProperties": {"allOf": [_ref("StorageUsage"), _obj(
-            "buckets", buckets={"type": "array", "items": _obj(
-                "bucket_uid created_at file_count used_bytes", bucket_uid=STR, created_at=TIME,
-                file_count=INT, used_bytes=INT)})]}})),
+    "/management/storage/buckets": {
+        "GET": _op("Every bucket, by client key", _obj("buckets_by_key", buckets_by_key={
+            "type": "object", "additionalProperties": {"allOf": [_ref("StorageUsage"), _obj(
+                "buckets", buckets={"type": "array", "items": _obj(
+                    "bucket_uid created_at file_count used_bytes", bucket_uid=STR, created_at=TIME,
+                    file_count=INT, used_bytes=INT)})]}})),
+        "DELETE": _op("Delete every bucket of every key", _obj("deleted_count", deleted_count=INT))},
     "/management/storage/quotas": _op(
         "Storage limits and usage by client key", _obj("limits usage", limits=_ref("StorageLimits"),
                                                        usage={"type": "object", "additionalProperties": _ref("StorageUsage")}),
@@ -6283,12 +6287,13 @@ def openapi_document(routes: list) -> dict:
         if path == "/{path}":  # the console's static files
             continue
         spec = OPENAPI_OPS[path]
+        spec = spec.get(method, spec)  # a path whose methods answer differently: one op each
         names = re.findall(r"\{(\w+)\}", path)
         errors = set(spec["errors"])
         errors |= {401} if kind != "open" or path == "/metrics" else set()
         errors |= {400, 408, 413, 503} if spec["body"] or (kind == "client" and method == "POST") else set()
         credential = handler.__name__ in CREDENTIAL_HANDLERS
-        errors |= {429} if kind in ("client", "mgmt") or credential else set()
+        errors |= {429} if kind in ("client", "client_stream", "mgmt") or credential else set()
         errors |= {401} if credential else set()
         errors |= {400, 404} if "cap" in names else set()
         errors |= {507} if path in _WRITES and (method in ("POST", "DELETE") or _TAKE in spec["params"]) else set()

@@ -584,3 +584,34 @@ def test_an_agent_reads_an_input_file_and_writes_an_output_file(server, tmp_path
     finally:
         agent.signal()
         agent.proc.wait(timeout=30)
+
+
+def test_storage_answers_match_the_document(server):
+    from offloadmq import ROUTES, openapi_document
+    from test_api import Conformance
+    check = Conformance(server, openapi_document(ROUTES))
+    client, mgmt = server.client, server.mgmt
+    check("GET", "/api/storage/limits", headers=client)
+    made = check("POST", "/api/storage/bucket/create", body={"rm_after_task": False}, headers=client,
+                 expect=201)
+    ids = {"bucket_uid": made["bucket_uid"]}
+    status, stored = raw_upload(server, made["bucket_uid"], "a.txt", [b"abc"], 3)
+    assert status == 201
+    schema = openapi_document(ROUTES)["paths"]["/api/storage/bucket/{bucket_uid}/upload"]["post"]
+    check.validator({**schema["responses"]["201"]["content"]["application/json"]["schema"],
+                     "components": check.document["components"]}).validate(stored)
+    file_ids = {**ids, "file_uid": stored["file_uid"]}
+    check("GET", "/api/storage/buckets", headers=client)
+    check("GET", "/api/storage/bucket/{bucket_uid}/stat", ids, headers=client)
+    check("GET", "/api/storage/bucket/{bucket_uid}/file/{file_uid}/hash", file_ids, headers=client)
+    check("GET", "/management/storage/buckets", headers=mgmt)
+    check("GET", "/management/storage/quotas", headers=mgmt, query="?api_key=" + server.client_key)
+    check("POST", "/management/storage/cleanup/trigger", headers=mgmt)
+    check("DELETE", "/api/storage/bucket/{bucket_uid}/file/{file_uid}", file_ids, headers=client)
+    check("GET", "/api/storage/bucket/{bucket_uid}/file/{file_uid}", file_ids, headers=client, expect=404)
+    check("DELETE", "/api/storage/bucket/{bucket_uid}", ids, headers=client)
+    check("DELETE", "/management/storage/bucket/{bucket_uid}", ids, headers=mgmt, expect=404)
+    check("DELETE", "/management/storage/key/{api_key}/buckets", {"api_key": server.client_key}, headers=mgmt)
+    check("DELETE", "/management/storage/buckets", headers=mgmt)
+    agent = server.new_agent(["x"])
+    check("GET", "/private/agent/bucket/{bucket_uid}/stat", ids, headers=agent, expect=404)
