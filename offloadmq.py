@@ -815,6 +815,13 @@ class Histogram:
 # Retention: `ended` holds the ended regular tasks in the order they ended, so
 # `drop_retained` (age and count limits) drops from its front through one
 # `tasks.dropped` record, never looking at the tasks it keeps.
+#
+# Buckets: the metadata of file buckets (`buckets`, oldest first, and by owner for
+# quotas) changes by `bucket.*` records like everything else; their bytes live on disk
+# and are the hub's. A task names buckets in its submission (checked at submit: they
+# exist and are the submitter's); an agent reaches a bucket only through a task it
+# holds. `reap_buckets` drops the expired ones (from the front) and the rm_after_task
+# ones whose tasks have all ended (candidates noted as tasks end).
 
 class ReadyQueue:
     """Ready tasks of one capability: higher priority first; within a priority the

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import (CLIENT, MGMT, OWNER, T0, ServerProcess, call, claim, core_agent, core_submit,
+from conftest import (CLIENT, MGMT, OWNER, T0, call, claim, core_agent, core_submit,
                       fails, http, new_agent, recorded, submit, take_records)
 from offloadmq import (HUB, MGMT_OWNER, Broker, Conflict, Forbidden, NotFound, PayloadTooLarge,
                        TooManyRequests, check_file_name, parse_submission)
@@ -512,22 +512,19 @@ def test_a_200_mb_upload_streams_to_disk_in_bounded_memory(server):
     assert proc_status(server.proc.pid, "VmHWM") - idle < 100 * MB
 
 
-def test_a_full_disk_refuses_the_upload_507_and_keeps_no_part(tmp_path):
+def test_a_full_disk_refuses_the_upload_507_and_keeps_no_part(make_server, tmp_path):
     """RLIMIT_FSIZE makes the server's file writes fail for real (EFBIG) past 2 MiB."""
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (2 * MB, 2 * MB))
-    server = ServerProcess(tmp_path / "data", preexec_fn=limit_file_size).start()
-    try:
-        uid = new_bucket(server)
-        status, body = raw_upload(server, uid, "big.bin", (b"x" * MB for _ in range(3)), 3 * MB)
-        assert status == 507 and body["error"]["type"] == "storage_full", body
-        assert list((tmp_path / "data" / "buckets" / uid).iterdir()) == []
-        status, stored = raw_upload(server, uid, "small.bin", [b"y" * 1000], 1000)
-        assert status == 201, stored  # the server goes on
-        status, stat = http("GET", f"{server.url}/api/storage/bucket/{uid}/stat", headers=server.client)
-        assert [f["original_name"] for f in stat["files"]] == ["small.bin"]
-    finally:
-        server.stop()
+    server = make_server(preexec_fn=limit_file_size).start()
+    uid = new_bucket(server)
+    status, body = raw_upload(server, uid, "big.bin", (b"x" * MB for _ in range(3)), 3 * MB)
+    assert status == 507 and body["error"]["type"] == "storage_full", body
+    assert list((tmp_path / "data" / "buckets" / uid).iterdir()) == []
+    status, stored = raw_upload(server, uid, "small.bin", [b"y" * 1000], 1000)
+    assert status == 201, stored  # the server goes on
+    status, stat = http("GET", f"{server.url}/api/storage/bucket/{uid}/stat", headers=server.client)
+    assert [f["original_name"] for f in stat["files"]] == ["small.bin"]
 
 
 def test_kill_9_keeps_buckets_and_files_and_sweeps_what_no_record_names(server):
