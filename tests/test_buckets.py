@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import aiohttp.web
 import pytest
 
 from conftest import (CLIENT, MGMT, OWNER, T0, call, claim, core_agent, core_submit,
@@ -21,6 +22,7 @@ from conftest import (CLIENT, MGMT, OWNER, T0, call, claim, core_agent, core_sub
 from offloadmq import (HUB, MGMT_OWNER, Broker, Conflict, Forbidden, NotFound, PayloadTooLarge,
                        TooManyRequests, check_file_name, parse_submission)
 import offload_agent
+from test_agent import failure_message, http_session, make_run, run_task  # noqa: F401 (fixtures)
 
 MB = 1 << 20
 
@@ -612,3 +614,84 @@ def test_storage_answers_match_the_document(server):
     check("DELETE", "/management/storage/buckets", headers=mgmt)
     agent = server.new_agent(["x"])
     check("GET", "/private/agent/bucket/{bucket_uid}/stat", ids, headers=agent, expect=404)
+
+
+# ---------------------------------------------------------------- the agent against a hostile server
+
+class HostileBuckets:
+    """Plays a server that lies about bucket files: names that are paths, bytes that do
+    not match their hash; and records what the agent uploads."""
+
+    def __init__(self, files):
+        self.files = files  # [(name, content, sha256 claimed)]
+        self.uploads = []
+
+    def app(self):
+        app = aiohttp.web.Application()
+        app.router.add_get("/private/agent/bucket/{uid}/stat", self.stat)
+        app.router.add_get("/private/agent/bucket/{uid}/file/{file_uid}", self.download)
+        app.router.add_post("/private/agent/bucket/{uid}/upload", self.upload)
+        return app
+
+    async def stat(self, request):
+        return aiohttp.web.json_response({"files": [
+            {"file_uid": f"f{n}", "original_name": name, "size_bytes": len(content), "sha256": claimed}
+            for n, (name, content, claimed) in enumerate(self.files)]})
+
+    async def download(self, request):
+        return aiohttp.web.Response(body=self.files[int(request.match_info["file_uid"][1:])][1])
+
+    async def upload(self, request):
+        part = await (await request.multipart()).next()
+        self.uploads.append((part.filename, await part.read()))
+        return aiohttp.web.json_response({"file_uid": "u1", "size": 1, "sha256": "x"}, status=201)
+
+
+@pytest.fixture
+async def hostile_run(aiohttp_server, make_run):
+    async def factory(files, command, **data):
+        hostile = HostileBuckets(files)
+        server = await aiohttp_server(hostile.app(), host="127.0.0.1")
+        client = offload_agent.ServerClient(str(server.make_url("")).rstrip("/"))
+        client.token = "a token the hostile server takes"
+        run, _ = make_run("shell.bash", {"command": command})
+        run.data.update(data)
+        run.server = client
+        return hostile, run
+    return factory
+
+
+def sha(content):
+    return hashlib.sha256(content).hexdigest()
+
+
+async def test_the_agent_writes_no_input_file_outside_its_task_folder(hostile_run, tmp_path):
+    for name in ("../escape.txt", "/tmp/escape.txt", "a/b.txt", ".."):
+        hostile, run = await hostile_run([(name, b"evil", sha(b"evil"))], "true", file_bucket=["b1"])
+        outcome = await run_task(run)
+        assert "not a plain file name" in failure_message(outcome), outcome
+    assert not (tmp_path / "work" / "escape.txt").exists()
+    assert not list(tmp_path.rglob("escape.txt"))
+
+
+async def test_the_agent_fails_a_task_whose_input_bytes_do_not_match_their_hash(hostile_run):
+    hostile, run = await hostile_run([("in.txt", b"tampered", sha(b"original"))], "cat in.txt",
+                                     file_bucket=["b1"])
+    assert "SHA-256" in failure_message(await run_task(run))
+    hostile, run = await hostile_run([("a.txt", b"1", sha(b"1")), ("a.txt", b"2", sha(b"2"))], "true",
+                                     file_bucket=["b1"])
+    assert "two input files" in failure_message(await run_task(run))
+
+
+async def test_the_agent_uploads_output_files_but_never_through_a_link(hostile_run, tmp_path):
+    hostile, run = await hostile_run([("in.txt", b"data", sha(b"data"))],
+                                     "cp in.txt output/copy.txt", file_bucket=["b1"], output_bucket="o1")
+    outcome = await run_task(run)
+    assert outcome.kind == "success", outcome
+    assert hostile.uploads == [("copy.txt", b"data")]
+    assert outcome.output["output_files"][0]["name"] == "copy.txt"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    hostile, run = await hostile_run([], f"ln -s {secret} output/leak.txt", output_bucket="o1")
+    assert "symbolic link" in failure_message(await run_task(run))
+    assert hostile.uploads == []
