@@ -695,3 +695,38 @@ async def test_the_agent_uploads_output_files_but_never_through_a_link(hostile_r
     hostile, run = await hostile_run([], f"ln -s {secret} output/leak.txt", output_bucket="o1")
     assert "symbolic link" in failure_message(await run_task(run))
     assert hostile.uploads == []
+
+
+# ---------------------------------------------------------------- through the journal
+
+async def test_buckets_survive_compaction_and_replay_as_they_were(tmp_path):
+    from test_journal import hub_config, view
+    from offloadmq import Hub
+    clock = [T0]
+    hub = Hub(hub_config(tmp_path), clock=lambda: clock[0])
+    hub.recover()
+
+    async def chunks(*pieces):
+        for piece in pieces:
+            yield piece
+
+    kept = await hub.create_bucket(OWNER, False)
+    dropped = await hub.create_bucket(OWNER, True)
+    first = await hub.store_file(kept.uid, "a.txt", chunks(b"aa", b"aa"), owner=OWNER)
+    await hub.store_file(dropped.uid, "b.txt", chunks(b"b"), owner=OWNER)
+    await hub.compact()
+    second = await hub.store_file(kept.uid, "c.txt", chunks(b"ccc"), owner=OWNER)
+    await hub.delete_file(kept.uid, OWNER, first.uid)
+    await hub.delete_bucket(dropped.uid, OWNER)
+    with pytest.raises(NotFound):
+        await hub.store_file(dropped.uid, "late.txt", chunks(b"x"), owner=OWNER)
+    await hub.journal.close()
+    again = Hub(hub_config(tmp_path), clock=lambda: clock[0])
+    again.recover()
+    await again.journal.close()
+    assert view(again.broker) == view(hub.broker)
+    assert list(again.broker.buckets) == [kept.uid]
+    assert [f.name for f in again.broker.buckets[kept.uid].files.values()] == ["c.txt"]
+    assert again.files.present(kept.uid, again.broker.buckets[kept.uid].files[second.uid])
+    assert sorted(p.name for p in (tmp_path / "buckets").iterdir()) == [kept.uid]
+    assert [p.name for p in (tmp_path / "buckets" / kept.uid).iterdir()] == [second.uid]
