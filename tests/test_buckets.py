@@ -730,3 +730,42 @@ async def test_buckets_survive_compaction_and_replay_as_they_were(tmp_path):
     assert again.files.present(kept.uid, again.broker.buckets[kept.uid].files[second.uid])
     assert sorted(p.name for p in (tmp_path / "buckets").iterdir()) == [kept.uid]
     assert [p.name for p in (tmp_path / "buckets" / kept.uid).iterdir()] == [second.uid]
+
+
+def test_an_upload_cut_off_midway_leaves_no_part_file(server):
+    import socket
+    uid = new_bucket(server)
+    head = (f"--b0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.bin\"\r\n\r\n").encode()
+    request = (f"POST /api/storage/bucket/{uid}/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"X-API-Key: {server.client_key}\r\nContent-Type: multipart/form-data; boundary=b0\r\n"
+               f"Content-Length: {len(head) + 10 * MB + 8}\r\n\r\n").encode() + head
+    folder = server.data / "buckets" / uid
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(request)
+        for _ in range(3):
+            sock.sendall(b"z" * MB)
+        deadline = time.monotonic() + 10
+        while not (folder.exists() and any(folder.iterdir())):  # the part file is being written
+            assert time.monotonic() < deadline, "no part file appeared"
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while any(folder.iterdir()):
+        assert time.monotonic() < deadline, list(folder.iterdir())
+        time.sleep(0.05)
+    status, stat = http("GET", f"{server.url}/api/storage/bucket/{uid}/stat", headers=server.client)
+    assert stat["files"] == [] and stat["used_bytes"] == 0
+
+
+async def test_an_upload_that_stalls_is_cut_with_408_and_keeps_nothing(make_client):
+    client = await make_client(body_timeout_s=0.3)
+    uid = await create_bucket(client)
+    body, content_type = multipart("slow.bin", b"s" * 1000)
+
+    async def stalling():
+        yield body[:500]
+        await asyncio.sleep(2)
+        yield body[500:]
+    await fails(client, "POST", f"/api/storage/bucket/{uid}/upload", 408, data=stalling(),
+                headers={**CLIENT, **content_type})
+    folder = client.server.app[HUB].config.data_path / "buckets" / uid
+    assert not folder.exists() or list(folder.iterdir()) == []
