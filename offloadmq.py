@@ -2606,8 +2606,11 @@ class BucketFiles:
         part, final = folder / (PART_PREFIX + file_uid), folder / file_uid
         digest, size, fd, done = hashlib.sha256(), 0, -1, False
         try:
-            if not folder.is_dir():
-                folder.mkdir(parents=True, exist_ok=True)
+            if not folder.is_dir():  # new folders are on disk before a file in them is
+                if not self.root.is_dir():
+                    self.root.mkdir(exist_ok=True)
+                    fsync_folder(self.root.parent)
+                folder.mkdir(exist_ok=True)
                 fsync_folder(self.root)
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             async for chunk in chunks:
