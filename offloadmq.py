@@ -42,6 +42,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -2643,7 +2644,8 @@ class BucketFiles:
     def open(self, bucket_uid: str, file: BucketFile) -> int:
         """A descriptor of the file, or Gone when the disk no longer has it as recorded."""
         try:
-            fd = os.open(self.path(bucket_uid, file.uid), os.O_RDONLY | os.O_CLOEXEC)
+            # Never through a link: the disk is not trusted to hold what we put there.
+            fd = os.open(self.path(bucket_uid, file.uid), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as err:
             raise Gone(f"file {file.uid} ({file.name!r}) of bucket {bucket_uid} is recorded but "
                        f"not on the server's disk ({err.strerror}): upload it again") from None
@@ -2656,9 +2658,10 @@ class BucketFiles:
 
     def present(self, bucket_uid: str, file: BucketFile) -> bool:
         try:
-            return os.stat(self.path(bucket_uid, file.uid)).st_size == file.size
+            found = os.stat(self.path(bucket_uid, file.uid), follow_symlinks=False)
         except OSError:
             return False
+        return stat.S_ISREG(found.st_mode) and found.st_size == file.size
 
     def remove_file(self, bucket_uid: str, file_uid: str) -> None:
         with contextlib.suppress(OSError):

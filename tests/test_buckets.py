@@ -298,11 +298,16 @@ async def test_a_file_removed_behind_the_servers_back_is_reported_missing(client
     gone = await upload(client, uid, "gone.txt", b"a" * 100)
     cut = await upload(client, uid, "cut.txt", b"b" * 100)
     folder = client.server.app[HUB].config.data_path / "buckets" / uid
+    linked = await upload(client, uid, "linked.txt", b"c" * 100)
     (folder / gone["file_uid"]).unlink()
     (folder / cut["file_uid"]).write_bytes(b"b" * 10)
+    outside = folder.parent.parent / "outside.txt"
+    outside.write_bytes(b"s" * 100)  # the same size: only the link gives it away
+    (folder / linked["file_uid"]).unlink()
+    (folder / linked["file_uid"]).symlink_to(outside)
     stat = await call(client, "GET", f"/api/storage/bucket/{uid}/stat", headers=CLIENT)
-    assert [f["missing"] for f in stat["files"]] == [True, True]
-    for file_uid in (gone["file_uid"], cut["file_uid"]):
+    assert [f["missing"] for f in stat["files"]] == [True, True, True]
+    for file_uid in (gone["file_uid"], cut["file_uid"], linked["file_uid"]):
         body = await fails(client, "GET", f"/api/storage/bucket/{uid}/file/{file_uid}", 410,
                            "file_missing", headers=CLIENT)
         assert "upload it again" in body["error"]["message"]
