@@ -774,3 +774,21 @@ async def test_an_upload_that_stalls_is_cut_with_408_and_keeps_nothing(make_clie
                 headers={**CLIENT, **content_type})
     folder = client.server.app[HUB].config.data_path / "buckets" / uid
     assert not folder.exists() or list(folder.iterdir()) == []
+
+
+def test_storage_limits_come_from_the_environment(tmp_path):
+    from offloadmq import load_config
+    given = {"JWT_SECRET": "j", "AGENT_API_KEYS": "a", "CLIENT_API_KEYS": "c", "MGMT_TOKEN": "m"}
+    data = ["--data", str(tmp_path)]
+    config = load_config(data, given, tmp_path)
+    assert (config.storage_max_buckets_per_key, config.storage_bucket_size_bytes,
+            config.storage_bucket_ttl_s) == (256, 1 << 30, 86400)
+    (tmp_path / ".env").write_text("STORAGE_BUCKET_TTL_MINUTES=90\n")
+    config = load_config(data, {**given, "STORAGE_MAX_BUCKETS_PER_KEY": "3",
+                                "STORAGE_BUCKET_SIZE_BYTES": "1000"}, tmp_path)
+    assert (config.storage_max_buckets_per_key, config.storage_bucket_size_bytes,
+            config.storage_bucket_ttl_s) == (3, 1000, 5400)
+    for bad in ({"STORAGE_MAX_BUCKETS_PER_KEY": "many"}, {"STORAGE_BUCKET_SIZE_BYTES": "-1"},
+                {"STORAGE_BUCKET_TTL_MINUTES": "0"}, {"STORAGE_BUCKET_TTL_MINUTES": "nan"}):
+        with pytest.raises(SystemExit):
+            load_config(data, {**given, **bad}, tmp_path)
