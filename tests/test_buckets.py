@@ -792,3 +792,29 @@ def test_storage_limits_come_from_the_environment(tmp_path):
                 {"STORAGE_BUCKET_TTL_MINUTES": "0"}, {"STORAGE_BUCKET_TTL_MINUTES": "nan"}):
         with pytest.raises(SystemExit):
             load_config(data, {**given, **bad}, tmp_path)
+
+
+async def test_a_file_whose_record_cannot_be_written_is_not_kept(client):
+    """The journal is replaced while the file streams in (a real fault: the server then
+    refuses writes, 507 storage_lost): the file, complete on disk, must go too."""
+    uid = await create_bucket(client)
+    body, content_type = multipart("late.bin", b"L" * 4000)
+    data_path = client.server.app[HUB].config.data_path
+    folder = data_path / "buckets" / uid
+    halfway = asyncio.Event()
+
+    async def slow():
+        yield body[:2000]
+        await halfway.wait()
+        yield body[2000:]
+
+    answer = asyncio.ensure_future(fails(client, "POST", f"/api/storage/bucket/{uid}/upload", 507,
+                                         "storage_lost", data=slow(), headers={**CLIENT, **content_type}))
+    while not (folder.exists() and any(folder.iterdir())):
+        await asyncio.sleep(0.01)
+    journal = data_path / "journal.jsonl"
+    journal.rename(data_path / "journal.moved")
+    journal.write_bytes(b"")
+    halfway.set()
+    await answer
+    assert list(folder.iterdir()) == []
