@@ -1112,7 +1112,8 @@ class Broker:
         agent = self.agents.get(task.agent_id or "")
         if agent:
             agent.held.discard(task.key)
-        self._note_bucket_users_ended(task)
+        if self.buckets:
+            self._note_bucket_users_ended(task)
         if task.urgent:
             self._timer(now + URGENT_KEEP_S, "forget", task)
         else:
@@ -1324,8 +1325,9 @@ class Broker:
             raise SchedulingImpossible(f"no online agent serves {base}")
         if max_in_flight is not None and self.in_flight_by_owner.get(owner, 0) >= max_in_flight:
             raise TooManyRequests(f"this key already has {max_in_flight} tasks queued or running")
-        for uid in task_buckets(data):
-            self._bucket(uid, owner, Forbidden)
+        if "file_bucket" in data or "output_bucket" in data:
+            for uid in task_buckets(data):
+                self._bucket(uid, owner, Forbidden)
         size = len(storable(data))
         held = self.bytes_by_owner.get(owner, 0)
         if max_queued_bytes is not None and held + size > max_queued_bytes:
@@ -1825,12 +1827,13 @@ class Broker:
             self._count(task, +1)
         if task.idempotency_key is not None:
             self.idempotent[(task.owner, task.idempotency_key)] = task.key
-        for uid in task_buckets(task.data):
-            bucket = self.buckets.get(uid)
-            if bucket is not None:
-                bucket.tasks.add(task.key)
-        if task.status in ENDED:
-            self._note_bucket_users_ended(task)
+        if self.buckets:  # most servers have none: the hot path pays one check
+            for uid in task_buckets(task.data):
+                bucket = self.buckets.get(uid)
+                if bucket is not None:
+                    bucket.tasks.add(task.key)
+            if task.status in ENDED:
+                self._note_bucket_users_ended(task)
         if task.status in ENDED and not task.urgent:
             self.ended[task.key] = None
         if task.status == PENDING:
