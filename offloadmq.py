@@ -4947,6 +4947,9 @@ async def multipart_file(request: web.Request) -> tuple[str, Any]:
     async def chunks() -> Any:
         while chunk := await within(part.read_chunk(FILE_CHUNK)):
             yield chunk
+        # The rest must parse up to the closing boundary: a body cut short is not a file.
+        while (rest := await within(reader.next())) is not None:
+            await within(rest.release())
     return part.filename, chunks()
 
 

@@ -291,6 +291,12 @@ async def test_an_upload_that_is_not_multipart_is_refused(client):
     await fails(client, "POST", f"/api/storage/bucket/{uid}/upload", 400, headers=CLIENT, json={"a": 1})
     await fails(client, "POST", f"/api/storage/bucket/{uid}/upload", 400, data=b"--x\r\ngarbage",
                 headers={**CLIENT, "Content-Type": "multipart/form-data; boundary=x"})
+    cut_short = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc'
+    for content_type, body in (("multipart/form-data", b"--x\r\n"),  # no boundary given
+                               ("multipart/form-data; boundary=x", cut_short)):
+        await fails(client, "POST", f"/api/storage/bucket/{uid}/upload", 400, data=body,
+                    headers={**CLIENT, "Content-Type": content_type})
+    assert (await call(client, "GET", f"/api/storage/bucket/{uid}/stat", headers=CLIENT))["files"] == []
 
 
 async def test_a_file_removed_behind_the_servers_back_is_reported_missing(client):
