@@ -850,8 +850,10 @@ class ServerClient:
         if (channel := self._socket()) is not None and size <= WS_UPLOAD_MAX_BYTES:
             with opener() as source:
                 data = source.read(WS_UPLOAD_MAX_BYTES + 1)
+            log.info("uploading %r (%d bytes) to bucket %s over the socket", name, size, bucket_uid)
             return await channel.request("upload_file", {"bucket_uid": bucket_uid, "filename": name},
                                          timeout_s=REQUEST_TIMEOUT_S * 4, binary=data)
+        log.info("uploading %r (%d bytes) to bucket %s over HTTP", name, size, bucket_uid)
         opened: list = []
 
         def body() -> aiohttp.FormData:
@@ -1933,12 +1935,13 @@ async def collect_artifacts(run: TaskRun) -> list[dict]:
 BUCKET_UID_RE = re.compile(r"[0-9A-Za-z-]{1,64}")
 
 
-def plain_file_name(name: Any) -> str:
-    """One file name, never a path: what the server names an input file must be this."""
+def plain_file_name(name: Any, what: str = "the server named an input file") -> str:
+    """One file name, never a path: what the server names an input file must be this (and
+    what a task names an output file, as the server takes no other)."""
     if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name \
             or any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in name) \
             or len(name.encode(errors="surrogateescape")) > 255:
-        raise TaskFailed(f"the server named an input file {str(name)[:80]!r}: not a plain file name")
+        raise TaskFailed(f"{what} {str(name)[:80]!r}: not a plain file name")
     return name
 
 
@@ -2012,6 +2015,7 @@ async def upload_outputs(run: TaskRun) -> list[dict]:
         run.progress.set_stage("uploading output files")
     uploaded = []
     for name in names:
+        plain_file_name(name, f"the task named an output file in {OUTPUT_FOLDER}/")
         relative = f"{OUTPUT_FOLDER}/{name}"
         fd, size = folder.open_regular(relative, "output file")
 

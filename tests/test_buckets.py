@@ -592,6 +592,8 @@ def test_an_agent_reads_an_input_file_and_writes_an_output_file(server, tmp_path
         conn.request("GET", f"/api/storage/bucket/{output}/file/{made['file_uid']}", headers=server.client)
         assert conn.getresponse().read() == b"HELLO BUCKETS\n"
         conn.close()
+        agent.wait_for_log("uploading 'shout.txt' (14 bytes) to bucket %s over %s"
+                           % (output, "the socket" if transport == "ws" else "HTTP"))
     finally:
         agent.signal()
         agent.proc.wait(timeout=30)
@@ -706,6 +708,9 @@ async def test_the_agent_uploads_output_files_but_never_through_a_link(hostile_r
     secret.write_text("not yours")
     hostile, run = await hostile_run([], f"ln -s {secret} output/leak.txt", output_bucket="o1")
     assert "symbolic link" in failure_message(await run_task(run))
+    assert hostile.uploads == []
+    hostile, run = await hostile_run([], "touch \"output/forged$(printf '\\nline')\"", output_bucket="o1")
+    assert "not a plain file name" in failure_message(await run_task(run))
     assert hostile.uploads == []
 
 
