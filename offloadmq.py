@@ -5220,6 +5220,8 @@ WS_ACTIONS: dict[str, ActionRoute] = {
 
 
 WS_WAITING_ACTIONS = frozenset({"poll_task", "poll_task_urgent", "get"})  # may hold a long poll
+# Routes whose bodies are file bytes: not as JSON frames (uploads take upload_file).
+WS_HTTP_ONLY = frozenset({"handle_agent_bucket_download", "handle_agent_bucket_upload"})
 
 
 def ws_error(req_id: Any, err: OffloadError) -> dict:
@@ -5382,6 +5384,9 @@ class AgentSocket:
         match.add_app(app)
         match.freeze()
         request._match_info = match
+        if getattr(match.handler, "__name__", "") in WS_HTTP_ONLY:  # it would write on the socket
+            raise BadRequest("file bytes go over HTTP: GET /private/agent/bucket/{uid}/file/{file_uid}, "
+                             "or upload_file with a binary frame")
         response = await match.handler(request)
         return orjson.loads(response.body) if response.body else None
 

@@ -379,6 +379,13 @@ async def test_upload_file_over_the_agent_socket(client):
                         "params": {"bucket_uid": output, "filename": "../evil"}})
     await ws.send_bytes(b"x")
     assert (await answer_to("u2"))["status"] == 400
+    for frame in ({"action": "get", "params": {"path": ["bucket", output, "file", stored["data"]["file_uid"]]}},
+                  {"action": "post", "params": {"path": ["bucket", output, "upload"], "body": {}}}):
+        await ws.send_json({"req_id": "g1", **frame})
+        refused = await answer_to("g1")  # bytes would corrupt the socket: refused, socket kept
+        assert refused["status"] == 400 and "HTTP" in refused["error"]["message"], refused
+    await ws.send_json({"req_id": "p1", "action": "ping"})
+    assert (await answer_to("p1"))["status"] == 200
     await ws.close()
     resp = await client.get(f"/api/storage/bucket/{output}/file/{stored['data']['file_uid']}", headers=CLIENT)
     assert await resp.read() == b"\x00\x01binary"
