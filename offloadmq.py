@@ -13,7 +13,7 @@ CLI for CI runners: python offloadmq.py submit CAP [--payload JSON|@file] [--wai
 status CAP ID, cancel CAP ID (OFFLOADMQ_URL, OFFLOADMQ_API_KEY; see the cli section).
 
 Sections (``grep '^# ===' offloadmq.py``), each using only what is above it:
-  imports · config · errors · models · core (pure) · journal · wire shapes · listing ·
+  imports · config · errors · models · core (pure) · journal · bucket files · wire shapes · listing ·
   hub · streams · auth · handlers · agent websocket · agent logs · routes · openapi ·
   app · client · cli (main() hands CLI commands to the last one)
 """
