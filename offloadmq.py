@@ -7056,10 +7056,8 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
     config = config or load_config([])
     hub = hub or Hub(config)
     # Only a server that may be a standby pays for the leader check.
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[
-        cut_middleware, timing_middleware, error_middleware,
-        *([leader_middleware] if config.store else []), path_middleware])
-    middlewares = [cut_middleware, timing_middleware, error_middleware, path_middleware]
+    middlewares = [cut_middleware, timing_middleware, error_middleware,
+                   *([leader_middleware] if config.store else []), path_middleware]
     if config.access_log:  # outermost, to log the status the client gets; absent, it costs nothing
         middlewares.insert(0, access_middleware)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
