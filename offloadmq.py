@@ -1729,6 +1729,17 @@ class Broker:
             if task is not None:
                 TIMERS[kind](self, task, now, anchor)
 
+    def drop_stale_timers(self) -> int:
+        """Forget timers of tasks ended or gone. A standby applies records but never runs
+        `expire`, so without this its timers would pile up until it leads."""
+        kept = [t for t in self.timers if (task := self.tasks.get(t[3])) is not None
+                and (task.status not in ENDED or t[2] == "forget")]
+        dropped = len(self.timers) - len(kept)
+        if dropped:
+            heapq.heapify(kept)
+            self.timers = kept
+        return dropped
+
     def _on_ready_timer(self, task: Task, now: float, anchor: Any) -> None:
         if task.status == PENDING and task.not_before is not None and task.not_before <= now:
             task.not_before = None
@@ -2662,6 +2673,7 @@ PG_SCHEMA_VERSION = 1
 PG_LOCK_CLASS = 0x0FF10AD        # advisory lock (PG_LOCK_CLASS, hashtext(schema)): one leader
 PG_SCHEMA_LOCK_CLASS = 0x0FF10AE # held while a server creates or checks the tables
 PG_LOCK_ATTEMPT_S = 0.25         # a standby tries the lock (and catches up) this often
+STANDBY_TIMER_SWEEP_S = 60.0      # and forgets the timers of ended tasks this often
 PG_CONNECT_TIMEOUT_S = 5.0
 PG_COMMAND_TIMEOUT_S = 10.0      # a write or check that takes longer: the session is gone
 PG_ALIVE_S = 1.0                 # an idle leader checks its session this often
@@ -3659,7 +3671,11 @@ class Hub:
     async def _follow(self) -> None:
         """A standby: apply the leader's records as they come, try the lock now and then."""
         try:
+            swept_at = time.monotonic()
             while not await self._lead_or_follow():
+                if time.monotonic() - swept_at > STANDBY_TIMER_SWEEP_S:
+                    self.broker.drop_stale_timers()
+                    swept_at = time.monotonic()
                 await self.journal.wait_for_news(PG_LOCK_ATTEMPT_S)
         except asyncio.CancelledError:
             raise

@@ -792,6 +792,21 @@ def test_timeout_of_a_queued_task_fails_it():
     assert task.status == FAILED and "timeout" in task.history[-1][1]
 
 
+def test_timers_of_ended_tasks_are_dropped_without_running_expire():
+    # A standby applies records but never runs `expire`: its timers must not pile up.
+    b = recorded(Broker())
+    uid = agent(b)
+    done = submit(b, timeoutSecs=30)
+    claim(b, uid, T0)
+    b.resolve(uid, done.cap, done.id, "success", {}, None, T0 + 1)
+    waiting = submit(b, timeoutSecs=30)
+    assert len(b.timers) == 2
+    assert b.drop_stale_timers() == 1
+    assert [key for _, _, _, key, _ in b.timers] == [waiting.key]
+    b.expire(T0 + 30)
+    assert waiting.status == FAILED and "timeout" in waiting.history[-1][1]
+
+
 def test_runtime_secs_is_handed_to_the_agent():
     b = recorded(Broker())
     uid = agent(b)
