@@ -47,7 +47,7 @@ import time
 import weakref
 import zlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +67,7 @@ log = logging.getLogger("offloadmq")
 SECRET_NAMES = ("JWT_SECRET", "AGENT_API_KEYS", "CLIENT_API_KEYS", "MGMT_TOKEN")
 SECRETS_FILE = "secrets.json"
 FSYNC_POLICIES = ("always", "everysec", "no")
+PG_SCHEMES = ("postgresql://", "postgres://")
 MAX_BODY_TIMEOUT_S = 60.0
 MIN_SECRET_CHARS = 16  # client keys created over HTTP; shorter ones set at start get a warning
 
@@ -105,6 +106,10 @@ class Config:
     auth_failures_per_min: int = 60
     # Names of secrets generated at this start, so main() can print them once.
     generated: tuple[str, ...] = ()
+    # The store: "" for the embedded journal in data_path, or a postgresql:// URL.
+    store: str = ""
+    # The URL other parties should use to reach this server (the leader records it).
+    advertise_url: str = ""
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -197,6 +202,10 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
                         help="serve /metrics without the management token")
     parser.add_argument("--repair", action="store_true",
                         help="move a corrupt journal tail into a side file and start")
+    parser.add_argument("--store", help="postgresql://... to keep the state in PostgreSQL and run "
+                        "as leader or standby (OFFLOADMQ_STORE); default: the journal in --data")
+    parser.add_argument("--advertise-url", help="the URL other parties reach this server at "
+                        "(OFFLOADMQ_ADVERTISE_URL; default http://HOST:PORT)")
     args = parser.parse_args(argv)
 
     host, _, port = settings.get("SERVER_ADDRESS", "0.0.0.0:3069").rpartition(":")
@@ -214,7 +223,13 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         parser.error("OFFLOADMQ_RETENTION_DAYS must be a number, OFFLOADMQ_RETENTION_TASKS an integer")
     if not (retention_days >= 0 and retention_tasks >= 0):  # `not >=` also refuses NaN
         parser.error("retention days and tasks must not be negative")
-    settings, generated = load_secrets(data_path, settings)
+    store = args.store or settings.get("OFFLOADMQ_STORE") or ""
+    if store and not store.startswith(PG_SCHEMES):
+        parser.error("--store (OFFLOADMQ_STORE) must be a postgresql:// URL, or unset for the "
+                     "embedded journal")
+    # In PostgreSQL mode the secrets live in the database (every server must share them):
+    # PostgresStore.load_secrets fills them in once connected.
+    settings, generated = load_secrets(data_path, settings) if not store else (settings, ())
     try:
         beat_min = float(settings.get("AGENT_WS_HEARTBEAT_MIN_SECS") or 60)
         beat_max = float(settings.get("AGENT_WS_HEARTBEAT_MAX_SECS") or max(90.0, beat_min))
@@ -222,14 +237,16 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         parser.error("AGENT_WS_HEARTBEAT_MIN_SECS and _MAX_SECS must be numbers of seconds")
     if not 0 < beat_min <= beat_max:
         parser.error("AGENT_WS_HEARTBEAT_MIN_SECS must be positive and at most _MAX_SECS")
+    host = args.host or host or "0.0.0.0"
+    port = args.port if args.port is not None else int(port or 3069)
     return Config(
-        host=args.host or host or "0.0.0.0",
-        port=args.port if args.port is not None else int(port or 3069),
+        host=host,
+        port=port,
         data_path=data_path,
-        jwt_secret=settings["JWT_SECRET"],
-        agent_api_keys=split_keys(settings["AGENT_API_KEYS"]),
-        client_api_keys=split_keys(settings["CLIENT_API_KEYS"]),
-        mgmt_token=settings["MGMT_TOKEN"],
+        jwt_secret=settings.get("JWT_SECRET", ""),
+        agent_api_keys=split_keys(settings.get("AGENT_API_KEYS", "")),
+        client_api_keys=split_keys(settings.get("CLIENT_API_KEYS", "")),
+        mgmt_token=settings.get("MGMT_TOKEN", ""),
         fsync=fsync,
         compact_bytes=int(compact_mb * 1024 * 1024),
         retention_s=retention_days * 24 * 3600,
@@ -245,6 +262,9 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         generated=generated,
         body_timeout_s=min(MAX_BODY_TIMEOUT_S, max(0.1, float(settings.get("OFFLOADMQ_BODY_TIMEOUT") or 30))),
         body_budget_bytes=int(float(settings.get("OFFLOADMQ_BODY_BUDGET_MB") or 64) * 1024 * 1024),
+        store=store,
+        advertise_url=args.advertise_url or settings.get("OFFLOADMQ_ADVERTISE_URL")
+        or f"http://{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}",
     )
 
 
@@ -1920,6 +1940,8 @@ COMPACT_RETRY_S = 30.0      # a compaction that failed is tried again after this
 
 
 class Journal:
+    leader, leader_url = True, None  # the one server of its data folder (see the store interface)
+
     def __init__(self, folder: Path, fsync: str = "always"):
         self.folder = folder
         self.path = folder / JOURNAL_FILE
@@ -2332,6 +2354,406 @@ class Journal:
                 "lastCompactionAt": iso(self.last_compaction_at), "fsync": self.fsync}
 
 
+# ============================================================================ store (PostgreSQL)
+#
+# The store is what the hub writes records to and recovers them from. The embedded
+# Journal above and PostgresStore below both offer what the hub uses of it:
+#   seq, size, fault, on_fault, fsync, fsync_seconds, leader, leader_url   attributes
+#   enqueue(lines, on_disk) -> future | None   group commit, in order; the future is done
+#                                              once the batch is durable
+#   check_writable(), probe(), sync()          disk faults (no-ops here)
+#   compact(snapshot, now) -> bool, abandon_compaction(), close(), stats()
+# Recovery differs in where it runs, not in what it does: Journal.recover(broker) before
+# the event loop starts, PostgresStore.load(broker) in it; both hand each record to the
+# broker's APPLY handlers, the ones the live broker runs, so the state is the same.
+#
+# In PostgreSQL (in the schema the URL's search_path selects, `?search_path=name`):
+#   offloadmq_meta(name text PRIMARY KEY, value text)       schema_version, secrets, leader
+#   offloadmq_records(seq bigint PRIMARY KEY, record bytea)  the core's encoded records
+#   offloadmq_snapshots(seq bigint PRIMARY KEY, at timestamptz, state bytea)
+# A batch (what a turn of the loop queued) is one INSERT plus a NOTIFY: one transaction,
+# and the clients are answered after its COMMIT. A compaction inserts a snapshot as of
+# `seq` and deletes the records and snapshots below it, in one transaction that comes
+# after the batches holding those records.
+#
+# Leadership: every server on the schema tries pg_try_advisory_lock on the one
+# connection it reads and writes through. The holder leads: it writes and serves. The
+# others are standbys: they LISTEN for the leader's NOTIFY and apply the new records
+# (and catch up by seq at each lock attempt), so their state is warm when they take
+# over, and answer the API with 503 not_leader. The lock belongs to the session: when the
+# leader's session ends (its process died and its socket closed, or keepalives found the
+# network cut) PostgreSQL releases it, and the next standby to try takes it, applies the
+# records left and serves. A leader that lost its session cannot write (the engine fences
+# it) and stops: a restart makes it a standby.
+
+PG_SCHEMA_VERSION = 1
+PG_LOCK_CLASS = 0x0FF10AD        # advisory lock (PG_LOCK_CLASS, hashtext(schema)): one leader
+PG_LOCK_ATTEMPT_S = 0.5          # a standby tries the lock (and catches up) this often
+PG_CONNECT_TIMEOUT_S = 5.0
+PG_COMMAND_TIMEOUT_S = 10.0      # a write or check that takes longer: the session is gone
+PG_ALIVE_S = 1.0                 # an idle leader checks its session this often
+PG_FOLLOW_BATCH = 5000           # records a standby applies per query
+# PostgreSQL probes an idle client after 5 s, then every 2 s, 3 times: a leader cut off by
+# the network loses its session (and lock) within about 11 s, not the system's 2 hours.
+PG_SERVER_SETTINGS = {"application_name": "offloadmq", "tcp_keepalives_idle": "5",
+                      "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3"}
+PG_TABLES = """
+CREATE TABLE IF NOT EXISTS offloadmq_records (seq bigint PRIMARY KEY, record bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS offloadmq_snapshots (
+    seq bigint PRIMARY KEY, at timestamptz NOT NULL, state bytea NOT NULL);
+"""
+
+
+class StoreUnusable(Exception):
+    """The store cannot be used; the message is one line saying why and what to do."""
+
+
+def describe_store(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    except ValueError:
+        return "the --store URL"
+    user = f"{parts.username}@" if parts.username else ""
+    return f"{parts.scheme}://{user}{where}{parts.path}"
+
+
+def load_asyncpg() -> Any:
+    """asyncpg, imported only by a server given a postgresql:// store."""
+    try:
+        import asyncpg
+    except ImportError:
+        raise StoreUnusable("--store postgresql://... needs asyncpg. Remedy: "
+                            "pip install 'offloadmq[postgres]'") from None
+    return asyncpg
+
+
+def new_secret_value(name: str) -> str:
+    prefix = {"AGENT_API_KEYS": "ak_", "CLIENT_API_KEYS": "ck_", "MGMT_TOKEN": "mt_"}.get(name, "")
+    return prefix + secrets.token_urlsafe(32)
+
+
+def store_lost(message: str, *args: Any) -> None:
+    """The session is gone or a write failed: what the last COMMIT did is unknown here, and
+    another server may lead by now. Stop; a restart comes back as a standby."""
+    log.critical("STORE " + message + "; stopping now (a restart rejoins as a standby)", *args)
+    logging.shutdown()
+    os._exit(70)
+
+
+class PostgresStore:
+    fsync = "postgresql"  # durability is the database's (synchronous_commit)
+
+    def __init__(self, url: str, advertise_url: str = ""):
+        self.url = url
+        self.advertise_url = advertise_url
+        self.conn: Any = None
+        self.using: asyncio.Lock | None = None  # one query at a time on the connection
+        self.lock_id = 0                 # hashtext(current_schema())
+        self.channel = ""
+        self.leader = False
+        self.leader_url: str | None = None
+        self.seq = 0                     # last sequence number handed out (or applied)
+        self.snapshot_seq = 0
+        self.size = 0                    # bytes of records since the snapshot
+        self.records_since_snapshot = 0
+        self.last_compaction_at: float | None = None
+        self.fault: OffloadError | None = None  # never set: a failed write stops the server
+        self.on_fault: Callable[[], None] | None = None
+        self.fsync_seconds = Histogram()  # COMMIT latency
+        self.seqs: list[int] = []        # queued for the next batch
+        self.lines: list[bytes] = []
+        self.waiters: list[asyncio.Future] = []
+        self.writer: asyncio.Task | None = None
+        self.alive: asyncio.Task | None = None
+        self.heard: asyncio.Event | None = None  # the leader notified new records
+        self.on_notify = lambda *_: self.heard.set()
+        self.last_used = 0.0
+        self.compact_after = 0.0
+        self.closing = False
+
+    # ---------------------------------------------------------------- opening
+
+    async def open(self) -> None:
+        """Connect, and create the tables (or check that this server can use them)."""
+        if self.conn is not None:
+            return
+        asyncpg = load_asyncpg()
+        where = describe_store(self.url)
+        try:
+            self.conn = await asyncpg.connect(self.url, timeout=PG_CONNECT_TIMEOUT_S,
+                                              command_timeout=PG_COMMAND_TIMEOUT_S,
+                                              server_settings=PG_SERVER_SETTINGS)
+        except Exception as err:  # refused, unknown host, bad password or database, bad URL...
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise StoreUnusable(f"cannot connect to {where}: {text}. Remedy: check the --store "
+                                "URL and that PostgreSQL runs there and lets this user in") from None
+        # This end probes the session too: a leader cut off by the network finds out.
+        sock = self.conn._transport.get_extra_info("socket") if self.conn._transport else None
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        self.using = asyncio.Lock()
+        self.heard = asyncio.Event()
+        try:
+            schema, self.lock_id = await self.conn.fetchrow(
+                "SELECT current_schema(), hashtext(coalesce(current_schema(), ''))")
+            if schema is None:
+                raise StoreUnusable(f"{where}: no schema of the search_path exists. Remedy: "
+                                    "create it, or name one in the URL (?search_path=name)")
+            async with self.conn.transaction():
+                # Two servers starting at once: one creates, the other then finds the tables.
+                await self.conn.execute("SELECT pg_advisory_xact_lock($1, $2)", PG_LOCK_CLASS + 1, self.lock_id)
+                await self.conn.execute("CREATE TABLE IF NOT EXISTS offloadmq_meta "
+                                        "(name text PRIMARY KEY, value text NOT NULL)")
+                version = await self.conn.fetchval(
+                    "SELECT value FROM offloadmq_meta WHERE name = 'schema_version'")
+                if version is not None and not (version.isdigit() and int(version) <= PG_SCHEMA_VERSION):
+                    raise StoreUnusable(
+                        f"{where} (schema {schema}) was written by a newer OffloadMQ (schema version "
+                        f"{version}; this server knows {PG_SCHEMA_VERSION}). Remedy: run the newer "
+                        "OffloadMQ, or point --store at another database or schema")
+                await self.conn.execute(PG_TABLES)
+                await self.conn.execute("INSERT INTO offloadmq_meta VALUES ('schema_version', $1) "
+                                        "ON CONFLICT (name) DO NOTHING", str(PG_SCHEMA_VERSION))
+        except StoreUnusable:
+            await self.conn.close()
+            raise
+        except Exception as err:  # permission denied, read-only database...
+            await self.conn.close()
+            raise StoreUnusable(f"{where}: {str(err).splitlines()[0]}. Remedy: give this user "
+                                "the right to create tables in the schema") from None
+        self.channel = f"offloadmq_{self.lock_id & 0xFFFFFFFF:x}"
+        await self.conn.add_listener(self.channel, self.on_notify)
+        self.conn.add_termination_listener(lambda *_: self.closing or store_lost(
+            "the connection to %s ended", describe_store(self.url)))
+
+    async def load_secrets(self, settings: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+        """As load_secrets, but kept in the database: the first server creates them, and
+        every server of the database then shares them. Settings given at start win."""
+        fresh = {name: new_secret_value(name) for name in SECRET_NAMES}
+        async with self.conn.transaction():
+            await self.conn.execute("INSERT INTO offloadmq_meta VALUES ('secrets', $1) "
+                                    "ON CONFLICT (name) DO NOTHING", orjson.dumps(fresh).decode())
+            stored = orjson.loads(await self.conn.fetchval(
+                "SELECT value FROM offloadmq_meta WHERE name = 'secrets'"))
+        generated = []
+        for name in SECRET_NAMES:
+            if not settings.get(name):
+                settings[name] = stored[name]
+                if stored[name] == fresh[name]:
+                    generated.append(name)
+        return settings, tuple(generated)
+
+    async def load(self, broker: Broker) -> int:
+        """The latest snapshot and the records after it, into `broker` (as at a restart);
+        returns the records applied."""
+        self.seq = self.snapshot_seq = self.size = self.records_since_snapshot = 0
+        broker.begin_loading()
+        async with self.using, self.conn.transaction(isolation="repeatable_read", readonly=True):
+            row = await self.conn.fetchrow("SELECT seq, extract(epoch FROM at)::float8, state "
+                                           "FROM offloadmq_snapshots ORDER BY seq DESC LIMIT 1")
+            if row is not None:
+                try:
+                    broker.load_snapshot(orjson.loads(row[2]))
+                except (ValueError, KeyError, TypeError) as err:
+                    raise StoreUnusable(f"{describe_store(self.url)}: the snapshot at seq {row[0]} is "
+                                        f"unreadable ({err}). Remedy: restore the database from a "
+                                        "backup") from None
+                self.seq = self.snapshot_seq = row[0]
+                self.last_compaction_at = row[1]
+            applied = await self._apply_after(broker)
+        broker.end_loading()
+        return applied
+
+    async def _apply_after(self, broker: Broker) -> int | None:
+        """Apply the records after `seq`, in order; None when some are gone (compacted)."""
+        applied = 0
+        while True:
+            rows = await self.conn.fetch("SELECT seq, record FROM offloadmq_records WHERE seq > $1 "
+                                         "ORDER BY seq LIMIT $2", self.seq, PG_FOLLOW_BATCH)
+            if rows and rows[0][0] != self.seq + 1:
+                return None
+            for seq, raw in rows:
+                try:
+                    broker.apply(orjson.loads(raw))
+                except (KeyError, TypeError, ValueError, OffloadError) as err:
+                    raise StoreUnusable(f"{describe_store(self.url)}: record {seq} does not apply to "
+                                        f"the state before it ({err!r}). Remedy: restore the database "
+                                        "from a backup") from None
+                self.seq = seq
+                self.size += len(raw)
+            applied += len(rows)
+            self.records_since_snapshot += len(rows)
+            if len(rows) < PG_FOLLOW_BATCH:
+                return applied
+
+    # ---------------------------------------------------------------- leading and following
+
+    async def try_lead(self) -> bool:
+        """One attempt at the lock; on success this server's URL is recorded as the leader's."""
+        async with self.using:
+            got, self.leader_url = await self.conn.fetchrow(
+                "SELECT pg_try_advisory_lock($1, $2), "
+                "(SELECT value FROM offloadmq_meta WHERE name = 'leader')", PG_LOCK_CLASS, self.lock_id)
+            if got:
+                await self.conn.execute(
+                    "INSERT INTO offloadmq_meta VALUES ('leader', $1) "
+                    "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", self.advertise_url)
+        return got
+
+    async def catch_up(self, broker: Broker) -> bool:
+        """Apply what the leader wrote since; False when it compacted past what this server
+        has (then `load` a fresh broker)."""
+        self.heard.clear()
+        async with self.using, self.conn.transaction(isolation="repeatable_read", readonly=True):
+            snapshot_seq = await self.conn.fetchval("SELECT coalesce(max(seq), 0) FROM offloadmq_snapshots")
+            if snapshot_seq > self.seq:
+                return False
+            return await self._apply_after(broker) is not None
+
+    async def wait_for_news(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.heard.wait()
+
+    async def lead(self) -> None:
+        """Holding the lock, with every record applied: write from now on."""
+        self.leader, self.leader_url = True, self.advertise_url
+        async with self.using:
+            await self.conn.remove_listener(self.channel, self.on_notify)
+        self.alive = asyncio.get_running_loop().create_task(self._check_alive())
+
+    async def _check_alive(self) -> None:
+        """An idle leader asks its session once a second: one that is gone (the network
+        cut, the database restarted) must stop serving what it can no longer write."""
+        while not self.closing:
+            await asyncio.sleep(PG_ALIVE_S)
+            if time.monotonic() - self.last_used < PG_ALIVE_S or self.closing:
+                continue
+            try:
+                async with self.using:
+                    await self.conn.fetchval("SELECT 1", timeout=PG_COMMAND_TIMEOUT_S / 2)
+            except Exception as err:
+                if not self.closing:
+                    store_lost("the session with %s is gone (%s)", describe_store(self.url), err)
+
+    # ---------------------------------------------------------------- writing
+
+    def enqueue(self, records: list[bytes], on_disk: bool = True) -> asyncio.Future | None:
+        """Queue encoded records for the next batch, in order; with `on_disk`, a future
+        that is done once their batch is committed."""
+        for record in records:
+            self.seq += 1
+            self.seqs.append(self.seq)
+            self.lines.append(record)
+            self.size += len(record)
+        self.records_since_snapshot += len(records)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future() if on_disk else None
+        if waiter is not None:
+            self.waiters.append(waiter)
+        if self.writer is None:
+            self.writer = loop.create_task(self._write())
+        return waiter
+
+    async def append(self, records: list[bytes], on_disk: bool = True) -> None:
+        waiter = self.enqueue(records, on_disk)
+        if waiter is not None:
+            await waiter
+
+    def flush(self) -> None:
+        """The writer task commits on its own; nothing to start here."""
+
+    async def _write(self) -> None:
+        """Group commit: one transaction for whatever was queued meanwhile. Like the
+        journal's flush, it starts two turns of the loop late, so that the tasks a change
+        wakes (a long poll taking the task just submitted) join the batch."""
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        insert = (f"WITH written AS (INSERT INTO offloadmq_records (seq, record) "
+                  f"SELECT * FROM unnest($1::bigint[], $2::bytea[])) SELECT pg_notify('{self.channel}', $3)")
+        try:
+            while self.lines or self.waiters:
+                seqs, lines, waiters = self.seqs, self.lines, self.waiters
+                self.seqs, self.lines, self.waiters = [], [], []
+                if lines:
+                    started = time.perf_counter()
+                    async with self.using:
+                        await self.conn.execute(insert, seqs, lines, str(seqs[-1]))
+                    self.last_used = time.monotonic()
+                    self.fsync_seconds.observe(time.perf_counter() - started)
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+        except Exception as err:
+            store_lost("writing records %d.. to %s failed: %s", seqs[0] if seqs else self.seq,
+                       describe_store(self.url), err)
+        finally:
+            self.writer = None
+
+    def check_writable(self) -> None:
+        """A standby never writes (the routes are the leader's); the leader always may."""
+
+    def probe(self) -> bool:
+        return False
+
+    def sync(self) -> None:
+        """Durability is each COMMIT's."""
+
+    # ---------------------------------------------------------------- compaction
+
+    async def compact(self, snapshot: Callable[[], dict], now: float) -> bool:
+        """A snapshot of the state as of `seq`, committed after the batches holding the
+        records up to `seq`; those records and older snapshots go in the same transaction.
+        (The state is serialized on the loop: the journal forks for it; here it is left
+        for when states this big run on PostgreSQL.)"""
+        if self.closing or not self.leader or now < self.compact_after:
+            return False
+        seq, size = self.seq, self.size
+        state = orjson.dumps(snapshot())
+        await self.append([])  # every batch up to `seq` committed
+        try:
+            async with self.using, self.conn.transaction():
+                await self.conn.execute(
+                    "INSERT INTO offloadmq_snapshots VALUES ($1, to_timestamp($2), $3) "
+                    "ON CONFLICT (seq) DO UPDATE SET at = EXCLUDED.at, state = EXCLUDED.state",
+                    seq, now, state)
+                await self.conn.execute("DELETE FROM offloadmq_records WHERE seq <= $1", seq)
+                await self.conn.execute("DELETE FROM offloadmq_snapshots WHERE seq < $1", seq)
+        except Exception as err:
+            if self.closing:
+                return False
+            store_lost("compacting %s failed: %s", describe_store(self.url), err)
+        self.snapshot_seq, self.last_compaction_at = seq, now
+        self.size -= size
+        self.records_since_snapshot = self.seq - seq
+        return True
+
+    def abandon_compaction(self) -> None:
+        self.closing = True
+
+    async def close(self) -> None:
+        """Commit what is queued, then end the session (and with it the lock)."""
+        if self.writer is not None:
+            await asyncio.shield(self.writer)
+        self.closing = True
+        if self.alive is not None:
+            self.alive.cancel()
+        if self.conn is not None and not self.conn.is_closed():
+            with contextlib.suppress(Exception):
+                await self.conn.close(timeout=2)
+
+    def stats(self) -> dict:
+        return {"store": describe_store(self.url), "role": "leader" if self.leader else "standby",
+                "seq": self.seq, "bytes": self.size, "recordsSinceSnapshot": self.records_since_snapshot,
+                "lastCompactionAt": iso(self.last_compaction_at), "fsync": self.fsync}
+
+
 # ============================================================================ wire shapes
 #
 # The JSON shapes of API.md for tasks, agents and keys: what handlers answer and what
@@ -2603,6 +3025,13 @@ class EventLog:
                 self.add(None, None, "reset", {"op": change.op, "uid": None})
         return ended
 
+    def renumber(self, now: float) -> None:
+        """A standby taking over: its ids start past any its predecessor can have given
+        (ids are its start in ms << 12 plus one per event), so that a Last-Event-ID from
+        the old leader is unknown here, never mistaken for one of ours."""
+        self.seq = self.released = max(self.seq, int(now * 1000) << 12)
+        self.on_publish()
+
     def release(self, upto: int) -> None:
         if upto > self.released:
             self.released = upto
@@ -2714,11 +3143,15 @@ class Hub:
     did, wakes waiters, and runs the once-a-second loop (expiry, fsync, compaction).
     Every change goes mutate -> journal -> notify, through `_change()`."""
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time):
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time,
+                 store: PostgresStore | None = None):
         self.config = config
         self.clock = clock
         self.broker = Broker(config.client_api_keys, clock())
-        self.journal = Journal(config.data_path, config.fsync)
+        # The store (see the store interface): the embedded journal, or PostgreSQL.
+        self.journal: Journal | PostgresStore = store or (
+            PostgresStore(config.store, config.advertise_url) if config.store
+            else Journal(config.data_path, config.fsync))
         self.changed = asyncio.Condition()  # something changed, and it is on disk
         # Tasks agents may take changed: a poll that claims one writes its own record after
         # these, so it need not wait for them to reach the disk (its fdatasync covers both).
@@ -2731,6 +3164,7 @@ class Hub:
         self.recovered = False
         self.stopping = False  # set at shutdown: every wait ends so handlers can finish
         self.ticker: asyncio.Task | None = None
+        self.follower: asyncio.Task | None = None  # a standby following the leader's records
         self.started_at = clock()
         self.events = EventLog(self.started_at)
         self.metrics = Metrics()
@@ -2750,9 +3184,66 @@ class Hub:
                  time.perf_counter() - started, self.config.data_path)
 
     async def start(self) -> None:
-        if not self.recovered:
-            self.recover()
+        if isinstance(self.journal, Journal):
+            if not self.recovered:
+                self.recover()
+            self.ticker = asyncio.get_running_loop().create_task(self._tick_loop())
+            return
+        started = time.perf_counter()
+        await self.journal.open()
+        applied = await self.journal.load(self.broker)
+        self.recovered = True
+        log.info("loaded %d tasks, %d agents (%d records) in %.2f s from %s", len(self.broker.tasks),
+                 len(self.broker.agents), applied, time.perf_counter() - started,
+                 describe_store(self.config.store))
+        # One attempt now, so a server alone on its database serves from the start.
+        if not await self._lead_or_follow():
+            log.info("standby: following the leader (%s)", self.journal.leader_url or "not known yet")
+            self.follower = asyncio.get_running_loop().create_task(self._follow())
+
+    # ---------------------------------------------------------------- leader and standbys
+
+    async def _follow(self) -> None:
+        """A standby: apply the leader's records as they come, try the lock now and then."""
+        try:
+            while not await self._lead_or_follow():
+                await self.journal.wait_for_news(PG_LOCK_ATTEMPT_S)
+        except asyncio.CancelledError:
+            raise
+        except StoreUnusable as err:
+            store_lost("%s", err)
+        except Exception as err:
+            if not self.stopping:
+                store_lost("following the leader in %s failed: %r", describe_store(self.config.store), err)
+
+    async def _lead_or_follow(self) -> bool:
+        """One round: try the lock, then apply what the leader wrote (all of it, once the
+        lock is ours); True once this server leads."""
+        store = self.journal
+        leading = await store.try_lead()
+        if not await store.catch_up(self.broker):  # compacted past us: start from its snapshot
+            fresh = Broker(self.config.client_api_keys, self.clock(), self.broker.rng, self.broker.ids,
+                           self.broker.new_secret)
+            await store.load(fresh)
+            self.broker = fresh
+        if not leading:
+            return False
+        await store.lead()
+        now = self.clock()
+        self.broker.after_recovery(now)
+        self.events.renumber(now)
         self.ticker = asyncio.get_running_loop().create_task(self._tick_loop())
+        log.warning("leading (at record %d), serving as %s", store.seq, store.advertise_url)
+        return True
+
+    def readiness(self) -> dict:
+        """GET /health/ready: may a load balancer send this server traffic now?"""
+        store = self.journal
+        if not store.leader:
+            return {"ready": False, "role": "standby", "leader": store.leader_url}
+        if store.fault is not None:
+            return {"ready": False, "role": "leader", "reason": store.fault.type}
+        return {"ready": True, "role": "leader"}
 
     async def release_waiters(self) -> None:
         """Shutdown: long polls and event streams answer now instead of holding it up;
@@ -2765,8 +3256,9 @@ class Hub:
         await self._notify()
 
     async def stop(self) -> None:
-        if self.ticker is not None:
-            self.ticker.cancel()
+        for task in (self.ticker, self.follower):
+            if task is not None:
+                task.cancel()
         await self.journal.close()
 
     async def _tick_loop(self) -> None:
@@ -4238,6 +4730,13 @@ async def handle_health(request: web.Request) -> web.Response:
     return json_response(body, 200 if body["status"] == "healthy" else 503)
 
 
+async def handle_ready(request: web.Request) -> web.Response:
+    """Readiness: 200 where writes go now (the leader), 503 on a standby or while the
+    disk refuses writes; for a load balancer or a Kubernetes readiness probe."""
+    body = request.app[HUB].readiness()
+    return json_response(body, 200 if body["ready"] else 503)
+
+
 async def handle_stats(request: web.Request) -> web.Response:
     """Counts for anyone; the journal (its path, its size) only with the management token."""
     hub, internal = request.app[HUB], management_credential(request)
@@ -5079,6 +5578,25 @@ class UntrustedTextFilter(logging.Filter):
 log.addFilter(UntrustedTextFilter())
 
 
+STANDBY_PATHS = frozenset({"/health", "/health/ready", "/version"})
+
+
+@web.middleware
+async def leader_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """PostgreSQL store: a standby answers liveness, readiness, its version and the console;
+    the rest is the leader's (503 not_leader naming it, so clients move on)."""
+    store = request.app[HUB].journal
+    if not store.leader and request.path not in STANDBY_PATHS \
+            and getattr(request.match_info.route.handler, "__name__", "") != "handle_static":
+        leader = store.leader_url
+        response = json_response({"error": {
+            "type": "not_leader", "status": 503, "leader": leader,
+            "message": f"this server is a standby; the leader is {leader or 'not known yet'}"}}, 503)
+        response.headers["Retry-After"] = "1"
+        return response
+    return await handler(request)
+
+
 @web.middleware
 async def timing_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
     started = time.perf_counter()
@@ -5167,6 +5685,7 @@ ROUTES = [
     ("POST", "/management/client_api_keys/update", "mgmt", handle_mgmt_key_update),
     ("POST", "/management/client_api_keys/revoke/{key}", "mgmt", handle_mgmt_key_revoke),
     ("GET", "/health", "open", handle_health),
+    ("GET", "/health/ready", "open", handle_ready),
     ("GET", "/version", "open", handle_version),
     ("GET", "/stats", "open", handle_stats),
     ("GET", "/metrics", "open", handle_metrics),  # checks the token itself unless public
@@ -5285,6 +5804,9 @@ OPENAPI_SCHEMAS = {
     "Health": _obj("status cached_agents cached_tokens timestamp", status=STR,
                    cached_agents=INT, cached_tokens=INT, timestamp=TIME,
                    reason={"type": "string", "enum": ["storage_full", "storage_lost"]}, message=STR),
+    "Ready": _obj("ready role", ready={"type": "boolean"},
+                  role={"type": "string", "enum": ["leader", "standby"]},
+                  leader={"type": ["string", "null"]}, reason=STR),
     "PingAnswer": {**_obj("status cached_agents cached_tokens timestamp", status=STR,
                           cached_agents=INT, cached_tokens=INT, timestamp=TIME,
                           released={"type": "array", "items": _ref("TaskId")}),
@@ -5482,6 +6004,8 @@ OPENAPI_OPS = {
     "/management/client_api_keys/revoke/{key}": _op("Revoke a client API key", "ClientApiKey", "404"),
     "/health": _op("Health; 503 with a reason while the disk refuses writes", "Health",
                    status=(200, 503)),
+    "/health/ready": _op("Readiness: 200 on the server that takes writes (the leader), 503 on a "
+                         "standby or while the disk refuses writes", "Ready", status=(200, 503)),
     "/stats": _op("Counts of agents and tasks; the journal's too with the management token",
                   {"type": "object"}),
     "/metrics": _op("Prometheus metrics", STR, media={"text/plain": {"schema": STR}}),
@@ -5580,8 +6104,10 @@ async def stop_task(task: asyncio.Task) -> None:
 def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Application:
     config = config or load_config([])
     hub = hub or Hub(config)
+    # Only a server that may be a standby pays for the leader check.
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[
-        cut_middleware, timing_middleware, error_middleware, path_middleware])
+        cut_middleware, timing_middleware, error_middleware,
+        *([leader_middleware] if config.store else []), path_middleware])
     app[HUB] = hub
     app[STREAMS] = streams = EventStreams(hub)
     app[TOKENS] = AgentTokens(config.jwt_secret, config.jwt_lifetime_s, hub.clock)
@@ -5725,17 +6251,19 @@ async def serve(app: web.Application, config: Config) -> None:
 
 
 def print_first_start(config: Config) -> None:
-    """Secrets generated at this start are printed once; they stay in the data folder.
-    Later starts say where they are (the file, never the secrets)."""
+    """Secrets generated at this start are printed once; they stay in the data folder (or
+    the database). Later starts say where they are (the file, never the secrets)."""
+    where = f"the database ({describe_store(config.store)})" if config.store \
+        else config.data_path / SECRETS_FILE
     if not config.generated:
-        if (config.data_path / SECRETS_FILE).exists():
-            print(f"OffloadMQ: the generated secrets are kept in {config.data_path / SECRETS_FILE}")
+        if config.store or (config.data_path / SECRETS_FILE).exists():
+            print(f"OffloadMQ: the generated secrets are kept in {where}")
             sys.stdout.flush()
         return
     shown = {"AGENT_API_KEYS": ("agent registration key", config.agent_api_keys[0]),
              "CLIENT_API_KEYS": ("client API key", config.client_api_keys[0]),
              "MGMT_TOKEN": ("management token", config.mgmt_token)}
-    print(f"OffloadMQ first start: generated secrets, kept in {config.data_path / SECRETS_FILE}")
+    print(f"OffloadMQ first start: generated secrets, kept in {where}")
     for name in config.generated:
         if name in shown:
             label, value = shown[name]
@@ -5802,10 +6330,11 @@ def main(argv: list[str] | None = None) -> None:
     gc.disable()
     try:
         config = load_config(argv)
-        print_first_start(config)
-        warn_short_secrets(config)
-        hub = Hub(config)
-        hub.recover()
+        if not config.store:  # PostgreSQL: main_postgres, in the event loop
+            print_first_start(config)
+            warn_short_secrets(config)
+            hub = Hub(config)
+            hub.recover()
     except JournalCorrupt as err:
         log.critical("cannot start: %s", err)
         sys.exit(2)
@@ -5815,10 +6344,40 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         gc.freeze()
         gc.enable()
+    if config.store:
+        return main_postgres(config)
     log.info("OffloadMQ %s on http://%s:%d (data in %s, fsync %s)", __version__,
              config.host, config.port, config.data_path, config.fsync)
     try:
         asyncio.run(serve(create_app(config, hub), config))
+    except OSError as err:  # binding the address: in use, or not this machine's
+        log.critical("cannot start: %s", unusable_address(config, err))
+        sys.exit(2)
+
+
+async def serve_postgres(config: Config) -> None:
+    """PostgreSQL store: connect, take the shared secrets, then serve as leader or standby."""
+    store = PostgresStore(config.store, config.advertise_url)
+    await store.open()
+    settings = {"JWT_SECRET": config.jwt_secret, "AGENT_API_KEYS": ",".join(config.agent_api_keys),
+                "CLIENT_API_KEYS": ",".join(config.client_api_keys), "MGMT_TOKEN": config.mgmt_token}
+    settings, generated = await store.load_secrets(settings)
+    config = replace(config, jwt_secret=settings["JWT_SECRET"], mgmt_token=settings["MGMT_TOKEN"],
+                     agent_api_keys=split_keys(settings["AGENT_API_KEYS"]),
+                     client_api_keys=split_keys(settings["CLIENT_API_KEYS"]), generated=generated)
+    print_first_start(config)
+    warn_short_secrets(config)
+    log.info("OffloadMQ %s on http://%s:%d (store %s, advertised as %s)", __version__, config.host,
+             config.port, describe_store(config.store), config.advertise_url)
+    await serve(create_app(config, Hub(config, store=store)), config)
+
+
+def main_postgres(config: Config) -> None:
+    try:
+        asyncio.run(serve_postgres(config))
+    except StoreUnusable as err:
+        log.critical("cannot start: %s", err)
+        sys.exit(2)
     except OSError as err:  # binding the address: in use, or not this machine's
         log.critical("cannot start: %s", unusable_address(config, err))
         sys.exit(2)

@@ -4,14 +4,19 @@ processes on a free 127.0.0.1 port with a temp data folder.
 
 Tests that need no server process, browser or agent process are marked `unit`
 (`make test-unit` runs only them)."""
+import asyncio
 import dataclasses
+import glob
 import json
 import os
+import pwd
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -263,8 +268,15 @@ def api_config(folder: Path, **changes) -> Config:
 
 
 @pytest.fixture
-def config(tmp_path):
-    return api_config(tmp_path / "data")
+def store_url():
+    """The store of the in-process app: "" for the embedded journal (test_api.py runs its
+    tests on PostgreSQL too by overriding this)."""
+    return ""
+
+
+@pytest.fixture
+def config(tmp_path, store_url):
+    return api_config(tmp_path / "data", store=store_url)
 
 
 @pytest.fixture
@@ -338,3 +350,127 @@ def pytest_collection_modifyitems(items):
         if item.module.__name__ in IN_PROCESS_MODULES \
                 and not PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.unit)
+
+
+# ---------------------------------------------------------------- a throwaway PostgreSQL
+
+def postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server programs (Debian keeps them off the PATH)."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                      key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0)
+    return Path(versions[-1]).parent if versions else None
+
+
+class PostgresCluster:
+    """initdb in a temp folder and `postgres` on a free 127.0.0.1 port, run as an
+    unprivileged user (PostgreSQL refuses root, and CI runs as root); stopped by its pid."""
+
+    def __init__(self, bin_dir: Path):
+        self.bin = bin_dir
+        self.port = free_port()
+        self.password = secrets.token_hex(16)
+        self.folder = Path(tempfile.mkdtemp(prefix="offloadmq-pg-"))
+        self.user = self.group = None
+        if os.geteuid() == 0:
+            self.user = pwd.getpwnam(self.run_as()).pw_uid
+            self.group = pwd.getpwnam(self.run_as()).pw_gid
+            os.chown(self.folder, self.user, self.group)
+        self.proc = None
+
+    @staticmethod
+    def run_as() -> str:
+        """Debian's `postgres` user, created (without a login) where it is missing."""
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                            "postgres"], check=True, capture_output=True)
+        return "postgres"
+
+    def run(self, *args, **kw):
+        return subprocess.run(args, user=self.user, group=self.group, check=True,
+                              capture_output=True, text=True, **kw)
+
+    def start(self):
+        pwfile = self.folder / "pw"
+        pwfile.write_text(self.password)
+        if self.user is not None:
+            os.chown(pwfile, self.user, self.group)
+        data = self.folder / "data"
+        self.run(str(self.bin / "initdb"), "-D", str(data), "-U", "offloadmq", "--pwfile", str(pwfile),
+                 "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-instructions")
+        pwfile.unlink()
+        self.log = open(self.folder / "postgres.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.folder}",
+             "-c", "max_connections=300"],
+            user=self.user, group=self.group, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("postgres exited:\n" + (self.folder / "postgres.log").read_text())
+            try:
+                self.execute("SELECT 1")
+                return self
+            except OSError:
+                time.sleep(0.1)
+            except Exception as err:  # starting up: "the database system is starting up"
+                if "starting up" not in str(err):
+                    raise
+                time.sleep(0.1)
+        raise RuntimeError("postgres did not start:\n" + (self.folder / "postgres.log").read_text())
+
+    def url(self, schema: str | None = None) -> str:
+        base = f"postgresql://offloadmq:{self.password}@127.0.0.1:{self.port}/postgres"
+        return base + (f"?search_path={schema}" if schema else "")
+
+    def execute(self, sql: str, schema: str | None = None):
+        import asyncpg
+
+        async def run():
+            conn = await asyncpg.connect(self.url(schema), timeout=5)
+            try:
+                return await conn.fetch(sql)
+            finally:
+                await conn.close()
+        return asyncio.run(run())
+
+    def new_schema(self) -> str:
+        """A fresh schema: each test its own OffloadMQ state (and its own leader lock)."""
+        name = "t_" + secrets.token_hex(6)
+        self.execute(f"CREATE SCHEMA {name}")
+        return name
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway cluster per test process (each pytest-xdist worker its own)."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (`make test` installs Debian's postgresql)")
+    pytest.importorskip("asyncpg")
+    cluster = PostgresCluster(bin_dir)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(postgres):
+    """The URL of a fresh schema of the throwaway cluster."""
+    return postgres.url(postgres.new_schema())
