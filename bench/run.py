@@ -42,6 +42,10 @@ Workloads (definitions from the issue, kept exactly):
          (limit 200), the unparameterized listing, /health during it, console first paint
          in bytes. The three build their state through the project's own broker and
          journal before the server starts (bench/streams.py).
+  failover (issue 13) two servers on a throwaway PostgreSQL, an agent and a submitting
+         client with both URLs; --kills times kill -9 the leader: median and max seconds
+         to the first 2xx from the new leader, acknowledged tasks lost, duplicated results
+         (bench/failover.py).
 The machine's speed drifts over minutes, so ours and the peers' W1/W1c/W2 run in turn for
 --rounds rounds (default 2) and each system shows its best round.
 Peers, same W1/W2: Huey + SQLite (no server), Huey + Redis, Celery + Redis, with Debian's
@@ -76,7 +80,7 @@ from bench.l0 import run_l0  # noqa: E402
 from bench.ours import OursServer  # noqa: E402
 
 SECTIONS = ("ours", "ours-ws", "ours-original", "huey-sqlite", "huey-redis", "celery", "l0", "idle",
-            "idle-ws", "claim", "replay", "fanout", "streams", "list")
+            "idle-ws", "claim", "replay", "fanout", "streams", "list", "failover")
 COMPARED = ("ours", "ours-ws", "ours-original", "huey-sqlite", "huey-redis", "celery")  # run in turn, best round kept
 EXTRA_SECTIONS = ("trace",)  # only when asked for: W1 again on an instrumented server
 PEERS = (("huey-sqlite", "Huey-SQLite"), ("huey-redis", "Huey-Redis"), ("celery", "Celery+Redis"))
@@ -263,6 +267,11 @@ def run_replay(tmp: Path, args, results: dict) -> None:
     log(f"replay: {args.records:,}-record journal")
     results["replay"] = run_json([PY, "-m", "bench.replay", "--records", str(args.records),
                                   "--dir", str(tmp / "replay")], 1800)
+
+
+def run_failover(tmp: Path, args, results: dict) -> None:
+    log(f"failover: {args.kills} kills of the leader of two servers on PostgreSQL")
+    results["failover"] = run_json([PY, "-m", "bench.failover", "--kills", str(args.kills)], 1800)
 
 
 def run_fanout(tmp: Path, args, results: dict) -> None:
@@ -538,6 +547,13 @@ def build_table(results: dict, args) -> list[list[str]]:
                    seen["first_row_ms"], ",.0f", "<1 s", seen["first_row_ms"] < 1000)
             single("console Tasks in Chromium: bytes received by then", seen["bytes"], ",.0f",
                    "<5 MB", seen["bytes"] < 5 * 2**20)
+    fo = results.get("failover") or {}
+    if fo:
+        single(f"failover: kill -9 of the leader -> serving, median / max s ({fo['kills']} kills)",
+               f"{fo['median_s']:.2f} / {fo['max_s']:.2f}", "", "≤5 s", fo["max_s"] <= 5)
+        single(f"failover: acknowledged tasks lost (of {fo['acked']:,})", fo["lost"], ",.0f", "0",
+               fo["lost"] == 0)
+        single("failover: duplicated results", fo["duplicated"], ",.0f", "0", fo["duplicated"] == 0)
     return rows
 
 
@@ -573,6 +589,7 @@ def parse_args(argv=None):
     p.add_argument("--fanout-n", type=int, help="fanout: submits measured per case (default 500)")
     p.add_argument("--stream-pending", type=int, help="streams: pending tasks (default 50000)")
     p.add_argument("--list-tasks", type=int, help="list: tasks in the state (default 100000)")
+    p.add_argument("--kills", type=int, help="failover: kills of the leader (default 10)")
     p.add_argument("--redis-fsync", default="always", choices=("always", "everysec", "no"),
                    help="redis appendfsync for the peers (default always, like our journal)")
     p.add_argument("--profile", type=Path, help="py-spy our W1 (server and agent) into this folder")
@@ -587,7 +604,8 @@ def parse_args(argv=None):
     defaults = {"w1": (5000, 500), "w2": (1000, 100), "agents": (1000, 200),
                 "idle_duration": (60.0, 5.0), "fill": (100_000, 5_000), "claim_iters": (300, 50),
                 "records": (1_000_000, 50_000), "l0_duration": (5, 2), "subscribers": (500, 100),
-                "fanout_n": (500, 200), "stream_pending": (50_000, 10_000), "list_tasks": (100_000, 20_000)}
+                "fanout_n": (500, 200), "stream_pending": (50_000, 10_000), "list_tasks": (100_000, 20_000),
+                "kills": (10, 3)}
     for name, (full, short) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, short if quick else full)
@@ -613,7 +631,8 @@ def main(argv=None) -> int:
     runners = {"ours": run_ours, "ours-ws": run_ours_ws, "ours-original": run_ours_original,
                "idle-ws": lambda tmp, args, found: run_idle(tmp, args, found, "ws"),
                "trace": run_trace, "l0": run_l0_section, "idle": run_idle, "claim": run_claim,
-               "replay": run_replay, "fanout": run_fanout, "streams": run_streams, "list": run_list}
+               "replay": run_replay, "fanout": run_fanout, "streams": run_streams, "list": run_list,
+               "failover": run_failover}
     # The machine's speed drifts over minutes: the compared sections run in turn, for
     # `--rounds` rounds, and each system keeps its best round; the rest run once, after.
     compared = [s for s in args.sections if s in COMPARED]
