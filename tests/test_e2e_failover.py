@@ -73,29 +73,39 @@ def pair(tmp_path, pg_url):
         srv.kill()
 
 
-def test_kill_9_of_the_leader_loses_no_acknowledged_task_and_runs_none_twice(pair, tmp_path):
+@pytest.mark.parametrize("transport", ["ws", "http"])
+def test_kill_9_of_the_leader_loses_no_acknowledged_task_and_runs_none_twice(pair, tmp_path, transport):
+    """The client's event stream is open (as_completed has begun) when the leader dies, so
+    it resumes on the new leader; the agent reconnects its socket, or long-polls again."""
     leader, standby = pair
     urls = f"{leader.url},{standby.url}"
     agent = AgentProcess(SimpleNamespace(url=urls, agent_key=leader.agent_key), tmp_path / "agent",
-                         ["debug.echo"], capacity=4).register().start()
+                         ["debug.echo"], capacity=4, serve_args=("--transport", transport)).register().start()
     acked = []
     measured = {}
 
     def kill_the_leader_mid_run():
-        wait_until(lambda: len(acked) >= KILL_AT, 60, "the first submits")
+        wait_until(lambda: len(acked) >= KILL_AT + 20, 60, "submits after the stream opened")
         measured["kill_at"] = time.monotonic()
         leader.kill(signal.SIGKILL)
         measured["failover_s"] = first_2xx_after(measured["kill_at"], standby)
     killer = threading.Thread(target=kill_the_leader_mid_run, daemon=True)
-    killer.start()
     try:
         with Client(urls, leader.client_key) as mq:
-            for n in range(TASKS):
+            def submit(n):
                 acked.append(mq.submit("debug.echo", {"n": n}))  # a 201: acknowledged
                 time.sleep(0.005)
+            for n in range(KILL_AT):
+                submit(n)
+            first = mq.as_completed(acked[:KILL_AT], timeout=120)
+            ended = [next(first)]  # the client's event stream is live from here
+            killer.start()
+            for n in range(KILL_AT, TASKS):
+                submit(n)
             killer.join(60)
             assert "failover_s" in measured, "the leader was not killed mid-run"
-            results = {h.id: h.result() for h in mq.as_completed(acked, timeout=120)}
+            ended += list(first) + list(mq.as_completed(acked[KILL_AT:], timeout=120))
+            results = {h.id: h.result() for h in ended}
         assert [results[h.id] for h in acked] == [{"n": n} for n in range(TASKS)]
         stats = http("GET", standby.url + "/stats")[1]
         assert stats["tasks"]["regular"].get("completed") == TASKS, stats
@@ -105,5 +115,5 @@ def test_kill_9_of_the_leader_loses_no_acknowledged_task_and_runs_none_twice(pai
         assert agent.proc.poll() is None
     finally:
         agent.kill()
-    print(f"\nfailover: kill -9 of the leader -> first 2xx from the new leader "
+    print(f"\nfailover ({transport} agent): kill -9 of the leader -> first 2xx from the new leader "
           f"{measured['failover_s']:.2f} s; {TASKS} acknowledged tasks, 0 lost, 0 run twice")
