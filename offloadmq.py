@@ -3221,7 +3221,9 @@ class Hub:
         lock is ours); True once this server leads."""
         store = self.journal
         leading = await store.try_lead()
+        followed = store.seq
         if not await store.catch_up(self.broker):  # compacted past us: start from its snapshot
+            log.info("standby: the leader compacted past record %d; loading its snapshot", store.seq)
             fresh = Broker(self.config.client_api_keys, self.clock(), self.broker.rng, self.broker.ids,
                            self.broker.new_secret)
             await store.load(fresh)
@@ -3233,14 +3235,15 @@ class Hub:
         self.broker.after_recovery(now)
         self.events.renumber(now)
         self.ticker = asyncio.get_running_loop().create_task(self._tick_loop())
-        log.warning("leading (at record %d), serving as %s", store.seq, store.advertise_url)
+        log.warning("leading at record %d (%d applied at takeover), serving as %s", store.seq,
+                    store.seq - followed, store.advertise_url)
         return True
 
     def readiness(self) -> dict:
         """GET /health/ready: may a load balancer send this server traffic now?"""
         store = self.journal
-        if not store.leader:
-            return {"ready": False, "role": "standby", "leader": store.leader_url}
+        if not store.leader:  # seq: how far it followed the leader's records
+            return {"ready": False, "role": "standby", "leader": store.leader_url, "seq": store.seq}
         if store.fault is not None:
             return {"ready": False, "role": "leader", "reason": store.fault.type}
         return {"ready": True, "role": "leader"}
@@ -3658,6 +3661,17 @@ class Hub:
     def metrics_text(self) -> str:
         return self.metrics.text(self.broker, self.journal, self.clock())
 
+    def ended_since(self, at: float) -> list[Task]:
+        """The regular tasks (still kept) that ended at or after `at`, in the order they ended."""
+        found = []
+        for key in reversed(self.broker.ended):
+            task = self.broker.tasks[key]
+            if task.ended_at < at:
+                break
+            found.append(task)
+        found.reverse()
+        return found
+
     def tasks_by_key(self) -> dict[TaskKey, Task]:
         """Every task, live (read only): for views that walk them a slice at a time."""
         return self.broker.tasks
@@ -3890,6 +3904,8 @@ class EventStreams:
             # in the next round, never skipped.
             shown, seen = events.after(last_id, sub.owner, sub.keys), events.released
             if shown is None:  # no usable Last-Event-ID: the current state first
+                if last_id is not None:  # another server's (a failover), or too old
+                    await self._send_ended_since(sub, seen, last_id)
                 if current:
                     await self._send_current(sub, seen)
                 shown = events.after(seen, sub.owner, sub.keys)
@@ -3925,6 +3941,25 @@ class EventStreams:
                 response.force_close()
                 # A reader that reads nothing would hold what is unsent forever: cut it.
                 asyncio.get_running_loop().call_later(STREAM_DROP_GRACE_S, sub.transport.abort)
+
+    async def _send_ended_since(self, sub: Subscriber, seen: int, last_id: int) -> None:
+        """A Last-Event-ID this server cannot resume from (the ring moved past it, or another
+        server gave it: a restart or a failover) still says when it was given: ids are a
+        server's start in ms << 12 plus one per event, so `last_id >> 12` is at or before
+        that moment. The `end` of each of the reader's tasks that ended since then comes
+        first, all with id `seen`: a reader of results misses none across a failover
+        (some it saw already may come again)."""
+        since = (last_id >> 12) / 1000.0 - 1.0  # a second of slack for clocks that stepped
+        frames = []
+        for task in self.hub.ended_since(since):
+            if (sub.keys is None or task.key in sub.keys) and (
+                    sub.owner == MGMT_OWNER or task.owner == sub.owner):
+                frames.append(sse_frame(seen, "end", orjson.dumps(assigned_json(task))))
+            if len(frames) >= STREAM_SCAN_SLICE:
+                await self._paced_write(sub, b"".join(frames))
+                frames = []
+        if frames:
+            await self._paced_write(sub, b"".join(frames))
 
     async def _send_current(self, sub: Subscriber, seen: int) -> None:
         """The present state as `status` events, all with id `seen`: named tasks all,
@@ -5806,7 +5841,7 @@ OPENAPI_SCHEMAS = {
                    reason={"type": "string", "enum": ["storage_full", "storage_lost"]}, message=STR),
     "Ready": _obj("ready role", ready={"type": "boolean"},
                   role={"type": "string", "enum": ["leader", "standby"]},
-                  leader={"type": ["string", "null"]}, reason=STR),
+                  leader={"type": ["string", "null"]}, reason=STR, seq=INT),
     "PingAnswer": {**_obj("status cached_agents cached_tokens timestamp", status=STR,
                           cached_agents=INT, cached_tokens=INT, timestamp=TIME,
                           released={"type": "array", "items": _ref("TaskId")}),

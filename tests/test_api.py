@@ -36,6 +36,29 @@ from offloadmq import (
 )
 
 
+@pytest.fixture(params=["journal", "postgres"])
+def store_url(request):
+    """Every test of this file that builds its app from `config` runs on both stores: the
+    embedded journal and a fresh schema of a throwaway PostgreSQL."""
+    if request.param == "journal":
+        return ""
+    return request.getfixturevalue("pg_url")
+
+
+async def stored_lines(client) -> list[bytes]:
+    """The records the app's store holds (each as the core encoded it), read the way a
+    restart reads them: the journal file, or the PostgreSQL table through its own session."""
+    store = client.server.app[HUB].journal
+    if hasattr(store, "path"):
+        return store.path.read_bytes().splitlines()
+    import asyncpg
+    conn = await asyncpg.connect(store.url)
+    try:
+        return [row[0] for row in await conn.fetch("SELECT record FROM offloadmq_records ORDER BY seq")]
+    finally:
+        await conn.close()
+
+
 def tp(tid):
     """The `{cap}/{id}` path tail of a task, its capability percent-encoded."""
     return f"{quote(tid['cap'], safe='')}/{tid['id']}"
@@ -92,6 +115,11 @@ async def test_health_and_api_ping_share_the_health_shape(client):
     assert body["cached_agents"] == 1 and body["cached_tokens"] == 1
 
 
+async def test_ready_says_this_server_takes_the_writes(client):
+    """On either store a lone server leads: ready (a load balancer may send it traffic)."""
+    assert await call(client, "GET", "/health/ready") == {"ready": True, "role": "leader"}
+
+
 async def test_stats_counts_agents_and_tasks_by_queue_and_status(client):
     await agent(client)
     await submit(client)
@@ -102,7 +130,8 @@ async def test_stats_counts_agents_and_tasks_by_queue_and_status(client):
     assert stats["queues"] == {"echo": 2}
     assert {"uptimeSecs", "version"} <= set(stats) and "journal" not in stats  # no paths for anyone
     internal = await call(client, "GET", "/stats", headers=MGMT_H)
-    assert internal["journal"]["path"].endswith("journal.jsonl")
+    assert internal["journal"].get("path", "journal.jsonl").endswith("journal.jsonl")
+    assert internal["journal"].get("store", "postgresql://").startswith("postgresql://")
 
 
 async def test_console_is_served_at_root(client):
@@ -978,8 +1007,7 @@ async def test_client_key_never_reaches_agents_listings_or_logs(client, caplog, 
     assert secret not in caplog.text
     # The journal keeps managed keys (they must survive a restart), never in task records.
     for _ in range(50):  # fsync "no": the journal writer catches up in the background
-        tasks = [line for line in (tmp_path / "data" / "journal.jsonl").read_text().splitlines()
-                 if '"op":"task.' in line]
+        tasks = [line.decode() for line in await stored_lines(client) if b'"op":"task.' in line]
         if len(tasks) == 4:
             break
         await asyncio.sleep(0.02)
@@ -1272,7 +1300,6 @@ async def test_bad_extension_parameters_are_rejected_before_any_change(client, q
 async def test_a_waiting_take_shares_the_submits_fdatasync_and_follows_it_on_disk(client, tmp_path):
     """The agent's long poll wakes before the submit reaches the disk, so its take joins
     the same write; its answer still waits for that write, which holds both records."""
-    from offloadmq import HUB, decode_record
     ag = await new_agent(client, ["debug.echo"])
     agent, uid = ag.h, ag.uid
     journal = client.server.app[HUB].journal
@@ -1287,7 +1314,7 @@ async def test_a_waiting_take_shares_the_submits_fdatasync_and_follows_it_on_dis
     resp = await poll
     assert (await resp.json())["id"] == task_id
     assert sum(journal.fsync_seconds.counts) - syncs_before == 1, "one fdatasync for both records"
-    ops = [decode_record(line)["op"] for line in journal.path.read_bytes().splitlines()]
+    ops = [json.loads(line)["op"] for line in await stored_lines(client)]
     assert ops[-2:] == ["task.submitted", "task.assigned"]
 
 
@@ -2278,9 +2305,10 @@ def test_document_names_every_route():
             assert "401" in operation["responses"], (method, path)
         for status, answer in operation["responses"].items():
             health = status == "503" and path in ("/health", "/api/ping")  # unhealthy: the Health body
+            not_ready = status == "503" and path == "/health/ready"  # a standby: the Ready body
             if int(status) >= 400:
                 assert answer["content"]["application/json"]["schema"] == {
-                    "$ref": "#/components/schemas/" + ("Health" if health else "Error")}
+                    "$ref": "#/components/schemas/" + ("Health" if health else "Ready" if not_ready else "Error")}
     assert "507" in paths["/api/task/submit"]["post"]["responses"]
     assert "507" in paths["/private/agent/task/poll"]["get"]["responses"], "?take=1 writes"
     assert "507" not in paths["/private/agent/ping"]["post"]["responses"], "a contact only"

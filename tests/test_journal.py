@@ -771,6 +771,49 @@ def test_replay_builds_the_state_that_applying_each_record_builds(tmp_path, seed
         assert full_state(b) == full_state(reference)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_postgres_load_and_follow_build_the_state_that_applying_each_record_builds(pg_url, seed):
+    """The same on the PostgreSQL store: the records go through its group commit; a
+    restart loads them, a standby applies them batch by batch as they come, and one that
+    lagged behind a compaction starts again from the snapshot: each gives the state that
+    applying the records one by one gave."""
+    from offloadmq import PostgresStore
+    records, live = random_run(random.Random(seed), 1500)
+    reference = recorded(Broker(PREDEFINED, T0))
+    for record in records:
+        reference.apply(record)
+    last = max(parse_iso(r["at"]) for r in records)
+
+    async def run():
+        writer, standby, lagging = PostgresStore(pg_url), PostgresStore(pg_url), PostgresStore(pg_url)
+        followed, behind = recorded(Broker(PREDEFINED, T0)), recorded(Broker(PREDEFINED, T0))
+        for store, broker in ((writer, Broker()), (standby, followed), (lagging, behind)):
+            await store.open()
+            await store.load(broker)
+        assert await writer.try_lead() and not await standby.try_lead()
+        await writer.lead()
+        lines = [orjson.dumps({k: v for k, v in r.items() if k != "seq"}) for r in records]
+        for start in range(0, len(lines), 97):  # batches, as turns of the loop make them
+            await writer.append(lines[start:start + 97])
+            assert await standby.catch_up(followed)
+        restarted = recorded(Broker(PREDEFINED, T0))
+        again = PostgresStore(pg_url)
+        await again.open()
+        assert await again.load(restarted) == len(records)
+        assert await writer.compact(reference.snapshot, last)
+        assert not await lagging.catch_up(behind), "the records it lacks are compacted away"
+        behind = recorded(Broker(PREDEFINED, T0))
+        assert await lagging.load(behind) == 0 and lagging.seq == len(records)
+        for store in (writer, standby, lagging, again):
+            await store.close()
+        return followed, restarted, behind
+
+    followed, restarted, behind = asyncio.run(run())
+    assert full_state(restarted) == full_state(reference)
+    assert full_state(followed) == full_state(reference)
+    assert settled(view(behind), last) == settled(view(reference), last) == settled(view(live), last)
+
+
 # ---------------------------------------------------------------- journals of earlier versions
 
 def test_a_journal_written_before_the_rename_of_requeue_ops_replays_to_the_same_state(tmp_path):
@@ -901,10 +944,12 @@ async def test_a_refused_write_takes_memory_back_to_the_disk_and_keeps_urgent_ta
     assert hub.broker.agents[agent.uid].last_contact == clock[0]
     assert view(hub.broker) == before
     assert hub.health()["status"] == "unhealthy" and hub.health()["reason"] == "storage_full"
+    assert hub.readiness() == {"ready": False, "role": "leader", "reason": "storage_full"}
     assert not hub.journal.probe()
 
     filler.unlink()
     assert hub.journal.probe() and hub.health()["status"] == "healthy"
+    assert hub.readiness() == {"ready": True, "role": "leader"}
     taken = await hub.take(agent.uid, urgent.cap, urgent.id)
     await hub.resolve(agent.uid, taken.cap, taken.id, "success", None, "ok")
     await asyncio.wait_for(urgent_waiter, 5)
