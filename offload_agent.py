@@ -852,6 +852,11 @@ class ServerClient:
     def http_url(self) -> str:
         return self.identity.server if self.identity else ""
 
+    @property
+    def server_url(self) -> str:
+        """The server URL in use now: of several, the one that last answered as the leader."""
+        return self.http.base_url
+
     # -- private agent routes -------------------------------------------------
 
     def _socket(self) -> PushChannel | None:
