@@ -10,6 +10,7 @@ protocol (`serve --original-protocol` forces it).
 
     python offload_agent.py register --server http://HOST:3069 --key AGENT_KEY \\
         --caps debug.echo shell.bash [--tier 0] [--capacity 1]
+        # --server http://A:3069,http://B:3069: servers on one database, the leader followed
     python offload_agent.py serve            # until SIGINT/SIGTERM
     python offload_agent.py rotate-key       # a fresh login secret from the server
     python offload_agent.py sysinfo          # what it reports about this machine
@@ -26,8 +27,9 @@ option leaves reachable.
 Sections (`grep '^# ===' offload_agent.py`):
   1. imports, version, logger
   2. config        — the saved identity, runtime settings, system info
-  3. server client — keep-alive HTTP/1.1, the agent WebSocket (PushChannel), re-auth on
-                     401 (re-registration), backoff to 30 s
+  3. server client — keep-alive HTTP/1.1 that follows the leader among several server
+                     URLs (ServerHttp.on_leader), the agent WebSocket (PushChannel),
+                     re-auth on 401 (re-registration), backoff to 30 s
   4. executors     — confinement (ids, environment, reaper), the executor table, files
                      through descriptors, guarded fetches, artifacts
   5. serve loop    — pushed tasks (or long poll and take), run up to `capacity` tasks,
