@@ -53,7 +53,7 @@ bench-tools:
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server wrk >/dev/null; fi; }
 
 # `make bench BENCH_ARGS=--quick` for a smoke run; bench/run.py --help lists the options.
-bench: $(BENCH_STAMP) bench-tools
+bench: $(BENCH_STAMP) bench-tools postgres
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 # ---- a local server + agent pair for trying things by hand (state in test-run/, git-ignored)

@@ -2393,6 +2393,7 @@ PG_CONNECT_TIMEOUT_S = 5.0
 PG_COMMAND_TIMEOUT_S = 10.0      # a write or check that takes longer: the session is gone
 PG_ALIVE_S = 1.0                 # an idle leader checks its session this often
 PG_FOLLOW_BATCH = 5000           # records a standby applies per query
+PG_SNAPSHOT_TIMEOUT_S = 300.0    # reading or writing a whole state may take this long
 # PostgreSQL probes an idle client after 5 s, then every 2 s, 3 times: a leader cut off by
 # the network loses its session (and lock) within about 11 s, not the system's 2 hours.
 PG_SERVER_SETTINGS = {"application_name": "offloadmq", "tcp_keepalives_idle": "5",
@@ -2441,6 +2442,42 @@ def store_lost(message: str, *args: Any) -> None:
     log.critical("STORE " + message + "; stopping now (a restart rejoins as a standby)", *args)
     logging.shutdown()
     os._exit(70)
+
+
+def read_to_end(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def serialized_by_child(snapshot: Callable[[], dict]) -> bytes | None:
+    """orjson.dumps(snapshot()) done by a forked child and read back through a pipe (None
+    when the child failed); where there is no fork, on the loop."""
+    if not hasattr(os, "fork"):
+        return orjson.dumps(snapshot())
+    loop = asyncio.get_running_loop()
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write, then leave without running any cleanup
+        code = 1
+        try:
+            os.close(readable)
+            write_all(writable, orjson.dumps(snapshot()))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(writable)
+    reading = loop.run_in_executor(None, read_to_end, readable)
+    reading.add_done_callback(lambda _: os.close(readable))  # not while the thread reads it
+    try:
+        data = await asyncio.shield(reading)
+    except asyncio.CancelledError:  # shutdown: the child goes, so the read ends too
+        os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+    return data if os.waitstatus_to_exitcode(status) == 0 else None
 
 
 class PostgresStore:
@@ -2556,7 +2593,8 @@ class PostgresStore:
         broker.begin_loading()
         async with self.using, self.conn.transaction(isolation="repeatable_read", readonly=True):
             row = await self.conn.fetchrow("SELECT seq, extract(epoch FROM at)::float8, state "
-                                           "FROM offloadmq_snapshots ORDER BY seq DESC LIMIT 1")
+                                           "FROM offloadmq_snapshots ORDER BY seq DESC LIMIT 1",
+                                           timeout=PG_SNAPSHOT_TIMEOUT_S)
             if row is not None:
                 try:
                     broker.load_snapshot(orjson.loads(row[2]))
@@ -2710,19 +2748,23 @@ class PostgresStore:
     async def compact(self, snapshot: Callable[[], dict], now: float) -> bool:
         """A snapshot of the state as of `seq`, committed after the batches holding the
         records up to `seq`; those records and older snapshots go in the same transaction.
-        (The state is serialized on the loop: the journal forks for it; here it is left
-        for when states this big run on PostgreSQL.)"""
+        As the journal does, a forked child serializes the state frozen at this instant
+        (here into a pipe), so the server goes on answering meanwhile."""
         if self.closing or not self.leader or now < self.compact_after:
             return False
         seq, size = self.seq, self.size
-        state = orjson.dumps(snapshot())
+        state = await serialized_by_child(snapshot)
+        if state is None:
+            self.compact_after = now + COMPACT_RETRY_S
+            log.error("STORE serializing the snapshot failed; trying again in %.0f s", COMPACT_RETRY_S)
+            return False
         await self.append([])  # every batch up to `seq` committed
         try:
             async with self.using, self.conn.transaction():
                 await self.conn.execute(
                     "INSERT INTO offloadmq_snapshots VALUES ($1, to_timestamp($2), $3) "
                     "ON CONFLICT (seq) DO UPDATE SET at = EXCLUDED.at, state = EXCLUDED.state",
-                    seq, now, state)
+                    seq, now, state, timeout=PG_SNAPSHOT_TIMEOUT_S)
                 await self.conn.execute("DELETE FROM offloadmq_records WHERE seq <= $1", seq)
                 await self.conn.execute("DELETE FROM offloadmq_snapshots WHERE seq < $1", seq)
         except Exception as err:

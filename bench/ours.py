@@ -13,7 +13,7 @@ from bench.common import HOST, PY, ROOT, Proc, free_port, http_ok, run_json, wai
 class OursServer:
     def __init__(self, tmp: Path, fsync: str = "always", name: str = "offloadmq",
                  trace_out: Path | None = None, extra_env: dict | None = None,
-                 client_key: str | None = None):
+                 client_key: str | None = None, extra_args: tuple = ()):
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
@@ -29,7 +29,7 @@ class OursServer:
             env["BENCH_TRACE_OUT"] = str(trace_out)
             env["PYTHONPATH"] = str(ROOT)
         self.proc = Proc(name, [*program, "--host", HOST, "--port",
-                                str(self.port), "--data", str(data), "--fsync", fsync],
+                                str(self.port), "--data", str(data), "--fsync", fsync, *extra_args],
                          tmp, env=env, cwd=tmp)
         wait_for(lambda: http_ok(self.url + "/health"), 30, "the OffloadMQ server", self.proc)
         self.agents: list[Proc] = []

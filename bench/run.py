@@ -24,6 +24,9 @@ Workloads (definitions from the issue, kept exactly):
          "ours" runs the agent with --transport http (long polls); "ours-ws" runs W1 and
          W2 again with the agent on its default transport, the agent WebSocket (tasks
          pushed, reports as frames).
+  ours-pg  (issue 13) W2 and W1 again with the server on the PostgreSQL store (--store), a
+         throwaway cluster of Debian's postgresql at its default durability; the rows give
+         the ratio to the embedded journal's figures of the same run (goal ≤ 1.5×).
   W1c    (not an issue workload; an "info" row) the same 5,000 tasks with the client keeping
          32 requests in flight, written as a user of each system would: ours
          `Client.map(in_flight=32)` (32 submits at a time, results from the stream); Huey and Celery 32 threads enqueuing / .delay(), then 32
@@ -79,9 +82,9 @@ from bench.common import PY, run_json  # noqa: E402
 from bench.l0 import run_l0  # noqa: E402
 from bench.ours import OursServer  # noqa: E402
 
-SECTIONS = ("ours", "ours-ws", "ours-original", "huey-sqlite", "huey-redis", "celery", "l0", "idle",
+SECTIONS = ("ours", "ours-pg", "ours-ws", "ours-original", "huey-sqlite", "huey-redis", "celery", "l0", "idle",
             "idle-ws", "claim", "replay", "fanout", "streams", "list", "failover")
-COMPARED = ("ours", "ours-ws", "ours-original", "huey-sqlite", "huey-redis", "celery")  # run in turn, best round kept
+COMPARED = ("ours", "ours-pg", "ours-ws", "ours-original", "huey-sqlite", "huey-redis", "celery")  # run in turn, best round kept
 EXTRA_SECTIONS = ("trace",)  # only when asked for: W1 again on an instrumented server
 PEERS = (("huey-sqlite", "Huey-SQLite"), ("huey-redis", "Huey-Redis"), ("celery", "Celery+Redis"))
 
@@ -156,6 +159,32 @@ def run_ours(tmp: Path, args, results: dict) -> None:
         for spy in spies:
             profile.stop(spy)
         server.stop()
+
+
+def run_ours_pg(tmp: Path, args, results: dict) -> None:
+    """W2 and W1 as in `ours`, on the PostgreSQL store (--store) of a throwaway cluster
+    started here (Debian's postgresql, default durability: fsync and synchronous_commit on)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import PostgresCluster, postgres_bin  # the test suite's throwaway cluster
+    if postgres_bin() is None:
+        log("ours-pg: PostgreSQL is not installed (apt-get install postgresql); skipped")
+        return
+    cluster = PostgresCluster(postgres_bin()).start()
+    server = None
+    try:
+        server = OursServer(tmp, name="offloadmq-pg", extra_args=("--store", cluster.url()))
+        http_args = ("--transport", "http") if agent_knows("--transport") else ()
+        server.start_agent("debug.echo", capacity=1, serve_args=http_args)
+        log(f"ours-pg: W2 submit + poll?wait x{args.w2}")
+        results["ours-pg_w2_poll"] = server.client("w2", "--n", str(args.w2), "--mode", "poll")
+        log(f"ours-pg: W2 submit_blocking x{args.w2} (urgent: memory only)")
+        results["ours-pg_w2_blocking"] = server.client("w2", "--n", str(args.w2), "--mode", "blocking")
+        log(f"ours-pg: W1 x{args.w1}")
+        results["ours-pg_w1"] = server.client("w1", "--n", str(args.w1))
+    finally:
+        if server is not None:
+            server.stop()
+        cluster.stop()
 
 
 def run_ours_ws(tmp: Path, args, results: dict) -> None:
@@ -440,6 +469,19 @@ def build_table(results: dict, args) -> list[list[str]]:
     if orig is not None:
         compare("W1 tasks/s, agent --original-protocol", orig, peer_vals("w1", "tasks_per_s"),
                 True, ",.0f", 1.2)
+    pg_w1 = get(results, "ours-pg_w1", "tasks_per_s")
+    if pg_w1 is not None:  # (issue 13) the PostgreSQL store against the embedded journal
+        ours_w1 = get(results, "ours_w1", "tasks_per_s")
+        ratio = ours_w1 / pg_w1 if ours_w1 else None
+        rows.append(["W1 tasks/s on PostgreSQL (--store), embedded / PostgreSQL", fmt(pg_w1, ",.0f"),
+                     *[""] * len(names), "", fmt(ratio, ".2f") + "×" if ratio else "—", "≤1.50×",
+                     verdict(None if ratio is None else ratio <= 1.5)])
+        for mode, label in (("poll", "submit+poll?wait"), ("blocking", "submit_blocking (urgent)")):
+            pg_p50, ours_p50 = get(results, f"ours-pg_w2_{mode}", "p50"), get(results, f"ours_w2_{mode}", "p50")
+            ratio = pg_p50 / ours_p50 if pg_p50 and ours_p50 else None
+            rows.append([f"W2 p50 ms, {label} on PostgreSQL / embedded", fmt(pg_p50, ".2f"),
+                         *[""] * len(names), "", fmt(ratio, ".2f") + "×" if ratio else "—", "≤1.50×",
+                         verdict(None if ratio is None else ratio <= 1.5)])
     ws_w1 = get(results, "ours-ws_w1", "tasks_per_s")
     if ws_w1 is not None:
         compare("W1 tasks/s, agent on the WebSocket (pushed)", ws_w1, peer_vals("w1", "tasks_per_s"),
@@ -589,7 +631,7 @@ def parse_args(argv=None):
     p.add_argument("--fanout-n", type=int, help="fanout: submits measured per case (default 500)")
     p.add_argument("--stream-pending", type=int, help="streams: pending tasks (default 50000)")
     p.add_argument("--list-tasks", type=int, help="list: tasks in the state (default 100000)")
-    p.add_argument("--kills", type=int, help="failover: kills of the leader (default 10)")
+    p.add_argument("--kills", type=int, help="failover: kill -9 rounds of the leader (default 10)")
     p.add_argument("--redis-fsync", default="always", choices=("always", "everysec", "no"),
                    help="redis appendfsync for the peers (default always, like our journal)")
     p.add_argument("--profile", type=Path, help="py-spy our W1 (server and agent) into this folder")
@@ -628,11 +670,12 @@ def main(argv=None) -> int:
     errors: dict = {}
     started = time.monotonic()
     load_before = os.getloadavg()
-    runners = {"ours": run_ours, "ours-ws": run_ours_ws, "ours-original": run_ours_original,
+    runners = {"ours": run_ours, "ours-pg": run_ours_pg, "ours-ws": run_ours_ws,
+               "ours-original": run_ours_original,
                "idle-ws": lambda tmp, args, found: run_idle(tmp, args, found, "ws"),
                "trace": run_trace, "l0": run_l0_section, "idle": run_idle, "claim": run_claim,
-               "replay": run_replay, "fanout": run_fanout, "streams": run_streams, "list": run_list,
-               "failover": run_failover}
+               "replay": run_replay, "failover": run_failover, "fanout": run_fanout,
+               "streams": run_streams, "list": run_list}
     # The machine's speed drifts over minutes: the compared sections run in turn, for
     # `--rounds` rounds, and each system keeps its best round; the rest run once, after.
     compared = [s for s in args.sections if s in COMPARED]

@@ -5,6 +5,7 @@ processes on a free 127.0.0.1 port with a temp data folder.
 Tests that need no server process, browser or agent process are marked `unit`
 (`make test-unit` runs only them)."""
 import asyncio
+import ctypes
 import dataclasses
 import glob
 import json
@@ -364,6 +365,15 @@ def postgres_bin() -> Path | None:
     return Path(versions[-1]).parent if versions else None
 
 
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child may no longer read Python's files
+
+
+def die_with_parent():
+    """In the child: SIGQUIT (PostgreSQL's immediate shutdown) when the test process dies,
+    so that a killed test run leaves no cluster running."""
+    LIBC.prctl(1, int(signal.SIGQUIT))  # PR_SET_PDEATHSIG
+
+
 class PostgresCluster:
     """initdb in a temp folder and `postgres` on a free 127.0.0.1 port, run as an
     unprivileged user (PostgreSQL refuses root, and CI runs as root); stopped by its pid."""
@@ -404,18 +414,30 @@ class PostgresCluster:
                  "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-instructions")
         pwfile.unlink()
         self.log = open(self.folder / "postgres.log", "ab")
-        self.proc = subprocess.Popen(
-            [str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.folder}",
-             "-c", "max_connections=300"],
-            user=self.user, group=self.group, stdout=self.log, stderr=subprocess.STDOUT)
+        for attempt in range(5):  # another process may take the free port first
+            self.proc = subprocess.Popen(
+                [str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port),
+                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.folder}",
+                 "-c", "max_connections=300"],
+                user=self.user, group=self.group, stdout=self.log, stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent)
+            if self.wait_ready():
+                return self
+            self.port = free_port()
+        raise RuntimeError("postgres did not start:\n" + (self.folder / "postgres.log").read_text())
+
+    def wait_ready(self) -> bool:
+        """True once it answers; False when it exited for want of its port."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("postgres exited:\n" + (self.folder / "postgres.log").read_text())
+                text = (self.folder / "postgres.log").read_text()
+                if "could not bind" in text.rsplit("starting PostgreSQL", 1)[-1]:
+                    return False
+                raise RuntimeError("postgres exited:\n" + text)
             try:
                 self.execute("SELECT 1")
-                return self
+                return True
             except OSError:
                 time.sleep(0.1)
             except Exception as err:  # starting up: "the database system is starting up"
