@@ -2473,6 +2473,7 @@ class Agent:
         Returns the next task when the server handed one over with the answer."""
         label = f"{task_id['cap']}/{task_id['id']}"
         backoff = Backoff()
+        sent_before = False
         while True:
             try:
                 if progress is not None and progress.pending:
@@ -2488,9 +2489,16 @@ class Agent:
                     outcome = Outcome({"failure": [message, outcome.status["success"]]},
                                       {"error": message})
                     continue
+                if err.status == 409 and sent_before:
+                    # An earlier send may have landed with its answer lost (the server
+                    # died after writing it, a failover): a report sent again finds the
+                    # task ended. Not a refusal of this agent's result.
+                    log.info("task %s ended before its report was sent again (%s)", label, err.message)
+                    return None
                 log.warning("task %s: result refused: %s", label, err)
                 return None
             except ServerUnavailable as err:
+                sent_before = True
                 delay = backoff.next_delay()
                 if self.report_deadline is not None and time.monotonic() + delay > self.report_deadline:
                     log.error("task %s: result not delivered before shutdown: %s", label, err)
