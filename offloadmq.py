@@ -3,7 +3,9 @@
 
 Run it:   python offloadmq.py [--host H] [--port P] [--data DIR] [--fsync always|everysec|no]
 With nothing configured it listens on 0.0.0.0:3069, keeps its state in ./data and
-generates its secrets there once (printing the keys at first start).
+generates its secrets there once (printing the keys at first start). With
+--store postgresql://... the state and secrets live in PostgreSQL instead, and several
+servers share it: one leads, the others are hot standbys (pip install 'offloadmq[postgres]').
 
 The wire contract is shared/API.md (compatible with the original OffloadMQ server).
 
@@ -13,9 +15,9 @@ CLI for CI runners: python offloadmq.py submit CAP [--payload JSON|@file] [--wai
 status CAP ID, cancel CAP ID (OFFLOADMQ_URL, OFFLOADMQ_API_KEY; see the cli section).
 
 Sections (``grep '^# ===' offloadmq.py``), each using only what is above it:
-  imports · config · errors · models · core (pure) · journal · wire shapes · listing ·
-  hub · streams · auth · handlers · agent websocket · agent logs · routes · openapi ·
-  app · client · cli (main() hands CLI commands to the last one)
+  imports · config · errors · models · core (pure) · journal · store (PostgreSQL) ·
+  wire shapes · listing · hub · streams · auth · handlers · agent websocket · agent logs ·
+  routes · openapi · app · client · cli (main() hands CLI commands to the last one)
 """
 # ============================================================================ imports
 from __future__ import annotations
@@ -51,7 +53,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 import jwt
@@ -159,6 +161,11 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def new_secret_value(name: str) -> str:
+    prefix = {"AGENT_API_KEYS": "ak_", "CLIENT_API_KEYS": "ck_", "MGMT_TOKEN": "mt_"}.get(name, "")
+    return prefix + secrets.token_urlsafe(32)
+
+
 def load_secrets(data_path: Path, settings: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
     """Fill unset secrets from data/secrets.json, generating (and saving, mode 0600) the
     missing ones. There is no built-in default secret: each install gets its own."""
@@ -169,8 +176,7 @@ def load_secrets(data_path: Path, settings: dict[str, str]) -> tuple[dict[str, s
         if settings.get(name):
             continue
         if not stored.get(name):
-            prefix = {"AGENT_API_KEYS": "ak_", "CLIENT_API_KEYS": "ck_", "MGMT_TOKEN": "mt_"}.get(name, "")
-            stored[name] = prefix + secrets.token_urlsafe(32)
+            stored[name] = new_secret_value(name)
             generated.append(name)
         settings[name] = stored[name]
     if generated:  # on disk before use: a lost secret would orphan every agent and key
@@ -2388,7 +2394,8 @@ class Journal:
 
 PG_SCHEMA_VERSION = 1
 PG_LOCK_CLASS = 0x0FF10AD        # advisory lock (PG_LOCK_CLASS, hashtext(schema)): one leader
-PG_LOCK_ATTEMPT_S = 0.5          # a standby tries the lock (and catches up) this often
+PG_SCHEMA_LOCK_CLASS = 0x0FF10AE # held while a server creates or checks the tables
+PG_LOCK_ATTEMPT_S = 0.25         # a standby tries the lock (and catches up) this often
 PG_CONNECT_TIMEOUT_S = 5.0
 PG_COMMAND_TIMEOUT_S = 10.0      # a write or check that takes longer: the session is gone
 PG_ALIVE_S = 1.0                 # an idle leader checks its session this often
@@ -2411,7 +2418,6 @@ class StoreUnusable(Exception):
 
 def describe_store(url: str) -> str:
     """The URL without its password, for messages and logs."""
-    from urllib.parse import urlsplit
     try:
         parts = urlsplit(url)
         where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
@@ -2429,11 +2435,6 @@ def load_asyncpg() -> Any:
         raise StoreUnusable("--store postgresql://... needs asyncpg. Remedy: "
                             "pip install 'offloadmq[postgres]'") from None
     return asyncpg
-
-
-def new_secret_value(name: str) -> str:
-    prefix = {"AGENT_API_KEYS": "ak_", "CLIENT_API_KEYS": "ck_", "MGMT_TOKEN": "mt_"}.get(name, "")
-    return prefix + secrets.token_urlsafe(32)
 
 
 def store_lost(message: str, *args: Any) -> None:
@@ -2544,7 +2545,8 @@ class PostgresStore:
                                     "create it, or name one in the URL (?search_path=name)")
             async with self.conn.transaction():
                 # Two servers starting at once: one creates, the other then finds the tables.
-                await self.conn.execute("SELECT pg_advisory_xact_lock($1, $2)", PG_LOCK_CLASS + 1, self.lock_id)
+                await self.conn.execute("SELECT pg_advisory_xact_lock($1, $2)", PG_SCHEMA_LOCK_CLASS,
+                                        self.lock_id)
                 await self.conn.execute("CREATE TABLE IF NOT EXISTS offloadmq_meta "
                                         "(name text PRIMARY KEY, value text NOT NULL)")
                 version = await self.conn.fetchval(

@@ -1,6 +1,7 @@
 """Shared fixtures and helpers, by layer: the pure core (explicit `now`), the HTTP API
 in-process (`create_app(config)` under aiohttp's test client), and real server
-processes on a free 127.0.0.1 port with a temp data folder.
+processes on a free 127.0.0.1 port with a temp data folder; and a throwaway PostgreSQL
+cluster (one per test process, a fresh schema per test) for the PostgreSQL store.
 
 Tests that need no server process, browser or agent process are marked `unit`
 (`make test-unit` runs only them)."""
@@ -338,21 +339,6 @@ async def submit(client, cap="echo", status=201, headers=CLIENT, **fields):
     return body["id"] if status < 300 else body
 
 
-# ---------------------------------------------------------------- markers
-
-IN_PROCESS_MODULES = {"test_core", "test_journal", "test_api", "test_agent_ws", "test_head_additions",
-                      "test_agent_logs"}
-PROCESS_FIXTURES = {"server", "make_server"}
-
-
-def pytest_collection_modifyitems(items):
-    """`unit`: the in-process layers, but for their tests that start a server process."""
-    for item in items:
-        if item.module.__name__ in IN_PROCESS_MODULES \
-                and not PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.unit)
-
-
 # ---------------------------------------------------------------- a throwaway PostgreSQL
 
 def postgres_bin() -> Path | None:
@@ -496,3 +482,19 @@ def postgres():
 def pg_url(postgres):
     """The URL of a fresh schema of the throwaway cluster."""
     return postgres.url(postgres.new_schema())
+
+
+# ---------------------------------------------------------------- markers
+
+IN_PROCESS_MODULES = {"test_core", "test_journal", "test_api", "test_agent_ws", "test_head_additions",
+                      "test_agent_logs"}
+PROCESS_FIXTURES = {"server", "make_server", "postgres"}  # postgres: a PostgreSQL server process
+
+
+def pytest_collection_modifyitems(items):
+    """`unit`: the in-process layers, but for their tests that start a server process."""
+    for item in items:
+        on_postgres = getattr(item, "callspec", None) and item.callspec.params.get("store_url") == "postgres"
+        if item.module.__name__ in IN_PROCESS_MODULES and not on_postgres \
+                and not PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.unit)

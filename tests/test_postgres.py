@@ -108,8 +108,7 @@ def test_a_database_written_by_a_newer_schema_is_refused(postgres, tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "newer OffloadMQ" in lines[0] and "schema version 99" in lines[0]
-    tables = postgres.execute("SELECT tablename FROM pg_tables WHERE schemaname = $1".replace(
-        "$1", f"'{schema}'"))
+    tables = postgres.execute(f"SELECT tablename FROM pg_tables WHERE schemaname = '{schema}'")
     assert [t[0] for t in tables] == ["offloadmq_meta"], "nothing created in a newer database"
 
 
@@ -129,7 +128,8 @@ def test_one_leads_the_other_follows_and_takes_over_within_5_s_of_a_kill_9(postg
         assert leader.url in err["error"]["message"]
         for path in ("/health", "/version", "/"):
             assert headers_of("GET", standby.url + path)[0] == 200, path
-        for path in ("/stats", "/metrics", "/management/agents/list", "/private/agent/task/poll"):
+        for path in ("/stats", "/metrics", "/management/agents/list", "/private/agent/task/poll",
+                     "/private/agent/ws", "/api/task/events", "/management/events", "/openapi.json"):
             assert headers_of("GET", standby.url + path, standby.mgmt)[0] == 503, path
 
         # Work on the leader: ended, running and pending tasks, an agent with a token.
@@ -314,6 +314,51 @@ def test_a_standby_stopped_across_a_compaction_starts_again_from_the_snapshot(po
         leader.kill()
         wait_for(lambda: ready(standby)[0] == 200, what="the takeover")
         for tid in first + later:
+            assert http("GET", f"{standby.url}/api/task/poll/{CAP}/{tid['id']}", headers=standby.client)[0] == 200
+    finally:
+        standby.kill()
+        leader.kill()
+
+
+def test_the_store_and_advertised_url_come_from_flags_or_the_environment(tmp_path):
+    from offloadmq import load_config
+    config = load_config(["--store", "postgresql://u@db.invalid/q", "--port", "4000", "--data",
+                          str(tmp_path / "data")], environ={}, cwd=tmp_path)
+    assert config.store == "postgresql://u@db.invalid/q"
+    assert config.advertise_url == f"http://{socket.gethostname()}:4000"
+    assert config.jwt_secret == "" and not (tmp_path / "data").exists(), \
+        "in PostgreSQL mode the secrets come from the database, not the data folder"
+    config = load_config(["--host", "10.1.2.3", "--data", str(tmp_path / "d")], cwd=tmp_path, environ={
+        "OFFLOADMQ_STORE": "postgres://u@db.invalid/q", "OFFLOADMQ_ADVERTISE_URL": "https://mq.example"})
+    assert config.store == "postgres://u@db.invalid/q" and config.advertise_url == "https://mq.example"
+    assert load_config(["--host", "10.1.2.3", "--data", str(tmp_path / "d")], environ={},
+                       cwd=tmp_path).advertise_url == "http://10.1.2.3:3069"
+
+
+def test_a_standby_names_the_url_the_leader_advertises(postgres, tmp_path):
+    url = postgres.url(postgres.new_schema())
+    leader = pg_server(tmp_path, url, "a", OFFLOADMQ_ADVERTISE_URL="https://mq-a.invalid").start()
+    standby = pg_server(tmp_path, url, "b", keys_from=leader).start()
+    try:
+        status, body = ready(standby)
+        assert status == 503 and body["leader"] == "https://mq-a.invalid"
+        status, err = http("GET", standby.url + "/api/capabilities/online", headers=standby.client)
+        assert status == 503 and err["error"]["leader"] == "https://mq-a.invalid"
+    finally:
+        standby.kill()
+        leader.kill()
+
+
+def test_a_leader_stopped_by_sigterm_hands_over_with_every_acknowledged_task(postgres, tmp_path):
+    url = postgres.url(postgres.new_schema())
+    leader = pg_server(tmp_path, url, "a").start()
+    standby = pg_server(tmp_path, url, "b", keys_from=leader).start()
+    try:
+        acked = [leader.submit(CAP, n) for n in range(20)]
+        leader.stop()  # SIGTERM: it commits what is queued and ends its session
+        assert leader.proc.returncode == 0, leader.output()[-2000:]
+        wait_for(lambda: ready(standby)[0] == 200, what="the takeover")
+        for tid in acked:
             assert http("GET", f"{standby.url}/api/task/poll/{CAP}/{tid['id']}", headers=standby.client)[0] == 200
     finally:
         standby.kill()
