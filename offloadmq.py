@@ -7175,11 +7175,13 @@ def cli_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true",
                         help="wait for the end, streaming the log to stderr")
     submit.add_argument("--timeout", type=float, metavar="S", help="give up waiting after S seconds")
+    talking = [submit]  # the commands that talk to a server
     for name, text in (("status", "print a task's status"), ("cancel", "cancel a task")):
         command = commands.add_parser(name, help=text)
         command.add_argument("capability")
         command.add_argument("id")
-    for command in (submit, *(commands.choices[name] for name in ("status", "cancel"))):
+        talking.append(command)
+    for command in talking:
         command.add_argument("--server", metavar="URL[,URL...]",
                              help="the server, or several sharing one database (the leader is "
                                   "followed); default OFFLOADMQ_URL, else http://127.0.0.1:3069")
