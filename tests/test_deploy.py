@@ -5,17 +5,19 @@ in the README's configuration tables and read by the program it is given to; por
 probe paths must be the server's; secrets come from outside, never written in."""
 import inspect
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, call
+from conftest import ROOT, call, free_port, http
 
 import offload_agent
 import offloadmq
@@ -116,15 +118,38 @@ def test_the_files_the_image_copies_build_the_package_with_its_postgres_extra(tm
     assert (app / "static" / "index.html").exists(), "the console is served from /app/static"
 
 
-def test_dockerfile_healthcheck_answers_for_a_live_server_and_fails_for_a_dead_one(server):
-    """The HEALTHCHECK's own command, run against a real server (its port put in)."""
-    check = next(a for i, a in dockerfile() if i == "HEALTHCHECK")
-    argv = json.loads(check.split("CMD", 1)[1])
-    assert f"127.0.0.1:{PORT}/health'" in argv[-1]
-    argv = [sys.executable, *argv[1:-1], argv[-1].replace(f":{PORT}/", f":{server.port}/")]
-    assert subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
-    server.stop()
-    assert subprocess.run(argv, capture_output=True, timeout=30).returncode != 0
+def in_checkout(text: str, data: Path) -> str:
+    """A path of the image (/app, /data) as it is in this checkout and test."""
+    return text.replace("/app/", f"{ROOT}/").replace("/data", str(data))
+
+
+def test_the_images_command_and_environment_start_a_server_its_healthcheck_passes(tmp_path):
+    """The image's CMD with its ENV, run here (its port a free one), then its HEALTHCHECK
+    command: it passes while the server runs and fails once it is gone."""
+    steps = dockerfile()
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for i, a in steps if i == "ENV")))
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("OFFLOADMQ_", "DATABASE_"))},
+           **env, "SERVER_ADDRESS": env["SERVER_ADDRESS"].replace(f"0.0.0.0:{PORT}", f"127.0.0.1:{port}"),
+           "DATABASE_ROOT_PATH": str(tmp_path / "data")}
+    command = [sys.executable, *(in_checkout(a, tmp_path) for a in json.loads(dict(steps)["CMD"])[1:])]
+    check = next(a for i, a in steps if i == "HEALTHCHECK")
+    probe = json.loads(check.split("CMD", 1)[1])
+    assert f"127.0.0.1:{PORT}/health'" in probe[-1]
+    probe = [sys.executable, *probe[1:-1], probe[-1].replace(f":{PORT}/", f":{port}/")]
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(probe, capture_output=True, timeout=30).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.1)
+        assert (tmp_path / "data" / "journal.jsonl").exists(), "the state goes to the volume"
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()
+    assert subprocess.run(probe, capture_output=True, timeout=30).returncode != 0
 
 
 async def test_the_probe_paths_are_the_servers(client):
@@ -165,6 +190,37 @@ def test_compose_runs_postgres_two_servers_on_it_and_an_agent_following_both(mon
     assert [argv[0] for argv in runs] == ["register", "serve"]
     for argv in runs:
         parses_as_agent_arguments(argv, monkeypatch)
+
+
+def test_the_compose_agents_command_registers_once_then_serves(server, tmp_path):
+    """The agent service's command, run here by sh with its environment (its first
+    server URL one where nothing listens): it registers, serves a task, and run again
+    after a kill it serves under the same identity without registering again."""
+    agent = next(s for s in compose()["services"].values() if "OFFLOAD_AGENT_SERVER" in s.get("environment", {}))
+    command = in_checkout(agent["command"][-1], tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONUNBUFFERED": "1", "OFFLOAD_AGENT_KEY": server.agent_key,
+           "OFFLOAD_AGENT_SERVER": f"http://127.0.0.1:{free_port()},{server.url}"}
+    identities = []
+    for run in range(2):
+        log_path = tmp_path / f"agent{run}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([*agent["command"][:-1], command], env=env, cwd=tmp_path,
+                                    stdout=log, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + 30
+                while "online, serving" not in log_path.read_text():
+                    assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                    time.sleep(0.05)
+                status, answer = http("POST", server.url + "/api/task/submit_blocking", {
+                    "capability": "debug.echo", "urgent": True, "payload": {"run": run}}, server.client)
+                assert status == 200 and answer["result"] == {"run": run}, answer
+            finally:
+                proc.kill()
+                proc.wait(10)
+        identities.append(json.loads((tmp_path / "agent.json").read_text())["agentId"])
+        assert ("registered agent" in log_path.read_text()) == (run == 0)
+    assert identities[0] == identities[1]
 
 
 def test_compose_writes_no_secret_in():
