@@ -344,6 +344,71 @@ def test_helm_postgres_mode_is_a_deployment_of_several_ready_only_when_leading()
     check_pod(deployment, service, values)
 
 
+def start_pod(workload: dict, secrets: dict, folder: Path) -> tuple[subprocess.Popen, str]:
+    """One pod of `workload` as a process here: its container's environment (secret
+    references filled from `secrets`, the pod IP 127.0.0.1, a free port for the pod's
+    port), the image's command; /data is `folder`. Answers the process and its URL."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOADMQ_", "DATABASE_"))}
+    for name, entry in container_env(workload).items():
+        if "value" in entry:  # the manifest's own: the pod's address, port and volume
+            (mount,) = pod(workload)["containers"][0]["volumeMounts"]
+            env[name] = (entry["value"].replace("$(POD_IP)", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
+                         .replace(f":{PORT}", f":{port}").replace(mount["mountPath"], str(folder)))
+        elif "secretKeyRef" in entry["valueFrom"]:
+            env[name] = secrets[entry["valueFrom"]["secretKeyRef"]["key"]]
+        else:
+            assert entry["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+            env[name] = "127.0.0.1"
+    folder.mkdir(parents=True)
+    command = [sys.executable, *(in_checkout(a, folder) for a in json.loads(dict(dockerfile())["CMD"])[1:])]
+    log = open(folder / "server.log", "wb")
+    proc = subprocess.Popen(command, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def probe(url: str, path: str) -> tuple[int, dict | None]:
+    try:
+        return http("GET", url + path, timeout=2)
+    except OSError:
+        return 0, None
+
+
+def test_helm_postgres_pods_run_here_one_is_ready_and_a_standby_takes_over(pg_url, tmp_path):
+    """Two pods of the rendered Deployment, run as processes on a throwaway PostgreSQL:
+    both live, only the leader ready (so the Service sends it all); kill -9 the leader
+    and the other's readiness probe turns 200."""
+    (deployment,) = chart(postgres__enabled=True)["Deployment"]
+    main = pod(deployment)["containers"][0]
+    ready_path, live_path = main["readinessProbe"]["httpGet"]["path"], main["livenessProbe"]["httpGet"]["path"]
+    secrets = {"store-url": pg_url, "agent-api-keys": "ak-" + os.urandom(8).hex(),
+               "client-api-keys": "ck-" + os.urandom(8).hex(), "mgmt-token": "mt-" + os.urandom(8).hex(),
+               "jwt-secret": os.urandom(32).hex()}
+    pods = []
+    try:
+        for n in range(2):
+            pods.append(start_pod(deployment, secrets, tmp_path / f"pod{n}"))
+            deadline = time.monotonic() + 30
+            while probe(pods[-1][1], ready_path)[0] != (200 if n == 0 else 503):
+                assert pods[-1][0].poll() is None and time.monotonic() < deadline, \
+                    (tmp_path / f"pod{n}" / "server.log").read_text()
+                time.sleep(0.05)
+        (leader, leader_url), (_, standby_url) = pods
+        assert probe(standby_url, live_path)[0] == 200, "a standby is alive: no restarts"
+        status, body = probe(standby_url, ready_path)
+        assert body["leader"] == leader_url, "the leader advertises the pod's URL"
+        leader.kill()
+        deadline = time.monotonic() + 30
+        while probe(standby_url, ready_path)[0] != 200:
+            assert time.monotonic() < deadline, "the standby never became ready"
+            time.sleep(0.05)
+    finally:
+        for proc, _ in pods:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_the_helm_renderer_refuses_what_it_does_not_know():
     """So a template using more of Helm than this test renders fails here, not in a cluster."""
     with pytest.raises(AssertionError):
