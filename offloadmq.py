@@ -6440,11 +6440,13 @@ async def serve_postgres(config: Config) -> None:
     await store.open()
     settings = {"JWT_SECRET": config.jwt_secret, "AGENT_API_KEYS": ",".join(config.agent_api_keys),
                 "CLIENT_API_KEYS": ",".join(config.client_api_keys), "MGMT_TOKEN": config.mgmt_token}
+    from_database = not all(settings.values())
     settings, generated = await store.load_secrets(settings)
     config = replace(config, jwt_secret=settings["JWT_SECRET"], mgmt_token=settings["MGMT_TOKEN"],
                      agent_api_keys=split_keys(settings["AGENT_API_KEYS"]),
                      client_api_keys=split_keys(settings["CLIENT_API_KEYS"]), generated=generated)
-    print_first_start(config)
+    if from_database:  # where they are, or (at the first start) what they are
+        print_first_start(config)
     warn_short_secrets(config)
     log.info("OffloadMQ %s on http://%s:%d (store %s, advertised as %s)", __version__, config.host,
              config.port, describe_store(config.store), config.advertise_url)

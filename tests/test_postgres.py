@@ -158,16 +158,16 @@ def test_one_leads_the_other_follows_and_takes_over_within_5_s_of_a_kill_9(postg
             time.sleep(0.01)
         took = time.monotonic() - killed
         print(f"\nkill -9 of the leader to the first 2xx from the standby: {took:.2f} s")
-        assert took < 5
+        assert took < 5, standby.output()[-3000:]
         assert ready(standby) == (200, {"ready": True, "role": "leader"})
         assert re.search(r"leading at record \d+ \(0 applied at takeover\)", standby.output()), \
-            "the standby had every record applied before it took over"
+            "the standby had every record applied before it took over:\n" + standby.output()[-3000:]
         # Every acknowledged task is there, as it was.
         for n, tid in enumerate(acked):
             status, task = http("GET", f"{standby.url}/api/task/poll/{CAP}/{tid['id']}", headers=standby.client)
             assert status == 200, task
             expected = "completed" if n < 5 else "assigned" if n < 10 else "pending"
-            assert task["status"] == expected, (n, task)
+            assert task["status"] == expected, (n, task, standby.output()[-3000:])
             if n < 5:
                 assert task["output"] == {"done": tid["id"]}
         # The agent's token from the old leader is good here: the JWT secret is the database's.
@@ -179,7 +179,7 @@ def test_one_leads_the_other_follows_and_takes_over_within_5_s_of_a_kill_9(postg
         # The old leader comes back as a standby of the new one.
         leader.start()
         status, body = ready(leader)
-        assert status == 503 and body["leader"] == standby.url
+        assert status == 503 and body["leader"] == standby.url, (body, leader.output()[-3000:])
     finally:
         standby.kill()
         leader.kill()
