@@ -374,6 +374,9 @@ class ServerHttp:
             if all(e.key != endpoint.key for e in self.endpoints):
                 self.endpoints.append(endpoint)
         self.at = 0  # the endpoint in use: the last one that answered as a leader
+        # After following a standby's word to a leader that then fails, the round goes on
+        # after that standby (a stale word must not keep the other URLs from their turn).
+        self.resume_at: int | None = None
 
     @property
     def endpoint(self) -> Endpoint:
@@ -396,13 +399,15 @@ class ServerHttp:
             return
         endpoint.close_idle()
         named = leader and next((e for e in self.endpoints if e.key == url_key(leader)), None)
+        following = self.at + 1
         if named is not None and named is not endpoint:
-            self.at = self.endpoints.index(named)
+            self.resume_at, self.at = following % len(self.endpoints), self.endpoints.index(named)
         else:
             if leader and named is None:
                 log.warning("%s names %s as the leader, which is not a configured server URL: "
                             "not following it", endpoint.url, leader)
-            self.at = (self.at + 1) % len(self.endpoints)
+            resume_at, self.resume_at = self.resume_at, None
+            self.at = resume_at if resume_at not in (None, self.at) else following % len(self.endpoints)
         if len(self.endpoints) > 1:
             log.info("server %s unavailable or not the leader; trying %s", endpoint.url, self.base_url)
 
@@ -420,7 +425,9 @@ class ServerHttp:
             endpoint = self.endpoints[self.at]
             try:
                 async with asyncio.timeout_at(deadline):
-                    return await attempt(endpoint)
+                    answer = await attempt(endpoint)
+                self.resume_at = None
+                return answer
             except NotLeader as err:
                 standby = err
                 self.move_from(endpoint, err.leader)

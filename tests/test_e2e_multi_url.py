@@ -205,3 +205,16 @@ def test_while_only_standbys_answer_requests_wait_for_a_leader(tmp_path, standby
     finally:
         starter.join()
         srv.stop()
+
+
+def test_a_stale_leader_named_by_a_standby_does_not_keep_the_next_url_from_its_turn(server, standbys):
+    """URLs: a standby still naming the old leader, the new leader, the old leader (gone).
+    After the named one fails, the round goes on after the standby: the new leader."""
+    gone = nowhere()
+    standby = standbys(leader=gone)
+    with Client(f"{standby.url},{server.url},{gone}", server.client_key, retry_s=1, request_s=5) as mq:
+        started = time.monotonic()
+        task = mq.submit("nobody.serves", {"stale": True})
+        assert time.monotonic() - started < 2, "it waited as if no server led"
+        assert task.status()["status"] == "pending"
+    assert len(standby.seen) == 1
