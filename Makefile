@@ -31,8 +31,9 @@ postgres:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq postgresql >/dev/null; fi; }
 
+# Two workers: most of the suite waits on real processes, not on the CPU.
 test: $(STAMP) browser postgres
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m unit

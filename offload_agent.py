@@ -98,6 +98,8 @@ LOG_BUFFER_MAX_CHARS = 1024 * 1024  # unsent log kept while the server is unreac
 FETCH_MAX_BYTES = 1024 * 1024 * 1024  # what one task's fetchFiles may bring in, all files together
 FETCH_TIMEOUT_S = 600.0           # the fetch phase of one task, all files together
 FETCH_MAX_REDIRECTS = 5
+WS_UPLOAD_MAX_BYTES = 4 * 1024 * 1024  # larger output files go over HTTP, streamed
+OUTPUT_FOLDER = "output"          # with an output_bucket, its files are uploaded after the task
 LLM_MAX_CTX = 32768               # Ollama options a task may set are capped (see LLM_OPTIONS)
 LLM_MAX_PREDICT = 8192
 EXIT_CREDENTIAL_REVOKED = 3       # serve: the server no longer knows this agent's credential
@@ -601,6 +603,7 @@ class PushChannel:
         self.pushes: asyncio.Queue = asyncio.Queue()
         self.reader: asyncio.Task | None = None
         self.ids = (f"r{n}" for n in range(1, 1 << 62))
+        self.upload_lock = asyncio.Lock()  # an upload_file frame and its binary frame go together
 
     @property
     def is_open(self) -> bool:
@@ -667,16 +670,23 @@ class PushChannel:
             if not waiter.done():
                 waiter.set_exception(ServerUnavailable(why))
 
-    async def request(self, action: str, params: Any, timeout_s: float = REQUEST_TIMEOUT_S) -> Any:
+    async def request(self, action: str, params: Any, timeout_s: float = REQUEST_TIMEOUT_S,
+                      binary: bytes | None = None) -> Any:
         """The answer's data; ServerRefused for an error answer, ServerUnavailable when the
-        socket is gone or silent."""
+        socket is gone or silent. `binary` follows the request as a binary frame (upload_file)."""
         if not self.is_open:
             raise ServerUnavailable("the socket is not open")
         req_id = next(self.ids)
         waiter = asyncio.get_running_loop().create_future()
         self.pending[req_id] = waiter
         try:
-            await self.ws.send_str(json.dumps({"req_id": req_id, "action": action, "params": params}))
+            frame = json.dumps({"req_id": req_id, "action": action, "params": params})
+            if binary is None:
+                await self.ws.send_str(frame)
+            else:
+                async with self.upload_lock:
+                    await self.ws.send_str(frame)
+                    await self.ws.send_bytes(binary)
             async with asyncio.timeout(timeout_s):
                 answer = await waiter
         except (ConnectionError, RuntimeError, asyncio.TimeoutError) as err:
@@ -972,6 +982,77 @@ class ServerClient:
                                           timeout_s=wait_s + REQUEST_TIMEOUT_S)
         return answer if isinstance(answer, list) else []
 
+    # -- buckets: a task's input and output files ------------------------------
+
+    def _bucket_url(self, bucket_uid: str, *rest: str) -> str:
+        parts = "/".join(quote(p, safe="") for p in (bucket_uid, *rest))
+        return f"{self.server_url.rstrip('/')}/private/agent/bucket/{parts}"
+
+    async def bucket_stat(self, bucket_uid: str) -> Any:
+        if (channel := self._socket()) is not None:
+            return await channel.request("get", {"path": ["bucket", bucket_uid, "stat"]})
+        return await self._call_private("GET", f"/private/agent/bucket/{quote(bucket_uid, safe='')}/stat")
+
+    async def _transfer(self, session: aiohttp.ClientSession, method: str, url: str,
+                        use: Callable[[aiohttp.ClientResponse], Awaitable[Any]],
+                        body: Callable[[], Any] | None = None) -> Any:
+        """One streamed exchange with the token (logging in again once on 401); `use`
+        takes the answer of a 2xx. `body()` makes the request body afresh for each try."""
+        token = self.token or await self._fresh_token(None)
+        for last in (False, True):
+            try:
+                async with session.request(method, url, headers={"Authorization": f"Bearer {token}"},
+                                           data=None if body is None else body(),
+                                           timeout=aiohttp.ClientTimeout(sock_connect=30, sock_read=120)) as resp:
+                    if resp.status == 401 and not last:
+                        token = await self._fresh_token(token)
+                        continue
+                    if resp.status >= 400:
+                        try:
+                            parsed = json.loads(await resp.content.read(1 << 16))
+                        except ValueError:
+                            parsed = None
+                        if resp.status >= 500 and resp.status != 507:
+                            raise ServerUnavailable(f"{method} {url}: HTTP {resp.status} {_error_message(parsed)}")
+                        raise _refusal(resp.status, parsed)
+                    self.last_contact_at = time.monotonic()
+                    return await use(resp)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                raise ServerUnavailable(f"{method} {url}: {type(err).__name__}: {err}") from None
+
+    async def download_bucket_file(self, session: aiohttp.ClientSession, bucket_uid: str,
+                                   file_uid: str, receive: Callable[[aiohttp.StreamReader], Awaitable[None]]) -> None:
+        async def use(resp: aiohttp.ClientResponse) -> None:
+            await receive(resp.content)
+        await self._transfer(session, "GET", self._bucket_url(bucket_uid, "file", file_uid), use)
+
+    async def upload_bucket_file(self, session: aiohttp.ClientSession, bucket_uid: str, name: str,
+                                 opener: Callable[[], Any], size: int) -> Any:
+        """Stores a file in an output bucket: over the socket when it is open and the file
+        small, else as a streamed multipart POST. `opener()` gives the file afresh."""
+        if (channel := self._socket()) is not None and size <= WS_UPLOAD_MAX_BYTES:
+            with opener() as source:
+                data = source.read(WS_UPLOAD_MAX_BYTES + 1)
+            log.info("uploading %r (%d bytes) to bucket %s over the socket", name, size, bucket_uid)
+            return await channel.request("upload_file", {"bucket_uid": bucket_uid, "filename": name},
+                                         timeout_s=REQUEST_TIMEOUT_S * 4, binary=data)
+        log.info("uploading %r (%d bytes) to bucket %s over HTTP", name, size, bucket_uid)
+        opened: list = []
+
+        def body() -> aiohttp.FormData:
+            form = aiohttp.FormData(quote_fields=False)  # the name as it is (checked plain)
+            opened.append(opener())
+            form.add_field("file", opened[-1], filename=name, content_type="application/octet-stream")
+            return form
+
+        async def use(resp: aiohttp.ClientResponse) -> Any:
+            return await resp.json(content_type=None)
+        try:
+            return await self._transfer(session, "POST", self._bucket_url(bucket_uid, "upload"), use, body)
+        finally:
+            for source in opened:
+                source.close()
+
 
 def _error_message(parsed: Any) -> str:
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
@@ -1122,6 +1203,7 @@ class TaskRun:
     fetch_http: aiohttp.ClientSession | None = None
     reaper: TaskReaper | None = None
     executor_started: bool = False
+    server: ServerClient | None = None  # for the task's buckets (file_bucket, output_bucket)
 
     @property
     def capability(self) -> str:
@@ -1501,7 +1583,8 @@ def needs_folder(executor: Executor | None, data: dict) -> bool:
     more than running them."""
     if executor is None:
         return False
-    return executor in FOLDER_EXECUTORS or bool(data.get("fetchFiles") or data.get("artifacts"))
+    return executor in FOLDER_EXECUTORS or bool(
+        data.get("fetchFiles") or data.get("artifacts") or data.get("file_bucket") or data.get("output_bucket"))
 
 
 def task_folders(work_root: Path, uid: str) -> tuple[Path, Path]:
@@ -1597,40 +1680,48 @@ class TaskFolder:
             return TaskFailed(f"file path {relative!r}: {name!r} is not a folder")
         return err
 
-    def read(self, relative: str, max_bytes: int) -> bytes:
-        """A regular file's bytes: not through a link, not a FIFO or device, not a file with
-        other hard links (it could be one outside, linked in by the task)."""
+    def open_regular(self, relative: str, what: str = "artifact") -> tuple[int, int]:
+        """(descriptor, size) of a regular file: not through a link, not a FIFO or device,
+        not a file with other hard links (it could be one outside, linked in by the task)."""
         parts = relative_parts(relative)
         try:
             parent = self.open_parent(relative, parts, create=False)
         except FileNotFoundError:
-            raise TaskFailed(f"artifact {relative!r} was not produced") from None
+            raise TaskFailed(f"{what} {relative!r} was not produced") from None
         try:
             name = parts[-1]
             try:
                 before = os.stat(name, dir_fd=parent, follow_symlinks=False)
             except FileNotFoundError:
-                raise TaskFailed(f"artifact {relative!r} was not produced") from None
+                raise TaskFailed(f"{what} {relative!r} was not produced") from None
             if stat.S_ISLNK(before.st_mode):
                 raise TaskFailed(f"file path {relative!r} escapes the task folder "
                                  f"through the symbolic link {name!r}")
             if not stat.S_ISREG(before.st_mode):
-                raise TaskFailed(f"artifact {relative!r} is not a regular file")
+                raise TaskFailed(f"{what} {relative!r} is not a regular file")
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                          dir_fd=parent)
         except OSError as err:
             raise self._refusal(relative, parts[-1], parent, err) from None
         finally:
             os.close(parent)
+        now = os.fstat(fd)
+        problem = None
+        if (now.st_ino, now.st_dev) != (before.st_ino, before.st_dev) or not stat.S_ISREG(now.st_mode):
+            problem = f"{what} {relative!r} changed while it was read"
+        elif now.st_nlink > 1:
+            problem = (f"{what} {relative!r} has other hard links; "
+                       f"only files made in the task folder are sent back")
+        if problem:
+            os.close(fd)
+            raise TaskFailed(problem)
+        return fd, now.st_size
+
+    def read(self, relative: str, max_bytes: int) -> bytes:
+        fd, size = self.open_regular(relative)
         with open(fd, "rb") as source:
-            now = os.fstat(fd)
-            if (now.st_ino, now.st_dev) != (before.st_ino, before.st_dev) or not stat.S_ISREG(now.st_mode):
-                raise TaskFailed(f"artifact {relative!r} changed while it was read")
-            if now.st_nlink > 1:
-                raise TaskFailed(f"artifact {relative!r} has other hard links; "
-                                 f"only files made in the task folder are sent back")
-            if now.st_size > max_bytes:
-                raise TaskFailed(f"artifact {relative!r} is {now.st_size} bytes, "
+            if size > max_bytes:
+                raise TaskFailed(f"artifact {relative!r} is {size} bytes, "
                                  f"over the limit of {max_bytes} bytes")
             content = source.read(max_bytes + 1)
         if len(content) > max_bytes:
@@ -1844,7 +1935,7 @@ def _check_placeable(run: TaskRun, path: str) -> None:
 
 
 async def _receive(run: TaskRun, path: str, content: aiohttp.StreamReader,
-                   budget: FetchBudget) -> None:
+                   budget: FetchBudget, digest: Any = None, what: str = "fetchFiles") -> None:
     parts = relative_parts(path)
     folder = TaskFolder(run.folder, run.settings.task_user)
     parent = folder.open_parent(path, parts, create=True)
@@ -1857,11 +1948,13 @@ async def _receive(run: TaskRun, path: str, content: aiohttp.StreamReader,
         with open(fd, "wb") as out:
             async for chunk in content.iter_chunked(65536):
                 budget.take(len(chunk), path)
+                if digest is not None:
+                    digest.update(chunk)
                 out.write(chunk)
         os.rename(temp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
         placed = True
     except OSError as err:
-        raise TaskFailed(f"fetchFiles {path!r}: cannot be written: {err.strerror}") from None
+        raise TaskFailed(f"{what} {path!r}: cannot be written: {err.strerror}") from None
     finally:
         if not placed:
             with contextlib.suppress(OSError):
@@ -2017,6 +2110,122 @@ async def collect_artifacts(run: TaskRun) -> list[dict]:
     run.progress.set_stage("collecting artifacts")
     return await asyncio.to_thread(lambda: [_read_artifact(run, ref) for ref in refs])
 
+# -- buckets: input files before the task, output files after -----------------------
+# The server is untrusted here too: the names it gives input files become file names in
+# the task folder, so each must be one plain name, and every byte is checked against the
+# SHA-256 it recorded.
+
+BUCKET_UID_RE = re.compile(r"[0-9A-Za-z-]{1,64}")
+
+
+def plain_file_name(name: Any, what: str = "the server named an input file") -> str:
+    """One file name, never a path: what the server names an input file must be this (and
+    what a task names an output file, as the server takes no other)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name \
+            or any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in name) \
+            or len(name.encode(errors="surrogateescape")) > 255:
+        raise TaskFailed(f"{what} {str(name)[:80]!r}: not a plain file name")
+    return name
+
+
+def _bucket_uids(run: TaskRun) -> tuple[list[str], str | None]:
+    inputs, output = run.data.get("file_bucket") or [], run.data.get("output_bucket")
+    if not isinstance(inputs, list) or not all(isinstance(u, str) and BUCKET_UID_RE.fullmatch(u)
+                                               for u in inputs):
+        raise TaskFailed("file_bucket must be a list of bucket ids")
+    if output is not None and not (isinstance(output, str) and BUCKET_UID_RE.fullmatch(output)):
+        raise TaskFailed("output_bucket must be a bucket id")
+    return inputs, output
+
+
+async def prepare_buckets(run: TaskRun) -> None:
+    """Every file of the input buckets into the task folder, by its name; an `output`
+    folder when there is an output bucket."""
+    inputs, output = _bucket_uids(run)
+    if output is not None:
+        folder = TaskFolder(run.folder, run.settings.task_user)
+        os.close(folder.open_parent(f"{OUTPUT_FOLDER}/x", [OUTPUT_FOLDER, "x"], create=True))
+    if not inputs:
+        return
+    if run.server is None:
+        raise NotExecuted("this agent cannot reach the server's buckets")
+    run.progress.set_stage("fetching input files")
+    budget, seen = FetchBudget(run.settings.fetch_max_bytes), set()
+    try:
+        for bucket_uid in inputs:
+            listing = await run.server.bucket_stat(bucket_uid)
+            files = listing.get("files") if isinstance(listing, dict) else None
+            if not isinstance(files, list):
+                raise TaskFailed(f"bucket {bucket_uid}: the server's listing has no files")
+            for entry in files:
+                entry = entry if isinstance(entry, dict) else {}
+                name, file_uid = plain_file_name(entry.get("original_name")), entry.get("file_uid")
+                if not isinstance(file_uid, str) or not BUCKET_UID_RE.fullmatch(file_uid):
+                    raise TaskFailed(f"bucket {bucket_uid}: the server gave {name!r} no usable file id")
+                if name in seen:
+                    raise TaskFailed(f"two input files are named {name!r}; names must differ")
+                seen.add(name)
+                digest = hashlib.sha256()
+
+                async def receive(content: aiohttp.StreamReader) -> None:
+                    await _receive(run, name, content, budget, digest, "file_bucket")
+                await run.server.download_bucket_file(run.http, bucket_uid, file_uid, receive)
+                if digest.hexdigest() != entry.get("sha256"):
+                    raise TaskFailed(f"input file {name!r} arrived with SHA-256 {digest.hexdigest()}, "
+                                     f"not the {entry.get('sha256')!r} the server recorded")
+    except ServerRefused as err:
+        raise TaskFailed(f"input files of bucket {bucket_uid}: the server refused: {err}") from None
+    except ServerUnavailable as err:
+        raise TaskFailed(f"input files of bucket {bucket_uid}: {err}") from None
+
+
+async def upload_outputs(run: TaskRun) -> list[dict]:
+    """Every regular file in the task folder's `output` folder into the output bucket;
+    what the server answered for each (file_uid, size, sha256, ...)."""
+    _, output = _bucket_uids(run)
+    if output is None or run.server is None:
+        return []
+    folder = TaskFolder(run.folder, None)
+    try:
+        parent = folder.open_parent(f"{OUTPUT_FOLDER}/x", [OUTPUT_FOLDER, "x"], create=False)
+    except FileNotFoundError:
+        return []
+    try:
+        names = sorted(os.listdir(parent))
+    finally:
+        os.close(parent)
+    if names:
+        run.progress.set_stage("uploading output files")
+    uploaded = []
+    for name in names:
+        plain_file_name(name, f"the task named an output file in {OUTPUT_FOLDER}/")
+        relative = f"{OUTPUT_FOLDER}/{name}"
+        fd, size = folder.open_regular(relative, "output file")
+
+        def opener(fd: int = fd) -> Any:
+            return os.fdopen(os.dup(fd), "rb")
+        try:
+            answer = await run.server.upload_bucket_file(run.http, output, name, opener, size)
+        except ServerRefused as err:
+            raise TaskFailed(f"output file {relative!r}: the server refused it: {err}") from None
+        except ServerUnavailable as err:
+            raise TaskFailed(f"output file {relative!r}: {err}") from None
+        finally:
+            os.close(fd)
+        uploaded.append({"name": name, "bucket_uid": output,
+                         **{k: answer.get(k) for k in ("file_uid", "size", "sha256")
+                            if isinstance(answer, dict)}})
+    return uploaded
+
+
+def _with_output_files(output: Any, uploaded: list[dict]) -> Any:
+    """Uploaded files go in `output.output_files` (the client downloads them by id)."""
+    if not uploaded:
+        return output
+    if not isinstance(output, dict):
+        output = {"result": output}
+    return {**output, "output_files": uploaded}
+
 
 def _positive_number(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
@@ -2066,6 +2275,7 @@ async def execute_task(run: TaskRun, executor: Executor | None) -> Outcome:
         try:
             async with asyncio.timeout(runtime_s) as deadline:
                 await fetch_files(run)
+                await prepare_buckets(run)
                 run.progress.set_stage("running", deferred=True)
                 run.executor_started = True
                 output = await executor(run)
@@ -2074,7 +2284,9 @@ async def execute_task(run: TaskRun, executor: Executor | None) -> Outcome:
                 raise  # the executor's own timeout, not ours
             raise TaskFailed(f"ran past runtimeSecs ({runtime_s:g} s) and was stopped") from None
         artifacts = await collect_artifacts(run)
-        return Outcome({"success": time.monotonic() - started}, _with_artifacts(output, artifacts))
+        uploaded = await upload_outputs(run)
+        return Outcome({"success": time.monotonic() - started},
+                       _with_output_files(_with_artifacts(output, artifacts), uploaded))
     except NotExecuted as err:
         return Outcome({"notExecuted": str(err)})
     except TaskFailed as err:
@@ -2405,7 +2617,7 @@ class Agent:
         data = data if isinstance(data, dict) else {}
         run = TaskRun(task_id=task_id, data=data, folder=folder, settings=self.settings,
                       http=self.session, progress=progress, fetch_http=self.fetch_session,
-                      reaper=self.reaper)
+                      reaper=self.reaper, server=self.client)
         executor = find_executor(task_id["cap"]) if task_id["cap"] in self.served else None
         with_folder = needs_folder(executor, data)
         if with_folder:

@@ -16,8 +16,8 @@ status CAP ID, cancel CAP ID (OFFLOADMQ_URL, OFFLOADMQ_API_KEY; see the cli sect
 
 Sections (``grep '^# ===' offloadmq.py``), each using only what is above it:
   imports · config · errors · models · core (pure) · journal · store (PostgreSQL) ·
-  wire shapes · listing · hub · streams · auth · handlers · agent websocket · agent logs ·
-  routes · openapi · app · client · cli (main() hands CLI commands to the last one)
+  bucket files · wire shapes · listing · hub · streams · auth · handlers · agent websocket ·
+  agent logs · routes · openapi · app · client · cli (main() hands CLI commands to the last one)
 """
 # ============================================================================ imports
 from __future__ import annotations
@@ -41,11 +41,14 @@ import random
 import re
 import resource
 import secrets
+import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
+import uuid
 import weakref
 import zlib
 from collections import OrderedDict, deque
@@ -62,6 +65,7 @@ from aiohttp import web
 
 __version__ = "0.1.0"
 log = logging.getLogger("offloadmq")
+access_log = logging.getLogger("offloadmq.access")  # --access-log: one line per request
 
 
 # ============================================================================ config
@@ -106,12 +110,17 @@ class Config:
     body_budget_bytes: int = 64 * 1024 * 1024
     # Failed authentications allowed per client address and minute before 429.
     auth_failures_per_min: int = 60
+    # File buckets (STORAGE_*): per client key, per bucket, and how long a bucket lives.
+    storage_max_buckets_per_key: int = 256
+    storage_bucket_size_bytes: int = 1 << 30
+    storage_bucket_ttl_s: float = 1440 * 60
     # Names of secrets generated at this start, so main() can print them once.
     generated: tuple[str, ...] = ()
     # The store: "" for the embedded journal in data_path, or a postgresql:// URL.
     store: str = ""
     # The URL other parties should use to reach this server (the leader records it).
     advertise_url: str = ""
+    access_log: bool = False  # one log line per request (access_middleware)
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -188,15 +197,25 @@ def load_secrets(data_path: Path, settings: dict[str, str]) -> tuple[dict[str, s
     return settings, tuple(generated)
 
 
+SERVER_EPILOG = """\
+commands, instead of starting the server (COMMAND --help tells more):
+  submit CAPABILITY [--payload JSON] [--urgent] [--wait]   submit a task
+  status CAPABILITY ID                                     print a task's status
+  cancel CAPABILITY ID                                     cancel a task
+  keys [--data FOLDER]                                     print the generated secrets
+"""
+
+
 def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None,
                 cwd: Path | None = None) -> Config:
     """Environment, then `.env` in the working directory, then flags (flags win)."""
     environ = dict(os.environ if environ is None else environ)
     settings = {**read_dotenv((cwd or Path.cwd()) / ".env"), **environ}
 
-    parser = argparse.ArgumentParser(prog="offloadmq", description="OffloadMQ server")
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
+    parser = argparse.ArgumentParser(prog="offloadmq", description="OffloadMQ server",
+                                     epilog=SERVER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", help="address to listen on (SERVER_ADDRESS=host:port; 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port to listen on (3069)")
     parser.add_argument("--data", help="data folder (DATABASE_ROOT_PATH)")
     parser.add_argument("--fsync", choices=FSYNC_POLICIES, help="journal fsync policy (OFFLOADMQ_FSYNC)")
     parser.add_argument("--compact-mb", type=float, help="compact the journal past this size")
@@ -212,6 +231,9 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
                         "as leader or standby (OFFLOADMQ_STORE); default: the journal in --data")
     parser.add_argument("--advertise-url", help="the URL other parties reach this server at "
                         "(OFFLOADMQ_ADVERTISE_URL; default http://HOST:PORT)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log one line per request: method, path, status, duration; never a "
+                             "key or token (OFFLOADMQ_ACCESS_LOG=1)")
     args = parser.parse_args(argv)
 
     host, _, port = settings.get("SERVER_ADDRESS", "0.0.0.0:3069").rpartition(":")
@@ -245,6 +267,15 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         parser.error("AGENT_WS_HEARTBEAT_MIN_SECS must be positive and at most _MAX_SECS")
     host = args.host or host or "0.0.0.0"
     port = args.port if args.port is not None else int(port or 3069)
+    try:
+        max_buckets = int(settings.get("STORAGE_MAX_BUCKETS_PER_KEY") or 256)
+        bucket_bytes = int(settings.get("STORAGE_BUCKET_SIZE_BYTES") or 1 << 30)
+        bucket_ttl_min = float(settings.get("STORAGE_BUCKET_TTL_MINUTES") or 1440)
+    except ValueError:
+        parser.error("STORAGE_MAX_BUCKETS_PER_KEY and STORAGE_BUCKET_SIZE_BYTES must be integers, "
+                     "STORAGE_BUCKET_TTL_MINUTES a number")
+    if not (max_buckets >= 0 and bucket_bytes >= 0 and bucket_ttl_min > 0):
+        parser.error("STORAGE_* limits must not be negative, the bucket TTL must be positive")
     return Config(
         host=host,
         port=port,
@@ -266,11 +297,15 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         stream_stall_s=float(settings.get("OFFLOADMQ_STREAM_STALL_S") or 60.0),
         max_connections=int(settings.get("OFFLOADMQ_MAX_CONNECTIONS") or 0),
         generated=generated,
+        access_log=args.access_log or settings.get("OFFLOADMQ_ACCESS_LOG", "") in ("1", "true"),
         body_timeout_s=min(MAX_BODY_TIMEOUT_S, max(0.1, float(settings.get("OFFLOADMQ_BODY_TIMEOUT") or 30))),
         body_budget_bytes=int(float(settings.get("OFFLOADMQ_BODY_BUDGET_MB") or 64) * 1024 * 1024),
         store=store,
         advertise_url=args.advertise_url or settings.get("OFFLOADMQ_ADVERTISE_URL")
         or f"http://{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}",
+        storage_max_buckets_per_key=max_buckets,
+        storage_bucket_size_bytes=bucket_bytes,
+        storage_bucket_ttl_s=bucket_ttl_min * 60,
     )
 
 
@@ -320,6 +355,15 @@ class NotFound(OffloadError):
 
 class Conflict(OffloadError):
     status, type = 409, "conflict"
+
+
+class Gone(OffloadError):
+    """Known to the server, but no longer on its disk (a bucket file lost in a crash)."""
+    status, type = 410, "file_missing"
+
+
+class PayloadTooLarge(OffloadError):
+    status, type = 413, "payload_too_large"
 
 
 class SchedulingImpossible(OffloadError):
@@ -684,6 +728,61 @@ class ClientKey:
 
 
 @dataclass(slots=True, eq=False)
+class BucketFile:
+    uid: str
+    name: str        # as uploaded (checked by check_file_name); files on disk are named by uid
+    size: int
+    sha256: str
+    added_at: float
+
+    def to_record(self) -> dict:
+        return {"uid": self.uid, "name": self.name, "size": self.size, "sha256": self.sha256,
+                "addedAt": self.added_at}
+
+
+@dataclass(slots=True, eq=False)
+class Bucket:
+    """Files a client staged for tasks (input) or that agents put there (output)."""
+    uid: str
+    owner: str              # digest of the client key that made it (see owner_of)
+    created_at: float
+    rm_after_task: bool = False  # deleted once every task that names it has ended
+    files: dict = field(default_factory=dict)   # file uid -> BucketFile, oldest first
+    used: int = 0           # bytes of its files
+    tasks: set = field(default_factory=set)     # keys of the tasks that name it
+
+    def to_record(self) -> dict:
+        return {"uid": self.uid, "owner": self.owner, "createdAt": self.created_at,
+                "rmAfterTask": self.rm_after_task,
+                "files": [f.to_record() for f in self.files.values()]}
+
+
+MAX_TASK_BUCKETS = 16
+FILE_NAME_MAX_BYTES = 255
+
+
+def check_file_name(name: Any) -> str:
+    """A bucket file's name becomes a file name in an agent's task folder: one plain
+    component, never a path (`..`, `/`, `\\`, NUL, control characters are refused)."""
+    if not isinstance(name, str) or not name or name in (".", ".."):
+        raise BadRequest("a file name must be a non-empty name other than . and ..")
+    if "/" in name or "\\" in name or CONTROL_CHARS.search(name):
+        raise BadRequest(f"file name {name[:80]!r} must be one plain name: no /, \\, NUL or "
+                         "control characters")
+    if len(name.encode(errors="surrogateescape")) > FILE_NAME_MAX_BYTES:
+        raise BadRequest(f"a file name is at most {FILE_NAME_MAX_BYTES} bytes")
+    return name
+
+
+def task_buckets(data: dict) -> list[str]:
+    """The buckets a submission names: input (`file_bucket`) and output (`output_bucket`)."""
+    named = list(data.get("file_bucket") or ())
+    if data.get("output_bucket"):
+        named.append(data["output_bucket"])
+    return named
+
+
+@dataclass(slots=True, eq=False)
 class Change:
     """One thing a core method did, returned to its caller in the order done. `record`
     is the journal record (None for what only memory knows: a delay ending, an offer
@@ -759,6 +858,13 @@ class Histogram:
 # Retention: `ended` holds the ended regular tasks in the order they ended, so
 # `drop_retained` (age and count limits) drops from its front through one
 # `tasks.dropped` record, never looking at the tasks it keeps.
+#
+# Buckets: the metadata of file buckets (`buckets`, oldest first, and by owner for
+# quotas) changes by `bucket.*` records like everything else; their bytes live on disk
+# and are the hub's. A task names buckets in its submission (checked at submit: they
+# exist and are the submitter's); an agent reaches a bucket only through a task it
+# holds. `reap_buckets` drops the expired ones (from the front) and the rm_after_task
+# ones whose tasks have all ended (candidates noted as tasks end).
 
 class ReadyQueue:
     """Ready tasks of one capability: higher priority first; within a priority the
@@ -883,7 +989,8 @@ class OnlineAgents:
 class Broker:
     def __init__(self, predefined_keys: tuple[str, ...] = (), now: float = 0.0,
                  rng: random.Random | None = None, ids: UlidFactory | None = None,
-                 new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(24)):
+                 new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(24),
+                 new_uuid: Callable[[], str] = lambda: str(uuid.uuid4())):
         self.tasks: dict[TaskKey, Task] = {}
         self.queues: dict[tuple[bool, str], ReadyQueue] = {}
         self.offers: dict[TaskKey, tuple[str, float]] = {}   # task -> (agent uid, lapses at)
@@ -901,6 +1008,11 @@ class Broker:
         # Ended regular tasks, the earliest ended first: retention drops from the front
         # without looking at the others.
         self.ended: OrderedDict[TaskKey, None] = OrderedDict()
+        # File buckets, oldest first (TTL expiry stops at the first young one); by owner
+        # for quotas; and the rm_after_task buckets one of whose tasks has ended.
+        self.buckets: dict[str, Bucket] = {}
+        self.buckets_by_owner: dict[str, dict[str, None]] = {}
+        self.reap_candidates: set[str] = set()
         self.out: list[Change] | None = None  # the calling method's changes (see `changing`)
         self.loading = False  # replaying: queues and counts are built once, at the end
         # The head of every non-empty queue, and per urgency a heap of those heads (with
@@ -911,6 +1023,7 @@ class Broker:
         self.rng = rng or random.Random()      # retry jitter
         self.ids = ids or UlidFactory()        # task and agent ids
         self.new_secret = new_secret           # agents' login secrets
+        self.new_uuid = new_uuid               # bucket ids: unguessable, they act as tokens
         for key in predefined_keys:
             self.keys[key_digest(key)] = ClientKey(key, ["*"], True, now)
 
@@ -1037,10 +1150,17 @@ class Broker:
         self._move(task, op)
         task.ended_at = now
         task.not_before = None
+        # An ended task is in no stage: the one it failed or was canceled in goes to its
+        # history, where it still explains the end.
+        if task.stage is not None and op != "task.completed":
+            description = f"{description} (in stage {task.stage})"
+        task.stage = None
         task.history.append((now, description))
         agent = self.agents.get(task.agent_id or "")
         if agent:
             agent.held.discard(task.key)
+        if self.buckets:
+            self._note_bucket_users_ended(task)
         if task.urgent:
             self._timer(now + URGENT_KEEP_S, "forget", task)
         else:
@@ -1252,6 +1372,9 @@ class Broker:
             raise SchedulingImpossible(f"no online agent serves {base}")
         if max_in_flight is not None and self.in_flight_by_owner.get(owner, 0) >= max_in_flight:
             raise TooManyRequests(f"this key already has {max_in_flight} tasks queued or running")
+        if "file_bucket" in data or "output_bucket" in data:
+            for uid in task_buckets(data):
+                self._bucket(uid, owner, Forbidden)
         size = len(storable(data))
         held = self.bytes_by_owner.get(owner, 0)
         if max_queued_bytes is not None and held + size > max_queued_bytes:
@@ -1489,6 +1612,105 @@ class Broker:
     def reset_tasks(self, now: float) -> None:
         self._emit("tasks.reset", now, scope="tasks")
 
+    # ---------------------------------------------------------------- buckets
+
+    def _bucket(self, uid: Any, owner: str | None, missing: type = NotFound) -> Bucket:
+        """A bucket by uid; with `owner`, another key's bucket is not found (management's
+        override sees every bucket)."""
+        bucket = self.buckets.get(uid) if isinstance(uid, str) else None
+        if bucket is None or (owner not in (None, MGMT_OWNER) and bucket.owner != owner):
+            shown = uid[:80] if isinstance(uid, str) else uid
+            raise missing(f"no bucket {shown!r} (wrong id, expired, or another key's)")
+        return bucket
+
+    def bucket(self, uid: str, owner: str | None = None) -> Bucket:
+        return self._bucket(uid, owner)
+
+    def owner_buckets(self, owner: str) -> list[Bucket]:
+        return [self.buckets[uid] for uid in self.buckets_by_owner.get(owner, ())]
+
+    def agent_bucket(self, agent_uid: str, bucket_uid: str, output: bool) -> Bucket:
+        """A bucket a task this agent holds names: as input or output to read, as output
+        to write. Any other is not found, whoever owns it."""
+        agent = self.agents.get(agent_uid)
+        for key in sorted(agent.held) if agent else ():
+            data = self.tasks[key].data
+            if bucket_uid in ((data.get("output_bucket"),) if output else task_buckets(data)):
+                return self._bucket(bucket_uid, None)
+        raise NotFound(f"no bucket {bucket_uid[:80]!r} is attached to a task this agent holds"
+                       + (" as its output_bucket" if output else ""))
+
+    @changing
+    def create_bucket(self, owner: str, max_buckets: int, rm_after_task: bool, now: float) -> Bucket:
+        if len(self.buckets_by_owner.get(owner, ())) >= max_buckets:
+            raise TooManyRequests(f"this key already has {max_buckets} buckets "
+                                  "(STORAGE_MAX_BUCKETS_PER_KEY): delete one first")
+        uid = self.new_uuid()
+        self._emit("bucket.created", now, scope="bucket", bucket={
+            "uid": uid, "owner": owner, "createdAt": now, "rmAfterTask": rm_after_task})
+        return self.buckets[uid]
+
+    @changing
+    def add_file(self, uid: str, owner: str | None, file_uid: str, name: str, size: int,
+                 sha256: str, limit: int, now: float) -> BucketFile:
+        """A file already on disk joins its bucket (the hub writes it first)."""
+        bucket = self._bucket(uid, owner)
+        check_file_name(name)
+        if any(f.name == name for f in bucket.files.values()):
+            raise Conflict(f"bucket {uid} already has a file named {name!r}; delete it first")
+        if bucket.used + size > limit:
+            raise PayloadTooLarge(f"the file ({size} bytes) does not fit: bucket {uid} holds "
+                                  f"{bucket.used} of {limit} bytes (STORAGE_BUCKET_SIZE_BYTES)")
+        self._emit("bucket.file_added", now, scope="bucket", uid=uid, file={
+            "uid": file_uid, "name": name, "size": size, "sha256": sha256})
+        return bucket.files[file_uid]
+
+    @changing
+    def delete_file(self, uid: str, owner: str | None, file_uid: str, now: float) -> BucketFile:
+        found = self._bucket(uid, owner).files.get(file_uid)
+        if found is None:
+            raise NotFound(f"bucket {uid} has no file {file_uid[:80]!r}")
+        self._emit("bucket.file_deleted", now, scope="bucket", uid=uid, fileUid=file_uid)
+        return found
+
+    @changing
+    def delete_bucket(self, uid: str, owner: str | None, now: float, reason: str = "deleted") -> Bucket:
+        bucket = self._bucket(uid, owner)
+        self._emit("bucket.deleted", now, scope="bucket", uid=uid, reason=reason)
+        return bucket
+
+    @changing
+    def delete_buckets(self, owner: str | None, now: float) -> list[Bucket]:
+        """Management: every bucket of `owner` (None: of everyone)."""
+        chosen = list(self.buckets.values()) if owner is None else self.owner_buckets(owner)
+        for bucket in chosen:
+            self._emit("bucket.deleted", now, scope="bucket", uid=bucket.uid, reason="deleted by management")
+        return chosen
+
+    @changing
+    def reap_buckets(self, ttl_s: float, now: float) -> list[Bucket]:
+        """Buckets past their TTL, and rm_after_task buckets whose tasks have all ended."""
+        reaped = []
+        for bucket in self.buckets.values():  # oldest first
+            if bucket.created_at + ttl_s > now:
+                break
+            reaped.append((bucket, "expired"))
+        for uid in sorted(self.reap_candidates):
+            bucket = self.buckets.get(uid)
+            self.reap_candidates.discard(uid)
+            if bucket is not None and bucket.created_at + ttl_s > now and all(
+                    self.tasks.get(key) is None or self.tasks[key].status in ENDED for key in bucket.tasks):
+                reaped.append((bucket, "its tasks ended (rm_after_task)"))
+        for bucket, reason in reaped:
+            self._emit("bucket.deleted", now, scope="bucket", uid=bucket.uid, reason=reason)
+        return [bucket for bucket, _ in reaped]
+
+    def _note_bucket_users_ended(self, task: Task) -> None:
+        for uid in task_buckets(task.data):
+            bucket = self.buckets.get(uid)
+            if bucket is not None and bucket.rm_after_task:
+                self.reap_candidates.add(uid)
+
     # ---------------------------------------------------------------- time passing
 
     @changing
@@ -1585,13 +1807,16 @@ class Broker:
     def snapshot(self) -> dict:
         return {"tasks": [t.to_record() for t in self.tasks.values() if not t.urgent],
                 "agents": [a.to_record() for a in self.agents.values()],
-                "keys": [k.to_record() for k in self.keys.values()]}
+                "keys": [k.to_record() for k in self.keys.values()],
+                "buckets": [b.to_record() for b in self.buckets.values()]}
 
     def load_snapshot(self, snap: dict) -> None:
         for record in snap["agents"]:
             self._add_agent(record)
         for record in snap["keys"]:
             self._add_key(record)
+        for record in snap.get("buckets", ()):  # before the tasks, which link to them
+            self._add_bucket(record)
         for record in snap["tasks"]:
             self._add_task(Task.from_record(record))
         # The snapshot lists tasks by creation; retention wants them by end.
@@ -1649,6 +1874,13 @@ class Broker:
             self._count(task, +1)
         if task.idempotency_key is not None:
             self.idempotent[(task.owner, task.idempotency_key)] = task.key
+        if self.buckets:  # most servers have none: the hot path pays one check
+            for uid in task_buckets(task.data):
+                bucket = self.buckets.get(uid)
+                if bucket is not None:
+                    bucket.tasks.add(task.key)
+            if task.status in ENDED:
+                self._note_bucket_users_ended(task)
         if task.status in ENDED and not task.urgent:
             self.ended[task.key] = None
         if task.status == PENDING:
@@ -1775,7 +2007,7 @@ class Broker:
         agent = self.agents.get(task.agent_id or "")
         if agent:
             agent.held.discard(task.key)
-        task.agent_id = None
+        task.agent_id = task.stage = None  # the next attempt reports its own stages
 
     def _on_task_retried(self, r: dict, now: float) -> None:
         task = self.tasks[(r["cap"], r["id"])]
@@ -1827,6 +2059,8 @@ class Broker:
         for agent in self.agents.values():
             agent.held.clear()
             agent.offered.clear()
+        for bucket in self.buckets.values():
+            bucket.tasks.clear()
 
     def _on_tasks_dropped(self, r: dict, now: float) -> None:
         """Retention forgets ended tasks: no move of the state machine (ended is final),
@@ -1836,6 +2070,34 @@ class Broker:
             raise Conflict("only ended tasks can be dropped")
         for task in tasks:
             self._forget(task)
+
+    def _add_bucket(self, r: dict) -> None:
+        bucket = Bucket(r["uid"], r["owner"], r["createdAt"], r.get("rmAfterTask", False))
+        for f in r.get("files", ()):
+            bucket.files[f["uid"]] = BucketFile(f["uid"], f["name"], f["size"], f["sha256"], f["addedAt"])
+            bucket.used += f["size"]
+        self.buckets[bucket.uid] = bucket
+        self.buckets_by_owner.setdefault(bucket.owner, {})[bucket.uid] = None
+
+    def _on_bucket_created(self, r: dict, now: float) -> None:
+        self._add_bucket(r["bucket"])
+
+    def _on_bucket_file_added(self, r: dict, now: float) -> None:
+        f, bucket = r["file"], self.buckets[r["uid"]]
+        bucket.files[f["uid"]] = BucketFile(f["uid"], f["name"], f["size"], f["sha256"], now)
+        bucket.used += f["size"]
+
+    def _on_bucket_file_deleted(self, r: dict, now: float) -> None:
+        bucket = self.buckets[r["uid"]]
+        bucket.used -= bucket.files.pop(r["fileUid"]).size
+
+    def _on_bucket_deleted(self, r: dict, now: float) -> None:
+        bucket = self.buckets.pop(r["uid"])
+        owned = self.buckets_by_owner[bucket.owner]
+        del owned[bucket.uid]
+        if not owned:
+            del self.buckets_by_owner[bucket.owner]
+        self.reap_candidates.discard(bucket.uid)
 
 
 def key_digest(key: str) -> bytes:
@@ -1866,6 +2128,10 @@ APPLY: dict[str, Callable[[Broker, dict, float], None]] = {
     "task.revived": Broker._on_task_requeued,  # a management requeue, in journals before the rename
     "tasks.reset": Broker._on_tasks_reset,
     "tasks.dropped": Broker._on_tasks_dropped,
+    "bucket.created": Broker._on_bucket_created,
+    "bucket.file_added": Broker._on_bucket_file_added,
+    "bucket.file_deleted": Broker._on_bucket_file_deleted,
+    "bucket.deleted": Broker._on_bucket_deleted,
 }
 
 TIMERS: dict[str, Callable[[Broker, Task, float, Any], None]] = {
@@ -2798,6 +3064,124 @@ class PostgresStore:
                 "lastCompactionAt": iso(self.last_compaction_at), "fsync": self.fsync}
 
 
+# ============================================================================ bucket files
+#
+# The bytes of bucket files, on disk under data/buckets/<bucket uid>/<file uid>: both
+# names are ids the server made, never a name a client sent. The metadata (which files
+# a bucket has, their size and SHA-256) is in the journal like any other state; a file
+# is written whole and fsynced before its record is written, so after a crash a record
+# never names a file that was not complete. What a crash can leave - a part file, a
+# file whose record never made it, the folder of a deleted bucket - is swept at start.
+# A file lost anyway (removed behind the server's back) is answered 410 file_missing.
+
+BUCKETS_FOLDER = "buckets"
+PART_PREFIX = ".part-"
+FILE_CHUNK = 256 * 1024  # bytes per read and write of a bucket file
+MULTIPART_SLACK = 64 * 1024  # multipart framing a declared Content-Length may add to a file
+
+
+class BucketFiles:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, bucket_uid: str, file_uid: str) -> Path:
+        return self.root / bucket_uid / file_uid
+
+    async def receive(self, bucket_uid: str, chunks: Any, room: int) -> tuple[str, int, str]:
+        """Write `chunks` (an async iterator of bytes) to a new file of the bucket, hashing
+        as they come: (file uid, size, sha256), on disk before this returns. Past `room`
+        bytes it is PayloadTooLarge, without room on the disk StorageFull; either way
+        nothing is left behind."""
+        loop, folder = asyncio.get_running_loop(), self.root / bucket_uid
+        file_uid = str(uuid.uuid4())
+        part, final = folder / (PART_PREFIX + file_uid), folder / file_uid
+        digest, size, fd, done = hashlib.sha256(), 0, -1, False
+        try:
+            if not folder.is_dir():  # new folders are on disk before a file in them is
+                if not self.root.is_dir():
+                    self.root.mkdir(exist_ok=True)
+                    fsync_folder(self.root.parent)
+                folder.mkdir(exist_ok=True)
+                fsync_folder(self.root)
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > room:
+                    raise PayloadTooLarge(f"the file is larger than the {room} bytes left in bucket "
+                                          f"{bucket_uid} (STORAGE_BUCKET_SIZE_BYTES)")
+                digest.update(chunk)
+                write_all(fd, chunk)
+            await loop.run_in_executor(None, os.fsync, fd)
+            os.rename(part, final)
+            await loop.run_in_executor(None, fsync_folder, folder)
+            done = True
+            return file_uid, size, digest.hexdigest()
+        except FileNotFoundError:
+            raise NotFound(f"bucket {bucket_uid} was deleted during the upload") from None
+        except OSError as err:
+            if err.errno in FULL_ERRNOS:
+                raise StorageFull(f"no room on the server's disk for this file ({err.strerror}); "
+                                  "nothing was kept") from None
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if not done:  # refused, failed or cancelled: no partial file stays
+                for leftover in (part, final):
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+
+    def open(self, bucket_uid: str, file: BucketFile) -> int:
+        """A descriptor of the file, or Gone when the disk no longer has it as recorded."""
+        try:
+            # Never through a link: the disk is not trusted to hold what we put there.
+            fd = os.open(self.path(bucket_uid, file.uid), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as err:
+            raise Gone(f"file {file.uid} ({file.name!r}) of bucket {bucket_uid} is recorded but "
+                       f"not on the server's disk ({err.strerror}): upload it again") from None
+        on_disk = os.fstat(fd).st_size
+        if on_disk != file.size:
+            os.close(fd)
+            raise Gone(f"file {file.uid} ({file.name!r}) of bucket {bucket_uid} has {on_disk} bytes "
+                       f"on the server's disk, not the {file.size} recorded: upload it again")
+        return fd
+
+    def present(self, bucket_uid: str, file: BucketFile) -> bool:
+        try:
+            found = os.stat(self.path(bucket_uid, file.uid), follow_symlinks=False)
+        except OSError:
+            return False
+        return stat.S_ISREG(found.st_mode) and found.st_size == file.size
+
+    def remove_file(self, bucket_uid: str, file_uid: str) -> None:
+        with contextlib.suppress(OSError):
+            self.path(bucket_uid, file_uid).unlink()
+
+    def remove_buckets(self, bucket_uids: list[str]) -> None:
+        for uid in bucket_uids:
+            shutil.rmtree(self.root / uid, ignore_errors=True)
+
+    def sweep(self, buckets: dict[str, Bucket]) -> int:
+        """At start: remove what no record names (see the section's comment); the count."""
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for folder in self.root.iterdir():
+            bucket = buckets.get(folder.name)
+            if bucket is None or not folder.is_dir() or folder.is_symlink():
+                removed += 1
+                if folder.is_dir() and not folder.is_symlink():
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    folder.unlink(missing_ok=True)
+                continue
+            for path in folder.iterdir():
+                if path.name not in bucket.files:
+                    removed += 1
+                    path.unlink(missing_ok=True)
+        return removed
+
+
 # ============================================================================ wire shapes
 #
 # The JSON shapes of API.md for tasks, agents and keys: what handlers answer and what
@@ -2819,6 +3203,7 @@ def assigned_json(task: Task) -> dict:
     return {"id": task_id_json(task), "data": task.data, "agentId": task.agent_id,
             "status": task.status, "history": history_json(task),
             "createdAt": iso(task.created_at), "assignedAt": iso(task.assigned_at),
+            "endedAt": iso(task.ended_at),
             "result": task.result, "log": task.log, "stage": task.stage,
             "attempt": task.attempts, "cancelRequested": task.cancel_requested_at is not None}
 
@@ -2854,7 +3239,8 @@ def status_event(task: Task, op: str) -> dict:
     return {"id": task_id_json(task), "status": task.status, "stage": task.stage, "op": op,
             "attempt": task.attempts, "cancelRequested": task.cancel_requested_at is not None,
             "agentId": task.agent_id, "urgent": task.urgent, "priority": task.priority,
-            "createdAt": iso(task.created_at)}
+            "createdAt": iso(task.created_at), "assignedAt": iso(task.assigned_at),
+            "endedAt": iso(task.ended_at)}
 
 
 def agent_json(agent: Agent, online: bool) -> dict:
@@ -2875,6 +3261,25 @@ def agent_json_for_management(agent: Agent, online: bool) -> dict:
 
 def key_json(key: ClientKey) -> dict:
     return {**key.to_record(), "created": iso(key.created_at)}
+
+
+def bucket_json(bucket: Bucket, limit: int, ttl_s: float) -> dict:
+    """A bucket in a client's listing (the original's fields, then ours)."""
+    return {"bucket_uid": bucket.uid, "created_at": iso(bucket.created_at),
+            "file_count": len(bucket.files), "used_bytes": bucket.used,
+            "remaining_bytes": max(0, limit - bucket.used),
+            "tasks": [task_id for _, task_id in sorted(bucket.tasks)],
+            "rm_after_task": bucket.rm_after_task, "expires_at": iso(bucket.created_at + ttl_s)}
+
+
+def bucket_file_json(file: BucketFile, present: bool) -> dict:
+    return {"file_uid": file.uid, "size_bytes": file.size, "original_name": file.name,
+            "sha256": file.sha256, "created_at": iso(file.added_at), "missing": not present}
+
+
+def uploaded_json(bucket_uid: str, file: BucketFile) -> dict:
+    return {"file_uid": file.uid, "bucket_uid": bucket_uid, "original_name": file.name,
+            "size": file.size, "sha256": file.sha256}
 
 
 # ============================================================================ listing
@@ -3215,6 +3620,7 @@ class Hub:
         # Called with every batch of changes once journaled (the agent sockets push cancels).
         self.change_listeners: list[Callable[[list[Change]], None]] = []
         self.journal.on_fault = self._storage_fault  # disk faults: writes refused
+        self.files = BucketFiles(config.data_path / BUCKETS_FOLDER)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -3222,6 +3628,9 @@ class Hub:
         started = time.perf_counter()
         replayed = self.journal.recover(self.broker, self.config.repair)
         self.broker.after_recovery(self.clock())
+        swept = self.files.sweep(self.broker.buckets)
+        if swept:
+            log.warning("removed %d bucket file(s) no record names (left by a crash or a delete)", swept)
         self.recovered = True
         log.info("recovered %d tasks, %d agents (%d journal records) in %.2f s from %s",
                  len(self.broker.tasks), len(self.broker.agents), replayed,
@@ -3277,6 +3686,11 @@ class Hub:
         await store.lead()
         now = self.clock()
         self.broker.after_recovery(now)
+        # Bucket files are in the data folder (shared by the servers, or each its own): what
+        # no record names is what the old leader wrote and never recorded.
+        swept = self.files.sweep(self.broker.buckets)
+        if swept:
+            log.warning("removed %d bucket file(s) no record names (left by the old leader)", swept)
         self.events.renumber(now)
         self.ticker = asyncio.get_running_loop().create_task(self._tick_loop())
         log.warning("leading at record %d (%d applied at takeover), serving as %s", store.seq,
@@ -3317,6 +3731,7 @@ class Hub:
                 if self.journal.fault is not None and not self.journal.probe():
                     continue
                 await self._change(self.broker.expire)
+                await self.reap_buckets()
                 await self.drop_retained()
                 if self.journal.fsync == "everysec":
                     await loop.run_in_executor(None, self.journal.sync)
@@ -3664,6 +4079,73 @@ class Hub:
     async def revoke_key(self, key: str) -> ClientKey:
         return await self._change(self.broker.revoke_key, key)
 
+    # ---------------------------------------------------------------- bucket verbs
+    # Metadata changes go through the broker and the journal like any other; the bytes
+    # go to the disk first (a new file) or after (a removal), so no record names a file
+    # that never was complete, and a crash at worst leaves bytes no record names.
+
+    async def create_bucket(self, owner: str, rm_after_task: bool) -> Bucket:
+        return await self._change(self.broker.create_bucket, owner,
+                                  self.config.storage_max_buckets_per_key, rm_after_task)
+
+    async def store_file(self, bucket_uid: str, name: str, chunks: Any, owner: str | None = None,
+                         agent_uid: str | None = None, declared: int | None = None) -> BucketFile:
+        """A new file from `chunks` into a bucket of `owner`'s, or into the output bucket
+        of a task `agent_uid` holds. A `declared` body size that cannot fit is refused
+        before a byte is read."""
+        check_file_name(name)
+        limit = self.config.storage_bucket_size_bytes
+        if agent_uid is not None:
+            bucket = self.broker.agent_bucket(agent_uid, bucket_uid, output=True)
+        else:
+            bucket = self.broker.bucket(bucket_uid, owner)
+        room = limit - bucket.used
+        if declared is not None and declared > room + MULTIPART_SLACK:
+            raise PayloadTooLarge(f"the body ({declared} bytes) is larger than the {room} bytes "
+                                  f"left in bucket {bucket.uid} (STORAGE_BUCKET_SIZE_BYTES)")
+        self.journal.check_writable()
+        file_uid, size, sha256 = await self.files.receive(bucket.uid, chunks, room)
+        try:
+            return await self._change(self.broker.add_file, bucket.uid, owner, file_uid, name,
+                                      size, sha256, limit)
+        except BaseException:
+            self.files.remove_file(bucket.uid, file_uid)
+            raise
+
+    def open_file(self, bucket: Bucket, file_uid: str) -> tuple[BucketFile, int]:
+        """(the file, a descriptor of its bytes); NotFound, or Gone when the disk lost it."""
+        found = bucket.files.get(file_uid)
+        if found is None:
+            raise NotFound(f"bucket {bucket.uid} has no file {file_uid[:80]!r}")
+        return found, self.files.open(bucket.uid, found)
+
+    def file_present(self, bucket: Bucket, file: BucketFile) -> bool:
+        return self.files.present(bucket.uid, file)
+
+    async def delete_file(self, bucket_uid: str, owner: str, file_uid: str) -> BucketFile:
+        found = await self._change(self.broker.delete_file, bucket_uid, owner, file_uid)
+        self.files.remove_file(bucket_uid, file_uid)
+        return found
+
+    async def delete_bucket(self, bucket_uid: str, owner: str | None) -> Bucket:
+        bucket = await self._change(self.broker.delete_bucket, bucket_uid, owner)
+        await asyncio.to_thread(self.files.remove_buckets, [bucket.uid])
+        return bucket
+
+    async def delete_buckets(self, owner: str | None) -> int:
+        """Management: every bucket of `owner` (None: everyone's); how many."""
+        gone = await self._change(self.broker.delete_buckets, owner)
+        await asyncio.to_thread(self.files.remove_buckets, [b.uid for b in gone])
+        return len(gone)
+
+    async def reap_buckets(self) -> int:
+        """Buckets past their TTL and finished rm_after_task ones; how many went."""
+        gone = await self._change(self.broker.reap_buckets, self.config.storage_bucket_ttl_s)
+        if gone:
+            await asyncio.to_thread(self.files.remove_buckets, [b.uid for b in gone])
+            log.info("%d bucket(s) removed (expired or their tasks ended)", len(gone))
+        return len(gone)
+
     # ---------------------------------------------------------------- views
 
     def task(self, cap: str, task_id: str, owner: str | None = None) -> Task:
@@ -3701,6 +4183,18 @@ class Hub:
         stats = {**self.broker.stats(self.clock()),
                  "uptimeSecs": round(self.clock() - self.started_at, 3), "version": __version__}
         return {**stats, "journal": self.journal.stats()} if internal else stats
+
+    def summary(self) -> str:
+        """The counts the start and stop lines log: tasks by state, agents."""
+        stats = self.broker.stats(self.clock())
+        counts: dict[str, int] = {}
+        for by_status in stats["tasks"].values():
+            for status, n in by_status.items():
+                state = "ended" if status in ENDED else "pending" if status in (PENDING, "queued") else "running"
+                counts[state] = counts.get(state, 0) + n
+        agents = stats["agents"]
+        return (f"tasks {counts.get('pending', 0)} pending, {counts.get('running', 0)} running, "
+                f"{counts.get('ended', 0)} ended; agents {agents['all']} ({agents['online']} online)")
 
     def metrics_text(self) -> str:
         return self.metrics.text(self.broker, self.journal, self.clock())
@@ -4131,6 +4625,10 @@ class EventStreams:
 # ============================================================================ auth
 
 TOKEN_CACHE_SIZE = 10_000
+# Why an agent's login or token is refused, in the same words on /agent/auth and on
+# every private route, so the agent (and its operator) know to register again.
+AGENT_GONE = "this agent no longer exists; register again"
+AGENT_CREDENTIAL_REVOKED = "this agent's credential was revoked; register again (or log in with its new key)"
 
 
 def secret_equal(given: str, expected: str) -> bool:
@@ -4185,11 +4683,10 @@ class AgentTokens:
         agent = find(cached[0])
         if agent is None:
             self.cache.pop(token, None)
-            raise Unauthenticated("this agent no longer exists; register again")
+            raise Unauthenticated(AGENT_GONE)
         if cached[2] < int(agent.tokens_after * 1e6):  # as `issue` counts: whole microseconds
             self.cache.pop(token, None)
-            raise Unauthenticated("this agent's credential was revoked; register again "
-                                  "(or log in with its new key)")
+            raise Unauthenticated(AGENT_CREDENTIAL_REVOKED)
         return agent
 
 
@@ -4576,6 +5073,16 @@ def parse_submission(body: Any) -> dict:
         except (TypeError, ValueError):
             raise BadRequest("runAt must be an RFC 3339 time like 2026-11-28T10:00:00Z") from None
         data["runAt"] = body["runAt"]
+    inputs, output = body.get("file_bucket"), body.get("output_bucket")
+    if inputs is not None:
+        if not isinstance(inputs, list) or len(inputs) > MAX_TASK_BUCKETS \
+                or not all(isinstance(uid, str) and uid for uid in inputs):
+            raise BadRequest(f"file_bucket must be a list of at most {MAX_TASK_BUCKETS} bucket ids")
+        data["file_bucket"] = list(dict.fromkeys(inputs))
+    if output is not None:
+        if not isinstance(output, str) or not output:
+            raise BadRequest("output_bucket must be a bucket id")
+        data["output_bucket"] = output
     if data["urgent"] and ("runAt" in data or "delaySecs" in data or "priority" in data):
         raise BadRequest("urgent tasks run now: runAt, delaySecs and priority are for regular tasks")
     return data
@@ -4839,9 +5346,12 @@ async def handle_agent_auth(request: web.Request) -> web.Response:
             or not isinstance(body.get("key"), str):
         raise BadRequest("agentId and key are required strings")
     agent = request.app[HUB].agent(body["agentId"])
-    # One message for both cases, so the answer does not reveal which agents exist.
-    if agent is None or not secret_equal(body["key"], agent.key):
-        raise Unauthenticated("unknown agent or wrong key")
+    # Saying why tells an agent to register again instead of retrying forever; agent ids
+    # are random ULIDs and failed logins are throttled, so it reveals nothing guessable.
+    if agent is None:
+        raise Unauthenticated(AGENT_GONE)
+    if not secret_equal(body["key"], agent.key):
+        raise Unauthenticated(AGENT_CREDENTIAL_REVOKED if agent.tokens_after else "wrong key for this agent")
     return json_response(request.app[TOKENS].issue(agent))
 
 
@@ -5014,6 +5524,215 @@ async def handle_mgmt_key_revoke(request: web.Request) -> web.Response:
     return json_response(key_json(await request.app[HUB].revoke_key(request.match_info["key"])))
 
 
+# ---------------------------------------------------------------- storage API
+# File buckets (see the bucket files section): the client's routes under /api/storage,
+# the agent's under /private/agent/bucket (only buckets a task it holds names), and
+# management's under /management/storage.
+
+def storage_limits(config: Config) -> dict:
+    minutes = config.storage_bucket_ttl_s / 60
+    return {"max_buckets_per_key": config.storage_max_buckets_per_key,
+            "bucket_size_bytes": config.storage_bucket_size_bytes,
+            "bucket_ttl_minutes": int(minutes) if minutes == int(minutes) else minutes}
+
+
+async def multipart_file(request: web.Request) -> tuple[str, Any]:
+    """The part named `file` of a multipart/form-data body: (its file name, an async
+    iterator of its bytes as they arrive; each chunk within the body timeout). The body is
+    never read whole: a file may be far larger than any JSON body."""
+    if request.content_type != "multipart/form-data":
+        raise BadRequest("send the file as multipart/form-data, in a part named `file`")
+    timeout_s = request.app[HUB].config.body_timeout_s
+    broken = (ValueError, AssertionError, aiohttp.http_exceptions.BadHttpMessage, web.RequestPayloadError)
+
+    async def within(awaitable: Any) -> Any:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await awaitable
+        except TimeoutError:
+            request[CUT] = True
+            raise RequestTimeout(f"the body stalled for {plain_number(timeout_s)} s") from None
+        except broken as err:
+            request[CUT] = True
+            raise BadRequest(f"the multipart body cannot be read: {err}") from None
+
+    reader = await within(request.multipart())
+    while True:
+        part = await within(reader.next())
+        if part is None:
+            raise BadRequest("the multipart body has no part named `file`")
+        if isinstance(part, aiohttp.BodyPartReader) and part.name == "file":
+            break
+        await within(part.release())
+    if not part.filename:
+        raise BadRequest("the `file` part needs a filename (Content-Disposition: form-data; "
+                         'name="file"; filename="...")')
+
+    async def chunks() -> Any:
+        while chunk := await within(part.read_chunk(FILE_CHUNK)):
+            yield chunk
+        # The rest must parse up to the closing boundary: a body cut short is not a file.
+        while (rest := await within(reader.next())) is not None:
+            await within(rest.release())
+    return part.filename, chunks()
+
+
+def content_disposition(name: str) -> str:
+    fallback = re.sub(r'[^\x20-\x7e]|["\\]', "_", name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+async def send_file(request: web.Request, bucket: Bucket, file_uid: str) -> web.StreamResponse:
+    """The file's bytes, read a chunk at a time as the reader takes them."""
+    file, fd = request.app[HUB].open_file(bucket, file_uid)
+    loop = asyncio.get_running_loop()
+    with open(fd, "rb", buffering=0) as source:
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": content_disposition(file.name), "X-Content-SHA256": file.sha256})
+        response.content_length = file.size
+        await response.prepare(request)
+        try:
+            while chunk := await loop.run_in_executor(None, source.read, FILE_CHUNK):
+                await response.write(chunk)
+        except ConnectionError:  # the reader left
+            pass
+    return response
+
+
+def bucket_stat_json(hub: Hub, bucket: Bucket) -> dict:
+    limit = hub.config.storage_bucket_size_bytes
+    return {"bucket_uid": bucket.uid,
+            "files": [bucket_file_json(f, hub.file_present(bucket, f)) for f in bucket.files.values()],
+            "used_bytes": bucket.used, "remaining_bytes": max(0, limit - bucket.used)}
+
+
+async def handle_storage_limits(request: web.Request, client: Caller) -> web.Response:
+    return json_response(storage_limits(request.app[HUB].config))
+
+
+async def handle_storage_buckets(request: web.Request, client: Caller) -> web.Response:
+    hub = request.app[HUB]
+    limit, ttl_s = hub.config.storage_bucket_size_bytes, hub.config.storage_bucket_ttl_s
+    return json_response({"buckets": [bucket_json(b, limit, ttl_s)
+                                      for b in hub.broker.owner_buckets(client.owner)]})
+
+
+async def handle_storage_bucket_create(request: web.Request, client: Caller) -> web.Response:
+    """Extension: `{"rm_after_task": true}` deletes the bucket once its tasks have ended."""
+    body = client.body if isinstance(client.body, dict) else None
+    if body is None:
+        raise BadRequest("the body must be a JSON object (or empty)")
+    hub = request.app[HUB]
+    bucket = await hub.create_bucket(client.owner, _flag(body, "rm_after_task"))
+    return json_response({"bucket_uid": bucket.uid, "rm_after_task": bucket.rm_after_task,
+                          "expires_at": iso(bucket.created_at + hub.config.storage_bucket_ttl_s)}, 201)
+
+
+async def handle_storage_upload(request: web.Request, client: Caller) -> web.Response:
+    name, chunks = await multipart_file(request)
+    file = await request.app[HUB].store_file(request.match_info["bucket_uid"], name, chunks,
+                                             owner=client.owner, declared=request.content_length)
+    return json_response(uploaded_json(request.match_info["bucket_uid"], file), 201)
+
+
+async def handle_storage_stat(request: web.Request, client: Caller) -> web.Response:
+    hub = request.app[HUB]
+    return json_response(bucket_stat_json(hub, hub.broker.bucket(request.match_info["bucket_uid"],
+                                                                 client.owner)))
+
+
+async def handle_storage_download(request: web.Request, client: Caller) -> web.StreamResponse:
+    bucket = request.app[HUB].broker.bucket(request.match_info["bucket_uid"], client.owner)
+    return await send_file(request, bucket, request.match_info["file_uid"])
+
+
+async def handle_storage_hash(request: web.Request, client: Caller) -> web.Response:
+    bucket = request.app[HUB].broker.bucket(request.match_info["bucket_uid"], client.owner)
+    file_uid = request.match_info["file_uid"]
+    if file_uid not in bucket.files:
+        raise NotFound(f"bucket {bucket.uid} has no file {file_uid[:80]!r}")
+    return json_response({"hash": bucket.files[file_uid].sha256})
+
+
+async def handle_storage_file_delete(request: web.Request, client: Caller) -> web.Response:
+    file = await request.app[HUB].delete_file(request.match_info["bucket_uid"], client.owner,
+                                              request.match_info["file_uid"])
+    return json_response({"deleted_file_uid": file.uid})
+
+
+async def handle_storage_bucket_delete(request: web.Request, client: Caller) -> web.Response:
+    bucket = await request.app[HUB].delete_bucket(request.match_info["bucket_uid"], client.owner)
+    return json_response({"deleted_bucket_uid": bucket.uid})
+
+
+async def handle_agent_bucket_stat(request: web.Request, agent: Agent) -> web.Response:
+    hub = request.app[HUB]
+    bucket = hub.broker.agent_bucket(agent.uid, request.match_info["bucket_uid"], output=False)
+    return json_response(bucket_stat_json(hub, bucket))
+
+
+async def handle_agent_bucket_download(request: web.Request, agent: Agent) -> web.StreamResponse:
+    bucket = request.app[HUB].broker.agent_bucket(agent.uid, request.match_info["bucket_uid"], output=False)
+    return await send_file(request, bucket, request.match_info["file_uid"])
+
+
+async def handle_agent_bucket_upload(request: web.Request, agent: Agent) -> web.Response:
+    name, chunks = await multipart_file(request)
+    file = await request.app[HUB].store_file(request.match_info["bucket_uid"], name, chunks,
+                                             agent_uid=agent.uid, declared=request.content_length)
+    return json_response(uploaded_json(request.match_info["bucket_uid"], file), 201)
+
+
+def owners_by_digest(hub: Hub) -> dict[str, str]:
+    """Owner digests -> the client keys they stand for (management shows keys)."""
+    return {MGMT_OWNER: MGMT_OWNER, **{owner_of(k.key): k.key for k in hub.keys()}}
+
+
+def storage_usage(buckets: list[Bucket]) -> dict:
+    return {"bucket_count": len(buckets), "total_files": sum(len(b.files) for b in buckets),
+            "total_bytes": sum(b.used for b in buckets)}
+
+
+async def handle_mgmt_storage_buckets(request: web.Request) -> web.Response:
+    hub, keys = request.app[HUB], owners_by_digest(request.app[HUB])
+    grouped = {}
+    for owner in hub.broker.buckets_by_owner:
+        buckets = hub.broker.owner_buckets(owner)
+        grouped[keys.get(owner, owner)] = {**storage_usage(buckets), "buckets": [
+            {"bucket_uid": b.uid, "created_at": iso(b.created_at), "file_count": len(b.files),
+             "used_bytes": b.used} for b in buckets]}
+    return json_response({"buckets_by_key": grouped})
+
+
+async def handle_mgmt_storage_quotas(request: web.Request) -> web.Response:
+    hub, keys = request.app[HUB], owners_by_digest(request.app[HUB])
+    api_key = request.query.get("api_key")
+    owners = list(hub.broker.buckets_by_owner) if api_key is None else [owner_of(api_key)]
+    usage = {keys.get(owner, owner): storage_usage(hub.broker.owner_buckets(owner))
+             for owner in owners if owner in hub.broker.buckets_by_owner}
+    return json_response({"limits": storage_limits(hub.config), "usage": usage})
+
+
+async def handle_mgmt_storage_bucket_delete(request: web.Request) -> web.Response:
+    bucket = await request.app[HUB].delete_bucket(request.match_info["bucket_uid"], None)
+    return json_response({"deleted_bucket_uid": bucket.uid})
+
+
+async def handle_mgmt_storage_key_delete(request: web.Request) -> web.Response:
+    api_key = request.match_info["api_key"]
+    count = await request.app[HUB].delete_buckets(owner_of(api_key))
+    return json_response({"api_key": api_key, "deleted_count": count})
+
+
+async def handle_mgmt_storage_purge(request: web.Request) -> web.Response:
+    return json_response({"deleted_count": await request.app[HUB].delete_buckets(None)})
+
+
+async def handle_mgmt_storage_cleanup(request: web.Request) -> web.Response:
+    return json_response({"deleted_count": await request.app[HUB].reap_buckets()})
+
+
 # ---------------------------------------------------------------- console
 
 PLACEHOLDER_PAGE = b"""<!doctype html><meta charset="utf-8"><title>OffloadMQ</title>
@@ -5125,15 +5844,13 @@ WS_ACTIONS: dict[str, ActionRoute] = {
 
 
 WS_WAITING_ACTIONS = frozenset({"poll_task", "poll_task_urgent", "get"})  # may hold a long poll
+# Routes whose bodies are file bytes: not as JSON frames (uploads take upload_file).
+WS_HTTP_ONLY = frozenset({"handle_agent_bucket_download", "handle_agent_bucket_upload"})
 
 
 def ws_error(req_id: Any, err: OffloadError) -> dict:
     return {"req_id": req_id, "type": "error", "status": err.status,
             "error": {"type": err.type, "message": err.message, "status": err.status, **err.extra}}
-
-
-class NotImplementedHere(OffloadError):
-    status, type = 501, "not_implemented"
 
 
 class Overloaded(OffloadError):
@@ -5227,12 +5944,28 @@ class AgentSocket:
             return
         req_id, params = self.upload
         self.upload = None
-        if not isinstance(params, dict) or not isinstance(params.get("bucket_uid"), str) \
-                or not isinstance(params.get("filename"), str):
-            err: OffloadError = BadRequest("upload_file takes params {bucket_uid, filename}")
-        else:
-            err = NotImplementedHere("this server keeps no file buckets: upload_file is not available")
-        await self.send(ws_error(req_id, err))
+        self.spawn(self.store_upload(req_id, params, data))
+
+    async def store_upload(self, req_id: Any, params: Any, data: bytes) -> None:
+        """`upload_file`: the binary frame is the file, for the output bucket of a task
+        this agent holds (as POST /private/agent/bucket/{uid}/upload)."""
+        async def chunks() -> Any:
+            yield data
+        try:
+            if not isinstance(params, dict) or not isinstance(params.get("bucket_uid"), str) \
+                    or not isinstance(params.get("filename"), str):
+                raise BadRequest("upload_file takes params {bucket_uid, filename}")
+            hub = self.request.app[HUB]
+            file = await hub.store_file(params["bucket_uid"], params["filename"], chunks(),
+                                        agent_uid=self.uid)
+            message = {"req_id": req_id, "type": "response", "status": 201,
+                       "data": uploaded_json(params["bucket_uid"], file)}
+        except OffloadError as err:
+            message = ws_error(req_id, err)
+        except Exception:
+            log.exception("bug while storing an upload on agent %s's socket", self.uid)
+            message = ws_error(req_id, OffloadError("internal error; the server log has details"))
+        await self.send(message)
 
     async def answer(self, req_id: Any, action: str, params: Any) -> None:
         try:
@@ -5275,6 +6008,9 @@ class AgentSocket:
         match.add_app(app)
         match.freeze()
         request._match_info = match
+        if getattr(match.handler, "__name__", "") in WS_HTTP_ONLY:  # it would write on the socket
+            raise BadRequest("file bytes go over HTTP: GET /private/agent/bucket/{uid}/file/{file_uid}, "
+                             "or upload_file with a binary frame")
         response = await match.handler(request)
         return orjson.loads(response.body) if response.body else None
 
@@ -5623,7 +6359,7 @@ async def count_failures(request: web.Request, handler: Callable) -> web.StreamR
     except Unauthenticated:
         if throttle.failed(request.remote, now):
             log.warning("failed authentication from %s (%s %s)", throttle.address_key(request.remote),
-                        request.method, request.rel_url.raw_path)
+                        escape_control(request.method), loggable_target(request))
         raise
 
 
@@ -5674,6 +6410,41 @@ async def leader_middleware(request: web.Request, handler: Callable) -> web.Stre
         response.headers["Retry-After"] = "1"
         return response
     return await handler(request)
+# Query parameters and path segments with these in their names carry secrets (the agent
+# socket's `token`, a key to revoke): the access log shows them as HIDDEN.
+SECRET_NAME = re.compile(r"key|token|secret|password|auth", re.IGNORECASE)
+HIDDEN = "<hidden>"
+
+
+def loggable_target(request: web.Request) -> str:
+    """The request's path and query as the access log shows them: secrets hidden, control
+    characters escaped (the path is the caller's text)."""
+    match = request.match_info
+    resource = match.route.resource
+    if resource is not None and any(SECRET_NAME.search(name) for name in match):
+        path = resource.canonical.format_map(
+            {name: HIDDEN if SECRET_NAME.search(name) else quote(value, safe="") for name, value in match.items()})
+    else:
+        path = request.rel_url.raw_path
+    query = "&".join(f"{name}={HIDDEN if SECRET_NAME.search(name) else quote(value, safe='')}"
+                     for name, value in request.rel_url.query.items())
+    return escape_control(f"{path}?{query}" if query else path)
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """With --access-log: `<address> <method> <path> <status> <ms> ms` once the request ends."""
+    started, status = time.perf_counter(), "-"  # "-": the client left before the answer
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as err:
+        status = err.status
+        raise
+    finally:
+        access_log.info("%s %s %s %s %.1f ms", request.remote, escape_control(request.method),
+                        loggable_target(request), status, (time.perf_counter() - started) * 1000)
 
 
 @web.middleware
@@ -5699,6 +6470,8 @@ def guarded(kind: str, handler: Callable) -> Callable:
             body = await read_json(request, required=False) if request.method == "POST" else {}
             client = early.with_body(body) if early else client_caller(hub, request, body)
             return await handler(request, client)
+        if kind == "client_stream":  # the body is a file: the credential is in the headers
+            return await handler(request, client_caller(hub, request, None))
         if kind == "agent":
             return await handler(request, agent_caller(hub, request.app[TOKENS], request))
         if kind == "mgmt":
@@ -5708,7 +6481,7 @@ def guarded(kind: str, handler: Callable) -> Callable:
     async def throttled(request: web.Request) -> web.StreamResponse:
         return await count_failures(request, authenticated)
 
-    counted = kind in ("client", "mgmt") or handler.__name__ in CREDENTIAL_HANDLERS
+    counted = kind in ("client", "client_stream", "mgmt") or handler.__name__ in CREDENTIAL_HANDLERS
     wrapper = throttled if counted else authenticated
     wrapper.__name__ = handler.__name__
     return wrapper
@@ -5725,6 +6498,15 @@ ROUTES = [
     ("GET", "/api/task/events", "client", handle_task_events),
     ("POST", "/api/capabilities/online", "client", handle_capabilities_online),
     ("GET", "/api/capabilities/online", "client", handle_capabilities_online),
+    ("GET", "/api/storage/limits", "client", handle_storage_limits),
+    ("GET", "/api/storage/buckets", "client", handle_storage_buckets),
+    ("POST", "/api/storage/bucket/create", "client", handle_storage_bucket_create),
+    ("POST", "/api/storage/bucket/{bucket_uid}/upload", "client_stream", handle_storage_upload),
+    ("GET", "/api/storage/bucket/{bucket_uid}/stat", "client", handle_storage_stat),
+    ("GET", "/api/storage/bucket/{bucket_uid}/file/{file_uid}", "client", handle_storage_download),
+    ("GET", "/api/storage/bucket/{bucket_uid}/file/{file_uid}/hash", "client", handle_storage_hash),
+    ("DELETE", "/api/storage/bucket/{bucket_uid}/file/{file_uid}", "client", handle_storage_file_delete),
+    ("DELETE", "/api/storage/bucket/{bucket_uid}", "client", handle_storage_bucket_delete),
     ("GET", "/api/ping", "open", handle_health),
     ("POST", "/agent/register", "open", handle_agent_register),
     ("POST", "/agent/auth", "open", handle_agent_auth),
@@ -5742,7 +6524,16 @@ ROUTES = [
     ("POST", f"/private/agent/take/{TASK_PATH}", "agent", handle_agent_take),
     ("POST", f"/private/agent/task/progress/{TASK_PATH}", "agent", handle_agent_progress),
     ("POST", f"/private/agent/task/resolve/{TASK_PATH}", "agent", handle_agent_resolve),
+    ("GET", "/private/agent/bucket/{bucket_uid}/stat", "agent", handle_agent_bucket_stat),
+    ("GET", "/private/agent/bucket/{bucket_uid}/file/{file_uid}", "agent", handle_agent_bucket_download),
+    ("POST", "/private/agent/bucket/{bucket_uid}/upload", "agent", handle_agent_bucket_upload),
     ("GET", "/management/events", "mgmt", handle_mgmt_events),
+    ("GET", "/management/storage/buckets", "mgmt", handle_mgmt_storage_buckets),
+    ("DELETE", "/management/storage/buckets", "mgmt", handle_mgmt_storage_purge),
+    ("GET", "/management/storage/quotas", "mgmt", handle_mgmt_storage_quotas),
+    ("DELETE", "/management/storage/bucket/{bucket_uid}", "mgmt", handle_mgmt_storage_bucket_delete),
+    ("DELETE", "/management/storage/key/{api_key}/buckets", "mgmt", handle_mgmt_storage_key_delete),
+    ("POST", "/management/storage/cleanup/trigger", "mgmt", handle_mgmt_storage_cleanup),
     ("GET", "/management/version", "mgmt", handle_version),
     ("GET", "/management/agent_logs/by_severity", "mgmt", handle_mgmt_agent_logs_by_severity),
     ("GET", "/management/agent_logs/by_agent", "mgmt", handle_mgmt_agent_logs_by_agent),
@@ -5808,6 +6599,10 @@ _SUBMISSION_FIELDS = {
     **{name: {"type": ["integer" if integer else "number", "null"], "minimum": low, "maximum": high}
        for name, (low, high, integer) in SUBMIT_LIMITS.items()},
     "retryOnSameNode": _opt("boolean"), "runAt": _opt("string", format="date-time"),
+    "file_bucket": _opt("array", maxItems=MAX_TASK_BUCKETS, items={"type": "string", "minLength": 1},
+                        description="buckets whose files the agent fetches into the task folder"),
+    "output_bucket": _opt("string", minLength=1, description="a bucket the agent uploads the "
+                          "task's output/ files into"),
 }
 _AGENT_INFO = _obj("capabilities", capabilities={"type": "array", "items": _CAP},
                    displayName=_opt("string", maxLength=DISPLAY_NAME_MAX),
@@ -5842,7 +6637,8 @@ OPENAPI_SCHEMAS = {
     "SubmitAnswer": _obj("id capability status message", id=_ref("TaskId"), capability=STR,
                          status=_STATUS, message=STR),
     "TaskStatus": _obj("id status log createdAt", id=_ref("TaskId"), status=_STATUS,
-                       stage=STR, output={}, log=STR, createdAt=TIME),
+                       stage={**STR, "description": "absent once the task has ended"},
+                       output={}, log=STR, createdAt=TIME),
     "UnassignedTask": _obj("id data createdAt", id=_ref("TaskId"), data=_ref("TaskData"),
                            createdAt=TIME),
     "AssignedTask": _obj(
@@ -5850,7 +6646,9 @@ OPENAPI_SCHEMAS = {
         id=_ref("TaskId"), data=_ref("TaskData"), agentId=_opt("string"), status=_STATUS,
         history={"type": "array", "items": _obj("timestamp description", timestamp=TIME,
                                                   description=STR)},
-        createdAt=TIME, assignedAt=_opt("string"), result={}, log=STR, stage=_opt("string"),
+        createdAt=TIME, assignedAt=_opt("string"), result={}, log=STR,
+        stage=_opt("string", description="what the agent last said it is doing; null once ended"),
+        endedAt=_opt("string", description="when it ended (completed, failed or canceled)"),
         attempt=INT, cancelRequested=BOOL),
     "AgentInfo": _AGENT_INFO,
     "AgentRegistration": {**_AGENT_INFO, "required": ["capabilities", "apiKey"],
@@ -5893,6 +6691,22 @@ OPENAPI_SCHEMAS = {
                                   "assigned to the agent, not in its list, and taken more than "
                                   f"{HOLD_GRACE_S:g} s ago (never started: back to the queue; "
                                   "started: retried if restartable, else failed)"},
+    "StorageLimits": _obj("max_buckets_per_key bucket_size_bytes bucket_ttl_minutes",
+                          max_buckets_per_key=INT, bucket_size_bytes=INT,
+                          bucket_ttl_minutes={"type": "number"}),
+    "Bucket": _obj("bucket_uid created_at file_count used_bytes remaining_bytes tasks",
+                   bucket_uid=STR, created_at=TIME, file_count=INT, used_bytes=INT,
+                   remaining_bytes=INT, tasks={"type": "array", "items": STR}, rm_after_task=BOOL, expires_at=TIME),
+    "BucketStat": _obj("files used_bytes remaining_bytes", bucket_uid=STR, used_bytes=INT,
+                       remaining_bytes=INT, files={"type": "array", "items": _obj(
+                           "file_uid size_bytes", file_uid=STR, size_bytes=INT, original_name=STR,
+                           sha256=STR, created_at=TIME, missing={
+                               "type": "boolean",
+                               "description": "recorded, but no longer on the server's disk"})}),
+    "UploadedFile": _obj("file_uid size sha256", file_uid=STR, bucket_uid=STR, original_name=STR,
+                         size=INT, sha256=STR),
+    "StorageUsage": _obj("bucket_count total_files total_bytes", bucket_count=INT,
+                         total_files=INT, total_bytes=INT),
     "Message": _obj("message", message=STR),
     "Result": _obj("result", result=STR),
     "Queue": _obj("assigned unassigned", assigned={"type": "array", "items": _ref("AssignedTask")},
@@ -5909,6 +6723,7 @@ _ERROR_TEXT = {400: "Malformed request", 401: "Missing or wrong credentials",
                503: "No online agent serves the capability, nobody took the task in time, or the "
                     "server is reading too many bodies at once (`overloaded`, see Retry-After)",
                504: "The task outlived the hold; it goes on and stays pollable",
+               410: "The file is recorded but no longer on the server's disk (file_missing)",
                507: "The disk refused the change (storage_full, storage_lost); nothing changed"}
 # The operations that change state: while the disk refuses writes they answer 507.
 _WRITES = {"/api/task/submit", "/api/task/submit_blocking", "/api/task/cancel/{cap}/{id}",
@@ -5921,7 +6736,12 @@ _WRITES = {"/api/task/submit", "/api/task/submit_blocking", "/api/task/cancel/{c
            "/management/agents/reset",
            "/management/tasks/reset", "/management/tasks/cancel/{cap}/{id}",
            "/management/tasks/requeue/{cap}/{id}", "/management/client_api_keys/update",
-           "/management/client_api_keys/revoke/{key}"}
+           "/management/client_api_keys/revoke/{key}",
+           "/api/storage/bucket/create", "/api/storage/bucket/{bucket_uid}/upload",
+           "/api/storage/bucket/{bucket_uid}/file/{file_uid}", "/api/storage/bucket/{bucket_uid}",
+           "/private/agent/bucket/{bucket_uid}/upload", "/management/storage/buckets",
+           "/management/storage/bucket/{bucket_uid}", "/management/storage/key/{api_key}/buckets",
+           "/management/storage/cleanup/trigger"}
 
 
 def _query(name: str, schema: dict, text: str) -> dict:
@@ -5948,20 +6768,23 @@ _SSE = {"text/event-stream": {"schema": STR}}
 
 def _op(summary: str, ok: Any, errors: str = "", body: str | dict | None = None,
         params: tuple = (), status: tuple = (200,), media: dict | None = None,
-        body_required: bool = True) -> dict:
+        body_required: bool = True, body_media: str = "application/json") -> dict:
     """One path's operation: `ok` is the success schema (a component name or a schema),
     `errors` the error statuses it adds to those its route kind brings."""
     schema = _ref(ok) if isinstance(ok, str) else ok
     return {"summary": summary, "ok": {s: media or {"application/json": {"schema": schema}}
                                        for s in status},
             "errors": {int(e) for e in errors.split()}, "params": list(params),
-            "body": _ref(body) if isinstance(body, str) else body, "body_required": body_required}
+            "body": _ref(body) if isinstance(body, str) else body, "body_required": body_required,
+            "body_media": body_media}
 
 
 _LOG_LIMIT = _query("limit", {"type": "integer", "minimum": -1}, "at most this many (default "
                     f"{AGENT_LOG_LIMIT}; -1: all)")
 _TASK_OR_NULL = {"anyOf": [_ref("UnassignedTask"), _ref("AssignedTask"), {"type": "null"}]}
 _STRINGS = {"type": "array", "items": STR}
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_UPLOAD = _obj("file", file={"type": "string", "format": "binary"})
 OPENAPI_OPS = {
     "/api/task/submit": _op(
         "Submit a task (200: an earlier task with the same Idempotency-Key)", "SubmitAnswer",
@@ -6038,6 +6861,52 @@ OPENAPI_OPS = {
         "Drop agents' log lines older than 14 days", _obj(
             "deleted max_age_days", deleted=INT, max_age_days=INT)),
     "/version": _op("The server's version", "Version"),
+    "/api/storage/limits": _op("The storage limits of a client key", "StorageLimits"),
+    "/api/storage/buckets": _op("The key's buckets", _obj("buckets", buckets={
+        "type": "array", "items": _ref("Bucket")})),
+    "/api/storage/bucket/create": _op(
+        "Create a bucket; rm_after_task: deleted once the tasks naming it have ended",
+        _obj("bucket_uid", bucket_uid=STR, rm_after_task=BOOL, expires_at=TIME), "400",
+        _obj("", rm_after_task=_opt("boolean")), status=(201,), body_required=False),
+    "/api/storage/bucket/{bucket_uid}/upload": _op(
+        "Upload a file (multipart, part `file`); stored with its SHA-256", "UploadedFile",
+        "404 409", _UPLOAD, status=(201,), body_media="multipart/form-data"),
+    "/api/storage/bucket/{bucket_uid}/stat": _op("A bucket's files and room", "BucketStat", "404"),
+    "/api/storage/bucket/{bucket_uid}/file/{file_uid}": {
+        "GET": _op("Download a file", _BINARY["application/octet-stream"]["schema"], "404 410",
+                   media=_BINARY),
+        "DELETE": _op("Delete a file", _obj("deleted_file_uid", deleted_file_uid=STR), "404")},
+    "/api/storage/bucket/{bucket_uid}/file/{file_uid}/hash": _op(
+        "A file's SHA-256", _obj("hash", hash=STR), "404"),
+    "/api/storage/bucket/{bucket_uid}": _op(
+        "Delete a bucket and its files", _obj("deleted_bucket_uid", deleted_bucket_uid=STR), "404"),
+    "/private/agent/bucket/{bucket_uid}/stat": _op(
+        "The files of a bucket a task this agent holds names", "BucketStat", "404"),
+    "/private/agent/bucket/{bucket_uid}/file/{file_uid}": _op(
+        "Download a file of a bucket a task this agent holds names", _BINARY[
+            "application/octet-stream"]["schema"], "404 410", media=_BINARY),
+    "/private/agent/bucket/{bucket_uid}/upload": _op(
+        "Upload a file into the output_bucket of a task this agent holds", "UploadedFile",
+        "404 409", _UPLOAD, status=(201,), body_media="multipart/form-data"),
+    "/management/storage/buckets": {
+        "GET": _op("Every bucket, by client key", _obj("buckets_by_key", buckets_by_key={
+            "type": "object", "additionalProperties": {"allOf": [_ref("StorageUsage"), _obj(
+                "buckets", buckets={"type": "array", "items": _obj(
+                    "bucket_uid created_at file_count used_bytes", bucket_uid=STR, created_at=TIME,
+                    file_count=INT, used_bytes=INT)})]}})),
+        "DELETE": _op("Delete every bucket of every key", _obj("deleted_count", deleted_count=INT))},
+    "/management/storage/quotas": _op(
+        "Storage limits and usage by client key", _obj("limits usage", limits=_ref("StorageLimits"),
+                                                       usage={"type": "object", "additionalProperties": _ref("StorageUsage")}),
+        params=(_query("api_key", STR, "only this client key's usage"),)),
+    "/management/storage/bucket/{bucket_uid}": _op(
+        "Delete any bucket", _obj("deleted_bucket_uid", deleted_bucket_uid=STR), "404"),
+    "/management/storage/key/{api_key}/buckets": _op(
+        "Delete every bucket of a client key", _obj("api_key deleted_count", api_key=STR,
+                                                    deleted_count=INT)),
+    "/management/storage/cleanup/trigger": _op(
+        "Delete the expired buckets (and finished rm_after_task ones) now",
+        _obj("deleted_count", deleted_count=INT)),
     "/management/capabilities/list/online": _op("Capabilities online agents serve", _STRINGS),
     "/management/agents/list": _op("All agents, with their login secrets", {
         "type": "array", "items": _ref("ManagedAgent")}),
@@ -6093,6 +6962,7 @@ OPENAPI_OPS = {
 
 OPENAPI_SECURITY = {
     "client": [{"ApiKey": []}, {"ClientBearer": []}, {"MgmtToken": []}],
+    "client_stream": [{"ApiKey": []}, {"ClientBearer": []}, {"MgmtToken": []}],
     "agent": [{"AgentJWT": []}],
     "mgmt": [{"MgmtToken": []}, {"MgmtBearer": []}],
     "open": [],
@@ -6110,7 +6980,8 @@ OPENAPI_SECURITY_SCHEMES = {
 }
 _PATH_PARAMS = {
     "cap": "capability, percent-encoded (`/` as `%2F`)", "id": "task id (a ULID)",
-    "agent_id": "agent id", "key": "client API key",
+    "agent_id": "agent id", "key": "client API key", "api_key": "client API key",
+    "bucket_uid": "bucket id (from bucket/create)", "file_uid": "file id (from an upload or stat)",
 }
 
 
@@ -6127,15 +6998,16 @@ def openapi_document(routes: list) -> dict:
         if path == "/{path}":  # the console's static files
             continue
         spec = OPENAPI_OPS[path]
+        spec = spec.get(method, spec)  # a path whose methods answer differently: one op each
         names = re.findall(r"\{(\w+)\}", path)
         errors = set(spec["errors"])
         errors |= {401} if kind != "open" or path == "/metrics" else set()
         errors |= {400, 408, 413, 503} if spec["body"] or (kind == "client" and method == "POST") else set()
         credential = handler.__name__ in CREDENTIAL_HANDLERS
-        errors |= {429} if kind in ("client", "mgmt") or credential else set()
+        errors |= {429} if kind in ("client", "client_stream", "mgmt") or credential else set()
         errors |= {401} if credential else set()
         errors |= {400, 404} if "cap" in names else set()
-        errors |= {507} if path in _WRITES and (method == "POST" or _TAKE in spec["params"]) else set()
+        errors |= {507} if path in _WRITES and (method in ("POST", "DELETE") or _TAKE in spec["params"]) else set()
         operation = {
             "operationId": method.lower() + re.sub(r"\W+", "_", path).rstrip("_"),
             "summary": spec["summary"], "tags": [kind],
@@ -6151,7 +7023,7 @@ def openapi_document(routes: list) -> dict:
         }
         if spec["body"] is not None and method == "POST":
             operation["requestBody"] = {"required": spec["body_required"], "content": {
-                "application/json": {"schema": spec["body"]}}}
+                spec["body_media"]: {"schema": spec["body"]}}}
         paths.setdefault(path, {})[method.lower()] = operation
     return {"openapi": "3.1.0",
             "info": {"title": "OffloadMQ", "version": __version__,
@@ -6184,9 +7056,11 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
     config = config or load_config([])
     hub = hub or Hub(config)
     # Only a server that may be a standby pays for the leader check.
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[
-        cut_middleware, timing_middleware, error_middleware,
-        *([leader_middleware] if config.store else []), path_middleware])
+    middlewares = [cut_middleware, timing_middleware, error_middleware,
+                   *([leader_middleware] if config.store else []), path_middleware]
+    if config.access_log:  # outermost, to log the status the client gets; absent, it costs nothing
+        middlewares.insert(0, access_middleware)
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[HUB] = hub
     app[STREAMS] = streams = EventStreams(hub)
     app[TOKENS] = AgentTokens(config.jwt_secret, config.jwt_lifetime_s, hub.clock)
@@ -6203,6 +7077,7 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
         await hub.start()
         auth_log = asyncio.get_running_loop().create_task(log_auth_failures(app[THROTTLE]))
         app.on_cleanup.insert(0, lambda app: stop_task(auth_log))
+        log.info("started: %s", hub.summary())
 
     async def shutdown(app: web.Application) -> None:
         await app[AGENT_SOCKETS].close_all()
@@ -6212,6 +7087,7 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
     async def stop(app: web.Application) -> None:
         streams.stop()
         await hub.stop()
+        log.info("stopped after %.0f s: %s", hub.clock() - hub.started_at, hub.summary())
 
     app.on_startup.append(start)
     app.on_shutdown.append(shutdown)

@@ -159,8 +159,8 @@ def make_server(tmp_path):
     """Factory for tests that need custom env/args or several restarts."""
     started = []
 
-    def factory(extra_env=None, extra_args=(), data_dir=None, script=None):
-        srv = ServerProcess(data_dir or tmp_path / "data", extra_env, extra_args, script)
+    def factory(extra_env=None, extra_args=(), data_dir=None, script=None, preexec_fn=None):
+        srv = ServerProcess(data_dir or tmp_path / "data", extra_env, extra_args, script, preexec_fn)
         started.append(srv)
         return srv
 
@@ -487,7 +487,7 @@ def pg_url(postgres):
 # ---------------------------------------------------------------- markers
 
 IN_PROCESS_MODULES = {"test_core", "test_journal", "test_api", "test_agent_ws", "test_head_additions",
-                      "test_agent_logs"}
+                      "test_agent_logs", "test_buckets"}
 PROCESS_FIXTURES = {"server", "make_server", "postgres"}  # postgres: a PostgreSQL server process
 
 

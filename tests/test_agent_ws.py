@@ -243,13 +243,13 @@ async def test_get_and_post_reach_the_agent_routes(client):
     assert itself["status"] == 400
 
 
-async def test_upload_file_answers_after_its_binary_frame_that_buckets_are_absent(client):
+async def test_upload_file_answers_after_its_binary_frame(client):
     sock = await connect(client)
     await sock.ws.send_json({"req_id": "up1", "action": "upload_file",
                              "params": {"bucket_uid": "b1", "filename": "out.txt"}})
     await sock.ws.send_bytes(b"file content")
     answer = await sock.frame(lambda f: f.get("req_id") == "up1")
-    assert answer["type"] == "error" and answer["status"] == 501
+    assert answer["type"] == "error" and answer["status"] == 404  # no task of its names b1
     assert "bucket" in answer["error"]["message"]
     await sock.ws.send_bytes(b"stray")
     stray = await sock.frame(lambda f: f.get("type") == "error")

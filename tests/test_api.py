@@ -310,13 +310,43 @@ async def test_submit_blocking_end_to_end(client):
     assert result["status"] == "completed"
     assert result["result"] == {"said": "hi"}
     assert result["log"] == "hello world\n"
-    assert result["stage"] == "echoing"
+    assert result["stage"] is None  # it ended: no longer "echoing"
+    assert result["createdAt"] <= result["assignedAt"] <= result["endedAt"]
     assert result["agentId"] == ag.uid
     assert [h["description"] for h in result["history"]][0] == "submitted"
     assert result["history"][-1]["description"] == "completed"
     assert set(result) >= {"id", "data", "agentId", "status", "history", "createdAt",
                            "assignedAt", "result", "log", "stage"}
     assert "apiKey" not in result["data"]
+
+
+async def test_an_ended_or_retried_task_has_no_stage_and_a_failure_keeps_it_in_history(client):
+    ag = await agent(client, capacity=2)
+    done, failed = await submit(client), await submit(client, restartable=True, maxRetries=1,
+                                                      retryDelaySecs=0)
+    for tid in (done, failed):
+        await call(client, "GET", "/private/agent/task/poll?wait=0", headers=ag.h)
+        await take(client, ag, tid)
+        await progress(client, ag, tid, stage="running", logUpdate="x")
+        assert (await call(client, "GET", f"/api/task/poll/{tp(tid)}", headers=CLIENT))["stage"] == "running"
+    await resolve(client, ag, done, {"success": 0.1}, {"ok": 1})
+    await resolve(client, ag, failed, {"failure": ["boom", 0.1]}, None)
+
+    polled = await call(client, "GET", f"/api/task/poll/{tp(done)}", headers=CLIENT)
+    assert polled["status"] == "completed" and "stage" not in polled
+    retried = await call(client, "GET", f"/api/task/poll/{tp(failed)}", headers=CLIENT)
+    assert retried["status"] == "pending" and "stage" not in retried  # the next attempt starts afresh
+
+    await call(client, "GET", "/private/agent/task/poll?wait=0", headers=ag.h)
+    await take(client, ag, failed)
+    await progress(client, ag, failed, stage="fetching files")
+    await resolve(client, ag, failed, {"failure": ["boom", 0.1]}, None)
+    listing = await call(client, "GET", "/management/tasks/list", headers=MGMT_H)
+    rows = {t["id"]["id"]: t for t in listing["regular"]["assigned"]}
+    assert rows[done["id"]]["stage"] is None and rows[done["id"]]["endedAt"]
+    ended = rows[failed["id"]]
+    assert ended["status"] == "failed" and ended["stage"] is None
+    assert ended["history"][-1]["description"].endswith("(in stage fetching files)"), ended["history"]
 
 
 async def test_submit_blocking_reports_a_failure_with_200(client):
@@ -480,12 +510,28 @@ async def test_register_and_auth_reject_malformed_json(client):
                     headers={"Content-Type": "application/json", **MGMT_H})
 
 
-async def test_auth_errors_share_one_message(client):
+async def test_auth_says_why_it_refuses_in_the_words_the_private_routes_use(client):
     ag = await agent(client)
     wrong_key = await fails(client, "POST", "/agent/auth", 401, json={"agentId": ag.uid, "key": "x"})
+    assert wrong_key["error"]["message"] == "wrong key for this agent"
     unknown = await fails(client, "POST", "/agent/auth", 401,
                           json={"agentId": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "key": ag.key})
-    assert wrong_key["error"]["message"] == unknown["error"]["message"]
+    assert unknown["error"]["message"] == "this agent no longer exists; register again"
+
+    await call(client, "POST", f"/management/agents/rotate_key/{ag.uid}", headers=MGMT_H)
+    on_ping = await fails(client, "GET", "/private/agent/ping", 401, headers=ag.h)
+    on_auth = await fails(client, "POST", "/agent/auth", 401, json={"agentId": ag.uid, "key": ag.key})
+    assert on_auth["error"]["message"] == on_ping["error"]["message"]
+    assert "credential was revoked; register again" in on_auth["error"]["message"]
+
+    for reset in ("/management/agents/delete/{uid}", "/management/agents/reset"):
+        gone = await agent(client)
+        await call(client, "GET", "/private/agent/ping", headers=gone.h)
+        await call(client, "POST", reset.format(uid=gone.uid), headers=MGMT_H)
+        on_ping = await fails(client, "GET", "/private/agent/ping", 401, headers=gone.h)
+        on_auth = await fails(client, "POST", "/agent/auth", 401, json={"agentId": gone.uid, "key": gone.key})
+        assert on_auth["error"]["message"] == on_ping["error"]["message"] \
+            == "this agent no longer exists; register again"
     await fails(client, "POST", "/agent/auth", 400, json={"agentId": ag.uid})
     await fails(client, "POST", "/agent/auth", 400, json={"agentId": 1, "key": "x"})
 

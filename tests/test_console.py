@@ -314,6 +314,7 @@ def test_overview_shows_online_agents_capabilities_and_queue_depth(console, serv
     expect(view.locator("[data-ref=queues] tr", has_text="train/big")).to_contain_text("2")
     expect(view.locator("[data-ref=by-status] tr", has_text="pending")).to_contain_text("2")
     expect(view.locator("[data-ref=waiting]")).to_have_text("2")
+    expect(view.locator("[data-ref=health-note]")).to_contain_text("1 agent cached")
 
 
 def test_health_says_unhealthy_and_why_while_the_disk_refuses_writes(console, server):
@@ -426,7 +427,7 @@ def test_api_keys_can_be_created_and_revoked(console, server):
     assert keys["ck-console-test-key"]["capabilities"] == ["llm.*", "shell.bash"]
 
     row.get_by_role("button", name="Revoke").click()
-    expect(page.locator("#confirm-text")).to_contain_text("ck-console-test-key")
+    expect(page.locator("#confirm-text")).to_contain_text("ck-con…")  # its first characters only
     page.click("#confirm-ok")
     expect(row.locator(".badge")).to_have_text("revoked")
     expect(row.get_by_role("button", name="Revoke")).to_have_count(0)
@@ -807,3 +808,145 @@ def test_agents_page_shows_the_agents_log_lines_as_they_come(console, server):
     expect(row).to_contain_text("ollama: <b>connection</b> refused", timeout=15000)  # as text, not markup
     expect(row.locator(".badge")).to_have_text("ERROR")
     expect(row).to_contain_text(agent.id[-6:])
+
+
+# ----------------------------------------------------------------------------- a new user's first hour
+
+def clipboard_console(console_factory):
+    """A console whose page may read the clipboard, to check what a Copy button put there."""
+    console = console_factory(permissions=["clipboard-read", "clipboard-write"])
+    return console, console.page
+
+
+TOOK = r"(\d+ ms|[\d.]+ s|\d+ min \d+ s)"  # how the console writes a duration
+
+
+def test_an_ended_task_shows_no_stage_and_how_long_it_waited_and_ran(console, server):
+    agent = Agent(server, ["job.timed"])
+    task_id = server.submit("job.timed", {"n": 1})
+    page = console.sign_in()
+    console.go("tasks")
+    row = page.locator(f"tr[data-task='{task_id['id']}']")
+    took = row.locator("td[data-label=Duration]")
+    expect(took).to_have_text(re.compile(rf"^waited {TOOK}$"))
+
+    agent.take(agent.poll()["id"])
+    agent.progress(task_id, stage="running", log="x\n")
+    expect(row.locator("td[data-label=Stage]")).to_have_text("running")
+    expect(took).to_have_text(re.compile(rf"^waited {TOOK} · running {TOOK}$"))
+    agent.resolve(task_id, {"ok": 1})
+    expect(row.locator(".badge")).to_have_text("completed")
+    expect(row.locator("td[data-label=Stage]")).to_have_text("—")
+    expect(took).to_have_text(re.compile(rf"^waited {TOOK} · ran {TOOK}$"))
+
+    page.reload()  # the same from the listing as from the events
+    expect(row.locator("td[data-label=Stage]")).to_have_text("—")
+    expect(took).to_have_text(re.compile(rf"^waited {TOOK} · ran {TOOK}$"))
+    row.locator("a").click()
+    facts = page.locator("[data-ref=facts]")
+    expect(page.locator("[data-ref=status]")).to_have_text("completed")
+    expect(facts.locator("dt")).to_contain_text(["Waited", "Ran"])
+    expect(facts.locator("dt", has_text="Stage")).to_have_count(0)
+    expect(facts).not_to_contain_text("running")
+    expect(facts).not_to_contain_text("so far")
+
+
+def test_llm_chat_says_so_when_no_llm_agent_is_online(console, server):
+    page = console.sign_in()
+    console.open("#/sandbox/chat")
+    none = page.locator("[data-ref=chat-none]")
+    expect(none).to_be_visible()
+    expect(none).to_contain_text("No llm.* capability is online")
+    expect(page.locator("[data-ref=chat-model]")).to_be_disabled()
+    expect(page.locator("[data-ref=chat-send]")).to_be_disabled()
+
+    Agent(server, ["llm.tiny"])
+    expect(page.locator("[data-ref=chat-model] option")).to_have_text(["llm.tiny"])
+    expect(none).to_be_hidden()
+    expect(page.locator("[data-ref=chat-model]")).to_be_enabled()
+
+
+def test_a_new_key_is_shown_in_full_once_with_copy_and_then_by_its_first_characters(console_factory, server):
+    console, page = clipboard_console(console_factory)
+    console.sign_in()
+    console.go("keys")
+    view = page.locator("#view")
+    predefined = page.locator(f"tr[data-key='{server.client_key}']")
+    expect(predefined.locator("td[data-label=Key]")).to_have_text(server.client_key[:6] + "…")
+
+    page.click("[data-ref=generate]")
+    key = page.locator("[data-ref=key]").input_value()
+    page.fill("[data-ref=capabilities]", "debug.echo")
+    page.click("[data-ref=create]")
+    created = page.locator("[data-ref=created]")
+    expect(created).to_be_visible()
+    expect(created.locator("[data-ref=created-key]")).to_have_value(key)
+    created.locator("[data-ref=copy-created]").click()
+    expect(page.locator(".toast").last).to_contain_text("Copied the new key")
+    assert page.evaluate("navigator.clipboard.readText()") == key
+
+    row = page.locator(f"tr[data-key='{key}']")
+    expect(row.locator("td[data-label=Key]")).to_have_text(key[:8] + "…")
+    created.locator("[data-ref=dismiss-created]").click()
+    expect(created).to_be_hidden()
+    assert page.locator("[data-ref=created-key]").input_value() == ""
+    for secret in (key, server.client_key):
+        assert secret not in page.locator("body").inner_text()
+
+    page.reload()  # and never again in full
+    expect(row.locator("td[data-label=Key]")).to_have_text(key[:8] + "…")
+    expect(created).to_be_hidden()
+    row.get_by_role("button", name="Revoke").click()
+    expect(page.locator("#confirm-text")).to_contain_text(key[:8] + "…")
+    assert key not in page.locator("#confirm-text").inner_text()
+    page.click("#confirm-ok")
+    expect(page.locator(".toast").last).to_contain_text("revoked")
+    assert key not in page.locator("body").inner_text()
+
+
+def test_the_toast_leaves_the_last_api_key_row_visible(console, server):
+    for n in range(20):  # more rows than fit: the page scrolls
+        status, answer = http("POST", server.url + "/management/client_api_keys/update",
+                              {"key": f"ck-many-keys-{n:02d}-padding", "capabilities": ["debug.echo"]}, server.mgmt)
+        assert status == 200, answer
+    page = console.sign_in()
+    console.go("keys")
+    rows = page.locator("#view tbody tr")
+    expect(rows).to_have_count(21)
+    last = rows.last
+    last.locator("[data-action=limit]").click()
+    last.locator("input[name=limit]").fill("3")
+    last.get_by_role("button", name="Save").click()
+    toast = page.locator(".toast").last
+    expect(toast).to_contain_text("at most 3 tasks in flight")
+    page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")
+    row_box, toast_box = rows.last.bounding_box(), toast.bounding_box()
+    assert row_box["y"] + row_box["height"] <= toast_box["y"], (row_box, toast_box)
+
+
+def test_agents_page_offers_no_drain_for_an_offline_agent_and_copies_its_id(console_factory, server):
+    online = Agent(server, ["echo"])
+    status, reg = http("POST", server.url + "/agent/register", {
+        "capabilities": ["echo"], "systemInfo": SYSTEM_INFO, "apiKey": server.agent_key, "heartbeatSecs": 1})
+    assert status == 200, reg
+    deadline = time.monotonic() + 15  # offline after three missed heartbeats
+    while any(a["uid"] == reg["agentId"] and a["online"]
+              for a in http("GET", server.url + "/management/agents/list", headers=server.mgmt)[1]):
+        assert time.monotonic() < deadline, "the silent agent stayed online"
+        time.sleep(0.2)
+    console, page = clipboard_console(console_factory)
+    console.sign_in()
+    console.go("agents")
+
+    offline_row = page.locator(f"tr[data-agent='{reg['agentId']}']")
+    expect(offline_row.locator(".badge")).to_have_text("offline")
+    expect(offline_row.get_by_role("button", name="Delete")).to_be_visible()
+    expect(offline_row.get_by_role("button", name="Drain")).to_have_count(0)
+    online_row = page.locator(f"tr[data-agent='{online.id}']")
+    expect(online_row.get_by_role("button", name="Drain")).to_be_visible()
+
+    shown = online_row.locator("[data-ref=agent-id]")
+    expect(shown).to_have_text("…" + online.id[-12:])
+    online_row.locator("[data-action=copy]").click()
+    expect(page.locator(".toast").last).to_contain_text("Copied agent id")
+    assert page.evaluate("navigator.clipboard.readText()") == online.id

@@ -105,6 +105,7 @@ def view(b: Broker) -> dict:
         "tasks": sorted(snap["tasks"], key=lambda t: t["id"]),
         "agents": sorted(snap["agents"], key=lambda a: a["uid"]),
         "keys": sorted(snap["keys"], key=lambda k: k["key"]),
+        "buckets": sorted(snap["buckets"], key=lambda k: k["uid"]),
         "held": {uid: sorted(a.held) for uid, a in b.agents.items()},
         "counts": {s: n for (u, s), n in b.counts.items() if not u and n},
         "pending_by_cap": {c: n for c, n in b.pending_by_cap.items() if n},

@@ -5,8 +5,8 @@
 import { api } from "./api.js";
 import { poll } from "./poll.js";
 import { follow, pace } from "./events.js";
-import { h, mountTemplate, fillTable, tr, numCell, showError, chips, timeCell, memory, confirmAction, act } from "./dom.js";
-import { flattenTasks, inFlightByAgent } from "./model.js";
+import { h, mountTemplate, fillTable, tr, numCell, showError, chips, timeCell, memory, confirmAction, act, copyButton } from "./dom.js";
+import { flattenTasks, inFlightByAgent, agentShortId } from "./model.js";
 
 const LABELS = ["Agent", "State", "Tier", "In flight", "Capabilities", "System", "Last contact", ""];
 const LOG_LABELS = ["Time", "Agent", "Severity", "Line"];
@@ -63,10 +63,10 @@ function render(refs, agents, inFlight, loop) {
       tr(
         [
           [
-            agent.displayName
-              ? h("div", {}, h("strong", { "data-ref": "agent-name" }, agent.displayName), " ",
-                  h("span", { class: "mono small muted", title: agent.uid }, agent.uidShort || String(agent.uid).slice(-6)))
-              : h("div", {}, h("strong", { class: "mono", title: agent.uid }, agent.uidShort || String(agent.uid).slice(-6))),
+            agent.displayName ? h("div", {}, h("strong", { "data-ref": "agent-name" }, agent.displayName)) : null,
+            h("div", { class: "agent-id" },
+              h(agent.displayName ? "span" : "strong", { class: `mono${agent.displayName ? " small muted" : ""}`, title: agent.uid, dataset: { ref: "agent-id" } }, agentShortId(agent.uid)),
+              copyButton(agent.uid, `agent id ${agentShortId(agent.uid)}`)),
             h("div", { class: "small muted" }, "registered ", timeCell(agent.registeredAt),
               agent.appVersion ? h("span", { "data-ref": "agent-version" }, ` · v${agent.appVersion}`) : null),
           ],
@@ -79,7 +79,9 @@ function render(refs, agents, inFlight, loop) {
           chips(agent.capabilities),
           system(agent.systemInfo),
           timeCell(agent.lastContact),
-          h("td", { class: "actions" }, drainButton(agent, loop), revokeButton(agent, loop), deleteButton(agent, loop)),
+          // An offline agent takes no tasks anyway: Drain would say nothing (Resume stays).
+          h("td", { class: "actions" }, agent.online || agent.draining ? drainButton(agent, loop) : null,
+            revokeButton(agent, loop), deleteButton(agent, loop)),
         ],
         LABELS,
         { dataset: { agent: agent.uid, draining: String(!!agent.draining) }, class: agent.online ? undefined : "is-offline" },
@@ -97,7 +99,7 @@ function renderLogs(refs, items) {
       tr(
         [
           timeCell(line.timestamp),
-          h("span", { title: line.agentId }, line.agentName || String(line.agentId).slice(-6)),
+          h("span", { title: line.agentId, class: line.agentName ? undefined : "mono" }, line.agentName || agentShortId(line.agentId)),
           h("span", { class: "badge", dataset: { severity: String(line.severity).toLowerCase() } }, line.severity),
           h("span", { class: "mono" }, line.text),
         ],
@@ -123,7 +125,7 @@ function system(info) {
 
 // Drain: no new tasks, running ones finish. Reversible, so no confirmation.
 function drainButton(agent, loop) {
-  const name = agent.uidShort || agent.uid;
+  const name = agentShortId(agent.uid);
   const draining = !!agent.draining;
   const button = h(
     "button",
@@ -144,7 +146,7 @@ function drainButton(agent, loop) {
 // Revoke credential: for a machine that may be compromised. The agent keeps its id and
 // tasks; it must register again (our agent does so by itself with a registration key).
 function revokeButton(agent, loop) {
-  const name = agent.uidShort || agent.uid;
+  const name = agentShortId(agent.uid);
   const button = h("button", { type: "button", class: "btn btn-small btn-danger-ghost", dataset: { action: "revoke" } }, "Revoke credential");
   button.addEventListener("click", async () => {
     const ok = await confirmAction(
@@ -163,12 +165,12 @@ function deleteButton(agent, loop) {
   const button = h("button", { type: "button", class: "btn btn-small btn-danger-ghost" }, "Delete");
   button.addEventListener("click", async () => {
     const ok = await confirmAction(
-      `Delete agent ${agent.uidShort || agent.uid}?`,
+      `Delete agent ${agentShortId(agent.uid)}?`,
       "It must register again to get work. Tasks it holds go back to their queue if restartable, otherwise they fail.",
       "Delete agent",
     );
     if (!ok) return;
-    await act(button, () => api.deleteAgent(agent.uid), `Agent ${agent.uidShort || agent.uid} deleted.`);
+    await act(button, () => api.deleteAgent(agent.uid), `Agent ${agentShortId(agent.uid)} deleted.`);
     loop.now();
   });
   return button;

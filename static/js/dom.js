@@ -120,6 +120,22 @@ export function relTime(iso, now = Date.now()) {
   return future ? `in ${text}` : `${text} ago`;
 }
 
+// 42 → "42 ms", 4200 → "4.2 s", 75000 → "1 min 15 s": how long something took.
+export function duration(ms) {
+  const s = Math.max(0, ms) / 1000;
+  if (s < 1) return `${Math.round(s * 1000)} ms`;
+  if (s < 10) return `${s.toFixed(1)} s`;
+  if (s < 60) return `${Math.floor(s)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.floor(s % 60)} s`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+}
+
+// plural(1, "agent") → "1 agent", plural(3, "agent") → "3 agents"
+export function plural(n, word) {
+  return `${n} ${n === 1 ? word : `${word}s`}`;
+}
+
 export function absTime(iso) {
   if (!iso) return "";
   const d = new Date(iso);
@@ -142,6 +158,37 @@ export function fillFacts(dl, pairs) {
       .filter(([, v]) => v !== undefined && v !== null && v !== "")
       .flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
   );
+}
+
+// A button that copies `text` (an id, a new key) to the clipboard and says so.
+export function copyButton(text, what) {
+  return h("button", {
+    type: "button", class: "btn btn-small btn-ghost copy", dataset: { action: "copy" },
+    title: `Copy ${what}`, "aria-label": `Copy ${what}`,
+    on: { click: () => copyText(text, what) },
+  }, "Copy");
+}
+
+export async function copyText(text, what) {
+  try {
+    // The clipboard API needs a secure context (https or localhost); elsewhere the
+    // older selection copy still works.
+    if (navigator.clipboard && window.isSecureContext) await navigator.clipboard.writeText(text);
+    else selectionCopy(text);
+    toast(`Copied ${what}.`);
+  } catch (err) {
+    toast(`Could not copy ${what}: ${errorText(err)}`, "error");
+  }
+}
+
+function selectionCopy(text) {
+  const area = h("textarea", { class: "sr-only", readonly: true, "aria-hidden": "true" });
+  area.value = text;
+  document.body.append(area);
+  area.select();
+  const copied = document.execCommand("copy");
+  area.remove();
+  if (!copied) throw new Error("the browser refused");
 }
 
 export function toast(message, kind = "ok") {

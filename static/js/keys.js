@@ -1,9 +1,10 @@
 // API keys: the client keys, creating one with capability patterns and an optional limit
-// of tasks in flight, changing that limit, revoking a key.
+// of tasks in flight, changing that limit, revoking a key. A key is its client's secret:
+// it is shown in full once, when created, and by its first characters after that.
 
 import { api } from "./api.js";
 import { poll } from "./poll.js";
-import { h, mountTemplate, fillTable, tr, showError, chips, mono, timeCell, confirmAction, act, toast } from "./dom.js";
+import { h, mountTemplate, fillTable, tr, showError, chips, mono, timeCell, confirmAction, act, toast, copyText } from "./dom.js";
 
 const LABELS = ["Key", "Capabilities", "Max in flight", "Kind", "Created", "State", ""];
 
@@ -42,10 +43,18 @@ export function mount(root) {
     }
     const saved = await act(refs.create, () => api.saveKey(key, patterns, limit));
     if (saved) {
-      toast(`Key ${key} saved with ${patterns.join(", ")}${limit ? `, at most ${limit} in flight` : ""}.`);
+      toast(`Key ${keyPrefix(key)} saved with ${patterns.join(", ")}${limit ? `, at most ${limit} in flight` : ""}.`);
       refs.form.reset();
+      refs["created-key"].value = key;
+      refs.created.hidden = false;
+      refs["copy-created"].focus();
       loop.now();
     }
+  });
+  refs["copy-created"].addEventListener("click", () => copyText(refs["created-key"].value, "the new key"));
+  refs["dismiss-created"].addEventListener("click", () => {
+    refs["created-key"].value = "";
+    refs.created.hidden = true;
   });
 
   return () => loop.stop();
@@ -64,7 +73,7 @@ function render(refs, state) {
     sorted.map((k) =>
       tr(
         [
-          mono(k.key),
+          mono(keyPrefix(k.key)),
           chips(k.capabilities),
           limitCell(k, state),
           k.isPredefined ? "predefined" : "created here",
@@ -85,7 +94,7 @@ function limitCell(k, state) {
   const shown = h("span", { class: limit === null ? "muted" : "", dataset: { ref: "limit" } }, limit === null ? "no limit" : String(limit));
   if (k.isRevoked) return h("td", { class: "num limit" }, shown);
   if (state.editing !== k.key) {
-    const change = h("button", { type: "button", class: "btn btn-small btn-ghost", dataset: { action: "limit" }, "aria-label": `Change max in flight of ${k.key}` }, "Change");
+    const change = h("button", { type: "button", class: "btn btn-small btn-ghost", dataset: { action: "limit" }, "aria-label": `Change max in flight of ${keyPrefix(k.key)}` }, "Change");
     change.addEventListener("click", () => {
       state.editing = k.key;
       state.redraw();
@@ -96,7 +105,7 @@ function limitCell(k, state) {
   }
   const input = h("input", {
     name: "limit", type: "number", min: "1", step: "1", inputmode: "numeric", placeholder: "no limit",
-    value: limit === null ? "" : String(limit), "aria-label": `Max in flight of ${k.key}`,
+    value: limit === null ? "" : String(limit), "aria-label": `Max in flight of ${keyPrefix(k.key)}`,
   });
   const save = h("button", { type: "submit", class: "btn btn-small btn-primary" }, "Save");
   const cancel = h("button", { type: "button", class: "btn btn-small btn-ghost" }, "Cancel");
@@ -120,7 +129,7 @@ function limitCell(k, state) {
     // The update names the capabilities again: they stay as they are.
     const saved = await act(save, () => api.saveKey(k.key, k.capabilities, value));
     if (!saved) return;
-    toast(value === null ? `Key ${k.key} has no limit now.` : `Key ${k.key}: at most ${value} tasks in flight.`);
+    toast(value === null ? `Key ${keyPrefix(k.key)} has no limit now.` : `Key ${keyPrefix(k.key)}: at most ${value} tasks in flight.`);
     state.keys = state.keys.map((x) => (x.key === k.key ? saved : x));
     close();
     state.refresh();
@@ -133,14 +142,21 @@ function revokeButton(k, state) {
   button.addEventListener("click", async () => {
     const ok = await confirmAction(
       "Revoke this key?",
-      `Clients using ${k.key} will get 401 from now on. This cannot be undone; create a new key instead.`,
+      `Clients using ${keyPrefix(k.key)} will get 401 from now on. This cannot be undone; create a new key instead.`,
       "Revoke key",
     );
     if (!ok) return;
-    await act(button, () => api.revokeKey(k.key), `Key ${k.key} revoked.`);
+    await act(button, () => api.revokeKey(k.key), `Key ${keyPrefix(k.key)} revoked.`);
     state.refresh();
   });
   return button;
+}
+
+// The first characters of a key: enough to tell keys apart, too few to use one (a third
+// of it, at most 8).
+function keyPrefix(key) {
+  const k = String(key);
+  return `${k.slice(0, Math.min(8, Math.floor(k.length / 3)))}…`;
 }
 
 // "" → null (no limit); "12" → 12; anything else → undefined (invalid).

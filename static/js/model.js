@@ -48,6 +48,12 @@ export function shortId(id) {
   return id ? `…${String(id).slice(-8)}` : "—";
 }
 
+// Agent ids are ULIDs too: their last 12 characters (60 random bits) tell agents apart,
+// where the 6 of the wire's uidShort may not.
+export function agentShortId(uid) {
+  return uid ? `…${String(uid).slice(-12)}` : "—";
+}
+
 export function taskHref(id) {
   return `#/tasks/${encodeURIComponent(id.cap)}/${encodeURIComponent(id.id)}`;
 }
@@ -91,6 +97,24 @@ export function waitingUntil(task, now = Date.now()) {
   if (typeof data.runAt === "string") at = Date.parse(data.runAt);
   else if (typeof data.delaySecs === "number" && task.createdAt) at = Date.parse(task.createdAt) + data.delaySecs * 1000;
   return at && !Number.isNaN(at) && at > now ? new Date(at).toISOString() : null;
+}
+
+// How long a task waited and ran, in ms: waited from creation to its (last) assignment,
+// or to its end if it never ran; ran from that assignment to its end, or to `now`.
+// `ran` is null for a task no agent holds; `ongoing` while the task has not ended.
+export function timing(task, now = Date.now()) {
+  const at = (iso) => (typeof iso === "string" && !Number.isNaN(Date.parse(iso)) ? Date.parse(iso) : null);
+  const created = at(task.createdAt);
+  if (created === null) return null;
+  const ended = ENDED.has(task.status) ? at(task.endedAt) : null;
+  // A task back in its queue keeps the assignment of its earlier attempt: not this one.
+  const assigned = task.status === "pending" ? null : at(task.assignedAt);
+  const end = ended ?? now;
+  return {
+    waited: (assigned ?? end) - created,
+    ran: assigned === null ? null : end - assigned,
+    ongoing: !ENDED.has(task.status),
+  };
 }
 
 export function canCancel(task) {

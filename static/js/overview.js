@@ -3,7 +3,7 @@
 import { api } from "./api.js";
 import { poll } from "./poll.js";
 import { follow, pace } from "./events.js";
-import { h, mountTemplate, fillTable, fillFacts, showError, badge, absTime, numCell } from "./dom.js";
+import { h, mountTemplate, fillTable, fillFacts, showError, badge, absTime, numCell, duration, plural } from "./dom.js";
 import { STATUSES, IN_FLIGHT, WAITING } from "./model.js";
 
 export function mount(root) {
@@ -34,8 +34,8 @@ function render(refs, health, stats, capabilities) {
   refs.health.dataset.state = health.status === "healthy" ? "up" : "down";
   refs["health-note"].textContent = [
     stats.version ? `v${stats.version}` : null,
-    typeof stats.uptimeSecs === "number" ? `up ${duration(stats.uptimeSecs)}` : null,
-    typeof health.cached_agents === "number" ? `${health.cached_agents} agents cached` : null,
+    typeof stats.uptimeSecs === "number" ? `up ${duration(stats.uptimeSecs * 1000)}` : null,
+    typeof health.cached_agents === "number" ? `${plural(health.cached_agents, "agent")} cached` : null,
     health.message || null, // why it is unhealthy
   ]
     .filter(Boolean)
@@ -90,13 +90,6 @@ function render(refs, health, stats, capabilities) {
   }
   refs.updated.textContent = `Updated ${new Date().toLocaleTimeString()}`;
   refs.updated.title = absTime(health.timestamp);
-}
-
-function duration(s) {
-  if (s < 60) return `${Math.floor(s)} s`;
-  if (s < 3600) return `${Math.floor(s / 60)} min`;
-  if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
-  return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
 }
 
 function emptyRow(span, text) {

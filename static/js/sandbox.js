@@ -75,7 +75,7 @@ function watchTask(id, onUpdate, onError) {
       update({ ...state, log: (state.log || "") + (d.log || ""), stage: d.stage ?? state.stage });
     } else if (e.type === "status") {
       if (ENDED.has(d.status)) return; // the `end` event that follows carries the output
-      update({ ...state, status: d.status, stage: d.stage ?? state.stage, cancelRequested: !!d.cancelRequested });
+      update({ ...state, status: d.status, stage: "stage" in d ? d.stage : state.stage, cancelRequested: !!d.cancelRequested });
     } else if (e.type === "end") {
       update({ id: d.id, status: d.status, stage: d.stage, log: d.log || "", output: d.result });
     }
@@ -545,11 +545,16 @@ function setupChat(refs) {
     input.focus();
   });
 
+  // The models listed, joined; null before the first list, so that an empty first list
+  // (no llm.* online) is shown too rather than compared equal to the empty dropdown.
+  let listed = null;
+
   return {
     capabilities(caps) {
       const models = caps.filter((c) => c.startsWith("llm."));
-      const have = [...select.options].map((o) => o.value).filter(Boolean);
-      if (have.join("\n") !== models.join("\n")) {
+      refs["chat-none"].hidden = models.length > 0;
+      if (listed !== models.join("\n")) {
+        listed = models.join("\n");
         const keep = select.value;
         select.replaceChildren(
           ...(models.length ? models.map((m) => h("option", { value: m }, m)) : [h("option", { value: "" }, "no llm.* capability online")]),

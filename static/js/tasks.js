@@ -5,13 +5,14 @@
 import { api } from "./api.js";
 import { poll } from "./poll.js";
 import { follow, onState, pace, subscribe, taskOf } from "./events.js";
-import { h, mountTemplate, fillTable, fillFacts, tr, showError, badge, mono, pretty, setLog, timeCell, confirmAction, act } from "./dom.js";
+import { h, mountTemplate, fillTable, fillFacts, tr, showError, badge, mono, pretty, setLog, timeCell, confirmAction, act, duration } from "./dom.js";
 import {
   STATUSES, ENDED, flattenTasks, rowOf, idOf, shortId, taskHref,
-  priorityOf, attemptText, waitingUntil, canCancel, canRequeue,
+  priorityOf, attemptText, waitingUntil, canCancel, canRequeue, timing, agentShortId,
 } from "./model.js";
 
-const LABELS = ["Task", "Capability", "Queue", "Status", "Stage", "Agent", "Attempt", "Created", ""];
+const LABELS = ["Task", "Capability", "Queue", "Status", "Stage", "Agent", "Attempt", "Created", "Duration", ""];
+const TICK_MS = 1000; // how often the durations of tasks that have not ended move on
 
 // The filters outlive the page so that coming back from a task's detail keeps them.
 const filters = { queue: "", status: "", capability: "", dead: false };
@@ -131,7 +132,10 @@ function mountList(root) {
     } else if (old) {
       // A task that ended leaves that state only by a requeue.
       if (ENDED.has(old.status) && d.op !== "task.requeued") return;
-      row = { ...old, status: d.status, stage: d.stage, attempt: d.attempt, cancelRequested: !!d.cancelRequested, agentId: d.agentId ?? old.agentId };
+      row = {
+        ...old, status: d.status, stage: d.stage, attempt: d.attempt, cancelRequested: !!d.cancelRequested,
+        agentId: d.agentId ?? old.agentId, assignedAt: d.assignedAt ?? old.assignedAt, endedAt: d.endedAt ?? null,
+      };
     } else {
       row = rowFromStatus(d);
     }
@@ -167,6 +171,7 @@ function mountList(root) {
     everyMs: pace(60000, 3000),
     onError: (err) => showError(refs.error, err),
   });
+  const ticker = setInterval(() => tickDurations(refs.rows), TICK_MS);
   const unsubscribe = subscribe(apply);
   const offState = onState((state) => {
     if (state === "live") loop.now(); // what happened while it was down
@@ -193,6 +198,7 @@ function mountList(root) {
 
   return () => {
     clearTimeout(drawTimer);
+    clearInterval(ticker);
     unsubscribe();
     offState();
     loop.stop();
@@ -211,6 +217,8 @@ function rowFromStatus(d) {
     cancelRequested: !!d.cancelRequested,
     agentId: d.agentId || null,
     createdAt: d.createdAt,
+    assignedAt: d.assignedAt || null,
+    endedAt: d.endedAt || null,
     data: { capability: d.id.cap, urgent: !!d.urgent, priority: d.priority },
   });
 }
@@ -242,9 +250,10 @@ function render(refs, { rows, total, next, loaded }, caps, refresh) {
           queueCell(t),
           statusCell(t, now),
           t.stage || none(),
-          t.agentId ? mono(String(t.agentId).slice(-6), t.agentId) : none(),
+          t.agentId ? mono(agentShortId(t.agentId), t.agentId) : none(),
           attempt ? h("td", { class: "num attempt" }, attempt) : h("td", { class: "num is-empty" }, h("span", { class: "muted" }, "—")),
           timeCell(t.createdAt),
+          durationCell(t, now),
           h("td", { class: "actions" }, taskActions(t, refresh, true)),
         ],
         LABELS,
@@ -252,6 +261,28 @@ function render(refs, { rows, total, next, loaded }, caps, refresh) {
       );
     }),
   );
+}
+
+// "waited 2.0 s · ran 14 s"; the cells of tasks that have not ended are kept moving.
+function durationCell(t, now) {
+  const cell = h("td", { class: "duration small", dataset: { ref: "duration" } }, durationText(timing(t, now)));
+  if (!ENDED.has(t.status)) cell.dataset.ongoing = "";
+  cell.task = t;
+  return cell;
+}
+
+function durationText(times) {
+  if (!times) return "—";
+  const parts = [`waited ${duration(times.waited)}`];
+  if (times.ran !== null) parts.push(`${times.ongoing ? "running" : "ran"} ${duration(times.ran)}`);
+  return parts.join(" · ");
+}
+
+function tickDurations(root) {
+  const now = Date.now();
+  for (const cell of root.querySelectorAll("td[data-ongoing]")) {
+    if (cell.task) cell.textContent = durationText(timing(cell.task, now));
+  }
 }
 
 function queueCell(t) {
@@ -370,7 +401,11 @@ function mountDetail(root, id) {
       deltas += 1;
       current = { ...current, log: (current.log || "") + (d.log || ""), stage: d.stage ?? current.stage };
     } else if (e.type === "status") {
-      current = { ...current, status: d.status, stage: d.stage ?? current.stage, attempt: d.attempt ?? current.attempt, cancelRequested: !!d.cancelRequested };
+      // A status event always says the stage: null once the task has left its agent.
+      current = {
+        ...current, status: d.status, stage: "stage" in d ? d.stage : current.stage, attempt: d.attempt ?? current.attempt,
+        cancelRequested: !!d.cancelRequested, assignedAt: d.assignedAt ?? current.assignedAt, endedAt: d.endedAt ?? null,
+      };
     } else if (e.type === "end") {
       current = rowOf(d);
     } else return;
@@ -391,7 +426,13 @@ function mountDetail(root, id) {
     if (answer) loop.now();
   });
 
+  // While the task has not ended its durations move on.
+  const ticker = setInterval(() => {
+    if (current && !ENDED.has(current.status)) renderFacts(refs, current);
+  }, TICK_MS);
+
   return () => {
+    clearInterval(ticker);
     unsubscribe();
     unfollow();
     loop.stop();
@@ -410,7 +451,23 @@ function renderDetail(refs, task) {
   const data = task.data || {};
   refs.status.textContent = task.status;
   refs.status.dataset.status = task.status;
+  renderFacts(refs, task);
+  setText(refs.payload, pretty(data.payload));
+  setText(refs.output, task.result === undefined || task.result === null ? (ENDED.has(task.status) ? "—" : "Not finished yet.") : pretty(task.result));
+  setLog(refs.log, task.log || (task.agentId ? "" : "Waiting for an agent to take this task."));
+  refs["log-note"].textContent = ENDED.has(task.status) ? "" : "· live";
+  const history = task.history || [];
+  refs.history.replaceChildren(
+    ...(history.length
+      ? history.map((entry) => h("li", {}, timeCell(entry.timestamp), " ", h("span", {}, entry.description)))
+      : [h("li", { class: "muted" }, "Nothing has happened to this task yet.")]),
+  );
+}
+
+function renderFacts(refs, task) {
+  const data = task.data || {};
   const until = waitingUntil(task);
+  const times = timing(task);
   const secs = (name) => (typeof data[name] === "number" ? `${data[name]} s` : null);
   fillFacts(refs.facts, [
     ["Capability", mono(task.capability)],
@@ -421,7 +478,10 @@ function renderDetail(refs, task) {
     ["Attempt", attemptText(task)],
     ["Cancel", task.cancelRequested && !ENDED.has(task.status) ? "requested; waiting for the agent to stop" : null],
     ["Created", timeCell(task.createdAt)],
-    ["Assigned", task.assignedAt ? timeCell(task.assignedAt) : null],
+    ["Assigned", task.assignedAt && task.status !== "pending" ? timeCell(task.assignedAt) : null],
+    ["Ended", ENDED.has(task.status) && task.endedAt ? timeCell(task.endedAt) : null],
+    ["Waited", times ? `${duration(times.waited)}${times.ongoing && times.ran === null ? " so far" : ""}` : null],
+    ["Ran", times && times.ran !== null ? `${duration(times.ran)}${times.ongoing ? " so far" : ""}` : null],
     ["Waiting until", until ? h("span", {}, timeCell(until), ` (${new Date(until).toLocaleString()})`) : null],
     ["Run at", data.runAt && !until ? data.runAt : null],
     ["Restartable", data.restartable ? `yes, up to ${typeof data.maxRetries === "number" ? data.maxRetries : 3} retries${secs("retryDelaySecs") ? `, first after ${secs("retryDelaySecs")}` : ""}` : "no"],
@@ -433,16 +493,6 @@ function renderDetail(refs, task) {
     ["Files to fetch", data.fetchFiles && data.fetchFiles.length ? data.fetchFiles.map((f) => f.path).join(", ") : null],
     ["Artifacts", data.artifacts && data.artifacts.length ? data.artifacts.map((f) => f.path).join(", ") : null],
   ]);
-  setText(refs.payload, pretty(data.payload));
-  setText(refs.output, task.result === undefined || task.result === null ? (ENDED.has(task.status) ? "—" : "Not finished yet.") : pretty(task.result));
-  setLog(refs.log, task.log || (task.agentId ? "" : "Waiting for an agent to take this task."));
-  refs["log-note"].textContent = ENDED.has(task.status) ? "" : "· live";
-  const history = task.history || [];
-  refs.history.replaceChildren(
-    ...(history.length
-      ? history.map((entry) => h("li", {}, timeCell(entry.timestamp), " ", h("span", {}, entry.description)))
-      : [h("li", { class: "muted" }, "Nothing has happened to this task yet.")]),
-  );
 }
 
 function setText(el, text) {
