@@ -181,6 +181,10 @@ def test_compose_runs_postgres_two_servers_on_it_and_an_agent_following_both(mon
         assert all(port.endswith(f":{PORT}") for port in srv["ports"])
         assert srv["depends_on"]["postgres"]["condition"] == "service_healthy"
         check_variables(env, "server")
+    # One data folder for every server: in PostgreSQL mode it holds the bucket files.
+    data = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for i, a in dockerfile() if i == "ENV")))["DATABASE_ROOT_PATH"]
+    (volume,) = {tuple(srv["volumes"]) for srv in servers.values()}
+    assert [v.split(":")[1] for v in volume] == [data]
     agent = next(iter(agents.values()))
     urls = agent["environment"]["OFFLOAD_AGENT_SERVER"].split(",")
     # Each server's advertised URL is in the agent's list: it follows the leader by name.
@@ -342,6 +346,13 @@ def test_helm_postgres_mode_is_a_deployment_of_several_ready_only_when_leading()
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert pod(deployment)["volumes"] == [{"name": "data", "emptyDir": {}}]
     check_pod(deployment, service, values)
+    # Bucket files want one data folder for all replicas: a ReadWriteMany claim, on request.
+    shared = chart(postgres__enabled=True, sharedFiles=True)
+    (claim,) = shared["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pod(shared["Deployment"][0])["volumes"] == [
+        {"name": "data", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}]
+    assert "PersistentVolumeClaim" not in chart(sharedFiles=True), "embedded mode has its own claim"
 
 
 def start_pod(workload: dict, secrets: dict, folder: Path) -> tuple[subprocess.Popen, str]:
