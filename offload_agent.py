@@ -10,6 +10,7 @@ protocol (`serve --original-protocol` forces it).
 
     python offload_agent.py register --server http://HOST:3069 --key AGENT_KEY \\
         --caps debug.echo shell.bash [--tier 0] [--capacity 1]
+        # --server http://A:3069,http://B:3069: servers on one database, the leader followed
     python offload_agent.py serve            # until SIGINT/SIGTERM
     python offload_agent.py rotate-key       # a fresh login secret from the server
     python offload_agent.py sysinfo          # what it reports about this machine
@@ -26,8 +27,9 @@ option leaves reachable.
 Sections (`grep '^# ===' offload_agent.py`):
   1. imports, version, logger
   2. config        — the saved identity, runtime settings, system info
-  3. server client — keep-alive HTTP/1.1, the agent WebSocket (PushChannel), re-auth on
-                     401 (re-registration), backoff to 30 s
+  3. server client — keep-alive HTTP/1.1 that follows the leader among several server
+                     URLs (ServerHttp.on_leader), the agent WebSocket (PushChannel),
+                     re-auth on 401 (re-registration), backoff to 30 s
   4. executors     — confinement (ids, environment, reaper), the executor table, files
                      through descriptors, guarded fetches, artifacts
   5. serve loop    — pushed tasks (or long poll and take), run up to `capacity` tasks,
@@ -84,6 +86,7 @@ POLL_WAIT_S = 20                  # long-poll hold asked of the server
 REQUEST_TIMEOUT_S = 30.0          # any other call to the server
 BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
+STANDBY_RETRY_S = 0.5           # every server URL answered "not the leader": ask again this soon
 PROGRESS_INTERVAL_S = 0.5         # log updates are batched at most this often
 RUNNING_AFTER_S = 0.5             # a task running this long is reported running, watched for cancels
 HEARTBEAT_S = 8.0                 # declared to the server; the holding report goes out this often
@@ -280,37 +283,186 @@ def task_path(task_id: dict) -> str:
     return f"{quote(task_id['cap'], safe='')}/{quote(task_id['id'], safe='')}"
 
 
-class ServerHttp:
-    """HTTP/1.1 with keep-alive to the server, on asyncio streams. The agent's calls are
-    small JSON exchanges, and a capacity-1 agent running short tasks waits on each one:
-    this sends a request in one write and reads the answer with no per-request objects,
-    about half of aiohttp's round trip on loopback. Everything else the agent fetches
-    (files, LLM servers) goes through aiohttp."""
+class NotLeader(ConnectionError):
+    """A standby answered `503 not_leader` (WIRE.md): it did nothing with the request;
+    `leader` is the URL it names as the leader's (or None)."""
 
-    def __init__(self, base_url: str):
-        parts = urlsplit(base_url)
+    def __init__(self, message: str, leader: str | None = None):
+        super().__init__(message)
+        self.leader = leader
+
+
+class _Unsent(Exception):
+    """Connecting failed, so nothing reached that server: trying another URL is safe."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def not_leader(status: int, body: bytes) -> NotLeader | None:
+    """The NotLeader of a standby's answer; None for any other answer."""
+    if status != 503 or b"not_leader" not in body:
+        return None
+    with contextlib.suppress(ValueError):
+        error = json.loads(body).get("error")
+        if isinstance(error, dict) and error.get("type") == "not_leader":
+            leader = error.get("leader")
+            return NotLeader(str(error.get("message") or "not the leader"),
+                             leader if isinstance(leader, str) else None)
+    return None
+
+
+def url_key(url: str) -> tuple:
+    """What makes two spellings of a server URL the same server."""
+    parts = urlsplit(url.strip())
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+
+
+class Endpoint:
+    """One configured server URL and its idle keep-alive connections."""
+
+    def __init__(self, url: str, user_agent: str):
+        parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"the server URL must be http(s)://host[:port]: {base_url!r}")
+            raise ValueError(f"the server URL must be http(s)://host[:port]: {url!r}")
+        self.url = url.rstrip("/")
+        self.key = url_key(url)
         self.ssl = parts.scheme == "https"
         self.host = parts.hostname
         self.port = parts.port or (443 if self.ssl else 80)
         self.prefix = parts.path.rstrip("/")
         self.fixed_headers = (f"Host: {parts.netloc.rpartition('@')[2]}\r\n"
-                              f"User-Agent: offload-agent/{__version__}\r\n")
+                              f"User-Agent: {user_agent}\r\n")
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            return await asyncio.open_connection(self.host, self.port, ssl=self.ssl or None)
+        except OSError as err:
+            raise _Unsent(err) from err
+
+    def close_idle(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+class ServerHttp:
+    """HTTP/1.1 with keep-alive to the server, on asyncio streams. The agent's calls are
+    small JSON exchanges, and a capacity-1 agent running short tasks waits on each one:
+    this sends a request in one write and reads the answer with no per-request objects,
+    about half of aiohttp's round trip on loopback. Everything else the agent fetches
+    (files, LLM servers) goes through aiohttp.
+
+    It is given one server URL or several (`URL1,URL2`: servers on one PostgreSQL
+    database, one leader and standbys) and is the one place that follows the leader
+    (`on_leader`): a URL that cannot be connected to, or whose server answers
+    `503 not_leader`, is left for the leader that answer names when it is one of the
+    given URLs (credentials go to no other), else for the next URL. Requests that
+    reached no server, or a standby, are sent again at once; what broke mid-exchange is
+    raised, and the caller, who knows whether a resend is safe, retries it (to the next
+    URL)."""
+
+    def __init__(self, base_urls: str | list[str], user_agent: str = f"offload-agent/{__version__}"):
+        urls = base_urls.split(",") if isinstance(base_urls, str) else list(base_urls)
+        urls = [u.strip() for u in urls if u.strip()]
+        if not urls:
+            raise ValueError("no server URL given (http(s)://host[:port], comma-separated for several)")
+        self.endpoints: list[Endpoint] = []
+        for url in urls:
+            endpoint = Endpoint(url, user_agent)
+            if all(e.key != endpoint.key for e in self.endpoints):
+                self.endpoints.append(endpoint)
+        self.at = 0  # the endpoint in use: the last one that answered as a leader
+        # After following a standby's word to a leader that then fails, the round goes on
+        # after that standby (a stale word must not keep the other URLs from their turn).
+        self.resume_at: int | None = None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.endpoints[self.at]
+
+    @property
+    def base_url(self) -> str:
+        """The server URL requests go to now."""
+        return self.endpoints[self.at].url
+
+    @property
+    def idle(self) -> list:
+        return self.endpoints[self.at].idle
+
+    def move_from(self, endpoint: Endpoint, leader: str | None = None) -> None:
+        """Requests go elsewhere than `endpoint` from now: to `leader` when it is a
+        configured URL, else to the next URL. Nothing moves when another request has
+        moved already, so a burst of failures against one server moves once."""
+        if self.endpoints[self.at] is not endpoint:
+            return
+        endpoint.close_idle()
+        named = leader and next((e for e in self.endpoints if e.key == url_key(leader)), None)
+        following = self.at + 1
+        if named is not None and named is not endpoint:
+            self.resume_at, self.at = following % len(self.endpoints), self.endpoints.index(named)
+        else:
+            if leader and named is None:
+                log.warning("%s names %s as the leader, which is not a configured server URL: "
+                            "not following it", endpoint.url, leader)
+            resume_at, self.resume_at = self.resume_at, None
+            self.at = resume_at if resume_at not in (None, self.at) else following % len(self.endpoints)
+        if len(self.endpoints) > 1:
+            log.info("server %s unavailable or not the leader; trying %s", endpoint.url, self.base_url)
+
+    async def on_leader(self, attempt: Callable[[Endpoint], Awaitable[Any]], timeout_s: float) -> Any:
+        """`attempt(endpoint)` on the server that leads, within `timeout_s`. An attempt
+        raises _Unsent when it could not connect and NotLeader for a standby's answer:
+        both go on to another URL at once; once every URL has been tried, the connection
+        error is raised when no server answered, else (standbys only: a failover is
+        under way) it tries again after STANDBY_RETRY_S until the time is up. Any other
+        error moves away from that server when it is a broken exchange, and is raised."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        misses, standby, failure = 0, None, None
+        while True:
+            endpoint = self.endpoints[self.at]
+            try:
+                async with asyncio.timeout_at(deadline):
+                    answer = await attempt(endpoint)
+                self.resume_at = None
+                return answer
+            except NotLeader as err:
+                standby = err
+                self.move_from(endpoint, err.leader)
+            except _Unsent as err:
+                failure = err.error
+                self.move_from(endpoint)
+            except (OSError, EOFError, ValueError):  # TimeoutError and IncompleteReadError too
+                self.move_from(endpoint)
+                raise
+            misses += 1
+            if misses % len(self.endpoints):
+                continue
+            if standby is None:
+                raise failure
+            if loop.time() + STANDBY_RETRY_S >= deadline:
+                raise NotLeader(f"no server leads yet ({standby}); tried "
+                                f"{', '.join(e.url for e in self.endpoints)}", standby.leader)
+            standby = None
+            await asyncio.sleep(STANDBY_RETRY_S)
 
     async def request(self, method: str, path: str, body: bytes | None, headers: dict,
                       timeout_s: float) -> tuple[int, bytes]:
-        lines = [f"{method} {self.prefix}{path} HTTP/1.1\r\n", self.fixed_headers]
-        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
         if body is not None:
             lines.append(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
-        message = "".join(lines).encode("latin-1") + b"\r\n" + (body or b"")
-        async with asyncio.timeout(timeout_s):
+        rest = "".join(lines).encode("latin-1") + b"\r\n" + (body or b"")
+
+        async def attempt(endpoint: Endpoint) -> tuple[int, bytes]:
+            message = (f"{method} {endpoint.prefix}{path} HTTP/1.1\r\n{endpoint.fixed_headers}"
+                       ).encode("latin-1") + rest
             while True:
-                reused = bool(self.idle)
-                reader, writer = self.idle.pop() if reused else await asyncio.open_connection(
-                    self.host, self.port, ssl=self.ssl or None)
+                reused = bool(endpoint.idle)
+                reader, writer = endpoint.idle.pop() if reused else await endpoint.connect()
                 try:
                     writer.write(message)
                     status_line = await reader.readline()
@@ -323,10 +475,13 @@ class ServerHttp:
                     writer.close()
                     raise
                 if keep:
-                    self.idle.append((reader, writer))
+                    endpoint.idle.append((reader, writer))
                 else:
                     writer.close()
+                if (standby := not_leader(status, answer)) is not None:
+                    raise standby
                 return status, answer
+        return await self.on_leader(attempt, timeout_s)
 
     @staticmethod
     async def _head(reader: asyncio.StreamReader, status_line: bytes) -> tuple[int, dict, bool]:
@@ -346,39 +501,49 @@ class ServerHttp:
         code, headers, keep = await cls._head(reader, status_line)
         if method == "HEAD" or code in (204, 304):
             return code, b"", keep
+        body, ended = await cls._body(reader, headers)
+        return code, body, keep and not ended
+
+    @staticmethod
+    async def _body(reader: asyncio.StreamReader, headers: dict) -> tuple[bytes, bool]:
+        """The body, and whether it ended with the connection."""
         if "chunked" in headers.get("transfer-encoding", ""):
             chunks = []
             while chunk := await _read_chunk(reader):
                 chunks.append(chunk)
-            return code, b"".join(chunks), keep
+            return b"".join(chunks), False
         if "content-length" in headers:
-            return code, await reader.readexactly(int(headers["content-length"])), keep
-        return code, await reader.read(), False  # the body ends with the connection
+            return await reader.readexactly(int(headers["content-length"])), False
+        return await reader.read(), True
 
     async def open_stream(self, path: str, headers: dict, timeout_s: float) -> "ServerStream":
         """A GET whose answer is read piece by piece as it comes (Server-Sent Events), on
         a connection of its own; `timeout_s` bounds the connect and the answer's head."""
-        message = "".join([f"GET {self.prefix}{path} HTTP/1.1\r\n", self.fixed_headers,
-                           *(f"{name}: {value}\r\n" for name, value in headers.items()),
-                           "\r\n"]).encode("latin-1")
-        writer = None
-        try:
-            async with asyncio.timeout(timeout_s):
-                reader, writer = await asyncio.open_connection(self.host, self.port,
-                                                               ssl=self.ssl or None)
-                writer.write(message)
+        rest = "".join([*(f"{name}: {value}\r\n" for name, value in headers.items()),
+                        "\r\n"]).encode("latin-1")
+
+        async def attempt(endpoint: Endpoint) -> ServerStream:
+            reader, writer = await endpoint.connect()
+            try:
+                writer.write(f"GET {endpoint.prefix}{path} HTTP/1.1\r\n{endpoint.fixed_headers}"
+                             .encode("latin-1") + rest)
                 code, answer_headers, _ = await self._head(reader, await reader.readline())
-        except BaseException:
-            if writer is not None:
+                if code == 503:  # a standby's answer, or another refusal: read it whole
+                    body, _ = await self._body(reader, answer_headers)
+                    if (standby := not_leader(code, body)) is not None:
+                        raise standby
+                    writer.close()
+                    return ServerStream(code, reader, writer, False, body)
+            except BaseException:
                 writer.close()
-            raise
-        return ServerStream(code, reader, writer,
-                            "chunked" in answer_headers.get("transfer-encoding", ""))
+                raise
+            return ServerStream(code, reader, writer,
+                                "chunked" in answer_headers.get("transfer-encoding", ""))
+        return await self.on_leader(attempt, timeout_s)
 
     async def close(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
-        self.idle.clear()
+        for endpoint in self.endpoints:
+            endpoint.close_idle()
 
 
 async def _read_chunk(reader: asyncio.StreamReader) -> bytes:
@@ -397,12 +562,16 @@ class ServerStream:
     """The body of one answer of `ServerHttp.open_stream`, as it arrives."""
 
     def __init__(self, status: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 chunked: bool):
+                 chunked: bool, body: bytes | None = None):
         self.status = status
         self.reader, self.writer, self.chunked = reader, writer, chunked
+        self.body = body  # the whole body, when it was read already
 
     async def read(self) -> bytes:
         """The next piece of the body; b"" once it ended."""
+        if self.body is not None:
+            body, self.body = self.body, b""
+            return body
         if self.chunked:
             return await _read_chunk(self.reader)
         return await self.reader.read(65536)
@@ -426,10 +595,8 @@ class PushChannel:
     """The agent WebSocket (`GET /private/agent/ws?token=<JWT>`): the server pushes tasks
     and cancels, and this agent's reports go as request frames answered by `req_id`."""
 
-    def __init__(self, base_url: str):
-        parts = urlsplit(base_url)
-        scheme = "wss" if parts.scheme == "https" else "ws"
-        self.url = f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}/private/agent/ws"
+    def __init__(self, http: ServerHttp):
+        self.http = http  # whose URL leads: the socket opens where the requests go
         self.session: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.pending: dict[str, asyncio.Future] = {}
@@ -447,18 +614,30 @@ class PushChannel:
         has no socket, ServerUnavailable when it cannot be reached."""
         if self.session is None:
             self.session = aiohttp.ClientSession()
+
+        async def attempt(endpoint: Endpoint) -> aiohttp.ClientWebSocketResponse:
+            parts = urlsplit(endpoint.url)
+            url = f"{'wss' if endpoint.ssl else 'ws'}://{parts.netloc}{endpoint.prefix}/private/agent/ws"
+            try:
+                return await self.session.ws_connect(
+                    f"{url}?token={quote(token, safe='')}", heartbeat=None, autoping=True,
+                    max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                    headers={"User-Agent": f"offload-agent/{__version__}"})
+            except aiohttp.WSServerHandshakeError as err:
+                if err.status == 503:  # a standby (its body, naming the leader, is not at hand)
+                    raise NotLeader(f"WebSocket upgrade: HTTP {err.status}") from None
+                if err.status in (404, 405):
+                    raise NoPushChannel(f"the server answered the upgrade {err.status}") from None
+                if 400 <= err.status < 500:
+                    raise ServerRefused(err.status, "", err.message) from None
+                raise ConnectionError(f"WebSocket upgrade: HTTP {err.status}") from None
+            except aiohttp.ClientConnectorError as err:
+                raise _Unsent(err) from None
+            except aiohttp.ClientError as err:
+                raise ConnectionError(f"{type(err).__name__}: {err}") from None
         try:
-            self.ws = await self.session.ws_connect(
-                f"{self.url}?token={quote(token, safe='')}", heartbeat=None, autoping=True,
-                max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
-                headers={"User-Agent": f"offload-agent/{__version__}"})
-        except aiohttp.WSServerHandshakeError as err:
-            if err.status in (404, 405):
-                raise NoPushChannel(f"the server answered the upgrade {err.status}") from None
-            if 400 <= err.status < 500:
-                raise ServerRefused(err.status, "", err.message) from None
-            raise ServerUnavailable(f"WebSocket upgrade: HTTP {err.status}") from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            self.ws = await self.http.on_leader(attempt, REQUEST_TIMEOUT_S)
+        except OSError as err:
             raise ServerUnavailable(f"WebSocket: {type(err).__name__}: {err}") from None
         self.pushes = asyncio.Queue()
         self.reader = asyncio.create_task(self._read(self.ws, self.pushes))
@@ -565,7 +744,6 @@ class ServerClient:
                  registration_key: str | None = None, heartbeat_s: float | None = None,
                  on_new_identity: Callable[[AgentIdentity], None] | None = None):
         self.http = ServerHttp(server_url)
-        self.server_url = server_url
         self.identity = identity
         self.registration_key = registration_key
         self.heartbeat_s = heartbeat_s
@@ -693,6 +871,11 @@ class ServerClient:
     def http_url(self) -> str:
         return self.identity.server if self.identity else ""
 
+    @property
+    def server_url(self) -> str:
+        """The server URL in use now: of several, the one that last answered as the leader."""
+        return self.http.base_url
+
     # -- private agent routes -------------------------------------------------
 
     def _socket(self) -> PushChannel | None:
@@ -701,7 +884,7 @@ class ServerClient:
     async def open_channel(self) -> PushChannel:
         """The agent WebSocket, logged in (again, if the token is refused)."""
         if self.channel is None:
-            self.channel = PushChannel(self.server_url)
+            self.channel = PushChannel(self.http)
         token = self.token or await self._fresh_token(None)
         try:
             await self.channel.open(token)
@@ -2509,6 +2692,7 @@ class Agent:
         Returns the next task when the server handed one over with the answer."""
         label = f"{task_id['cap']}/{task_id['id']}"
         backoff = Backoff()
+        sent_before = False
         while True:
             try:
                 if progress is not None and progress.pending:
@@ -2524,9 +2708,16 @@ class Agent:
                     outcome = Outcome({"failure": [message, outcome.status["success"]]},
                                       {"error": message})
                     continue
+                if err.status == 409 and sent_before:
+                    # An earlier send may have landed with its answer lost (the server
+                    # died after writing it, a failover): a report sent again finds the
+                    # task ended. Not a refusal of this agent's result.
+                    log.info("task %s ended before its report was sent again (%s)", label, err.message)
+                    return None
                 log.warning("task %s: result refused: %s", label, err)
                 return None
             except ServerUnavailable as err:
+                sent_before = True
                 delay = backoff.next_delay()
                 if self.report_deadline is not None and time.monotonic() + delay > self.report_deadline:
                     log.error("task %s: result not delivered before shutdown: %s", label, err)
@@ -2606,7 +2797,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help=f"identity file (default {DEFAULT_CONFIG_PATH})")
 
     register = commands.add_parser("register", help="register this machine with a server")
-    register.add_argument("--server", required=True, help="server URL, e.g. http://host:3069")
+    server_env = os.environ.get("OFFLOAD_AGENT_SERVER")
+    register.add_argument("--server", required=not server_env, default=server_env,
+                          help="server URL, e.g. http://host:3069; several comma-separated "
+                               "(servers sharing a PostgreSQL database: the agent follows the "
+                               "leader); or env OFFLOAD_AGENT_SERVER")
     register.add_argument("--key", default=os.environ.get("OFFLOAD_AGENT_KEY"),
                           help="agent registration key (or env OFFLOAD_AGENT_KEY)")
     register.add_argument("--caps", nargs="+", action="extend", metavar="CAP",
@@ -2619,7 +2814,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_config(register)
 
     serve = commands.add_parser("serve", help="serve tasks until SIGINT/SIGTERM")
-    serve.add_argument("--server", help="override the saved server URL")
+    serve.add_argument("--server", default=server_env,
+                       help="override the saved server URL(s), comma-separated (or env "
+                            "OFFLOAD_AGENT_SERVER)")
     serve.add_argument("--work-dir", help="where per-task folders go (default: a temp folder)")
     serve.add_argument("--grace", type=float, default=GRACE_S,
                        help=f"seconds running tasks may finish after SIGTERM (default {GRACE_S:.0f})")

@@ -7694,6 +7694,11 @@ class AsyncClient:
     `Conflict`, `TooManyRequests`, `SchedulingImpossible`, `WaitTimeout`, ...: subclasses
     of `OffloadError` with the server's `message` and `status`); `Unreachable` after
     connection errors outlast `retry_s`; `TaskFailed` from `result()`.
+
+    `url` may name several servers sharing one PostgreSQL database, comma-separated
+    (`http://a:3069,http://b:3069`, as OFFLOADMQ_URL may): requests follow the leader
+    (the agent's ServerHttp moves on from a server that is down or a standby), and what
+    broke on the way is retried as after any connection error.
     """
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *,
@@ -7706,9 +7711,8 @@ class AsyncClient:
         except ImportError as err:
             raise ImportError("the OffloadMQ client needs offload_agent.py beside offloadmq.py "
                               "(pip install offloadmq installs both)") from err
-        self.url = url.rstrip("/")
-        self.http = ServerHttp(self.url)
-        self.http.fixed_headers = self.http.fixed_headers.replace("offload-agent/", "offloadmq-client/")
+        self.url = url.rstrip("/")  # one server URL, or several comma-separated: see ServerHttp
+        self.http = ServerHttp(self.url, user_agent=f"offloadmq-client/{__version__}")
         self.headers = {"X-API-Key": api_key}
         self.retry_s, self.request_s = retry_s, request_s
         self._watch: _Watch | None = None
@@ -8065,10 +8069,16 @@ def cli_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true",
                         help="wait for the end, streaming the log to stderr")
     submit.add_argument("--timeout", type=float, metavar="S", help="give up waiting after S seconds")
+    talking = [submit]  # the commands that talk to a server
     for name, text in (("status", "print a task's status"), ("cancel", "cancel a task")):
         command = commands.add_parser(name, help=text)
         command.add_argument("capability")
         command.add_argument("id")
+        talking.append(command)
+    for command in talking:
+        command.add_argument("--server", metavar="URL[,URL...]",
+                             help="the server, or several sharing one database (the leader is "
+                                  "followed); default OFFLOADMQ_URL, else http://127.0.0.1:3069")
     keys = commands.add_parser("keys", help="print the secrets the server generated (read from "
                                "its data folder on this machine)")
     keys.add_argument("--data", help="the server's data folder (DATABASE_ROOT_PATH; default ./data)")
@@ -8168,6 +8178,14 @@ def cli_main(argv: list[str], config: ClientConfig | None = None) -> int:
     if args.command == "submit" and args.timeout is not None and args.timeout <= 0:
         parser.error("--timeout must be a positive number of seconds")
     config = config or load_client_config()
+    if args.server:
+        config = ClientConfig(url=args.server, api_key=config.api_key)
+    try:
+        from offload_agent import ServerHttp
+        ServerHttp(config.url)  # checks the URLs; opens nothing
+    except ValueError as err:
+        print(f"offloadmq: {err} (--server or OFFLOADMQ_URL)", file=sys.stderr)
+        return EXIT_USAGE
     if not config.api_key:
         print("offloadmq: OFFLOADMQ_API_KEY is not set: export a client API key "
               "(CLIENT_API_KEYS of the server)", file=sys.stderr)

@@ -1,137 +1,168 @@
-"""Failover on the PostgreSQL store (issue 13): two servers on one throwaway cluster, a
-client submitting durable tasks without pause to whichever answers (the other URL on a
-connection error or 503 not_leader), and `--kills` rounds of kill -9 of the leader,
-which then restarts as a standby. Per kill: seconds from the kill to the first 2xx
-from the new leader. At the end every task answered 201 must be on the last leader.
+#!/usr/bin/env python3
+"""Failover under load (issue 13): two servers on one throwaway PostgreSQL, a real agent
+(capacity 4, on its WebSocket) and `offloadmq.Client` with both URLs submitting echo
+tasks all along. `--kills` times: kill -9 the leader, time until an API route answers
+2xx on the other server (kill -> serving), start the killed one again (a standby now).
+At the end every acknowledged task is collected: lost = acknowledged tasks that never
+completed with their own payload; duplicated = results delivered twice by the agent
+plus tasks the server holds twice for one submit.
 
-    python -m bench.failover --kills 10 --dir TMP
-Prints one JSON line. (No agent: results and their duplicates are the agent's side.)
-"""
+    .venv/bin/python bench/failover.py [--kills 10]     # one JSON line on stdout
+
+The throwaway cluster and the server processes are the test suite's (tests/conftest.py:
+initdb in a temp folder, free 127.0.0.1 ports, stopped by pid)."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import secrets
-import signal
+import collections
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from bench.common import HOST, PY, ROOT, Proc, emit, free_port, wait_for
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-CAP = "debug.echo"
+from bench.common import PY, emit  # noqa: E402
+from conftest import PostgresCluster, ServerProcess, http, postgres_bin  # noqa: E402
+
+from offloadmq import Client, WaitTimeout  # noqa: E402
+
+TASKS_BETWEEN_KILLS = 40
 
 
-def call(url: str, key: str, body: dict | None = None, timeout: float = 2.0) -> tuple[int, dict | None]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST" if data else "GET",
-                                 headers={"X-API-Key": key, "Content-Type": "application/json"})
+def role(srv: ServerProcess) -> str | None:
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as err:
-        return err.code, None
+        status, body = http("GET", srv.url + "/health/ready", timeout=2)
+    except OSError:
+        return None
+    return body.get("role") if isinstance(body, dict) and status in (200, 503) else None
 
 
-class Servers:
-    def __init__(self, tmp: Path, url: str):
-        self.tmp, self.store = tmp, url
-        self.key = "ck_" + secrets.token_urlsafe(16)
-        self.ports = [free_port(), free_port()]
-        self.procs: list[Proc | None] = [None, None]
-        self.starts = 0
+def wait_for(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.02)
 
-    def url(self, i: int) -> str:
-        return f"http://{HOST}:{self.ports[i]}"
 
-    def start(self, i: int) -> None:
-        self.starts += 1
-        env = {"CLIENT_API_KEYS": self.key, "AGENT_API_KEYS": "ak_" + secrets.token_urlsafe(16)}
-        self.procs[i] = Proc(f"server{i}-{self.starts}", [
-            PY, str(ROOT / "offloadmq.py"), "--host", HOST, "--port", str(self.ports[i]),
-            "--data", str(self.tmp / f"data{i}"), "--store", self.store], self.tmp, env=env)
-        wait_for(lambda: urllib.request.urlopen(self.url(i) + "/health", timeout=1).status == 200,
-                 30, f"server {i}", self.procs[i])
-
-    def role(self, i: int) -> dict:
+def first_2xx(srv: ServerProcess, since: float, timeout_s: float = 60) -> float:
+    """Seconds from `since` until an API route (which standbys refuse) answers 2xx."""
+    while time.monotonic() < since + timeout_s:
         try:
-            with urllib.request.urlopen(self.url(i) + "/health/ready", timeout=2) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return json.loads(err.read())
-
-    def leader(self) -> int:
-        return wait_for(lambda: next((i + 1 for i in (0, 1) if self.role(i).get("ready")), None),
-                        30, "a leader") - 1
-
-
-def submitter(servers: Servers, acked: list, stop: threading.Event, first_2xx: dict) -> None:
-    """Submit without pause; on a refusal or a dead connection, try the other server."""
-    i, n = 0, 0
-    while not stop.is_set():
-        try:
-            status, body = call(servers.url(i) + "/api/task/submit", servers.key,
-                                {"capability": CAP, "payload": {"n": n}})
+            status, _ = http("GET", srv.url + "/api/capabilities/online", headers=srv.client, timeout=2)
+            if 200 <= status < 300:
+                return time.monotonic() - since
         except OSError:
-            status, body = 0, None
-        if status == 201:
-            acked.append(body["id"]["id"])
-            n += 1
-            first_2xx.setdefault(i, time.monotonic())
-        else:
-            i = 1 - i
-            time.sleep(0.005)
+            pass
+        time.sleep(0.005)
+    raise RuntimeError(f"{srv.url} did not serve within {timeout_s:.0f} s of the kill")
+
+
+def run(tmp: Path, kills: int) -> dict:
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        raise RuntimeError("PostgreSQL is not installed (Debian's postgresql)")
+    cluster = PostgresCluster(bin_dir).start()
+    servers: list[ServerProcess] = []
+    agent = None
+    try:
+        store = cluster.url(cluster.new_schema())
+        for name in ("a", "b"):
+            (tmp / name).mkdir(parents=True)
+            srv = ServerProcess(tmp / name / "data", extra_args=("--store", store))
+            if servers:
+                first = servers[0]
+                srv.agent_key, srv.client_key, srv.mgmt_token = first.agent_key, first.client_key, first.mgmt_token
+            servers.append(srv.start())
+            wait_for(lambda: role(srv) == ("standby" if name == "b" else "leader"), 60, f"server {name}")
+        urls = ",".join(s.url for s in servers)
+        agent_dir = tmp / "agent"
+        agent_dir.mkdir()
+        config = agent_dir / "agent.json"
+        subprocess.run([PY, str(ROOT / "offload_agent.py"), "register", "--server", urls, "--key",
+                        servers[0].agent_key, "--caps", "debug.echo", "--capacity", "4", "--config",
+                        str(config)], check=True, capture_output=True, timeout=60)
+        agent_log = open(agent_dir / "agent.log", "wb")
+        agent = subprocess.Popen([PY, str(ROOT / "offload_agent.py"), "serve", "--config", str(config),
+                                  "--work-dir", str(agent_dir / "work")],
+                                 stdout=agent_log, stderr=subprocess.STDOUT, cwd=agent_dir)
+        acked: list = []  # (n, handle) of each submit answered 2xx
+        stop = threading.Event()
+        errors: list[str] = []
+
+        with Client(urls, servers[0].client_key) as mq:
+            def submit_all_along() -> None:
+                n = 0
+                while not stop.is_set():
+                    try:
+                        acked.append((n, mq.submit("debug.echo", {"n": n})))
+                    except Exception as err:  # counted: a submit the client gave up on
+                        errors.append(f"{type(err).__name__}: {err}")
+                    n += 1
+                    time.sleep(0.005)
+            submitter = threading.Thread(target=submit_all_along, daemon=True)
+            submitter.start()
+            times = []
+            for _ in range(kills):
+                target = len(acked) + TASKS_BETWEEN_KILLS
+                wait_for(lambda: len(acked) >= target, 120, "submits between kills")
+                leader = next(s for s in servers if role(s) == "leader")
+                other = next(s for s in servers if s is not leader)
+                killed_at = time.monotonic()
+                leader.kill()  # SIGKILL
+                times.append(first_2xx(other, killed_at))
+                leader.start()  # same port: a standby of the new leader
+                wait_for(lambda: role(leader) == "standby", 60, "the killed server back as a standby")
+            target = len(acked) + TASKS_BETWEEN_KILLS
+            wait_for(lambda: len(acked) >= target, 120, "submits after the last kill")
+            stop.set()
+            submitter.join(60)
+            outputs = {}
+            try:
+                for handle in mq.as_completed([h for _, h in acked], timeout=300):
+                    with_error = handle.final.get("status") != "completed"
+                    outputs[handle.id] = None if with_error else handle.result()
+            except WaitTimeout:
+                pass
+        lost = sum(1 for n, h in acked if outputs.get(h.id) != {"n": n})
+        leader = next(s for s in servers if role(s) == "leader")
+        status, listing = http("GET", leader.url + "/management/tasks/list", headers=leader.mgmt, timeout=60)
+        per_payload = collections.Counter(
+            str(t["data"]["payload"]) for part in listing["regular"].values() for t in part)
+        agent_log.flush()
+        # One report of each task: a report whose answer a kill cut off is sent again
+        # and finds its task ended (409), which says it was delivered.
+        resolved = collections.Counter(re.findall(
+            r"task debug\.echo/(\w+)(?: resolved| ended before its report was sent again|: result refused: 409)",
+            (agent_dir / "agent.log").read_text(errors="replace")))
+        return {"kills": kills, "median_s": statistics.median(times), "max_s": max(times),
+                "times_s": [round(t, 3) for t in times], "acked": len(acked), "lost": lost,
+                "duplicated": sum(n - 1 for n in resolved.values() if n > 1)
+                + sum(n - 1 for n in per_payload.values() if n > 1),
+                "submit_errors": len(errors)}
+    finally:
+        if agent is not None:
+            agent.kill()
+            agent.wait(10)
+        for srv in servers:
+            srv.kill()
+        cluster.stop()
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--kills", type=int, default=10)
-    p.add_argument("--dir", required=True)
-    args = p.parse_args()
-    tmp = Path(args.dir)
-    tmp.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import PostgresCluster, postgres_bin  # the test suite's throwaway cluster
-    cluster = PostgresCluster(postgres_bin()).start()
-    servers = Servers(tmp, cluster.url())
-    acked: list[str] = []
-    stop = threading.Event()
-    takeovers = []
-    try:
-        servers.start(0)
-        servers.start(1)
-        for _ in range(args.kills):
-            leader = servers.leader()
-            first_2xx: dict = {}
-            thread = threading.Thread(target=submitter, args=(servers, acked, stop, first_2xx))
-            thread.start()
-            time.sleep(1.0)  # under load
-            os.kill(servers.procs[leader].pid, signal.SIGKILL)
-            killed = time.monotonic()
-            first_2xx.pop(1 - leader, None)
-            wait_for(lambda: first_2xx.get(1 - leader), 30, "the first 2xx from the new leader")
-            takeovers.append(first_2xx[1 - leader] - killed)
-            stop.set()
-            thread.join()
-            stop.clear()
-            servers.procs[leader].stop()
-            servers.start(leader)  # back, as a standby
-        final = servers.leader()
-        lost = [tid for tid in acked
-                if call(f"{servers.url(final)}/api/task/poll/{CAP}/{tid}", servers.key, timeout=10)[0] != 200]
-    finally:
-        stop.set()
-        for proc in servers.procs:
-            if proc is not None:
-                proc.stop()
-        cluster.stop()
-    emit({"kills": len(takeovers), "median_s": statistics.median(takeovers), "max_s": max(takeovers),
-          "acked": len(acked), "lost": len(lost)})
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="offloadmq-failover-") as tmp:
+        emit(run(Path(tmp), args.kills))
 
 
 if __name__ == "__main__":
