@@ -56,6 +56,7 @@ import os
 import platform
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -824,7 +825,7 @@ class ServerClient:
                 raise self._revoked(
                     f"the server refuses agent {self.identity.agent_id}'s credential "
                     f"({_error_message(answer) or 'unknown agent or wrong key'}): register it again "
-                    f"with `offload_agent.py register --server {self.http_url} --key <agent key> "
+                    f"with `{shlex.join([sys.executable, os.path.abspath(__file__)])} register --server {self.http_url} --key <agent key> "
                     f"--caps {' '.join(self.identity.capabilities)}{self.register_hint}`, or serve with "
                     f"OFFLOAD_AGENT_KEY set to re-register by itself")
             await self._register_again()

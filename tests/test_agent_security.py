@@ -683,7 +683,7 @@ def test_a_deleted_agent_without_a_key_exits_with_one_line_to_act_on(server, sta
     delete_agent(server, agent.identity["agentId"])
     assert agent.wait_exit(20) == agent_module.EXIT_CREDENTIAL_REVOKED
     last = agent.output().strip().splitlines()[-1]
-    assert "register it again with `offload_agent.py register --server" in last, last
+    assert f"register it again with `{sys.executable} {AGENT_SCRIPT} register --server" in last, last
     assert server.agent_key not in agent.output()
 
 
