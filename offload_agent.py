@@ -87,7 +87,8 @@ POLL_WAIT_S = 20                  # long-poll hold asked of the server
 REQUEST_TIMEOUT_S = 30.0          # any other call to the server
 BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
-STANDBY_RETRY_S = 0.5           # every server URL answered "not the leader": ask again this soon
+BUCKET_TRANSFER_S = 3600.0        # a bucket file's whole transfer (stalls end sooner: 120 s read timeout)
+STANDBY_RETRY_S = 0.5             # every server URL answered "not the leader": ask again this soon
 PROGRESS_INTERVAL_S = 0.5         # log updates are batched at most this often
 RUNNING_AFTER_S = 0.5             # a task running this long is reported running, watched for cancels
 HEARTBEAT_S = 8.0                 # declared to the server; the holding report goes out this often
@@ -872,11 +873,6 @@ class ServerClient:
     def http_url(self) -> str:
         return self.identity.server if self.identity else ""
 
-    @property
-    def server_url(self) -> str:
-        """The server URL in use now: of several, the one that last answered as the leader."""
-        return self.http.base_url
-
     # -- private agent routes -------------------------------------------------
 
     def _socket(self) -> PushChannel | None:
@@ -985,47 +981,61 @@ class ServerClient:
 
     # -- buckets: a task's input and output files ------------------------------
 
-    def _bucket_url(self, bucket_uid: str, *rest: str) -> str:
-        parts = "/".join(quote(p, safe="") for p in (bucket_uid, *rest))
-        return f"{self.server_url.rstrip('/')}/private/agent/bucket/{parts}"
+    @staticmethod
+    def _bucket_path(bucket_uid: str, *rest: str) -> str:
+        return "/private/agent/bucket/" + "/".join(quote(p, safe="") for p in (bucket_uid, *rest))
 
     async def bucket_stat(self, bucket_uid: str) -> Any:
         if (channel := self._socket()) is not None:
             return await channel.request("get", {"path": ["bucket", bucket_uid, "stat"]})
         return await self._call_private("GET", f"/private/agent/bucket/{quote(bucket_uid, safe='')}/stat")
 
-    async def _transfer(self, session: aiohttp.ClientSession, method: str, url: str,
+    async def _transfer(self, session: aiohttp.ClientSession, method: str, path: str,
                         use: Callable[[aiohttp.ClientResponse], Awaitable[Any]],
                         body: Callable[[], Any] | None = None) -> Any:
-        """One streamed exchange with the token (logging in again once on 401); `use`
-        takes the answer of a 2xx. `body()` makes the request body afresh for each try."""
+        """One streamed exchange with the leader, with the token (logging in again once on
+        401); `use` takes the answer of a 2xx. `body()` makes the request body afresh for
+        each try. A stall is caught by the read timeout, so the whole may take long."""
         token = self.token or await self._fresh_token(None)
-        for last in (False, True):
-            try:
-                async with session.request(method, url, headers={"Authorization": f"Bearer {token}"},
-                                           data=None if body is None else body(),
-                                           timeout=aiohttp.ClientTimeout(sock_connect=30, sock_read=120)) as resp:
-                    if resp.status == 401 and not last:
-                        token = await self._fresh_token(token)
-                        continue
-                    if resp.status >= 400:
-                        try:
-                            parsed = json.loads(await resp.content.read(1 << 16))
-                        except ValueError:
-                            parsed = None
-                        if resp.status >= 500 and resp.status != 507:
-                            raise ServerUnavailable(f"{method} {url}: HTTP {resp.status} {_error_message(parsed)}")
-                        raise _refusal(resp.status, parsed)
-                    self.last_contact_at = time.monotonic()
-                    return await use(resp)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-                raise ServerUnavailable(f"{method} {url}: {type(err).__name__}: {err}") from None
+
+        async def attempt(endpoint: Endpoint) -> Any:
+            nonlocal token
+            url = endpoint.url + path
+            for last in (False, True):
+                try:
+                    async with session.request(method, url, headers={"Authorization": f"Bearer {token}"},
+                                               data=None if body is None else body(),
+                                               timeout=aiohttp.ClientTimeout(sock_connect=30, sock_read=120)) as resp:
+                        if resp.status == 401 and not last:
+                            token = await self._fresh_token(token)
+                            continue
+                        if resp.status >= 400:
+                            raw = await resp.content.read(1 << 16)
+                            if (standby := not_leader(resp.status, raw)) is not None:
+                                raise standby
+                            try:
+                                parsed = json.loads(raw)
+                            except ValueError:
+                                parsed = None
+                            if resp.status >= 500 and resp.status != 507:
+                                raise ServerUnavailable(f"{method} {url}: HTTP {resp.status} {_error_message(parsed)}")
+                            raise _refusal(resp.status, parsed)
+                        self.last_contact_at = time.monotonic()
+                        return await use(resp)
+                except aiohttp.ClientConnectorError as err:
+                    raise _Unsent(err) from None
+                except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                    raise ServerUnavailable(f"{method} {url}: {type(err).__name__}: {err}") from None
+        try:
+            return await self.http.on_leader(attempt, BUCKET_TRANSFER_S)
+        except (_Unsent, NotLeader, OSError) as err:
+            raise ServerUnavailable(f"{method} {path}: {err}") from None
 
     async def download_bucket_file(self, session: aiohttp.ClientSession, bucket_uid: str,
                                    file_uid: str, receive: Callable[[aiohttp.StreamReader], Awaitable[None]]) -> None:
         async def use(resp: aiohttp.ClientResponse) -> None:
             await receive(resp.content)
-        await self._transfer(session, "GET", self._bucket_url(bucket_uid, "file", file_uid), use)
+        await self._transfer(session, "GET", self._bucket_path(bucket_uid, "file", file_uid), use)
 
     async def upload_bucket_file(self, session: aiohttp.ClientSession, bucket_uid: str, name: str,
                                  opener: Callable[[], Any], size: int) -> Any:
@@ -1049,7 +1059,7 @@ class ServerClient:
         async def use(resp: aiohttp.ClientResponse) -> Any:
             return await resp.json(content_type=None)
         try:
-            return await self._transfer(session, "POST", self._bucket_url(bucket_uid, "upload"), use, body)
+            return await self._transfer(session, "POST", self._bucket_path(bucket_uid, "upload"), use, body)
         finally:
             for source in opened:
                 source.close()
