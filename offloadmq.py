@@ -1928,6 +1928,7 @@ class Journal:
         self.seq = 0                      # last sequence number handed out
         self.snapshot_seq = 0
         self.fd = -1
+        self.file_id = (0, 0)             # (device, inode) of the file `fd` appends to
         self.size = 0                     # bytes written to the file
         self.end_offset = 0               # bytes written + bytes waiting in the buffer
         self.records_since_snapshot = 0
@@ -1955,7 +1956,9 @@ class Journal:
             leftover.unlink()
         replayed = self._load(broker, repair)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.size = self.end_offset = os.fstat(self.fd).st_size
+        opened = os.fstat(self.fd)
+        self.size = self.end_offset = opened.st_size
+        self.file_id = (opened.st_dev, opened.st_ino)
         fsync_folder(self.folder)
         return replayed
 
@@ -2134,9 +2137,9 @@ class Journal:
         its acknowledgement) vanish at the next restart."""
         if self.fault is not None or self.fd < 0 or self.rotation is not None:
             return  # a rotation switches files: checked again once it is done
-        try:
-            ours, found = os.fstat(self.fd), os.stat(self.path)
-            same = ours.st_nlink > 0 and (ours.st_dev, ours.st_ino) == (found.st_dev, found.st_ino)
+        try:  # one stat: while our descriptor is open, no other file can get its inode
+            found = os.stat(self.path)
+            same = (found.st_dev, found.st_ino) == self.file_id
         except OSError:
             same = False
         if not same:
@@ -2311,6 +2314,8 @@ class Journal:
             self.step_done("journal-renamed")
             os.close(self.fd)
             self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            opened = os.fstat(self.fd)
+            self.file_id = (opened.st_dev, opened.st_ino)
         except OSError as err:
             fatal("journal %s was switched to its cut copy, but then: %s", self.path, err)
         self.size = len(tail)
