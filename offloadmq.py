@@ -1919,6 +1919,10 @@ PROBE_BYTES = 1 << 16       # room the once-a-second probe asks for before write
 COMPACT_RETRY_S = 30.0      # a compaction that failed is tried again after this long
 
 
+# Loop turns a flush may wait for work in progress to join it (see _flush_when_idle).
+FLUSH_DEFER_TURNS = 16
+
+
 class Journal:
     def __init__(self, folder: Path, fsync: str = "always"):
         self.folder = folder
@@ -2061,15 +2065,24 @@ class Journal:
             self.waiters.append(waiter)
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            # One turn of the loop later than it could: the tasks this change wakes (an
-            # agent's long poll taking the task just submitted) run first and join the write.
-            loop = asyncio.get_running_loop()
-            loop.call_soon(loop.call_soon, self.flush)
+            asyncio.get_running_loop().call_soon(self._flush_when_idle, 0)
         return waiter
+
+    def _flush_when_idle(self, turns: int) -> None:
+        """Flush once the loop has nothing else ready to run, or after FLUSH_DEFER_TURNS
+        turns: what runs meanwhile (an agent's long poll this change woke, taking the task;
+        a request that arrived during the last fdatasync) joins the same write, and a lone
+        change waits for nothing. (`_ready` is asyncio's own loop's queue of callbacks due
+        now; a loop without it flushes after one turn.)"""
+        loop = asyncio.get_running_loop()
+        if turns < 1 or turns < FLUSH_DEFER_TURNS and getattr(loop, "_ready", None):
+            loop.call_soon(self._flush_when_idle, turns + 1)
+        else:
+            self.flush()
 
     def flush(self) -> None:
         """Group commit: one write, and with fsync `always` one fdatasync, for whatever was
-        appended in this turn of the event loop. Like Redis' `appendfsync always`, this runs
+        appended since the last flush. Like Redis' `appendfsync always`, this runs
         on the loop itself: a hand-off to a thread and back cost more than the fdatasync
         (about 0.2 ms on an SSD), and requests that arrive meanwhile join the next batch.
         A batch that cannot be written is refused whole: its waiters get the reason, the
