@@ -5859,6 +5859,7 @@ CLIENT_RETRY_S = 30.0      # how long connection errors are retried before raisi
 CLIENT_REQUEST_S = 30.0    # one request, the held long poll excepted
 CLIENT_POLL_WAIT_S = 60    # the server's longest poll?wait=
 ORPHANS_KEPT = 10_000      # end events of tasks whose submit answer is still on its way
+CATCH_UP_POLLS = 8         # polls in flight when asking about tasks that may have ended unseen
 
 
 class Unreachable(OffloadError):
@@ -6315,13 +6316,8 @@ class AsyncClient:
         unsure = [h for h in waiting.values() if h.final is None and h.covered_by != watch.generation]
         try:
             while waiting:
-                for handle in unsure:  # might have ended unseen: ask once, now the watch is live
-                    if handle.id in waiting and handle.final is None:
-                        await self._poll(handle, 0)
-                    if handle.final is not None:
-                        watch.listeners.pop(handle.id, None)
-                        queue.put_nowait(handle)
-                    handle.covered_by = watch.generation
+                if unsure:  # they might have ended unseen: ask once each, now the watch is live
+                    await self._catch_up(unsure, waiting, queue, watch)
                 unsure = []
                 left = None if deadline is None else deadline - time.monotonic()
                 try:
@@ -6338,6 +6334,22 @@ class AsyncClient:
         finally:
             for task_id in waiting:
                 watch.listeners.pop(task_id, None)
+
+    async def _catch_up(self, handles: list[AsyncTaskHandle], waiting: dict, queue: asyncio.Queue,
+                        watch: _Watch) -> None:
+        """Poll each of `handles` still waited for once, CATCH_UP_POLLS at a time (after a
+        resume that can be every task waited for: one at a time, a round trip each)."""
+        gate = asyncio.Semaphore(CATCH_UP_POLLS)
+
+        async def ask(handle: AsyncTaskHandle) -> None:
+            if handle.id in waiting and handle.final is None:
+                async with gate:
+                    await self._poll(handle, 0)
+            if handle.final is not None:
+                watch.listeners.pop(handle.id, None)
+                queue.put_nowait(handle)
+            handle.covered_by = watch.generation
+        await asyncio.gather(*(ask(h) for h in handles))
 
     async def map(self, capability: str, payloads: Any, *, in_flight: int = 1,
                   **fields: Any) -> Any:
