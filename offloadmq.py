@@ -3410,11 +3410,12 @@ class EventStreams:
         prepared; its first bytes go through it (so the headers go out first), the rest
         straight to the transport."""
         events = self.events
-        await response.write(b": connected\n\n")
+        # `seen` is read with no await since the events were taken: later events come in
+        # the next round, never skipped. A reader whose Last-Event-ID resumes exactly is
+        # told so (`: resumed`): it missed nothing and need not ask about its tasks.
+        shown, seen = events.after(last_id, sub.owner, sub.keys), events.released
+        await response.write(b": resumed\n\n" if shown is not None else b": connected\n\n")
         try:
-            # `seen` is read with no await since the events were taken: later events come
-            # in the next round, never skipped.
-            shown, seen = events.after(last_id, sub.owner, sub.keys), events.released
             if shown is None:  # no usable Last-Event-ID: the current state first
                 if current:
                     await self._send_current(sub, seen)
@@ -6019,9 +6020,9 @@ class AsyncTaskHandle:
 class AsyncEventStream:
     """`/api/task/events` as TaskEvents, resumed with Last-Event-ID after a connection
     loss. `async with` returns once the stream is live (later events cannot be missed).
-    Each resume is followed by a `gap` event: the server may not have been able to
-    replay what happened meanwhile (it restarted, or the events left its ring), and a
-    stream does not say so, so whoever waits for tasks asks the server once about them."""
+    A resume the server could not replay exactly (it restarted, or the events left its
+    ring: its stream starts `: connected`, not `: resumed`) is followed by a `gap` event,
+    so whoever waits for tasks asks the server once about them."""
 
     def __init__(self, client: AsyncClient, tasks: list | None = None,
                  last_event_id: str | None = None, current: bool = True):
@@ -6063,7 +6064,7 @@ class AsyncEventStream:
                 stream.close()
                 raise ConnectionResetError("the event stream ended before it began")
         await self.client._retrying(connect)
-        if resumed:
+        if resumed and self.pending[0] != "resumed":  # else the server replayed what we missed
             self.pending.appendleft(TaskEvent(None, "gap", None))
 
     async def _fill(self) -> bool:
