@@ -5851,10 +5851,10 @@ def main(argv: list[str] | None = None) -> None:
 # no watch open long-polls instead (`poll?wait=`), one request per minute of waiting.
 #
 # A task is "covered" by the watch when its submit was sent while the watch was live
-# and not resumed since: its end event cannot be missed. Any other task (submitted
-# before the watch opened, or waited for across a resume: a stream does not tell
-# whether the server could replay) is polled once after the watch is live again, so no
-# result is lost either way.
+# and no resume has lost events since: its end event cannot be missed. Any other task
+# (submitted before the watch opened, or waited for across a resume the server could
+# not replay: its stream then starts `: connected`, not `: resumed`) is polled once
+# after the watch is live again, 8 polls at a time, so no result is lost either way.
 
 CLIENT_RETRY_S = 30.0      # how long connection errors are retried before raising
 CLIENT_REQUEST_S = 30.0    # one request, the held long poll excepted
