@@ -2222,6 +2222,10 @@ PROBE_BYTES = 1 << 16       # room the once-a-second probe asks for before write
 COMPACT_RETRY_S = 30.0      # a compaction that failed is tried again after this long
 
 
+# Loop turns a flush may wait for work in progress to join it (see _flush_when_idle).
+FLUSH_DEFER_TURNS = 16
+
+
 class Journal:
     leader, leader_url = True, None  # the one server of its data folder (see the store interface)
 
@@ -2233,6 +2237,7 @@ class Journal:
         self.seq = 0                      # last sequence number handed out
         self.snapshot_seq = 0
         self.fd = -1
+        self.file_id = (0, 0)             # (device, inode) of the file `fd` appends to
         self.size = 0                     # bytes written to the file
         self.end_offset = 0               # bytes written + bytes waiting in the buffer
         self.records_since_snapshot = 0
@@ -2260,7 +2265,9 @@ class Journal:
             leftover.unlink()
         replayed = self._load(broker, repair)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.size = self.end_offset = os.fstat(self.fd).st_size
+        opened = os.fstat(self.fd)
+        self.size = self.end_offset = opened.st_size
+        self.file_id = (opened.st_dev, opened.st_ino)
         fsync_folder(self.folder)
         return replayed
 
@@ -2363,15 +2370,24 @@ class Journal:
             self.waiters.append(waiter)
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            # One turn of the loop later than it could: the tasks this change wakes (an
-            # agent's long poll taking the task just submitted) run first and join the write.
-            loop = asyncio.get_running_loop()
-            loop.call_soon(loop.call_soon, self.flush)
+            asyncio.get_running_loop().call_soon(self._flush_when_idle, 0)
         return waiter
+
+    def _flush_when_idle(self, turns: int) -> None:
+        """Flush once the loop has nothing else ready to run, or after FLUSH_DEFER_TURNS
+        turns: what runs meanwhile (an agent's long poll this change woke, taking the task;
+        a request that arrived during the last fdatasync) joins the same write, and a lone
+        change waits for nothing. (`_ready` is asyncio's own loop's queue of callbacks due
+        now; a loop without it flushes after one turn.)"""
+        loop = asyncio.get_running_loop()
+        if turns < 1 or turns < FLUSH_DEFER_TURNS and getattr(loop, "_ready", None):
+            loop.call_soon(self._flush_when_idle, turns + 1)
+        else:
+            self.flush()
 
     def flush(self) -> None:
         """Group commit: one write, and with fsync `always` one fdatasync, for whatever was
-        appended in this turn of the event loop. Like Redis' `appendfsync always`, this runs
+        appended since the last flush. Like Redis' `appendfsync always`, this runs
         on the loop itself: a hand-off to a thread and back cost more than the fdatasync
         (about 0.2 ms on an SSD), and requests that arrive meanwhile join the next batch.
         A batch that cannot be written is refused whole: its waiters get the reason, the
@@ -2439,9 +2455,9 @@ class Journal:
         its acknowledgement) vanish at the next restart."""
         if self.fault is not None or self.fd < 0 or self.rotation is not None:
             return  # a rotation switches files: checked again once it is done
-        try:
-            ours, found = os.fstat(self.fd), os.stat(self.path)
-            same = ours.st_nlink > 0 and (ours.st_dev, ours.st_ino) == (found.st_dev, found.st_ino)
+        try:  # one stat: while our descriptor is open, no other file can get its inode
+            found = os.stat(self.path)
+            same = (found.st_dev, found.st_ino) == self.file_id
         except OSError:
             same = False
         if not same:
@@ -2616,6 +2632,8 @@ class Journal:
             self.step_done("journal-renamed")
             os.close(self.fd)
             self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            opened = os.fstat(self.fd)
+            self.file_id = (opened.st_dev, opened.st_ino)
         except OSError as err:
             fatal("journal %s was switched to its cut copy, but then: %s", self.path, err)
         self.size = len(tail)
@@ -4452,11 +4470,12 @@ class EventStreams:
         prepared; its first bytes go through it (so the headers go out first), the rest
         straight to the transport."""
         events = self.events
-        await response.write(b": connected\n\n")
+        # `seen` is read with no await since the events were taken: later events come in
+        # the next round, never skipped. A reader whose Last-Event-ID resumes exactly is
+        # told so (`: resumed`): it missed nothing and need not ask about its tasks.
+        shown, seen = events.after(last_id, sub.owner, sub.keys), events.released
+        await response.write(b": resumed\n\n" if shown is not None else b": connected\n\n")
         try:
-            # `seen` is read with no await since the events were taken: later events come
-            # in the next round, never skipped.
-            shown, seen = events.after(last_id, sub.owner, sub.keys), events.released
             if shown is None:  # no usable Last-Event-ID: the current state first
                 if last_id is not None:  # another server's (a failover), or too old
                     await self._send_ended_since(sub, seen, last_id)
@@ -6270,9 +6289,9 @@ async def handle_mgmt_agent_logs_cleanup(request: web.Request) -> web.Response:
 
 # ============================================================================ routes
 #
-# The middleware that turns exceptions into error bodies, the one that refuses paths
-# and headers that cannot be decoded (and methods a path does not take), the one that
-# closes connections whose body was unusable; the security headers and the log filter
+# The middleware that turns exceptions into error bodies, refuses paths and headers
+# that cannot be decoded (and methods a path does not take) and closes connections
+# whose body was unusable; the timing middleware; the security headers and the log filter
 # for untrusted text; the auth each kind of route needs, with failed credentials
 # throttled; and ROUTES: method, path, kind (client, agent, mgmt, open), handler.
 
@@ -6280,16 +6299,26 @@ ERROR_TYPES = {400: "bad_request", 401: "authentication_error", 403: "authorizat
                404: "not_found", 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large"}
 
 
+STATIC_PATH = "/{path}"  # the console's catch-all, as the router names it
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# Headers the server reads; aiohttp hands bytes that are not UTF-8 over as surrogates.
+READ_HEADERS = ("X-API-Key", "X-Mgmt-Token", "Authorization", "Idempotency-Key", "Last-Event-ID")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """The one place that turns exceptions into the contract's error bodies."""
+    """The one place that turns exceptions into the contract's error bodies; it also
+    refuses what cannot be decoded (check_request) and closes the connection after a
+    body that never ended or cannot be decoded. (One middleware, not three: each layer
+    costs every request a coroutine.)"""
     try:
-        return await handler(request)
+        await check_request(request)
+        response = await handler(request)
     except OffloadError as err:
         response = error_response(err.status, err.type, err.message, **err.extra)
         if getattr(err, "retry_after_s", None):
             response.headers["Retry-After"] = str(err.retry_after_s)
-        return response
     except web.HTTPException as err:
         if err.status < 400:
             raise
@@ -6303,20 +6332,14 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
         response = error_response(err.status, ERROR_TYPES.get(err.status, "bad_request"), message)
         if "Allow" in err.headers:
             response.headers["Allow"] = err.headers["Allow"]
-        return response
     except Exception:
         log.exception("bug while handling %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "internal error; the server log has details")
-
-
-@web.middleware
-async def cut_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """A body that never ended or cannot be decoded: answer with `Connection: close`, then
-    close the connection instead of reading on. (A body refused unread, say for a wrong
-    credential, is read and discarded by aiohttp for at most 10 s after the answer, so
-    that closing with data unread does not reset the connection before the answer.)"""
-    response = await handler(request)
+        response = error_response(500, "internal_error", "internal error; the server log has details")
     if request.get(CUT) and request.transport is not None and not response.prepared:
+        # A body that never ended or cannot be decoded: answer with `Connection: close`,
+        # then close instead of reading on. (A body refused unread, say for a wrong
+        # credential, is read and discarded by aiohttp for at most 10 s after the answer,
+        # so that closing with data unread does not reset the connection first.)
         response.force_close()
         await response.prepare(request)
         await response.write_eof()
@@ -6324,20 +6347,14 @@ async def cut_middleware(request: web.Request, handler: Callable) -> web.StreamR
     return response
 
 
-STATIC_PATH = "/{path}"  # the console's catch-all, as the router names it
-_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-# Headers the server reads; aiohttp hands bytes that are not UTF-8 over as surrogates.
-READ_HEADERS = ("X-API-Key", "X-Mgmt-Token", "Authorization", "Idempotency-Key", "Last-Event-ID")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-@web.middleware
-async def path_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+async def check_request(request: web.Request) -> None:
     """One answer (400) for every path, and every header the server reads, that cannot be
     decoded; and 405 with `Allow` for a method a route does not take, also where the
     console's catch-all GET would match."""
+    headers = request.headers
     for name in READ_HEADERS:
-        if _SURROGATE.search(request.headers.get(name, "")):
+        value = headers.get(name)
+        if value and not value.isascii() and _SURROGATE.search(value):
             raise BadRequest(f"the {name} header is not valid UTF-8")
     raw = request.rel_url.raw_path
     if "%" in raw:
@@ -6359,7 +6376,6 @@ async def path_middleware(request: web.Request, handler: Callable) -> web.Stream
                 allowed |= (await resource.resolve(request))[1]
         if allowed:
             raise web.HTTPMethodNotAllowed(request.method, allowed)
-    return await handler(request)
 
 
 async def count_failures(request: web.Request, handler: Callable) -> web.StreamResponse:
@@ -7072,8 +7088,7 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
     config = config or load_config([])
     hub = hub or Hub(config)
     # Only a server that may be a standby pays for the leader check.
-    middlewares = [cut_middleware, timing_middleware, error_middleware,
-                   *([leader_middleware] if config.store else []), path_middleware]
+    middlewares = [timing_middleware, error_middleware, *([leader_middleware] if config.store else [])]
     if config.access_log:  # outermost, to log the status the client gets; absent, it costs nothing
         middlewares.insert(0, access_middleware)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
@@ -7367,15 +7382,16 @@ def main_postgres(config: Config) -> None:
 # no watch open long-polls instead (`poll?wait=`), one request per minute of waiting.
 #
 # A task is "covered" by the watch when its submit was sent while the watch was live
-# and not resumed since: its end event cannot be missed. Any other task (submitted
-# before the watch opened, or waited for across a resume: a stream does not tell
-# whether the server could replay) is polled once after the watch is live again, so no
-# result is lost either way.
+# and no resume has lost events since: its end event cannot be missed. Any other task
+# (submitted before the watch opened, or waited for across a resume the server could
+# not replay: its stream then starts `: connected`, not `: resumed`) is polled once
+# after the watch is live again, 8 polls at a time, so no result is lost either way.
 
 CLIENT_RETRY_S = 30.0      # how long connection errors are retried before raising
 CLIENT_REQUEST_S = 30.0    # one request, the held long poll excepted
 CLIENT_POLL_WAIT_S = 60    # the server's longest poll?wait=
 ORPHANS_KEPT = 10_000      # end events of tasks whose submit answer is still on its way
+CATCH_UP_POLLS = 8         # polls in flight when asking about tasks that may have ended unseen
 
 
 class Unreachable(OffloadError):
@@ -7535,9 +7551,9 @@ class AsyncTaskHandle:
 class AsyncEventStream:
     """`/api/task/events` as TaskEvents, resumed with Last-Event-ID after a connection
     loss. `async with` returns once the stream is live (later events cannot be missed).
-    Each resume is followed by a `gap` event: the server may not have been able to
-    replay what happened meanwhile (it restarted, or the events left its ring), and a
-    stream does not say so, so whoever waits for tasks asks the server once about them."""
+    A resume the server could not replay exactly (it restarted, or the events left its
+    ring: its stream starts `: connected`, not `: resumed`) is followed by a `gap` event,
+    so whoever waits for tasks asks the server once about them."""
 
     def __init__(self, client: AsyncClient, tasks: list | None = None,
                  last_event_id: str | None = None, current: bool = True):
@@ -7579,7 +7595,7 @@ class AsyncEventStream:
                 stream.close()
                 raise ConnectionResetError("the event stream ended before it began")
         await self.client._retrying(connect)
-        if resumed:
+        if resumed and self.pending[0] != "resumed":  # else the server replayed what we missed
             self.pending.appendleft(TaskEvent(None, "gap", None))
 
     async def _fill(self) -> bool:
@@ -7836,13 +7852,8 @@ class AsyncClient:
         unsure = [h for h in waiting.values() if h.final is None and h.covered_by != watch.generation]
         try:
             while waiting:
-                for handle in unsure:  # might have ended unseen: ask once, now the watch is live
-                    if handle.id in waiting and handle.final is None:
-                        await self._poll(handle, 0)
-                    if handle.final is not None:
-                        watch.listeners.pop(handle.id, None)
-                        queue.put_nowait(handle)
-                    handle.covered_by = watch.generation
+                if unsure:  # they might have ended unseen: ask once each, now the watch is live
+                    await self._catch_up(unsure, waiting, queue, watch)
                 unsure = []
                 left = None if deadline is None else deadline - time.monotonic()
                 try:
@@ -7859,6 +7870,22 @@ class AsyncClient:
         finally:
             for task_id in waiting:
                 watch.listeners.pop(task_id, None)
+
+    async def _catch_up(self, handles: list[AsyncTaskHandle], waiting: dict, queue: asyncio.Queue,
+                        watch: _Watch) -> None:
+        """Poll each of `handles` still waited for once, CATCH_UP_POLLS at a time (after a
+        resume that can be every task waited for: one at a time, a round trip each)."""
+        gate = asyncio.Semaphore(CATCH_UP_POLLS)
+
+        async def ask(handle: AsyncTaskHandle) -> None:
+            if handle.id in waiting and handle.final is None:
+                async with gate:
+                    await self._poll(handle, 0)
+            if handle.final is not None:
+                watch.listeners.pop(handle.id, None)
+                queue.put_nowait(handle)
+            handle.covered_by = watch.generation
+        await asyncio.gather(*(ask(h) for h in handles))
 
     async def map(self, capability: str, payloads: Any, *, in_flight: int = 1,
                   **fields: Any) -> Any:

@@ -1549,6 +1549,7 @@ async def test_events_resume_after_last_event_id_without_gaps(client):
     first = await read_events(stream, 1)
     stream.close()
     resumed = await client.get("/api/task/events", headers={**CLIENT, "Last-Event-ID": first[0]["id"]})
+    assert await resumed.content.readuntil(b"\n\n") == b": resumed\n\n", "it says it replays"
     rest = await read_events(resumed, 2)
     assert [int(e["id"]) for e in rest] == [int(first[0]["id"]) + 1, int(first[0]["id"]) + 2]
     resumed.close()

@@ -282,11 +282,15 @@ def test_a_dropped_stream_resumes_with_last_event_id(server, agent, proxy):
             [mq.submit(CAP, {"lines": []}) for _ in range(5)]
         wait_until(lambda: handles[0].status()["status"] == "running", what="the held task")
         proxy.cut()  # every connection, the event stream too
-        agent.release.set()
+
+        def resumed() -> list[int]:
+            return [i for i, r in enumerate(proxy.requests) if r.startswith(b"GET /api/task/events")
+                    and b"Last-Event-ID: " in r]
+        wait_until(resumed, what="the stream resumed with Last-Event-ID")
+        agent.release.set()  # the tasks end after the resume: none ended while it was cut
         assert len(list(mq.as_completed(handles, timeout=30))) == 6
-    resumed = [r for r in proxy.requests if r.startswith(b"GET /api/task/events")
-               and b"Last-Event-ID: " in r]
-    assert resumed, "the stream was not resumed with Last-Event-ID"
+    polls = [r for r in proxy.requests[resumed()[0]:] if r.startswith(b"GET /api/task/poll")]
+    assert not polls, "the server replayed what the stream missed: no poll per task"
 
 
 def test_a_submit_whose_answer_is_lost_makes_one_task(server, proxy):
