@@ -29,41 +29,13 @@ for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench.common import PY, emit  # noqa: E402
-from conftest import PostgresCluster, ServerProcess, http, postgres_bin  # noqa: E402
+from bench.common import PY, emit, wait_for  # noqa: E402
+from conftest import (PostgresCluster, ServerProcess, first_2xx_after, http,  # noqa: E402
+                      postgres_bin, server_role as role)
 
 from offloadmq import Client, WaitTimeout  # noqa: E402
 
 TASKS_BETWEEN_KILLS = 40
-
-
-def role(srv: ServerProcess) -> str | None:
-    try:
-        status, body = http("GET", srv.url + "/health/ready", timeout=2)
-    except OSError:
-        return None
-    return body.get("role") if isinstance(body, dict) and status in (200, 503) else None
-
-
-def wait_for(check, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def first_2xx(srv: ServerProcess, since: float, timeout_s: float = 60) -> float:
-    """Seconds from `since` until an API route (which standbys refuse) answers 2xx."""
-    while time.monotonic() < since + timeout_s:
-        try:
-            status, _ = http("GET", srv.url + "/api/capabilities/online", headers=srv.client, timeout=2)
-            if 200 <= status < 300:
-                return time.monotonic() - since
-        except OSError:
-            pass
-        time.sleep(0.005)
-    raise RuntimeError(f"{srv.url} did not serve within {timeout_s:.0f} s of the kill")
 
 
 def run(tmp: Path, kills: int) -> dict:
@@ -118,7 +90,7 @@ def run(tmp: Path, kills: int) -> dict:
                 other = next(s for s in servers if s is not leader)
                 killed_at = time.monotonic()
                 leader.kill()  # SIGKILL
-                times.append(first_2xx(other, killed_at))
+                times.append(first_2xx_after(killed_at, other, timeout=60))
                 leader.start()  # same port: a standby of the new leader
                 wait_for(lambda: role(leader) == "standby", 60, "the killed server back as a standby")
             target = len(acked) + TASKS_BETWEEN_KILLS

@@ -147,6 +147,29 @@ class ServerProcess:
         return {"X-Mgmt-Token": self.mgmt_token}
 
 
+
+def server_role(srv) -> str | None:
+    """"leader" or "standby" as `/health/ready` says; None when it does not answer."""
+    try:
+        status, body = http("GET", srv.url + "/health/ready", timeout=2)
+    except OSError:
+        return None
+    return body.get("role") if status in (200, 503) and isinstance(body, dict) and \
+        (status == 200) == bool(body.get("ready")) else None
+
+
+def first_2xx_after(since: float, srv, timeout=30) -> float:
+    """Seconds from `since` (a kill) to the first 2xx of an API route, which standbys refuse."""
+    while time.monotonic() < since + timeout:
+        try:
+            status, _ = http("GET", srv.url + "/api/capabilities/online", headers=srv.client, timeout=2)
+            if 200 <= status < 300:
+                return time.monotonic() - since
+        except OSError:
+            pass
+        time.sleep(0.005)
+    raise AssertionError(f"no 2xx from {srv.url} within {timeout} s of the kill")
+
 @pytest.fixture
 def server(tmp_path):
     srv = ServerProcess(tmp_path / "data").start()

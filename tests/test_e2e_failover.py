@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ServerProcess, http
+from conftest import ServerProcess, first_2xx_after, http, server_role as role
 from test_e2e_agent import AgentProcess
 
 from offloadmq import Client
@@ -32,34 +32,11 @@ def pg_server(folder, store, keys_of=None) -> ServerProcess:
     return srv
 
 
-def role(srv) -> str | None:
-    try:
-        status, body = http("GET", srv.url + "/health/ready", timeout=2)
-    except OSError:
-        return None
-    return body.get("role") if status in (200, 503) and isinstance(body, dict) and \
-        (status == 200) == bool(body.get("ready")) else None
-
-
 def wait_until(check, timeout, what):
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
-
-
-def first_2xx_after(kill_at: float, srv, timeout=30) -> float:
-    """Seconds from `kill_at` to the first 2xx of an API route (refused by standbys)."""
-    deadline = kill_at + timeout
-    while time.monotonic() < deadline:
-        try:
-            status, _ = http("GET", srv.url + "/api/capabilities/online", headers=srv.client, timeout=2)
-            if 200 <= status < 300:
-                return time.monotonic() - kill_at
-        except OSError:
-            pass
-        time.sleep(0.01)
-    raise AssertionError(f"no 2xx from {srv.url} within {timeout} s of the kill")
 
 
 @pytest.fixture
