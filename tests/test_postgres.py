@@ -265,6 +265,13 @@ def test_an_event_stream_resumed_on_the_new_leader_misses_no_result(postgres, tm
         leader.kill()
 
 
+def assert_took_over_with(standby, acked) -> None:
+    """The standby becomes ready and knows every task acknowledged before."""
+    wait_for(lambda: ready(standby)[0] == 200, what="the takeover")
+    for tid in acked:
+        assert http("GET", f"{standby.url}/api/task/poll/{CAP}/{tid['id']}", headers=standby.client)[0] == 200
+
+
 def test_a_leader_whose_session_ends_stops_and_the_standby_leads(postgres, tmp_path):
     """Fencing by the engine: the leader's session is terminated in PostgreSQL (as when
     keepalives find the network cut), so its lock is gone and it cannot write: it stops
@@ -281,9 +288,7 @@ def test_a_leader_whose_session_ends_stops_and_the_standby_leads(postgres, tmp_p
         assert len(holders) == 1
         assert leader.proc.wait(timeout=10) == 70
         assert "connection to" in leader.output() and "stopping now" in leader.output()
-        wait_for(lambda: ready(standby)[0] == 200, what="the takeover")
-        for tid in acked:
-            assert http("GET", f"{standby.url}/api/task/poll/{CAP}/{tid['id']}", headers=standby.client)[0] == 200
+        assert_took_over_with(standby, acked)
     finally:
         standby.kill()
         leader.kill()
@@ -357,9 +362,7 @@ def test_a_leader_stopped_by_sigterm_hands_over_with_every_acknowledged_task(pos
         acked = [leader.submit(CAP, n) for n in range(20)]
         leader.stop()  # SIGTERM: it commits what is queued and ends its session
         assert leader.proc.returncode == 0, leader.output()[-2000:]
-        wait_for(lambda: ready(standby)[0] == 200, what="the takeover")
-        for tid in acked:
-            assert http("GET", f"{standby.url}/api/task/poll/{CAP}/{tid['id']}", headers=standby.client)[0] == 200
+        assert_took_over_with(standby, acked)
     finally:
         standby.kill()
         leader.kill()
