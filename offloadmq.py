@@ -8107,26 +8107,50 @@ def cli_parser() -> argparse.ArgumentParser:
                              help="the server, or several sharing one database (the leader is "
                                   "followed); default OFFLOADMQ_URL, else http://127.0.0.1:3069")
     keys = commands.add_parser("keys", help="print the secrets the server generated (read from "
-                               "its data folder on this machine)")
+                               "its data folder on this machine, or its PostgreSQL store)")
     keys.add_argument("--data", help="the server's data folder (DATABASE_ROOT_PATH; default ./data)")
+    keys.add_argument("--store", help="the server's postgresql:// store (OFFLOADMQ_STORE), instead")
     return parser
 
 
-def cli_keys(data: str | None) -> int:
-    """The generated secrets, from the data folder: whoever can read that file has them
-    already, so this shows nothing a network caller could not see otherwise."""
-    folder = Path(data or os.environ.get("DATABASE_ROOT_PATH") or "./data")
+SECRET_LABELS = (("AGENT_API_KEYS", "agent registration key"), ("CLIENT_API_KEYS", "client API key"),
+                 ("MGMT_TOKEN", "management token"))
+
+
+async def stored_secrets(url: str) -> dict:
+    """The secrets kept in a PostgreSQL store ({} before a server has started on it)."""
+    store = PostgresStore(url)
     try:
-        stored = orjson.loads((folder / SECRETS_FILE).read_bytes())
-    except (OSError, orjson.JSONDecodeError) as err:
-        print(f"offloadmq: cannot read {folder / SECRETS_FILE}: {getattr(err, 'strerror', err)} "
-              "(give the server's --data folder with --data)", file=sys.stderr)
-        return EXIT_USAGE
-    for name, label in (("AGENT_API_KEYS", "agent registration key"), ("CLIENT_API_KEYS", "client API key"),
-                        ("MGMT_TOKEN", "management token")):
+        await store.open()
+        value = await store.conn.fetchval("SELECT value FROM offloadmq_meta WHERE name = 'secrets'")
+    finally:
+        await store.close()
+    return orjson.loads(value) if value else {}
+
+
+def cli_keys(data: str | None, store: str | None) -> int:
+    """The generated secrets, from the data folder or the PostgreSQL store: whoever can
+    read those has them already, so this shows nothing a network caller could not see."""
+    store = store or os.environ.get("OFFLOADMQ_STORE")
+    if store:
+        try:
+            stored, where = asyncio.run(stored_secrets(store)), describe_store(store)
+        except StoreUnusable as err:
+            print(f"offloadmq: {err}", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        folder = Path(data or os.environ.get("DATABASE_ROOT_PATH") or "./data")
+        where = folder / SECRETS_FILE
+        try:
+            stored = orjson.loads(where.read_bytes())
+        except (OSError, orjson.JSONDecodeError) as err:
+            print(f"offloadmq: cannot read {where}: {getattr(err, 'strerror', err)} "
+                  "(give the server's --data folder with --data, or its --store)", file=sys.stderr)
+            return EXIT_USAGE
+    for name, label in SECRET_LABELS:
         if stored.get(name):
             print(f"{label:24} {stored[name]}")
-    print(f"(from {folder / SECRETS_FILE}; keys set in the environment or .env are not shown)")
+    print(f"(from {where}; keys set in the environment or .env are not shown)")
     return EXIT_COMPLETED
 
 
@@ -8200,7 +8224,7 @@ def cli_main(argv: list[str], config: ClientConfig | None = None) -> int:
     parser = cli_parser()
     args = parser.parse_args(argv)
     if args.command == "keys":
-        return cli_keys(args.data)
+        return cli_keys(args.data, args.store)
     payload = cli_payload(parser, args.payload) if args.command == "submit" else None
     if args.command == "submit" and args.timeout is not None and args.timeout <= 0:
         parser.error("--timeout must be a positive number of seconds")

@@ -210,6 +210,12 @@ def test_the_secrets_are_created_once_in_the_database_and_shared(postgres, tmp_p
         status, _ = http("POST", second.url + "/api/task/submit", {"capability": CAP},
                          {"X-API-Key": stored["CLIENT_API_KEYS"]})
         assert status == 201
+        # `offloadmq.py keys` shows them from the store, as it does from a data folder.
+        shown = subprocess.run([sys.executable, str(ROOT / "offloadmq.py"), "keys", "--store", url],
+                               capture_output=True, text=True, timeout=30)
+        assert shown.returncode == 0, shown.stderr
+        assert all(stored[name] in shown.stdout for name in ("AGENT_API_KEYS", "CLIENT_API_KEYS", "MGMT_TOKEN"))
+        assert "password" not in shown.stdout and postgres.password not in shown.stdout
     finally:
         first.kill()
         second.kill()
