@@ -5888,10 +5888,6 @@ def ws_error(req_id: Any, err: OffloadError) -> dict:
             "error": {"type": err.type, "message": err.message, "status": err.status, **err.extra}}
 
 
-class Overloaded(OffloadError):
-    status, type = 503, "overloaded"
-
-
 class AgentSocket:
     """One agent's open socket: its sends, its requests in flight, its pusher."""
 
@@ -6371,9 +6367,9 @@ async def check_request(request: web.Request) -> None:
         # The methods of the API routes for this path; the catch-all's GET counts only
         # where no API route has the path.
         allowed: set[str] = set()
-        for resource in request.app.router.resources():
-            if resource.canonical != STATIC_PATH:
-                allowed |= (await resource.resolve(request))[1]
+        for route_resource in request.app.router.resources():
+            if route_resource.canonical != STATIC_PATH:
+                allowed |= (await route_resource.resolve(request))[1]
         if allowed:
             raise web.HTTPMethodNotAllowed(request.method, allowed)
 
@@ -6442,6 +6438,8 @@ async def leader_middleware(request: web.Request, handler: Callable) -> web.Stre
         response.headers["Retry-After"] = "1"
         return response
     return await handler(request)
+
+
 # Query parameters and path segments with these in their names carry secrets (the agent
 # socket's `token`, a key to revoke): the access log shows them as HIDDEN.
 SECRET_NAME = re.compile(r"key|token|secret|password|auth", re.IGNORECASE)

@@ -427,7 +427,7 @@ async def test_client_poll_shape_and_auth_schemes(client):
 
 async def test_client_poll_unknown_task_or_other_key_is_404(client):
     tid = await submit(client)
-    await fails(client, "GET", f"/api/task/poll/echo/01ARZ3NDEKTSV4RRFFQ69G5FAV", 404, headers=CLIENT)
+    await fails(client, "GET", "/api/task/poll/echo/01ARZ3NDEKTSV4RRFFQ69G5FAV", 404, headers=CLIENT)
     await fails(client, "GET", f"/api/task/poll/other/{tid['id']}", 404, headers=CLIENT)
     await call(client, "POST", "/management/client_api_keys/update", headers=MGMT_H,
                json={"key": "ck-other-0123456789abcdef", "capabilities": ["*"]})
@@ -1352,7 +1352,7 @@ async def test_a_waiting_take_shares_the_submits_fdatasync_and_follows_it_on_dis
     """The agent's long poll wakes before the submit reaches the disk, so its take joins
     the same write; its answer still waits for that write, which holds both records."""
     ag = await new_agent(client, ["debug.echo"])
-    agent, uid = ag.h, ag.uid
+    agent = ag.h
     journal = client.server.app[HUB].journal
     poll = asyncio.ensure_future(client.get("/private/agent/task/poll?wait=5&take=1", headers=agent))
     await asyncio.sleep(0.2)  # the poll is waiting

@@ -759,7 +759,7 @@ async def test_buckets_survive_compaction_and_replay_as_they_were(tmp_path):
 def test_an_upload_cut_off_midway_leaves_no_part_file(server):
     import socket
     uid = new_bucket(server)
-    head = (f"--b0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.bin\"\r\n\r\n").encode()
+    head = ("--b0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.bin\"\r\n\r\n").encode()
     request = (f"POST /api/storage/bucket/{uid}/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                f"X-API-Key: {server.client_key}\r\nContent-Type: multipart/form-data; boundary=b0\r\n"
                f"Content-Length: {len(head) + 10 * MB + 8}\r\n\r\n").encode() + head

@@ -870,7 +870,6 @@ def test_a_new_key_is_shown_in_full_once_with_copy_and_then_by_its_first_charact
     console, page = clipboard_console(console_factory)
     console.sign_in()
     console.go("keys")
-    view = page.locator("#view")
     predefined = page.locator(f"tr[data-key='{server.client_key}']")
     expect(predefined.locator("td[data-label=Key]")).to_have_text(server.client_key[:6] + "…")
 

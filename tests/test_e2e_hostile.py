@@ -111,7 +111,7 @@ def test_many_large_bodies_at_once_get_503_and_memory_stays_bounded(make_server)
             pass  # refused and closed before all of it was sent: the answer is still there
         return read_answer(sock, timeout=30)
 
-    peak, done = before, []
+    peak = before
     with concurrent.futures.ThreadPoolExecutor(len(socks)) as pool:
         futures = [pool.submit(send_then_answer, sock) for sock in socks]
         while not all(f.done() for f in futures):
@@ -140,7 +140,7 @@ def test_many_large_bodies_at_once_get_503_and_memory_stays_bounded(make_server)
 
 def test_guessed_keys_get_429_and_are_logged_without_the_secret(make_server):
     server = make_server().start()
-    statuses, retry = [], None
+    statuses = []
     for i in range(80):
         guess = f"ck-guess-{i:03d}-secret-looking"
         req_headers = {"X-API-Key": guess}
