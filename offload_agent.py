@@ -1117,6 +1117,7 @@ class ProgressReporter:
         self._deferral: asyncio.TimerHandle | None = None
         self._wakeup: asyncio.Event | None = None  # made on first use: most tasks send nothing
         self._flusher: asyncio.Task | None = None
+        self._sending = asyncio.Lock()  # one send at a time, so text goes out in order
         self._refused = False
 
     def write(self, text: str) -> None:
@@ -1153,10 +1154,16 @@ class ProgressReporter:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            await self.flush()
+            # Shielded: a close() during a send lets that send finish, so its text is
+            # neither lost nor sent twice; close() then waits for it (the lock).
+            await asyncio.shield(self.flush())
             await asyncio.sleep(self._interval_s)
 
     async def flush(self) -> None:
+        async with self._sending:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._pending_log and self._pending_stage is None:
             return
         text = "".join(self._pending_log) or None
@@ -2705,9 +2712,13 @@ class Agent:
         backoff = Backoff()
         sent_before = False
         while True:
+            resolving = False
             try:
                 if progress is not None and progress.pending:
                     await progress.flush()
+                    if progress.pending:  # the server is still away: the log goes first
+                        raise ServerUnavailable("the log text held back by the outage is not delivered yet")
+                resolving = True
                 take_next = self.settings.use_extensions and not self.stopping.is_set()
                 following = await self.client.resolve_task(task_id, outcome.status,
                                                             outcome.output, take_next)
@@ -2728,7 +2739,7 @@ class Agent:
                 log.warning("task %s: result refused: %s", label, err)
                 return None
             except ServerUnavailable as err:
-                sent_before = True
+                sent_before = sent_before or resolving
                 delay = backoff.next_delay()
                 if self.report_deadline is not None and time.monotonic() + delay > self.report_deadline:
                     log.error("task %s: result not delivered before shutdown: %s", label, err)

@@ -564,6 +564,28 @@ async def test_progress_kept_when_the_server_is_unreachable_and_sent_later():
     assert attempts == [("running", "one\n"), ("running", "one\ntwo\n")]
 
 
+async def test_close_during_a_send_loses_no_text_and_sends_none_twice():
+    # The task ends while a send is in flight: close() must let it finish (its text may
+    # already be at the server), then send the rest after it, in order.
+    delivered, in_flight, release = [], asyncio.Event(), asyncio.Event()
+
+    async def slow_send(stage, text):
+        if not delivered:
+            in_flight.set()
+            await release.wait()
+        delivered.append(text)
+
+    reporter = ProgressReporter(slow_send, interval_s=0.01)
+    reporter.write("one\n")
+    await in_flight.wait()
+    reporter.write("two\n")
+    closing = asyncio.ensure_future(reporter.close())
+    await asyncio.sleep(0.05)
+    release.set()
+    await closing
+    assert delivered == ["one\n", "two\n"]
+
+
 async def test_progress_stops_after_the_server_refuses_it():
     attempts = []
 
