@@ -2236,28 +2236,21 @@ async def upload_outputs(run: TaskRun) -> list[dict]:
     return uploaded
 
 
-def _with_output_files(output: Any, uploaded: list[dict]) -> Any:
-    """Uploaded files go in `output.output_files` (the client downloads them by id)."""
-    if not uploaded:
-        return output
-    if not isinstance(output, dict):
-        output = {"result": output}
-    return {**output, "output_files": uploaded}
-
-
 def _positive_number(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
         return float(value)
     return None
 
 
-def _with_artifacts(output: Any, artifacts: list[dict]) -> Any:
-    """Artifacts go in `output.artifacts`; an output that is not an object is kept under `result`."""
-    if not artifacts:
+def _with_files(output: Any, **files: list[dict]) -> Any:
+    """Artifacts go in `output.artifacts`, uploaded bucket files in `output.output_files`
+    (the client downloads them by id); an output that is not an object is kept under `result`."""
+    files = {name: listed for name, listed in files.items() if listed}
+    if not files:
         return output
     if not isinstance(output, dict):
         output = {"result": output}
-    return {**output, "artifacts": artifacts}
+    return {**output, **files}
 
 
 @dataclass
@@ -2304,7 +2297,7 @@ async def execute_task(run: TaskRun, executor: Executor | None) -> Outcome:
         artifacts = await collect_artifacts(run)
         uploaded = await upload_outputs(run)
         return Outcome({"success": time.monotonic() - started},
-                       _with_output_files(_with_artifacts(output, artifacts), uploaded))
+                       _with_files(output, artifacts=artifacts, output_files=uploaded))
     except NotExecuted as err:
         return Outcome({"notExecuted": str(err)})
     except TaskFailed as err:
