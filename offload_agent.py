@@ -2377,6 +2377,16 @@ class Agent:
             log.info("stop signal: taking no new tasks")
         self.stopping.set()
 
+    async def _retry_later(self, err: Exception, backoff: Backoff) -> bool:
+        """After a server error: False when this agent's credential is revoked (give up),
+        else waits the next backoff delay (or until a stop) and answers True."""
+        if self.revoked:
+            return False
+        delay = backoff.next_delay()
+        log.warning("server: %s; retrying in %.1f s", err, delay)
+        await self._until_stopped(asyncio.sleep(delay))
+        return True
+
     async def _until_stopped(self, awaitable: Awaitable) -> tuple[bool, Any]:
         """Awaits `awaitable` unless a stop comes first; returns (finished, result)."""
         work = asyncio.ensure_future(awaitable)
@@ -2434,11 +2444,8 @@ class Agent:
                 log.info("server has no agent WebSocket (%s); polling over HTTP", err)
                 return False
             except (ServerUnavailable, ServerRefused) as err:
-                if self.revoked:
+                if not await self._retry_later(err, backoff):
                     break
-                delay = backoff.next_delay()
-                log.warning("server: %s; retrying in %.1f s", err, delay)
-                await self._until_stopped(asyncio.sleep(delay))
                 continue
             if not finished:
                 break
@@ -2562,11 +2569,8 @@ class Agent:
                 continue
             except (ServerUnavailable, ServerRefused) as err:
                 self.slots.release()
-                if self.revoked:
+                if not await self._retry_later(err, backoff):
                     break
-                delay = backoff.next_delay()
-                log.warning("server: %s; retrying in %.1f s", err, delay)
-                await self._until_stopped(asyncio.sleep(delay))
                 continue
             backoff.reset()
             if task is None:
@@ -2590,11 +2594,8 @@ class Agent:
                 backoff.reset()
                 return
             except (ServerUnavailable, ServerRefused) as err:
-                if self.revoked:
+                if not await self._retry_later(err, backoff):
                     return
-                delay = backoff.next_delay()
-                log.warning("server: %s; retrying in %.1f s", err, delay)
-                await self._until_stopped(asyncio.sleep(delay))
 
     async def _handle(self, assigned: dict | None) -> None:
         """Runs a taken task and reports it; a report may bring the next task (extension),

@@ -175,16 +175,20 @@ def run_ours_pg(tmp: Path, args, results: dict) -> None:
         server = OursServer(tmp, name="offloadmq-pg", extra_args=("--store", cluster.url()))
         http_args = ("--transport", "http") if agent_knows("--transport") else ()
         server.start_agent("debug.echo", capacity=1, serve_args=http_args)
-        log(f"ours-pg: W2 submit + poll?wait x{args.w2}")
-        results["ours-pg_w2_poll"] = server.client("w2", "--n", str(args.w2), "--mode", "poll")
-        log(f"ours-pg: W2 submit_blocking x{args.w2} (urgent: memory only)")
-        results["ours-pg_w2_blocking"] = server.client("w2", "--n", str(args.w2), "--mode", "blocking")
-        log(f"ours-pg: W1 x{args.w1}")
-        results["ours-pg_w1"] = server.client("w1", "--n", str(args.w1))
+        run_w2_w1(server, "ours-pg", args, results)
     finally:
         if server is not None:
             server.stop()
         cluster.stop()
+
+
+def run_w2_w1(server, section: str, args, results: dict) -> None:
+    """W2 (both modes) then W1 through our client, as `section`_w2_blocking/_w2_poll/_w1."""
+    for mode in ("blocking", "poll"):
+        log(f"{section}: W2 {mode} x{args.w2}")
+        results[f"{section}_w2_{mode}"] = server.client("w2", "--n", str(args.w2), "--mode", mode)
+    log(f"{section}: W1 x{args.w1}")
+    results[f"{section}_w1"] = server.client("w1", "--n", str(args.w1))
 
 
 def run_ours_ws(tmp: Path, args, results: dict) -> None:
@@ -195,12 +199,7 @@ def run_ours_ws(tmp: Path, args, results: dict) -> None:
     server = OursServer(tmp, fsync="always", name="offloadmq-ws")
     try:
         server.start_agent("debug.echo", capacity=1, serve_args=("--transport", "ws"))
-        log(f"ours-ws: W2 submit_blocking x{args.w2}")
-        results["ours-ws_w2_blocking"] = server.client("w2", "--n", str(args.w2), "--mode", "blocking")
-        log(f"ours-ws: W2 submit + poll?wait x{args.w2}")
-        results["ours-ws_w2_poll"] = server.client("w2", "--n", str(args.w2), "--mode", "poll")
-        log(f"ours-ws: W1 x{args.w1}")
-        results["ours-ws_w1"] = server.client("w1", "--n", str(args.w1))
+        run_w2_w1(server, "ours-ws", args, results)
     finally:
         server.stop()
 
