@@ -2347,17 +2347,16 @@ class Journal:
 
     # ---------------------------------------------------------------- appending
 
-    async def append(self, records: list[bytes], on_disk: bool = True) -> None:
-        """Queue encoded records for the next flush; with fsync `always` (and `on_disk`),
-        return once they are on disk."""
-        waiter = self.enqueue(records, on_disk)
+    async def append(self, records: list[bytes]) -> None:
+        """Queue encoded records for the next flush; with fsync `always`, return once
+        they are on disk."""
+        waiter = self.enqueue(records)
         if waiter is not None:
             await waiter
 
-    def enqueue(self, records: list[bytes], on_disk: bool = True) -> asyncio.Future | None:
+    def enqueue(self, records: list[bytes]) -> asyncio.Future | None:
         """Queue records (each encoded by the core before it applied it) for the next
-        flush, in order; with fsync `always` (and `on_disk`), a future that is done once
-        they are on disk."""
+        flush, in order; with fsync `always`, a future that is done once they are on disk."""
         for record in records:
             self.seq += 1
             line = encode_line(self.seq, record)
@@ -2365,7 +2364,7 @@ class Journal:
             self.end_offset += len(line)
         self.records_since_snapshot += len(records)
         waiter = None
-        if self.fsync == "always" and on_disk:
+        if self.fsync == "always":
             waiter = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
         if not self.flush_scheduled:
@@ -2660,7 +2659,7 @@ class Journal:
 # The store is what the hub writes records to and recovers them from. The embedded
 # Journal above and PostgresStore below both offer what the hub uses of it:
 #   seq, size, fault, on_fault, fsync, fsync_seconds, leader, leader_url   attributes
-#   enqueue(lines, on_disk) -> future | None   group commit, in order; the future is done
+#   enqueue(lines) -> future | None            group commit, in order; the future is done
 #                                              once the batch is durable
 #   check_writable(), probe(), sync()          disk faults (no-ops here)
 #   compact(snapshot, now) -> bool, abandon_compaction(), close(), stats()
@@ -2980,9 +2979,9 @@ class PostgresStore:
 
     # ---------------------------------------------------------------- writing
 
-    def enqueue(self, records: list[bytes], on_disk: bool = True) -> asyncio.Future | None:
-        """Queue encoded records for the next batch, in order; with `on_disk`, a future
-        that is done once their batch is committed."""
+    def enqueue(self, records: list[bytes]) -> asyncio.Future:
+        """Queue encoded records for the next batch, in order; a future that is done once
+        their batch is committed."""
         for record in records:
             self.seq += 1
             self.seqs.append(self.seq)
@@ -2990,17 +2989,14 @@ class PostgresStore:
             self.size += len(record)
         self.records_since_snapshot += len(records)
         loop = asyncio.get_running_loop()
-        waiter = loop.create_future() if on_disk else None
-        if waiter is not None:
-            self.waiters.append(waiter)
+        waiter = loop.create_future()
+        self.waiters.append(waiter)
         if self.writer is None:
             self.writer = loop.create_task(self._write())
         return waiter
 
-    async def append(self, records: list[bytes], on_disk: bool = True) -> None:
-        waiter = self.enqueue(records, on_disk)
-        if waiter is not None:
-            await waiter
+    async def append(self, records: list[bytes]) -> None:
+        await self.enqueue(records)
 
     def flush(self) -> None:
         """The writer task commits on its own; nothing to start here."""
@@ -3844,11 +3840,11 @@ class Hub:
 
     # ---------------------------------------------------------------- changing state
 
-    async def _change(self, method: Callable, *args: Any, on_disk: bool = True,
-                      writes: bool = True, **kwargs: Any) -> Any:
+    async def _change(self, method: Callable, *args: Any, writes: bool = True,
+                      **kwargs: Any) -> Any:
         """Run a broker method with the time now; journal the changes it returned; wake
-        waiters. With `on_disk` False the answer does not wait for the fsync (progress
-        logs: a crash may lose the last moment of log text, never a result). While the
+        waiters; answer once the records are on disk (log text too: an agent does not
+        send again what was acknowledged). While the
         disk refuses writes, a change is refused before it touches memory, unless it
         `writes` no record (a contact, an offer let go)."""
         if writes:
@@ -3858,13 +3854,13 @@ class Hub:
             return method(*args, now=self.clock(), changes=changes, **kwargs)
         finally:
             if changes:
-                await self._store_and_notify(changes, on_disk)
+                await self._store_and_notify(changes)
 
-    async def _store_and_notify(self, changes: list[Change], on_disk: bool) -> None:
+    async def _store_and_notify(self, changes: list[Change]) -> None:
         ended = self.events.publish(changes)
         published = self.events.seq
         lines = [c.line for c in changes if c.durable]
-        on_disk_soon = self.journal.enqueue(lines, on_disk) if lines else None
+        on_disk_soon = self.journal.enqueue(lines) if lines else None
         await self._notify(self.offers_changed)  # after the enqueue: a take's record must follow
         if on_disk_soon is not None:
             await on_disk_soon  # a refused write raises here (memory went back to the disk)
@@ -4032,8 +4028,7 @@ class Hub:
 
     async def progress(self, uid: str, cap: str, task_id: str, stage: str | None,
                        log_update: str | None) -> Task:
-        return await self._change(self.broker.progress, uid, cap, task_id, stage, log_update,
-                                  on_disk=False)
+        return await self._change(self.broker.progress, uid, cap, task_id, stage, log_update)
 
     async def resolve(self, uid: str, cap: str, task_id: str, outcome: str,
                       message: str | None, output: Any) -> Task:

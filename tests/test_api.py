@@ -1196,6 +1196,33 @@ async def test_an_idempotent_retry_waiting_for_a_write_that_fails_gets_the_same_
         await hub.stop()
 
 
+async def test_log_text_is_acknowledged_only_once_it_is_on_disk(tiny_disk):
+    """An agent does not send again log text the server acknowledged, so a progress report
+    whose write fails (the disk fills up under it, a tmpfs for real) is answered 507, not
+    200, and leaves the task's log as it was."""
+    from offloadmq import StorageFull, parse_submission
+    config = Config(data_path=tiny_disk, jwt_secret=SECRET, client_api_keys=(CLIENT_KEY,))
+    hub = Hub(config)
+    hub.recover()
+    try:
+        agent = await hub.register_agent({"capabilities": ["echo"], "tier": 0, "capacity": 1,
+                                          "systemInfo": {}})
+        task, _ = await hub.submit(parse_submission({"capability": "echo", "payload": 1}), "o", None, None)
+        await hub.take(agent.uid, task.cap, task.id)
+        await hub.progress(agent.uid, task.cap, task.id, None, "kept\n")
+        filler = fill(tiny_disk, leave=30_000)
+        with pytest.raises(StorageFull):
+            await hub.progress(agent.uid, task.cap, task.id, None, "x" * 60_000)
+        assert hub.broker.task(task.cap, task.id).log == "kept\n"  # memory went back to the disk
+        filler.unlink()
+        assert hub.journal.probe()
+        await hub.progress(agent.uid, task.cap, task.id, None, "sent again\n")
+        assert hub.broker.task(task.cap, task.id).log == "kept\nsent again\n"
+    finally:
+        await hub.release_waiters()
+        await hub.stop()
+
+
 # ---------------------------------------------------------------- heartbeats and what agents hold
 
 async def test_heartbeat_secs_is_kept_shown_and_checked(client):
