@@ -427,7 +427,8 @@ def test_agent_survives_a_server_restart(server, start_agent):
     body = wait_done(server, in_flight, timeout=30)
     assert body["status"] == "completed", body
     assert body["output"]["stdout"] == "survived\n"
-    assert body["log"].endswith("survived\n"), "log text held back by the outage was lost"
+    assert body["log"].endswith("survived\n"), \
+        f"log text held back by the outage was lost; agent:\n{agent.output()[-3000:]}"
     # An idle agent, cut off in the middle of its long poll, finds its way back too.
     agent.wait_for_log("resolved: success")
     time.sleep(0.3)
