@@ -48,7 +48,7 @@ def build_state(data: Path, client_key: str, pending: int, ended: int = 0, cap: 
             task = broker.submit(submission, owner, None, time.time(), changes=changes)
             if i < ended:
                 broker.cancel(task.cap, task.id, owner, time.time(), changes=changes)
-        journal.enqueue([c.line for c in changes if c.durable], on_disk=False)
+        journal.enqueue([c.line for c in changes if c.durable])
         await journal.close()
     asyncio.run(fill())
 
