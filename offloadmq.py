@@ -55,7 +55,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
@@ -2661,7 +2661,7 @@ class Journal:
 #   seq, size, fault, on_fault, fsync, fsync_seconds, leader, leader_url   attributes
 #   enqueue(lines) -> future | None            group commit, in order; the future is done
 #                                              once the batch is durable
-#   check_writable(), probe(), sync()          disk faults (no-ops here)
+#   check_writable(), probe(), sync()          disk faults: writes refused while full
 #   compact(snapshot, now) -> bool, abandon_compaction(), close(), stats()
 # Recovery differs in where it runs, not in what it does: Journal.recover(broker) before
 # the event loop starts, PostgresStore.load(broker) in it; both hand each record to the
@@ -2793,8 +2793,12 @@ class PostgresStore:
         self.size = 0                    # bytes of records since the snapshot
         self.records_since_snapshot = 0
         self.last_compaction_at: float | None = None
-        self.fault: OffloadError | None = None  # never set: a failed write stops the server
-        self.on_fault: Callable[[], None] | None = None
+        # StorageFull while the database has no room: reads go on, writes are refused. Any
+        # other failed write stops the server (store_lost).
+        self.fault: OffloadError | None = None
+        self.on_fault: Callable[[], None] | None = None  # the journal's; unused here
+        self.on_full: Callable[[], Awaitable[None]] | None = None  # the hub reloads memory
+        self.probing: asyncio.Task | None = None
         self.fsync_seconds = Histogram()  # COMMIT latency
         self.seqs: list[int] = []        # queued for the next batch
         self.lines: list[bytes] = []
@@ -3009,14 +3013,19 @@ class PostgresStore:
         await asyncio.sleep(0)
         insert = (f"WITH written AS (INSERT INTO offloadmq_records (seq, record) "
                   f"SELECT * FROM unnest($1::bigint[], $2::bytea[])) SELECT pg_notify('{self.channel}', $3)")
+        asyncpg = load_asyncpg()
         try:
             while self.lines or self.waiters:
                 seqs, lines, waiters = self.seqs, self.lines, self.waiters
                 self.seqs, self.lines, self.waiters = [], [], []
                 if lines:
                     started = time.perf_counter()
-                    async with self.using:
-                        await self.conn.execute(insert, seqs, lines, str(seqs[-1]))
+                    try:
+                        async with self.using:
+                            await self.conn.execute(insert, seqs, lines, str(seqs[-1]))
+                    except asyncpg.DiskFullError as err:
+                        await self._refuse_full(err, waiters)
+                        continue
                     self.last_used = time.monotonic()
                     self.fsync_seconds.observe(time.perf_counter() - started)
                 for waiter in waiters:
@@ -3028,11 +3037,55 @@ class PostgresStore:
         finally:
             self.writer = None
 
+    async def _refuse_full(self, err: Exception, waiters: list[asyncio.Future]) -> None:
+        """The database has no room for a batch (SQLSTATE 53100: its transaction rolled
+        back, the session and the lock stay). Like the journal on a full disk: this batch
+        and every one queued behind it are refused, memory goes back to what the database
+        holds, and writes wait until a probe finds room."""
+        reason = str(err).splitlines()[0]
+        self.fault = StorageFull(
+            f"{describe_store(self.url)} has no room ({reason}): writes are refused until "
+            "there is room again; reads go on")
+        log.error("STORE %s", self.fault.message)
+        refused = waiters + self.waiters
+        self.seqs, self.lines, self.waiters = [], [], []
+        if self.on_full is not None:
+            await self.on_full()  # reloads: seq goes back to the last committed record
+        for waiter in refused:
+            if not waiter.done():
+                waiter.set_exception(self.fault)
+
     def check_writable(self) -> None:
-        """A standby never writes (the routes are the leader's); the leader always may."""
+        """A standby never writes (the routes are the leader's); the leader may while the
+        database has room."""
+        if self.fault is not None:
+            raise self.fault
 
     def probe(self) -> bool:
+        """Once a second while the database has no room: True (and writes accepted again)
+        once the last probe could write PROBE_BYTES there; starts the next probe."""
+        if not isinstance(self.fault, StorageFull):
+            return False
+        if self.probing is not None and self.probing.done():
+            found_room = not self.probing.cancelled() and self.probing.exception() is None
+            self.probing = None
+            if found_room:
+                self.fault = None
+                log.warning("STORE %s has room again; writes are accepted", describe_store(self.url))
+                return True
+        if self.probing is None:
+            self.probing = asyncio.get_running_loop().create_task(self._probe())
         return False
+
+    async def _probe(self) -> None:
+        """Write (and take back) PROBE_BYTES of incompressible text: fails while the
+        database cannot extend a table."""
+        async with self.using, self.conn.transaction():
+            await self.conn.execute(
+                "INSERT INTO offloadmq_meta SELECT 'space-probe', string_agg(md5(random()::text), '') "
+                "FROM generate_series(1, $1) ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                PROBE_BYTES // 32)
+            await self.conn.execute("DELETE FROM offloadmq_meta WHERE name = 'space-probe'")
 
     def sync(self) -> None:
         """Durability is each COMMIT's."""
@@ -3044,7 +3097,7 @@ class PostgresStore:
         records up to `seq`; those records and older snapshots go in the same transaction.
         As the journal does, a forked child serializes the state frozen at this instant
         (here into a pipe), so the server goes on answering meanwhile."""
-        if self.closing or not self.leader or now < self.compact_after:
+        if self.closing or not self.leader or self.fault is not None or now < self.compact_after:
             return False
         seq, size = self.seq, self.size
         state = await serialized_by_child(snapshot)
@@ -3646,6 +3699,8 @@ class Hub:
         # Called with every batch of changes once journaled (the agent sockets push cancels).
         self.change_listeners: list[Callable[[list[Change]], None]] = []
         self.journal.on_fault = self._storage_fault  # disk faults: writes refused
+        if isinstance(self.journal, PostgresStore):
+            self.journal.on_full = self._back_to_store
         self.files = BucketFiles(config.data_path / BUCKETS_FOLDER)
 
     # ---------------------------------------------------------------- lifecycle
@@ -3794,19 +3849,36 @@ class Hub:
         else:
             self._rescue()
 
+    def _fresh_broker(self) -> Broker:
+        old = self.broker
+        return Broker(self.config.client_api_keys, self.clock(), old.rng, old.ids, old.new_secret)
+
     def _back_to_disk(self) -> None:
-        """A write was refused for want of room, so memory goes back to what is on disk,
-        rebuilt as a restart would rebuild it but with every connection kept. What never
-        depended on the disk stays: urgent tasks (same objects, so their waiters keep
-        waiting) and agents' last contact. Offers lapse (the agent polls again). Clients
-        waiting on a regular task get the 507 (what they saw may have been undone: they
-        ask again); event streams get a `reset` event and reload."""
-        started, old = time.perf_counter(), self.broker
-        fresh = Broker(self.config.client_api_keys, self.clock(), old.rng, old.ids, old.new_secret)
+        """The journal refused a write for want of room: memory goes back to what is on disk."""
+        started, fresh = time.perf_counter(), self._fresh_broker()
         try:
             self.journal.reload(fresh)
         except (OSError, JournalCorrupt) as err:
             fatal("after a refused write, reading back %s failed: %s", self.config.data_path, err)
+        self._take_back(fresh, started)
+
+    async def _back_to_store(self) -> None:
+        """PostgreSQL refused a batch for want of room: memory goes back to what it holds."""
+        started, fresh = time.perf_counter(), self._fresh_broker()
+        try:
+            await self.journal.load(fresh)
+        except Exception as err:
+            store_lost("after a refused write, reading back %s failed: %r", describe_store(self.config.store), err)
+        self._take_back(fresh, started)
+
+    def _take_back(self, fresh: Broker, started: float) -> None:
+        """Memory becomes `fresh`, the state as stored, rebuilt as a restart would rebuild it
+        but with every connection kept. What never depended on the store stays: urgent
+        tasks (same objects, so their waiters keep waiting) and agents' last contact.
+        Offers lapse (the agent polls again). Clients waiting on a regular task get the 507
+        (what they saw may have been undone: they ask again); event streams get a `reset`
+        event and reload."""
+        old = self.broker
         for agent in old.online.values():  # oldest contact first, as `online` wants
             if agent.uid in fresh.agents:
                 fresh.touch(agent.uid, agent.last_contact)

@@ -387,11 +387,14 @@ class PostgresCluster:
     """initdb in a temp folder and `postgres` on a free 127.0.0.1 port, run as an
     unprivileged user (PostgreSQL refuses root, and CI runs as root); stopped by its pid."""
 
-    def __init__(self, bin_dir: Path):
+    def __init__(self, bin_dir: Path, folder: Path | None = None):
+        """`folder`: where the cluster lives (made; it must be reachable by `postgres`)."""
         self.bin = bin_dir
         self.port = free_port()
         self.password = secrets.token_hex(16)
-        self.folder = Path(tempfile.mkdtemp(prefix="offloadmq-pg-"))
+        if folder is not None:
+            folder.mkdir()
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="offloadmq-pg-"))
         self.user = self.group = None
         if os.geteuid() == 0:
             self.user = pwd.getpwnam(self.run_as()).pw_uid

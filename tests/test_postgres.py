@@ -7,13 +7,16 @@ shared secrets, and event streams resumed across the failover.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -372,3 +375,59 @@ def test_a_leader_stopped_by_sigterm_hands_over_with_every_acknowledged_task(pos
     finally:
         standby.kill()
         leader.kill()
+
+
+def test_a_database_out_of_room_refuses_writes_with_507_and_reads_go_on_until_there_is_room(tmp_path):
+    """The cluster lives on a 96 MiB tmpfs that fills up for real: PostgreSQL cannot extend
+    the records table (SQLSTATE 53100). As on a full journal disk, the batch is refused
+    with 507, memory goes back to what the database holds, reads go on and the server
+    stays up (it used to stop with exit 70); once there is room, writes are accepted
+    again, and a restart finds every acknowledged task and none of the refused ones."""
+    from conftest import PostgresCluster, fill, mount_tmpfs, postgres_bin, unmount
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (`make test` installs Debian's postgresql)")
+    pytest.importorskip("asyncpg")
+    disk = Path(tempfile.mkdtemp(prefix="offloadmq-pg-disk-"))
+    disk.chmod(0o755)  # the cluster runs as `postgres`
+    mount_tmpfs(disk, "96m")
+    cluster = srv = None
+    try:
+        cluster = PostgresCluster(bin_dir, folder=disk / "pg").start()
+        srv = pg_server(tmp_path, cluster.url(), "a").start()
+        acked = [srv.submit(CAP, n) for n in range(3)]
+        filler = fill(disk, leave=2_000_000)
+        for _ in range(60):  # incompressible payloads: each needs room in the table
+            status, body = http("POST", srv.url + "/api/task/submit", headers=srv.client,
+                                body={"capability": CAP, "payload": os.urandom(150_000).hex()}, timeout=15)
+            if status != 201:
+                break
+            acked.append(body["id"])
+        assert status == 507, body
+        assert body["error"]["type"] == "storage_full" and "no room" in body["error"]["message"]
+        assert srv.proc.poll() is None, srv.output()
+        # Reads go on, and show only what the database holds.
+        listed = {t["id"]["id"] for t in http("GET", srv.url + "/management/tasks/list",
+                                              headers=srv.mgmt)[1]["regular"]["unassigned"]}
+        assert listed == {tid["id"] for tid in acked}
+        health = http("GET", srv.url + "/health")[1]
+        assert health["status"] == "unhealthy" and health["reason"] == "storage_full", health
+        assert http("POST", srv.url + "/api/task/submit", headers=srv.client,
+                    body={"capability": CAP, "payload": 1})[0] == 507
+        filler.unlink()
+        later = wait_for(lambda: (lambda r: r[0] == 201 and r[1])(http(
+            "POST", srv.url + "/api/task/submit", headers=srv.client, body={"capability": CAP, "payload": "later"})),
+            timeout=10, what="writes accepted once there is room")
+        acked.append(later["id"])
+        srv.kill()
+        srv.start()
+        listed = {t["id"]["id"] for t in http("GET", srv.url + "/management/tasks/list",
+                                              headers=srv.mgmt)[1]["regular"]["unassigned"]}
+        assert listed == {tid["id"] for tid in acked}
+    finally:
+        if srv is not None:
+            srv.kill()
+        if cluster is not None:
+            cluster.stop()
+        unmount(disk)
+        shutil.rmtree(disk, ignore_errors=True)
