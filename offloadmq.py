@@ -1605,6 +1605,10 @@ class Broker:
             raise Conflict(f"only failed or canceled tasks can be requeued; this one is {task.status}")
         if task.urgent:
             raise Conflict("urgent tasks cannot be requeued: submit it again")
+        gone = [uid for uid in task_buckets(task.data) if uid not in self.buckets]
+        if gone:  # reaped with the task (rm_after_task), expired or deleted: it would fail
+            raise Conflict(f"the task's bucket {gone[0]} is gone (removed after the task "
+                           "ended, expired or deleted): upload the files again and submit it again")
         self._emit_task("task.requeued", task, now)
         return task
 

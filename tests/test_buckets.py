@@ -141,6 +141,24 @@ def test_ttl_and_rm_after_task_reap_through_records():
     assert replayed(take_records(broker)).snapshot() == broker.snapshot()
 
 
+def test_a_task_whose_bucket_was_reaped_is_not_requeued_to_fail():
+    """Requeuing a dead letter whose rm_after_task bucket went with it would hand agents a
+    task that can only fail at its first download: refused, saying which bucket is gone."""
+    broker = recorded(Broker())
+    tied = broker.create_bucket(OWNER, 9, True, T0).uid
+    kept = broker.create_bucket(OWNER, 9, False, T0).uid
+    lost = core_submit(broker, file_bucket=[kept], output_bucket=tied)
+    alive = core_submit(broker, file_bucket=[kept])
+    for task in (lost, alive):
+        broker.cancel(task.cap, task.id, OWNER, T0 + 1)
+    assert [b.uid for b in broker.reap_buckets(100, T0 + 2)] == [tied]
+    take_records(broker)
+    with pytest.raises(Conflict, match=f"bucket {tied} is gone"):
+        broker.requeue(lost.cap, lost.id, T0 + 3)
+    assert take_records(broker) == [] and lost.status == "canceled"
+    assert broker.requeue(alive.cap, alive.id, T0 + 3).status == "pending"
+
+
 def test_an_agent_reaches_only_the_buckets_of_tasks_it_holds():
     broker = Broker()
     inputs = broker.create_bucket(OWNER, 9, False, T0).uid
