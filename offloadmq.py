@@ -7458,6 +7458,7 @@ def main_postgres(config: Config) -> None:
 
 CLIENT_RETRY_S = 30.0      # how long connection errors are retried before raising
 CLIENT_REQUEST_S = 30.0    # one request, the held long poll excepted
+CLIENT_TRANSFER_S = 3600.0  # a bucket file's whole transfer (a stall ends it sooner: 120 s)
 CLIENT_POLL_WAIT_S = 60    # the server's longest poll?wait=
 ORPHANS_KEPT = 10_000      # end events of tasks whose submit answer is still on its way
 CATCH_UP_POLLS = 8         # polls in flight when asking about tasks that may have ended unseen
@@ -7466,6 +7467,11 @@ CATCH_UP_POLLS = 8         # polls in flight when asking about tasks that may ha
 class Unreachable(OffloadError):
     """The server could not be reached (or kept failing) for the client's retry time."""
     status, type = 0, "unreachable"
+
+
+class DamagedFile(OffloadError):
+    """A downloaded bucket file does not match the SHA-256 recorded at its upload."""
+    status, type = 0, "damaged_file"
 
 
 class TaskFailed(OffloadError):
@@ -7513,6 +7519,8 @@ def _error_classes(cls: type) -> list[type]:
 
 
 def _camel(name: str) -> str:
+    if name in ("file_bucket", "output_bucket"):  # the wire spells these in snake_case
+        return name
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
 
@@ -7802,6 +7810,7 @@ class AsyncClient:
         self.retry_s, self.request_s = retry_s, request_s
         self._watch: _Watch | None = None
         self._generations = itertools.count(1)
+        self._files: Any = None  # an aiohttp session, made for the first bucket file
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -7813,6 +7822,8 @@ class AsyncClient:
         if self._watch is not None:
             await self._watch.close()
             self._watch = None
+        if self._files is not None:
+            await self._files.close()
         await self.http.close()
 
     # -- requests ---------------------------------------------------------------
@@ -7989,6 +8000,107 @@ class AsyncClient:
         """The capabilities online agents serve (that this key may use)."""
         return await self._call("GET", "/api/capabilities/online")
 
+    # -- file buckets -----------------------------------------------------------
+
+    async def create_bucket(self, rm_after_task: bool = False) -> str:
+        """A new bucket of this key, for `file_bucket=[uid]` / `output_bucket=uid`: its uid.
+        `rm_after_task`: removed once every task naming it has ended."""
+        answer = await self._call("POST", "/api/storage/bucket/create", {"rm_after_task": rm_after_task})
+        return answer["bucket_uid"]
+
+    async def buckets(self) -> list[dict]:
+        """This key's buckets (`bucket_uid`, `file_count`, `used_bytes`, `expires_at`, ...)."""
+        return (await self._call("GET", "/api/storage/buckets"))["buckets"]
+
+    async def bucket(self, bucket_uid: str) -> dict:
+        """A bucket's `files` (`file_uid`, `original_name`, `size_bytes`, `sha256`, ...) and room."""
+        return await self._call("GET", f"/api/storage/bucket/{quote(bucket_uid, safe='')}/stat")
+
+    async def upload(self, bucket_uid: str, path: str | os.PathLike, name: str | None = None) -> dict:
+        """Store the file at `path` in a bucket as `name` (its own name by default), streamed
+        from the disk, never held in memory: the server's answer (`file_uid`, `size`,
+        `sha256`). Not retried once sent: a resend would meet its own name (409)."""
+        import aiohttp
+        source = Path(path)
+        opened: list = []
+
+        def body() -> Any:
+            form = aiohttp.FormData(quote_fields=False)
+            opened.append(source.open("rb"))
+            form.add_field("file", opened[-1], filename=name or source.name,
+                           content_type="application/octet-stream")
+            return form
+
+        async def use(resp: Any) -> dict:
+            return await resp.json(content_type=None)
+        try:
+            return await self._transfer("POST", f"/api/storage/bucket/{quote(bucket_uid, safe='')}/upload",
+                                        use, body)
+        finally:
+            for file in opened:
+                file.close()
+
+    async def download(self, bucket_uid: str, file_uid: str, dest: str | os.PathLike) -> Path:
+        """Stream a bucket's file into `dest` (written beside it, checked against the SHA-256
+        the server recorded at upload, then renamed into place): `dest`."""
+        target = Path(dest)
+        part = target.with_name(f".{target.name}.part")
+
+        async def use(resp: Any) -> None:
+            digest = hashlib.sha256()
+            with part.open("wb") as out:
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    digest.update(chunk)
+                    out.write(chunk)
+            expected = resp.headers.get("X-Content-SHA256")
+            if expected and digest.hexdigest() != expected:
+                raise DamagedFile(f"file {file_uid} arrived damaged: SHA-256 {digest.hexdigest()}, "
+                                  f"the server recorded {expected}")
+        try:
+            await self._transfer("GET", f"/api/storage/bucket/{quote(bucket_uid, safe='')}/file/"
+                                        f"{quote(file_uid, safe='')}", use)
+            part.replace(target)
+        finally:
+            part.unlink(missing_ok=True)
+        return target
+
+    async def delete_file(self, bucket_uid: str, file_uid: str) -> None:
+        await self._call("DELETE", f"/api/storage/bucket/{quote(bucket_uid, safe='')}/file/"
+                                   f"{quote(file_uid, safe='')}")
+
+    async def delete_bucket(self, bucket_uid: str) -> None:
+        await self._call("DELETE", f"/api/storage/bucket/{quote(bucket_uid, safe='')}")
+
+    async def _transfer(self, method: str, path: str, use: Callable[[Any], Awaitable[Any]],
+                        body: Callable[[], Any] | None = None) -> Any:
+        """One streamed exchange with the leader (bucket files: the lean client holds a
+        whole body); `use` takes a 2xx answer, `body()` makes the body afresh per server."""
+        import aiohttp
+        from offload_agent import _Unsent, not_leader
+        if self._files is None:
+            self._files = aiohttp.ClientSession()
+
+        async def attempt(endpoint: Any) -> Any:
+            try:
+                async with self._files.request(
+                        method, endpoint.url + path, headers=self.headers,
+                        data=None if body is None else body(),
+                        timeout=aiohttp.ClientTimeout(sock_connect=CLIENT_REQUEST_S, sock_read=120)) as resp:
+                    if resp.status >= 400:
+                        raw = await resp.content.read(1 << 16)
+                        if (standby := not_leader(resp.status, raw)) is not None:
+                            raise standby
+                        raise server_error(resp.status, raw)
+                    return await use(resp)
+            except aiohttp.ClientConnectorError as err:
+                raise _Unsent(err) from None
+            except aiohttp.ClientError as err:
+                raise ConnectionError(f"{type(err).__name__}: {err}") from None
+        try:
+            return await self.http.on_leader(attempt, CLIENT_TRANSFER_S)
+        except (OSError, EOFError, TimeoutError) as err:
+            raise Unreachable(f"{self.url}: {method} {path}: {type(err).__name__}: {err}") from None
+
 
 class TaskHandle:
     """A submitted task, blocking: `result()`, `status()`, `cancel()`, `logs()`."""
@@ -8136,6 +8248,28 @@ class Client:
 
     def capabilities(self) -> list[str]:
         return self._run(self._async.capabilities())
+
+    # File buckets: see AsyncClient.
+    def create_bucket(self, rm_after_task: bool = False) -> str:
+        return self._run(self._async.create_bucket(rm_after_task))
+
+    def buckets(self) -> list[dict]:
+        return self._run(self._async.buckets())
+
+    def bucket(self, bucket_uid: str) -> dict:
+        return self._run(self._async.bucket(bucket_uid))
+
+    def upload(self, bucket_uid: str, path: str | os.PathLike, name: str | None = None) -> dict:
+        return self._run(self._async.upload(bucket_uid, path, name))
+
+    def download(self, bucket_uid: str, file_uid: str, dest: str | os.PathLike) -> Path:
+        return self._run(self._async.download(bucket_uid, file_uid, dest))
+
+    def delete_file(self, bucket_uid: str, file_uid: str) -> None:
+        self._run(self._async.delete_file(bucket_uid, file_uid))
+
+    def delete_bucket(self, bucket_uid: str) -> None:
+        self._run(self._async.delete_bucket(bucket_uid))
 
 
 # ============================================================================ cli

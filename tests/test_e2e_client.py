@@ -3,6 +3,7 @@ processes: every verb, a failing task, cancel, a server kill -9 and restart in t
 middle of `as_completed` with a real agent process, a submit whose answer is lost on the
 way (a local TCP proxy drops it), and 10,000 submits over one TCP connection (the proxy
 counts the connections it accepts)."""
+import hashlib
 import socket
 import threading
 import time
@@ -14,7 +15,7 @@ from test_e2e_agent import AgentProcess
 from test_e2e_cli import CAP, agent  # noqa: F401 (a fixture)
 
 import offloadmq
-from offloadmq import (AsyncClient, BadRequest, Client, Conflict, NotFound, OffloadError,
+from offloadmq import (AsyncClient, BadRequest, Client, Conflict, DamagedFile, NotFound, OffloadError,
                        SchedulingImpossible, TaskCanceled, TaskFailed, Unauthenticated,
                        Unreachable, WaitTimeout)
 
@@ -234,6 +235,43 @@ async def test_async_client_verbs(server, agent):
         assert await mq.submit_blocking(CAP, {}) == {"lines": 0}
         queued = await mq.submit("nobody.serves")
         assert (await queued.cancel())["status"] == "canceled"
+
+
+def test_bucket_files_go_to_a_real_agent_and_its_output_comes_back_checked(server, mq, tmp_path):
+    """Stage a file, name the buckets in a task a real agent runs, download what it wrote;
+    a file the disk damaged behind the server's back (same size) is refused on download
+    and leaves nothing at the destination."""
+    from test_e2e_agent import AgentProcess
+    words = tmp_path / "words.txt"
+    words.write_bytes(b"hello buckets\n" * 5000)
+    inputs, output = mq.create_bucket(), mq.create_bucket()
+    stored = mq.upload(inputs, words)
+    assert stored["size"] == 70_000 and stored["sha256"] == hashlib.sha256(words.read_bytes()).hexdigest()
+    assert [f["original_name"] for f in mq.bucket(inputs)["files"]] == ["words.txt"]
+    with pytest.raises(Conflict):
+        mq.upload(inputs, words)  # the name is taken
+    tied = mq.create_bucket(rm_after_task=True)
+    assert {b["bucket_uid"]: b["rm_after_task"] for b in mq.buckets()} == {inputs: False, output: False, tied: True}
+    agent = AgentProcess(server, tmp_path / "agent", ["shell.bash"]).register().start()
+    try:
+        task = mq.submit("shell.bash", {"command": "tr a-z A-Z < words.txt > output/shout.txt"},
+                         file_bucket=[inputs], output_bucket=output)
+        [shout] = task.result(timeout=30)["output_files"]
+    finally:
+        agent.kill()
+    got = mq.download(output, shout["file_uid"], tmp_path / "shout.txt")
+    assert got.read_bytes() == words.read_bytes().upper()
+    (server.data / "buckets" / inputs / stored["file_uid"]).write_bytes(b"X" * 70_000)
+    with pytest.raises(DamagedFile, match="arrived damaged"):
+        mq.download(inputs, stored["file_uid"], tmp_path / "copy.txt")
+    assert not list(tmp_path.glob("*copy.txt*"))
+    mq.delete_file(inputs, stored["file_uid"])
+    assert mq.bucket(inputs)["files"] == []
+    mq.delete_bucket(inputs)
+    with pytest.raises(NotFound):
+        mq.bucket(inputs)
+    with Client(server.url, "not-a-key-of-this-server") as stranger, pytest.raises(Unauthenticated):
+        stranger.buckets()
 
 
 # ---------------------------------------------------------------- faults, for real
