@@ -2688,7 +2688,11 @@ class Journal:
 # leader's session ends (its process died and its socket closed, or keepalives found the
 # network cut) PostgreSQL releases it, and the next standby to try takes it, applies the
 # records left and serves. A leader that lost its session cannot write (the engine fences
-# it) and stops: a restart makes it a standby.
+# it) and stops: a restart makes it a standby. A leader whose session stays open but
+# silent (its process frozen, its loop stuck, the network cut before keepalives tell)
+# would keep the lock for good: a leader asks its session something at least every
+# PG_ALIVE_S, so a standby that finds the lock holder's session idle for longer than
+# PG_LEADER_SILENT_S ends that session (pg_terminate_backend, the engine again) and leads.
 
 PG_SCHEMA_VERSION = 1
 PG_LOCK_CLASS = 0x0FF10AD        # advisory lock (PG_LOCK_CLASS, hashtext(schema)): one leader
@@ -2698,6 +2702,7 @@ STANDBY_TIMER_SWEEP_S = 60.0      # and forgets the timers of ended tasks this o
 PG_CONNECT_TIMEOUT_S = 5.0
 PG_COMMAND_TIMEOUT_S = 10.0      # a write or check that takes longer: the session is gone
 PG_ALIVE_S = 1.0                 # an idle leader checks its session this often
+PG_LEADER_SILENT_S = 3.5         # a lock holder's session idle this long: its leader is gone
 PG_FOLLOW_BATCH = 5000           # records a standby applies per query
 PG_SNAPSHOT_TIMEOUT_S = 300.0    # reading or writing a whole state may take this long
 # PostgreSQL probes an idle client after 5 s, then every 2 s, 3 times: a leader cut off by
@@ -2947,7 +2952,25 @@ class PostgresStore:
                 await self.conn.execute(
                     "INSERT INTO offloadmq_meta VALUES ('leader', $1) "
                     "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", self.advertise_url)
+            else:
+                await self._end_silent_leader()
         return got
+
+    async def _end_silent_leader(self) -> None:
+        """End the lock holder's session when it has said nothing for PG_LEADER_SILENT_S
+        (see Leadership above); the next attempt takes the lock. Sessions of another
+        role show no state here, so they are left alone."""
+        silent = await self.conn.fetchrow(
+            "SELECT a.pid, extract(epoch FROM clock_timestamp() - a.state_change)::float8 "
+            "FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' "
+            "AND l.granted AND l.classid = $1 AND l.objid = $2::int4::oid AND l.objsubid = 2 "
+            "AND a.state IN ('idle', 'idle in transaction') "
+            "AND clock_timestamp() - a.state_change > make_interval(secs => $3)",
+            PG_LOCK_CLASS, self.lock_id, PG_LEADER_SILENT_S)
+        if silent is not None:
+            log.warning("standby: the leader (%s, session %d) has said nothing for %.1f s: ending "
+                        "its session so that a standby leads", self.leader_url or "no URL", *silent)
+            await self.conn.execute("SELECT pg_terminate_backend($1)", silent[0])
 
     async def catch_up(self, broker: Broker) -> bool:
         """Apply what the leader wrote since; False when it compacted past what this server
@@ -2973,14 +2996,16 @@ class PostgresStore:
 
     async def _check_alive(self) -> None:
         """An idle leader asks its session once a second: one that is gone (the network
-        cut, the database restarted) must stop serving what it can no longer write."""
+        cut, the database restarted) must stop serving what it can no longer write, and
+        standbys take a session silent for long for a leader that is gone."""
         while not self.closing:
-            await asyncio.sleep(PG_ALIVE_S)
+            await asyncio.sleep(PG_ALIVE_S / 4)  # never silent much past PG_ALIVE_S
             if time.monotonic() - self.last_used < PG_ALIVE_S or self.closing:
                 continue
             try:
                 async with self.using:
                     await self.conn.fetchval("SELECT 1", timeout=PG_COMMAND_TIMEOUT_S / 2)
+                self.last_used = time.monotonic()
             except Exception as err:
                 if not self.closing:
                     store_lost("the session with %s is gone (%s)", describe_store(self.url), err)

@@ -4,6 +4,7 @@ on one database (one leads, the other answers 503 not_leader and follows its rec
 kill -9 of the leader (the standby serves within 5 s with every acknowledged task), the
 shared secrets, and event streams resumed across the failover.
 """
+import contextlib
 import json
 import os
 import re
@@ -431,3 +432,34 @@ def test_a_database_out_of_room_refuses_writes_with_507_and_reads_go_on_until_th
             cluster.stop()
         unmount(disk)
         shutil.rmtree(disk, ignore_errors=True)
+
+
+def test_a_frozen_leader_loses_its_session_to_the_standby_which_serves(postgres, tmp_path):
+    """SIGSTOP the leader: its session stays open and says nothing, as with a stuck loop or
+    a network cut that keepalives have not found yet, so PostgreSQL keeps its lock. The
+    standby ends that session once it has been silent PG_LEADER_SILENT_S (3.5 s) and
+    serves every acknowledged task; the old leader, thawed, finds its session gone and
+    stops (exit 70) rather than serve a state it can no longer write."""
+    url = postgres.url(postgres.new_schema())
+    leader = pg_server(tmp_path, url, "a").start()
+    standby = pg_server(tmp_path, url, "b", keys_from=leader).start()
+    try:
+        acked = [leader.submit(CAP, n) for n in range(5)]
+        time.sleep(4.5)  # a healthy idle leader is never taken for a silent one
+        assert ready(leader)[0] == 200 and "said nothing" not in standby.output()
+        os.kill(leader.proc.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        assert_took_over_with(standby, acked)
+        took = time.monotonic() - frozen
+        print(f"\nSIGSTOP of the leader to the standby ready: {took:.2f} s")
+        assert took < 8, standby.output()[-3000:]  # 3.5 s silent + a lock attempt; the bench times it
+        assert "has said nothing for" in standby.output()
+        assert standby.submit(CAP, "after")
+        os.kill(leader.proc.pid, signal.SIGCONT)
+        assert leader.proc.wait(timeout=15) == 70
+        assert "is gone" in leader.output() and "stopping now" in leader.output()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(leader.proc.pid, signal.SIGCONT)
+        standby.kill()
+        leader.kill()
