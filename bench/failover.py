@@ -3,11 +3,14 @@
 (capacity 4, on its WebSocket) and `offloadmq.Client` with both URLs submitting echo
 tasks all along. `--kills` times: kill -9 the leader, time until an API route answers
 2xx on the other server (kill -> serving), start the killed one again (a standby now).
+With `--freeze` the leader is SIGSTOPped instead (its session stays open and silent, as
+in a network cut): the standby must end that session and lead; the old leader is then
+thawed, must exit by itself (code 70), and starts again.
 At the end every acknowledged task is collected: lost = acknowledged tasks that never
 completed with their own payload; duplicated = results delivered twice by the agent
 plus tasks the server holds twice for one submit.
 
-    .venv/bin/python bench/failover.py [--kills 10]     # one JSON line on stdout
+    .venv/bin/python bench/failover.py [--kills 10] [--freeze]   # one JSON line on stdout
 
 The throwaway cluster and the server processes are the test suite's (tests/conftest.py:
 initdb in a temp folder, free 127.0.0.1 ports, stopped by pid)."""
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +43,7 @@ from offloadmq import Client, WaitTimeout  # noqa: E402
 TASKS_BETWEEN_KILLS = 40
 
 
-def run(tmp: Path, kills: int) -> dict:
+def run(tmp: Path, kills: int, freeze: bool = False) -> dict:
     bin_dir = postgres_bin()
     if bin_dir is None:
         raise RuntimeError("PostgreSQL is not installed (Debian's postgresql)")
@@ -89,8 +94,15 @@ def run(tmp: Path, kills: int) -> dict:
                 leader = next(s for s in servers if role(s) == "leader")
                 other = next(s for s in servers if s is not leader)
                 killed_at = time.monotonic()
-                leader.kill()  # SIGKILL
+                if freeze:
+                    os.kill(leader.proc.pid, signal.SIGSTOP)
+                else:
+                    leader.kill()  # SIGKILL
                 times.append(first_2xx_after(killed_at, other, timeout=60))
+                if freeze:
+                    os.kill(leader.proc.pid, signal.SIGCONT)
+                    if leader.proc.wait(timeout=30) != 70:
+                        raise RuntimeError("the thawed leader did not stop by itself with code 70")
                 leader.start()  # same port: a standby of the new leader
                 wait_for(lambda: role(leader) == "standby", 60, "the killed server back as a standby")
             target = len(acked) + TASKS_BETWEEN_KILLS
@@ -115,7 +127,7 @@ def run(tmp: Path, kills: int) -> dict:
         resolved = collections.Counter(re.findall(
             r"task debug\.echo/(\w+)(?: resolved| ended before its report was sent again|: result refused: 409)",
             (agent_dir / "agent.log").read_text(errors="replace")))
-        return {"kills": kills, "median_s": statistics.median(times), "max_s": max(times),
+        return {"kills": kills, "how": "SIGSTOP" if freeze else "SIGKILL", "median_s": statistics.median(times), "max_s": max(times),
                 "times_s": [round(t, 3) for t in times], "acked": len(acked), "lost": lost,
                 "duplicated": sum(n - 1 for n in resolved.values() if n > 1)
                 + sum(n - 1 for n in per_payload.values() if n > 1),
@@ -132,9 +144,10 @@ def run(tmp: Path, kills: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--freeze", action="store_true", help="SIGSTOP the leader instead of kill -9")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="offloadmq-failover-") as tmp:
-        emit(run(Path(tmp), args.kills))
+        emit(run(Path(tmp), args.kills, args.freeze))
 
 
 if __name__ == "__main__":

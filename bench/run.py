@@ -48,7 +48,8 @@ Workloads (definitions from the issue, kept exactly):
   failover (issue 13) two servers on a throwaway PostgreSQL, an agent and a submitting
          client with both URLs; --kills times kill -9 the leader: median and max seconds
          to the first 2xx from the new leader, acknowledged tasks lost, duplicated results
-         (bench/failover.py).
+         (bench/failover.py); then --kills/2 times SIGSTOP the leader (a silent session
+         the standby must end itself).
 The machine's speed drifts over minutes, so ours and the peers' W1/W1c/W2 run in turn for
 --rounds rounds (default 2) and each system shows its best round.
 Peers, same W1/W2: Huey + SQLite (no server), Huey + Redis, Celery + Redis, with Debian's
@@ -300,6 +301,10 @@ def run_replay(tmp: Path, args, results: dict) -> None:
 def run_failover(tmp: Path, args, results: dict) -> None:
     log(f"failover: {args.kills} kills of the leader of two servers on PostgreSQL")
     results["failover"] = run_json([PY, "-m", "bench.failover", "--kills", str(args.kills)], 1800)
+    freezes = max(1, args.kills // 2)
+    log(f"failover: {freezes} SIGSTOPs of the leader (a silent session)")
+    results["failover_freeze"] = run_json([PY, "-m", "bench.failover", "--kills", str(freezes),
+                                           "--freeze"], 1800)
 
 
 def run_fanout(tmp: Path, args, results: dict) -> None:
@@ -588,13 +593,15 @@ def build_table(results: dict, args) -> list[list[str]]:
                    seen["first_row_ms"], ",.0f", "<1 s", seen["first_row_ms"] < 1000)
             single("console Tasks in Chromium: bytes received by then", seen["bytes"], ",.0f",
                    "<5 MB", seen["bytes"] < 5 * 2**20)
-    fo = results.get("failover") or {}
-    if fo:
-        single(f"failover: kill -9 of the leader -> serving, median / max s ({fo['kills']} kills)",
-               f"{fo['median_s']:.2f} / {fo['max_s']:.2f}", "", "≤5 s", fo["max_s"] <= 5)
-        single(f"failover: acknowledged tasks lost (of {fo['acked']:,})", fo["lost"], ",.0f", "0",
-               fo["lost"] == 0)
-        single("failover: duplicated results", fo["duplicated"], ",.0f", "0", fo["duplicated"] == 0)
+    for key, how in (("failover", "kill -9"), ("failover_freeze", "SIGSTOP")):
+        fo = results.get(key) or {}
+        if fo:
+            single(f"failover: {how} of the leader -> serving, median / max s ({fo['kills']} times)",
+                   f"{fo['median_s']:.2f} / {fo['max_s']:.2f}", "", "≤5 s", fo["max_s"] <= 5)
+            single(f"failover ({how}): acknowledged tasks lost (of {fo['acked']:,})", fo["lost"], ",.0f",
+                   "0", fo["lost"] == 0)
+            single(f"failover ({how}): duplicated results", fo["duplicated"], ",.0f", "0",
+                   fo["duplicated"] == 0)
     return rows
 
 
