@@ -85,6 +85,11 @@ DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
 
 POLL_WAIT_S = 20                  # long-poll hold asked of the server
 REQUEST_TIMEOUT_S = 30.0          # any other call to the server
+# A server that stops answering (frozen, cut off) while its connections stay open: a ping
+# (the heartbeat) gets PING_TIMEOUT_S, the socket's WebSocket pings (after WS_PING_S with
+# nothing received) WS_PING_S / 2; then the agent moves to the next URL.
+PING_TIMEOUT_S = 5.0
+WS_PING_S = 5.0
 BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
 BUCKET_TRANSFER_S = 3600.0        # a bucket file's whole transfer (stalls end sooner: 120 s read timeout)
@@ -381,6 +386,7 @@ class ServerHttp:
         # After following a standby's word to a leader that then fails, the round goes on
         # after that standby (a stale word must not keep the other URLs from their turn).
         self.resume_at: int | None = None
+        self.on_move: Callable[[], None] | None = None  # requests now go elsewhere
 
     @property
     def endpoint(self) -> Endpoint:
@@ -414,6 +420,8 @@ class ServerHttp:
             self.at = resume_at if resume_at not in (None, self.at) else following % len(self.endpoints)
         if len(self.endpoints) > 1:
             log.info("server %s unavailable or not the leader; trying %s", endpoint.url, self.base_url)
+            if self.on_move is not None:
+                self.on_move()
 
     async def on_leader(self, attempt: Callable[[Endpoint], Awaitable[Any]], timeout_s: float) -> Any:
         """`attempt(endpoint)` on the server that leads, within `timeout_s`. An attempt
@@ -604,6 +612,7 @@ class PushChannel:
         self.pending: dict[str, asyncio.Future] = {}
         self.pushes: asyncio.Queue = asyncio.Queue()
         self.reader: asyncio.Task | None = None
+        self.endpoint: Endpoint | None = None  # where the socket is open
         self.ids = (f"r{n}" for n in range(1, 1 << 62))
         self.upload_lock = asyncio.Lock()  # an upload_file frame and its binary frame go together
 
@@ -621,10 +630,13 @@ class PushChannel:
             parts = urlsplit(endpoint.url)
             url = f"{'wss' if endpoint.ssl else 'ws'}://{parts.netloc}{endpoint.prefix}/private/agent/ws"
             try:
-                return await self.session.ws_connect(
-                    f"{url}?token={quote(token, safe='')}", heartbeat=None, autoping=True,
-                    max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
-                    headers={"User-Agent": f"offload-agent/{__version__}"})
+                async with asyncio.timeout(REQUEST_TIMEOUT_S / 2):  # a frozen server: next
+                    ws = await self.session.ws_connect(
+                        f"{url}?token={quote(token, safe='')}", heartbeat=WS_PING_S, autoping=True,
+                        max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                        headers={"User-Agent": f"offload-agent/{__version__}"})
+                self.endpoint = endpoint
+                return ws
             except aiohttp.WSServerHandshakeError as err:
                 if err.status == 503:  # a standby (its body, naming the leader, is not at hand)
                     raise NotLeader(f"WebSocket upgrade: HTTP {err.status}") from None
@@ -663,6 +675,9 @@ class PushChannel:
                 elif frame.get("type") in ("task", "cancel", "heartbeat", "connected"):
                     pushes.put_nowait(frame)
         finally:
+            if isinstance(ws.exception(), aiohttp.ServerTimeoutError):  # no pong: gone quiet
+                log.warning("the server at %s stopped answering on the socket", self.endpoint.url)
+                self.http.move_from(self.endpoint)
             self._fail_pending(f"the socket closed ({ws.close_code})")
             pushes.put_nowait(None)  # the end, for whoever reads the pushes
 
@@ -901,7 +916,7 @@ class ServerClient:
         if holding is not None and self.post_ping:
             try:
                 return await self._call_private("POST", "/private/agent/ping",
-                                                {"holding": holding})
+                                                {"holding": holding}, timeout_s=PING_TIMEOUT_S)
             except ServerRefused as err:
                 if err.status not in (404, 405):
                     raise
@@ -2364,9 +2379,15 @@ class Agent:
             if save is not None:
                 save(new)
             self.identity = new
-            if self.poll is not None:
-                self.poll.cancel()
+            self._drop_poll()
         client.on_new_identity = identity_changed
+        # A long poll held by a server found gone (a ping timed out) would wait out its
+        # whole hold there: poll the next one now.
+        client.http.on_move = self._drop_poll
+
+    def _drop_poll(self) -> None:
+        if self.poll is not None:
+            self.poll.cancel()
 
     def request_stop(self) -> None:
         """First call: stop taking work and let tasks finish. Second call: do not wait."""

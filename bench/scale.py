@@ -7,7 +7,8 @@
 idle:  N simulated agents (registered and logged in over HTTP, one keep-alive connection
        each) long-poll /private/agent/task/poll?wait=20 in a loop like offload_agent.py
        --transport http, or (--transport ws) each hold the agent WebSocket and send a
-       heartbeat frame every 8 s like offload_agent.py does by default; the server's CPU
+       heartbeat frame every 8 s and a WebSocket ping after 5 s with nothing received, like
+       offload_agent.py does by default; the server's CPU
        (utime+stime from /proc) and RSS are sampled over the duration.
 claim: claim latency = agent poll?wait=0 + take, for one task submitted just before (not
        timed) and resolved just after (not timed). Measured on an empty queue, then again
@@ -25,6 +26,7 @@ import aiohttp
 import orjson
 
 from bench.common import cpu_seconds, emit, percentiles, rss_bytes
+from offload_agent import WS_PING_S
 
 SYSINFO = {"os": "linux", "client": "bench", "runtime": "python", "cpuArch": "x86_64",
            "totalMemoryMb": 1024, "gpu": None}
@@ -86,13 +88,13 @@ async def idle(args) -> dict:
 
         async def socket_agent(agent):
             # The agent WebSocket, as offload_agent.py holds it: pushes read, a heartbeat
-            # frame with its (empty) holding report every --heartbeat seconds.
+            # frame with its (empty) holding report every --heartbeat seconds, pings.
             token = agent["headers"]["Authorization"].removeprefix("Bearer ")
             ws_url = args.url.replace("http", "ws", 1) + "/private/agent/ws?token=" + token
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as own:
                 while not stop.is_set():
                     try:
-                        async with own.ws_connect(ws_url) as ws:
+                        async with own.ws_connect(ws_url, heartbeat=WS_PING_S) as ws:
                             beats = asyncio.create_task(heartbeats(ws))
                             try:
                                 async for msg in ws:

@@ -3,8 +3,10 @@ servers on it (the first leads, the second is a standby), a real agent serving
 (`offload_agent.py` with both URLs, on its WebSocket) and `offloadmq.Client` with both
 URLs submitting. The leader is killed with -9 in the middle of the submits: every task
 that was acknowledged completes exactly once, and the time from the kill to the first
-2xx from the new leader is printed."""
+2xx from the new leader is printed. A leader frozen for good (SIGSTOP) is left by the
+agent, on the socket and over HTTP."""
 import collections
+import os
 import re
 import signal
 import threading
@@ -98,3 +100,32 @@ def test_kill_9_of_the_leader_loses_no_acknowledged_task_and_runs_none_twice(pai
         agent.kill()
     print(f"\nfailover ({transport} agent): kill -9 of the leader -> first 2xx from the new leader "
           f"{measured['failover_s']:.2f} s; {TASKS} acknowledged tasks, 0 lost, 0 run twice")
+
+
+@pytest.mark.parametrize("transport", ["ws", "http"])
+def test_an_agent_leaves_a_leader_frozen_for_good(pair, tmp_path, transport):
+    """The leader is SIGSTOPped and stays so: its connections stay open and silent. The
+    standby ends its session and leads; the agent must notice the silence and serve the
+    new leader (on the socket, pings that get no pong; over HTTP, a long poll that gets
+    no answer)."""
+    leader, standby = pair
+    urls = f"{leader.url},{standby.url}"
+    agent = AgentProcess(SimpleNamespace(url=urls, agent_key=leader.agent_key), tmp_path / "agent",
+                         ["debug.echo"], serve_args=("--transport", transport)).register().start()
+    try:
+        with Client(leader.url, leader.client_key) as mq:
+            assert mq.submit("debug.echo", "before").result(timeout=30) == "before"
+        os.kill(leader.proc.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        wait_until(lambda: role(standby) == "leader", 15, "the standby to lead")
+        with Client(standby.url, leader.client_key) as mq:
+            assert mq.submit("debug.echo", "after").result(timeout=90) == "after"
+        took = time.monotonic() - frozen
+        print(f"\n{transport} agent: SIGSTOP of the leader -> a task done on the new leader in {took:.1f} s")
+        # The socket's pings and the heartbeat's short timeout find it in about 8 and 13 s;
+        # without them the socket waited for good and a long poll 50 s.
+        assert took < 30, agent.output()[-3000:]
+        assert f"{leader.url} unavailable or not the leader; trying {standby.url}" in agent.output()
+    finally:
+        os.kill(leader.proc.pid, signal.SIGCONT)
+        agent.kill()
