@@ -922,7 +922,7 @@ class ServerClient:
                     raise
                 self.post_ping = False
                 log.info("server takes no holding report; pinging with GET")
-        return await self._call_private("GET", "/private/agent/ping")
+        return await self._call_private("GET", "/private/agent/ping", timeout_s=PING_TIMEOUT_S)
 
     async def update_info(self, capabilities: list[str], info: dict) -> dict:
         ident = self.identity
