@@ -6167,15 +6167,20 @@ class AgentSockets:
 
     async def open(self, sock: AgentSocket) -> None:
         """`sock` replaces the agent's earlier socket, once that one has finished; what
-        the agent was handed and never started goes back to the queue first."""
+        the agent was handed over that one and never started goes back to the queue
+        first. Without an earlier socket here nothing goes back: what the agent holds from
+        before a restart (or a takeover) may have started in the moment before the agent
+        reports it (the `running` stage waits half a second), and the agent's holding
+        report, sent right after it logs in, releases the rest."""
         old = self.by_agent.get(sock.uid)
         self.by_agent[sock.uid] = sock
-        if old is not None:
-            old.superseded = True
-            await old.ws.close(code=WS_SUPERSEDED, message=b"replaced by a newer connection")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(WS_CLOSE_WAIT_S):
-                    await old.ended.wait()
+        if old is None:
+            return
+        old.superseded = True
+        await old.ws.close(code=WS_SUPERSEDED, message=b"replaced by a newer connection")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(WS_CLOSE_WAIT_S):
+                await old.ended.wait()
         await self.hub.release_unstarted(sock.uid)
 
     async def close_all(self) -> None:
