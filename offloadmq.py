@@ -2958,13 +2958,14 @@ class PostgresStore:
 
     async def _end_silent_leader(self) -> None:
         """End the lock holder's session when it has said nothing for PG_LEADER_SILENT_S
-        (see Leadership above); the next attempt takes the lock. Sessions of another
-        role show no state here, so they are left alone."""
+        (see Leadership above); the next attempt takes the lock. Only an `idle` session:
+        one in a transaction may be a leader loading a large snapshot, which takes its
+        time between fetches. Sessions of another role show no state here: left alone."""
         silent = await self.conn.fetchrow(
             "SELECT a.pid, extract(epoch FROM clock_timestamp() - a.state_change)::float8 "
             "FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' "
             "AND l.granted AND l.classid = $1 AND l.objid = $2::int4::oid AND l.objsubid = 2 "
-            "AND a.state IN ('idle', 'idle in transaction') "
+            "AND a.state = 'idle' "
             "AND clock_timestamp() - a.state_change > make_interval(secs => $3)",
             PG_LOCK_CLASS, self.lock_id, PG_LEADER_SILENT_S)
         if silent is not None:
