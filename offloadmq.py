@@ -2703,6 +2703,7 @@ PG_CONNECT_TIMEOUT_S = 5.0
 PG_COMMAND_TIMEOUT_S = 10.0      # a write or check that takes longer: the session is gone
 PG_ALIVE_S = 1.0                 # an idle leader checks its session this often
 PG_LEADER_SILENT_S = 3.5         # a lock holder's session idle this long: its leader is gone
+PG_DISK_FULL = "53100"           # SQLSTATE disk_full: a batch refused, the session intact
 PG_FOLLOW_BATCH = 5000           # records a standby applies per query
 PG_SNAPSHOT_TIMEOUT_S = 300.0    # reading or writing a whole state may take this long
 # PostgreSQL probes an idle client after 5 s, then every 2 s, 3 times: a leader cut off by
@@ -3043,7 +3044,6 @@ class PostgresStore:
         await asyncio.sleep(0)
         insert = (f"WITH written AS (INSERT INTO offloadmq_records (seq, record) "
                   f"SELECT * FROM unnest($1::bigint[], $2::bytea[])) SELECT pg_notify('{self.channel}', $3)")
-        asyncpg = load_asyncpg()
         try:
             while self.lines or self.waiters:
                 seqs, lines, waiters = self.seqs, self.lines, self.waiters
@@ -3053,7 +3053,9 @@ class PostgresStore:
                     try:
                         async with self.using:
                             await self.conn.execute(insert, seqs, lines, str(seqs[-1]))
-                    except asyncpg.DiskFullError as err:
+                    except Exception as err:
+                        if getattr(err, "sqlstate", None) != PG_DISK_FULL:
+                            raise
                         await self._refuse_full(err, waiters)
                         continue
                     self.last_used = time.monotonic()
