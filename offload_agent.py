@@ -328,7 +328,7 @@ def url_key(url: str) -> tuple:
 
 
 class Endpoint:
-    """One configured server URL and its idle keep-alive connections."""
+    """One configured server URL, its idle keep-alive connections and those in use."""
 
     def __init__(self, url: str, user_agent: str):
         parts = urlsplit(url)
@@ -343,6 +343,8 @@ class Endpoint:
         self.fixed_headers = (f"Host: {parts.netloc.rpartition('@')[2]}\r\n"
                               f"User-Agent: {user_agent}\r\n")
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.busy: set[asyncio.StreamWriter] = set()  # an exchange is under way on each
+        self.left = 0  # how many times requests moved away from this server
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
@@ -354,6 +356,16 @@ class Endpoint:
         for _, writer in self.idle:
             writer.close()
         self.idle.clear()
+
+    def leave(self) -> None:
+        """Requests go elsewhere: the exchanges still open here end now (their callers
+        see a broken exchange and resend where it is safe) rather than each waiting out
+        its own timeout on a server found gone, a report held by a frozen leader for
+        minutes. Closing a socket wakes its reader with an end of file."""
+        self.left += 1
+        self.close_idle()
+        for writer in self.busy:
+            writer.close()
 
 
 class ServerHttp:
@@ -386,7 +398,7 @@ class ServerHttp:
         # After following a standby's word to a leader that then fails, the round goes on
         # after that standby (a stale word must not keep the other URLs from their turn).
         self.resume_at: int | None = None
-        self.on_move: Callable[[], None] | None = None  # requests now go elsewhere
+        self.on_move: Callable[[], None] | None = None  # a server was left: its exchanges are cut
 
     @property
     def endpoint(self) -> Endpoint:
@@ -407,7 +419,7 @@ class ServerHttp:
         moved already, so a burst of failures against one server moves once."""
         if self.endpoints[self.at] is not endpoint:
             return
-        endpoint.close_idle()
+        endpoint.leave()
         named = leader and next((e for e in self.endpoints if e.key == url_key(leader)), None)
         following = self.at + 1
         if named is not None and named is not endpoint:
@@ -420,8 +432,8 @@ class ServerHttp:
             self.at = resume_at if resume_at not in (None, self.at) else following % len(self.endpoints)
         if len(self.endpoints) > 1:
             log.info("server %s unavailable or not the leader; trying %s", endpoint.url, self.base_url)
-            if self.on_move is not None:
-                self.on_move()
+        if self.on_move is not None:
+            self.on_move()
 
     async def on_leader(self, attempt: Callable[[Endpoint], Awaitable[Any]], timeout_s: float) -> Any:
         """`attempt(endpoint)` on the server that leads, within `timeout_s`. An attempt
@@ -470,12 +482,16 @@ class ServerHttp:
         async def attempt(endpoint: Endpoint) -> tuple[int, bytes]:
             message = (f"{method} {endpoint.prefix}{path} HTTP/1.1\r\n{endpoint.fixed_headers}"
                        ).encode("latin-1") + rest
+            left = endpoint.left
             while True:
                 reused = bool(endpoint.idle)
                 reader, writer = endpoint.idle.pop() if reused else await endpoint.connect()
+                endpoint.busy.add(writer)
                 try:
                     writer.write(message)
                     status_line = await reader.readline()
+                    if not status_line and endpoint.left != left:
+                        raise ConnectionAbortedError(f"{endpoint.url} was found unavailable")
                     if not status_line and reused:
                         # The server closed this idle connection before reading the request.
                         writer.close()
@@ -484,6 +500,8 @@ class ServerHttp:
                 except BaseException:  # an error, a timeout or a cancel mid-exchange
                     writer.close()
                     raise
+                finally:
+                    endpoint.busy.discard(writer)
                 if keep:
                     endpoint.idle.append((reader, writer))
                 else:
@@ -2381,8 +2399,8 @@ class Agent:
             self.identity = new
             self._drop_poll()
         client.on_new_identity = identity_changed
-        # A long poll held by a server found gone (a ping timed out) would wait out its
-        # whole hold there: poll the next one now.
+        # A long poll cut because its server was found gone (a ping timed out) is sent
+        # again at once, with no warning and no backoff: nothing went wrong with it.
         client.http.on_move = self._drop_poll
 
     def _drop_poll(self) -> None:
