@@ -561,11 +561,12 @@ class ServerHttp:
                     if (standby := not_leader(code, body)) is not None:
                         raise standby
                     writer.close()
-                    return ServerStream(code, reader, writer, False, body)
+                    return ServerStream(endpoint, code, reader, writer, False, body)
             except BaseException:
                 writer.close()
                 raise
-            return ServerStream(code, reader, writer,
+            endpoint.busy.add(writer)  # cut, as requests are, when this server is left
+            return ServerStream(endpoint, code, reader, writer,
                                 "chunked" in answer_headers.get("transfer-encoding", ""))
         return await self.on_leader(attempt, timeout_s)
 
@@ -589,9 +590,9 @@ async def _read_chunk(reader: asyncio.StreamReader) -> bytes:
 class ServerStream:
     """The body of one answer of `ServerHttp.open_stream`, as it arrives."""
 
-    def __init__(self, status: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 chunked: bool, body: bytes | None = None):
-        self.status = status
+    def __init__(self, endpoint: Endpoint, status: int, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, chunked: bool, body: bytes | None = None):
+        self.endpoint, self.status = endpoint, status
         self.reader, self.writer, self.chunked = reader, writer, chunked
         self.body = body  # the whole body, when it was read already
 
@@ -613,6 +614,7 @@ class ServerStream:
 
     def close(self) -> None:
         self.writer.close()
+        self.endpoint.busy.discard(self.writer)
 
 
 class NoPushChannel(Exception):

@@ -4392,7 +4392,7 @@ FANOUT_SPACING = 4.0
 STREAM_SCAN_SLICE = 250     # tasks looked at per loop turn while a stream sends the current state
 STREAM_CHUNK_BYTES = 64 << 10   # a starting stream writes this much at a time...
 STREAM_LOW_WATER = 64 << 10     # ...and waits until the reader leaves less than this unsent
-SSE_HEARTBEAT_S = 15.0
+SSE_HEARTBEAT_S = 5.0       # a quiet stream gets a comment this often: its reader knows we live
 STREAM_SWEEP_S = 1.0        # how often streams are checked for readers gone and heartbeats due
 STREAM_DROP_GRACE_S = 10.0  # a dropped reader gets this long to read what was sent, then is cut
 
@@ -7493,6 +7493,8 @@ CLIENT_RETRY_S = 30.0      # how long connection errors are retried before raisi
 CLIENT_REQUEST_S = 30.0    # one request, the held long poll excepted
 CLIENT_TRANSFER_S = 3600.0  # a bucket file's whole transfer (a stall ends it sooner: 120 s)
 CLIENT_POLL_WAIT_S = 60    # the server's longest poll?wait=
+CLIENT_STREAM_HEAD_S = 10.0  # an event stream's connect and answer head (the server sends it at once)
+CLIENT_STREAM_SILENCE_S = 3 * SSE_HEARTBEAT_S  # an event stream saying nothing this long: its server is gone
 ORPHANS_KEPT = 10_000      # end events of tasks whose submit answer is still on its way
 CATCH_UP_POLLS = 8         # polls in flight when asking about tasks that may have ended unseen
 
@@ -7689,13 +7691,14 @@ class AsyncEventStream:
     async def open(self) -> None:
         """Connect (retrying for the client's retry time) and wait until live: the first
         bytes of the stream come once the server has taken its starting point."""
-        resumed = self.last_id is not None
+        # Reconnecting before any event came (no id to resume from) can miss events too.
+        resuming = self.last_id is not None or self.stream is not None
 
         async def connect() -> Any:
             headers = dict(self.client.headers)
             if self.last_id:
                 headers["Last-Event-ID"] = self.last_id
-            stream = await self.client.http.open_stream(self.path, headers, self.client.request_s)
+            stream = await self.client.http.open_stream(self.path, headers, CLIENT_STREAM_HEAD_S)
             if stream.status >= 400:
                 raw = await stream.read_all()
                 stream.close()
@@ -7705,15 +7708,18 @@ class AsyncEventStream:
                 stream.close()
                 raise ConnectionResetError("the event stream ended before it began")
         await self.client._retrying(connect)
-        if resumed and self.pending[0] != "resumed":  # else the server replayed what we missed
+        if resuming and self.pending[0] != "resumed":  # else the server replayed what we missed
             self.pending.appendleft(TaskEvent(None, "gap", None))
 
     async def _fill(self) -> bool:
         """Read until at least one item is parsed; False when the connection ended."""
         while not self.pending:
             try:
-                piece = await asyncio.wait_for(self.stream.read(), 3 * SSE_HEARTBEAT_S)
-            except (OSError, EOFError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+                piece = await asyncio.wait_for(self.stream.read(), CLIENT_STREAM_SILENCE_S)
+            except TimeoutError:  # a live server writes at least a heartbeat: it is gone
+                self.client.http.move_from(self.stream.endpoint)  # ends its other exchanges too
+                piece = b""
+            except (OSError, EOFError, ValueError, asyncio.IncompleteReadError):
                 piece = b""
             if not piece:
                 return False

@@ -23,7 +23,9 @@ from offloadmq import (AsyncClient, BadRequest, Client, Conflict, DamagedFile, N
 class TcpProxy(threading.Thread):
     """127.0.0.1:port -> the server. Counts the connections it accepts; `drop_answers`
     makes it swallow that many of the server's answers and cut the client's connection
-    instead (the request did reach the server); `cut()` ends every open connection."""
+    instead (the request did reach the server); `mute_streams` swallows what the server
+    writes on event streams, as a frozen server would say nothing; `cut()` ends every
+    open connection."""
 
     def __init__(self, upstream_port: int):
         super().__init__(daemon=True)
@@ -34,6 +36,8 @@ class TcpProxy(threading.Thread):
         self.accepted = 0
         self.drop_answers = 0
         self.refuse = False  # accept and close at once, as a server that is not there
+        self.mute_streams = False
+        self.streams: set[socket.socket] = set()  # upstream connections that carry one
         self.requests: list[bytes] = []  # the first bytes of each client send
         self.open: list[socket.socket] = []
         self.lock = threading.Lock()
@@ -58,6 +62,8 @@ class TcpProxy(threading.Thread):
         try:
             while data := source.recv(65536):
                 if answers:
+                    if self.mute_streams and source in self.streams:
+                        continue
                     with self.lock:
                         drop = self.drop_answers > 0
                         self.drop_answers -= drop
@@ -66,6 +72,8 @@ class TcpProxy(threading.Thread):
                 else:
                     with self.lock:
                         self.requests.append(data[:2000])
+                        if data.startswith(b"GET /api/task/events"):
+                            self.streams.add(target)
                 target.sendall(data)
         except OSError:
             pass
@@ -329,6 +337,22 @@ def test_a_dropped_stream_resumes_with_last_event_id(server, agent, proxy):
         assert len(list(mq.as_completed(handles, timeout=30))) == 6
     polls = [r for r in proxy.requests[resumed()[0]:] if r.startswith(b"GET /api/task/poll")]
     assert not polls, "the server replayed what the stream missed: no poll per task"
+
+
+def test_a_stream_lost_before_its_first_event_still_finds_the_tasks_that_ended_meanwhile(
+        server, agent, proxy):
+    """Reconnecting without a Last-Event-ID (no event had come) cannot resume: a task
+    that ended while the stream was down must be asked about, not waited for."""
+    with Client(proxy.url, server.client_key) as mq:
+        assert list(mq.as_completed([], timeout=5)) == []  # the watch is open, no event yet
+        proxy.mute_streams = True  # its events go nowhere, as from a frozen server
+        task = mq.submit(CAP, {"lines": []})
+        wait_until(lambda: http("GET", f"{server.url}/api/task/poll/{CAP}/{task.id}",
+                                headers={"X-API-Key": server.client_key})[1]["status"] == "completed",
+                   what="the task to end")
+        proxy.cut()
+        proxy.mute_streams = False
+        assert [h.id for h in mq.as_completed([task], timeout=10)] == [task.id]
 
 
 def test_a_submit_whose_answer_is_lost_makes_one_task(server, proxy):

@@ -103,34 +103,37 @@ def test_kill_9_of_the_leader_loses_no_acknowledged_task_and_runs_none_twice(pai
 
 
 @pytest.mark.parametrize("transport", ["ws", "http"])
-def test_an_agent_leaves_a_leader_frozen_for_good(pair, tmp_path, transport):
+def test_an_agent_and_a_client_leave_a_leader_frozen_for_good(pair, tmp_path, transport):
     """The leader is SIGSTOPped while the agent runs a task, and stays so: its
-    connections stay open and silent. The standby ends its session and leads; the agent
+    connections stay open and silent. The standby ends its session and leads. The agent
     must notice the silence (on the socket, pings that get no pong; over HTTP, a
     heartbeat that gets no answer), deliver the result it had for the frozen leader to
-    the new one, and serve it (the agent has one slot: the next task waits for that)."""
+    the new one, and serve it (it has one slot: the next task waits for that). The
+    client, given both URLs and waiting on its event stream, must notice too (no
+    heartbeat comes) and collect the result and submit at the new leader."""
     leader, standby = pair
     urls = f"{leader.url},{standby.url}"
     agent = AgentProcess(SimpleNamespace(url=urls, agent_key=leader.agent_key), tmp_path / "agent",
                          ["debug.echo", "shell.bash"], serve_args=("--transport", transport)
                          ).register().start()
     try:
-        with Client(leader.url, leader.client_key) as mq:
-            assert mq.submit("debug.echo", "before").result(timeout=30) == "before"
+        with Client(urls, leader.client_key) as mq:
+            before = mq.submit("debug.echo", "before")
+            assert [h.result() for h in mq.as_completed([before], timeout=30)] == ["before"]
             running = mq.submit("shell.bash", {"command": "sleep 1; echo late"})
             wait_until(lambda: running.status()["status"] == "running", 15, "the task to run")
-        os.kill(leader.proc.pid, signal.SIGSTOP)
-        frozen = time.monotonic()
-        wait_until(lambda: role(standby) == "leader", 15, "the standby to lead")
-        with Client(standby.url, leader.client_key) as mq:
-            assert mq.submit("debug.echo", "after").result(timeout=90) == "after"
-            late = mq.task("shell.bash", running.id)
-            assert late.status()["status"] == "completed" and "late" in str(late.result()), late.status()
-        took = time.monotonic() - frozen
-        print(f"\n{transport} agent: SIGSTOP of the leader -> a task done on the new leader in {took:.1f} s")
-        # The socket's pings and the heartbeat's short timeout find it in about 8 and 13 s;
-        # without them the socket waited for good and a long poll 50 s; without cutting
-        # the exchanges still open with the frozen leader, the result waited 120 s.
+            os.kill(leader.proc.pid, signal.SIGSTOP)
+            frozen = time.monotonic()
+            assert "late" in str(running.result(timeout=60))  # through the event stream
+            assert mq.submit("debug.echo", "after").result(timeout=60) == "after"
+            took = time.monotonic() - frozen
+            assert mq.url == urls and role(standby) == "leader"
+        print(f"\n{transport} agent and client: SIGSTOP of the leader -> both tasks done on the "
+              f"new leader in {took:.1f} s")
+        # The socket's pings and the heartbeat's short timeout find it in about 8 and 13 s,
+        # the client's stream in at most 15 s; without them the socket waited for good, a
+        # long poll 50 s and the stream 45 s (then 30 s more to open at the frozen leader);
+        # without cutting the exchanges still open with it, the result waited 120 s.
         assert took < 30, agent.output()[-3000:]
         assert f"{leader.url} unavailable or not the leader; trying {standby.url}" in agent.output()
     except BaseException:
