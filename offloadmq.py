@@ -3551,7 +3551,9 @@ class Event:
 class EventLog:
     """The live events of every change, in a ring bounded by count and bytes, so a
     stream that reconnects with a Last-Event-ID resumes where it was. Streams show the
-    events up to `released`: those of changes on disk (or that need no disk). Each
+    events up to `released`: those of changes on disk (or that need no disk), never
+    past the first event of a change still on its way to the disk (`hold`): an urgent
+    change released at once must not show a regular one's end before it is kept. Each
     release calls `on_publish` (EventStreams sets it; it must be cheap)."""
 
     def __init__(self, started_at: float):
@@ -3559,7 +3561,8 @@ class EventLog:
         self.bytes = 0
         # Event ids grow across restarts too, so a Last-Event-ID from an earlier run is
         # recognised as too old rather than mistaken for a recent one.
-        self.seq = self.released = int(started_at * 1000) << 12
+        self.seq = self.released = self.wanted = int(started_at * 1000) << 12
+        self.unsaved: list[int] = []  # the first event id of each change on its way to disk
         self.on_publish: Callable[[], None] = lambda: None
 
     def publish(self, changes: list[Change]) -> list[TaskKey]:
@@ -3589,10 +3592,20 @@ class EventLog:
         """A standby taking over: its ids start past any its predecessor can have given
         (ids are its start in ms << 12 plus one per event), so that a Last-Event-ID from
         the old leader is unknown here, never mistaken for one of ours."""
-        self.seq = self.released = max(self.seq, int(now * 1000) << 12)
+        self.seq = self.released = self.wanted = max(self.seq, int(now * 1000) << 12)
         self.on_publish()
 
+    def hold(self, first: int) -> None:
+        self.unsaved.append(first)
+
+    def unhold(self, first: int) -> None:
+        self.unsaved.remove(first)
+        self.release(self.wanted)
+
     def release(self, upto: int) -> None:
+        self.wanted = max(self.wanted, upto)
+        if self.unsaved:
+            upto = min(upto, min(self.unsaved) - 1)
         if upto > self.released:
             self.released = upto
             self.on_publish()
@@ -3961,13 +3974,21 @@ class Hub:
                 await self._store_and_notify(changes)
 
     async def _store_and_notify(self, changes: list[Change]) -> None:
+        first = self.events.seq + 1
         ended = self.events.publish(changes)
         published = self.events.seq
         lines = [c.line for c in changes if c.durable]
         on_disk_soon = self.journal.enqueue(lines) if lines else None
-        await self._notify(self.offers_changed)  # after the enqueue: a take's record must follow
-        if on_disk_soon is not None:
-            await on_disk_soon  # a refused write raises here (memory went back to the disk)
+        held = on_disk_soon is not None and published >= first
+        if held:
+            self.events.hold(first)
+        try:
+            await self._notify(self.offers_changed)  # after the enqueue: a take's record must follow
+            if on_disk_soon is not None:
+                await on_disk_soon  # a refused write raises here (memory went back to the disk)
+        finally:
+            if held:
+                self.events.unhold(first)
         self.metrics.count(changes)
         self.events.release(published)
         for listener in self.change_listeners:
@@ -6243,8 +6264,11 @@ async def handle_agent_ws(request: web.Request) -> web.StreamResponse:
 # Agents send their own log lines (`POST /private/agent/logs`, one record each); the
 # server keeps them in memory only: a ring per agent (the newest AGENT_LOG_RING), all of
 # them together at most AGENT_LOG_BYTES of text (the oldest go first) and none older
-# than 14 days. Management reads them newest first, by severity, by agent or all.
+# than 14 days. Management reads them newest first, by severity, by agent or all; its
+# event streams get an `agent_log` event (at most two a second per agent) so the console
+# shows new lines as they come.
 
+AGENT_LOG_EVENT_S = 0.5  # lines sent within this of an agent's first share one event
 AGENT_LOG_SEVERITIES = ("CRITICAL", "ERROR", "INFO")
 AGENT_LOG_RING = 1000
 AGENT_LOG_BYTES = 16 << 20
@@ -6263,7 +6287,10 @@ class AgentLogRecord:
 
 
 class AgentLogs:
-    def __init__(self, ring: int = AGENT_LOG_RING, max_bytes: int = AGENT_LOG_BYTES):
+    def __init__(self, events: EventLog | None = None, ring: int = AGENT_LOG_RING,
+                 max_bytes: int = AGENT_LOG_BYTES):
+        self.events = events
+        self.announcing: set[str] = set()  # agents whose agent_log event is on its way
         self.ring, self.max_bytes = ring, max_bytes
         self.rings: dict[str, deque[AgentLogRecord]] = {}
         self.order: deque[AgentLogRecord] = deque()  # every record, oldest first
@@ -6301,7 +6328,17 @@ class AgentLogs:
             self._evict_oldest()
         if len(self.order) > 2 * self.live + 1024:  # mostly records dropped from their rings
             self.order = deque(r for r in self.order if not r.dropped)
+        if self.events is not None and agent.uid not in self.announcing:
+            self.announcing.add(agent.uid)
+            asyncio.get_running_loop().call_later(AGENT_LOG_EVENT_S, self._announce, agent.uid)
         return record
+
+    def _announce(self, uid: str) -> None:
+        """One event for the lines of the last AGENT_LOG_EVENT_S: a chatty agent must not
+        crowd task events out of the ring that streams resume from."""
+        self.announcing.discard(uid)
+        self.events.add(MGMT_OWNER, None, "agent_log", {"uid": uid})
+        self.events.release(self.events.seq)
 
     def _too_old(self, now: float) -> bool:
         return bool(self.order) and self.order[0].at < now - AGENT_LOG_MAX_AGE_DAYS * 86400
@@ -7199,7 +7236,7 @@ def create_app(config: Config | None = None, hub: Hub | None = None) -> web.Appl
     app[TOKENS] = AgentTokens(config.jwt_secret, config.jwt_lifetime_s, hub.clock)
     app[OPENAPI] = openapi_document(ROUTES)
     app[AGENT_SOCKETS] = AgentSockets(hub)
-    app[AGENT_LOGS] = AgentLogs()
+    app[AGENT_LOGS] = AgentLogs(hub.events)
     app[BODY_BUDGET] = BodyBudget(config.body_budget_bytes)
     app[THROTTLE] = AuthThrottle(config.auth_failures_per_min)
     app.on_response_prepare.append(add_security_headers)

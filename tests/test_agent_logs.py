@@ -1,10 +1,12 @@
 """Agents' own log lines: sent over HTTP or the socket, kept in a bounded ring per agent,
 read by management newest first."""
+import asyncio
 import time
 
+import orjson
 
 from conftest import MGMT, call, fails, new_agent
-from offloadmq import AgentLogs, Broker, AGENT_LOG_MAX_AGE_DAYS
+from offloadmq import AGENT_LOG_EVENT_S, AGENT_LOG_MAX_AGE_DAYS, HUB, AgentLogs, Broker
 
 
 async def send_log(client, agent, severity="INFO", text="hello", **extra):
@@ -54,6 +56,21 @@ async def test_bad_log_lines_and_queries_are_refused(client):
         await fails(client, "GET", f"/management/agent_logs/{query}", 400, headers=MGMT)
     await fails(client, "GET", "/management/agent_logs/latest", 401)
     assert (await call(client, "GET", "/management/agent_logs/latest", headers=MGMT))["items"] == []
+
+
+async def test_log_lines_bring_an_agent_log_event_not_one_per_line(client):
+    """The console learns of new lines from the management stream; a chatty agent must
+    not fill the ring that streams resume from with one event per line."""
+    agent = await new_agent(client)
+    events = client.app[HUB].events
+    for n in range(50):
+        await send_log(client, agent, text=f"line {n}")
+    await asyncio.sleep(2 * AGENT_LOG_EVENT_S)
+    announced = [e for e in events.ring if b"event: agent_log" in e.frame]
+    assert 1 <= len(announced) <= 3, len(announced)  # one per half second of lines
+    assert all(e.id <= events.released and e.owner == "management" for e in announced)
+    data = announced[-1].frame.split(b"data: ")[1].split(b"\n")[0]
+    assert orjson.loads(data) == {"uid": agent.uid}
 
 
 async def test_a_log_line_goes_over_the_socket_too(client):

@@ -805,7 +805,9 @@ def test_agents_page_shows_the_agents_log_lines_as_they_come(console, server):
                           {"severity": "error", "text": "ollama: <b>connection</b> refused"}, agent.headers)
     assert status == 200, record
     row = page.locator(f"tr[data-log='{record['recordId']}']")
-    expect(row).to_contain_text("ollama: <b>connection</b> refused", timeout=15000)  # as text, not markup
+    # Within 5 s: the page's slow poll (10 s while live) would be too late; the stream's
+    # agent_log event brings it.
+    expect(row).to_contain_text("ollama: <b>connection</b> refused", timeout=5000)  # as text, not markup
     expect(row.locator(".badge")).to_have_text("ERROR")
     expect(row).to_contain_text(agent.id[-6:])
 

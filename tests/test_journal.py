@@ -425,6 +425,30 @@ async def test_compaction_during_concurrent_appends_loses_nothing(tmp_path):
     assert more[-1].key in again.broker.tasks and results
 
 
+async def test_no_event_is_shown_before_its_change_is_on_disk(tmp_path):
+    """An urgent change needs no disk and is shown at once; it must not carry along the
+    events of an earlier regular change whose record still waits for its write."""
+    hub = Hub(hub_config(tmp_path))
+    hub.recover()
+    await hub.register_agent(agent_info(["debug.echo"]))  # urgent tasks need one online
+    on_disk = hub.journal.size
+    shown_early = []
+
+    def check() -> None:
+        if hub.events.released >= regular_events and hub.journal.size == on_disk:
+            shown_early.append(hub.events.released)
+    regular = asyncio.ensure_future(hub.submit(submission("debug.echo"), OWNER, None, None))
+    await asyncio.sleep(0)
+    regular_events = hub.events.seq
+    assert hub.journal.buffer and hub.events.released < regular_events  # published, not written
+    hub.events.on_publish = check
+    await hub.submit(submission("debug.echo", urgent=True), OWNER, None, None)
+    await regular
+    assert not shown_early, "a regular task's events were shown before its record was on disk"
+    assert hub.events.released == hub.events.seq  # and all of them once it was
+    await hub.journal.close()
+
+
 async def test_compaction_drops_old_ended_tasks_and_replay_agrees(tmp_path):
     clock = [T0]
     hub = Hub(hub_config(tmp_path, retention_s=100.0), clock=lambda: clock[0])

@@ -1,6 +1,6 @@
 // Agents: every registered agent with its state, load and machine; drain one before
-// maintenance and resume it, revoke its credential, delete one, reset all. Follows the
-// event stream.
+// maintenance and resume it, revoke its credential, delete one, reset all; the agents'
+// latest log lines. Follows the event stream (agent_log events bring new lines).
 
 import { api } from "./api.js";
 import { poll } from "./poll.js";
@@ -32,7 +32,7 @@ export function mount(root) {
     // Going offline is a matter of time, not an event: keep a slow pace while live.
     { everyMs: pace(10000, 3000), onError: (err) => showError(refs.error, err) },
   );
-  const unfollow = follow(loop, (e) => e.type === "agent" || e.type === "status" || e.type === "end", 800);
+  const unfollow = follow(loop, (e) => ["agent", "agent_log", "status", "end"].includes(e.type), 800);
 
   refs.reset.addEventListener("click", async () => {
     const ok = await confirmAction(

@@ -22,7 +22,7 @@ export function mount(root) {
     { everyMs: pace(10000, 2000), onError: (err) => showError(refs.error, err) },
   );
   // Any change moves a count: refresh on events, at most once a second.
-  const unfollow = follow(loop, (e) => e.type !== "log", 1000);
+  const unfollow = follow(loop, (e) => e.type !== "log" && e.type !== "agent_log", 1000);
   return () => {
     unfollow();
     loop.stop();
