@@ -47,7 +47,7 @@ def summarize(path: Path, top: int = 25, only: str | None = None) -> str:
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
+        if not stack or not count.isdigit():  # py-spy can print a frame's text undecoded
             continue
         n = int(count)
         total += n
