@@ -13,8 +13,8 @@ import { api } from "./api.js";
 
 const RETRY_MIN_MS = 1000;
 const RETRY_MAX_MS = 30000;
-// The server sends a heartbeat comment every 15 s; silence past this means a dead link.
-const SILENCE_MS = 40000;
+// The server sends a heartbeat comment after 5 s of quiet; three missed mean a dead link.
+const SILENCE_MS = 15000;
 
 const listeners = new Set();
 const stateListeners = new Set();
