@@ -2703,6 +2703,10 @@ PG_CONNECT_TIMEOUT_S = 5.0
 PG_COMMAND_TIMEOUT_S = 10.0      # a write or check that takes longer: the session is gone
 PG_ALIVE_S = 1.0                 # an idle leader checks its session this often
 PG_LEADER_SILENT_S = 3.5         # a lock holder's session idle this long: its leader is gone
+# A leader whose session last answered longer ago than this (it was frozen, its loop
+# stuck) may be replaced any moment: it answers nothing until the session answers again,
+# so a thawed leader never hands out what it held in memory after a standby took over.
+PG_LEADER_UNSURE_S = 2.5
 PG_DISK_FULL = "53100"           # SQLSTATE disk_full: a batch refused, the session intact
 PG_FOLLOW_BATCH = 5000           # records a standby applies per query
 PG_SNAPSHOT_TIMEOUT_S = 300.0    # reading or writing a whole state may take this long
@@ -2994,7 +2998,12 @@ class PostgresStore:
         self.leader, self.leader_url = True, self.advertise_url
         async with self.using:
             await self.conn.remove_listener(self.channel, self.on_notify)
+        self.last_used = time.monotonic()
         self.alive = asyncio.get_running_loop().create_task(self._check_alive())
+
+    @property
+    def sure_to_lead(self) -> bool:
+        return self.leader and time.monotonic() - self.last_used <= PG_LEADER_UNSURE_S
 
     async def _check_alive(self) -> None:
         """An idle leader asks its session once a second: one that is gone (the network
@@ -6568,17 +6577,29 @@ STANDBY_PATHS = frozenset({"/health", "/health/ready", "/version"})
 @web.middleware
 async def leader_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
     """PostgreSQL store: a standby answers liveness, readiness, its version and the console;
-    the rest is the leader's (503 not_leader naming it, so clients move on)."""
+    the rest is the leader's (503 not_leader naming it, so clients move on). So does a
+    leader unsure it still leads (PG_LEADER_UNSURE_S): it did nothing with the request."""
     store = request.app[HUB].journal
-    if not store.leader and request.path not in STANDBY_PATHS \
-            and getattr(request.match_info.route.handler, "__name__", "") != "handle_static":
-        leader = store.leader_url
-        response = json_response({"error": {
-            "type": "not_leader", "status": 503, "leader": leader,
-            "message": f"this server is a standby; the leader is {leader or 'not known yet'}"}}, 503)
-        response.headers["Retry-After"] = "1"
+    if request.path in STANDBY_PATHS \
+            or getattr(request.match_info.route.handler, "__name__", "") == "handle_static":
+        return await handler(request)
+    if store.sure_to_lead:
+        response = await handler(request)
+        if not store.sure_to_lead and not response.prepared and request.transport is not None:
+            # Unsure since (frozen while a poll was held): it may be replaced already, and
+            # what it holds in memory be stale. No answer, as from a server gone: the client
+            # asks elsewhere, knowing whether its request is safe to send again.
+            request.transport.close()
         return response
-    return await handler(request)
+    if store.leader:
+        leader, message = None, "this server cannot confirm that it still leads; try another"
+    else:
+        leader = store.leader_url
+        message = f"this server is a standby; the leader is {leader or 'not known yet'}"
+    response = json_response({"error": {"type": "not_leader", "status": 503, "leader": leader,
+                                        "message": message}}, 503)
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 # Query parameters and path segments with these in their names carry secrets (the agent
@@ -7529,7 +7550,10 @@ def main_postgres(config: Config) -> None:
 CLIENT_RETRY_S = 30.0      # how long connection errors are retried before raising
 CLIENT_REQUEST_S = 30.0    # one request, the held long poll excepted
 CLIENT_TRANSFER_S = 3600.0  # a bucket file's whole transfer (a stall ends it sooner: 120 s)
-CLIENT_POLL_WAIT_S = 60    # the server's longest poll?wait=
+# A result waited for by polling is held this long per poll, and a poll not answered
+# CLIENT_POLL_LATE_S after that is taken for a server gone (frozen, cut off): it moves on.
+CLIENT_POLL_WAIT_S = 10
+CLIENT_POLL_LATE_S = 5.0
 CLIENT_STREAM_HEAD_S = 10.0  # an event stream's connect and answer head (the server sends it at once)
 CLIENT_STREAM_SILENCE_S = 3 * SSE_HEARTBEAT_S  # an event stream saying nothing this long: its server is gone
 ORPHANS_KEPT = 10_000      # end events of tasks whose submit answer is still on its way
@@ -7937,7 +7961,7 @@ class AsyncClient:
         path = f"/api/task/poll/{_task_path(handle.cap, handle.id)}"
         if wait_s:
             path += f"?wait={wait_s:g}"
-        status = await self._call("GET", path, timeout_s=wait_s + self.request_s)
+        status = await self._call("GET", path, timeout_s=wait_s + CLIENT_POLL_LATE_S)
         if status.get("status") in ENDED:
             handle.final = status
         return status

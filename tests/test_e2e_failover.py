@@ -110,7 +110,8 @@ def test_an_agent_and_a_client_leave_a_leader_frozen_for_good(pair, tmp_path, tr
     heartbeat that gets no answer), deliver the result it had for the frozen leader to
     the new one, and serve it (it has one slot: the next task waits for that). The
     client, given both URLs and waiting on its event stream, must notice too (no
-    heartbeat comes) and collect the result and submit at the new leader."""
+    heartbeat comes) and collect the result and submit at the new leader; so must a
+    client waiting by polling (its held poll gets no answer)."""
     leader, standby = pair
     urls = f"{leader.url},{standby.url}"
     agent = AgentProcess(SimpleNamespace(url=urls, agent_key=leader.agent_key), tmp_path / "agent",
@@ -120,7 +121,15 @@ def test_an_agent_and_a_client_leave_a_leader_frozen_for_good(pair, tmp_path, tr
         with Client(urls, leader.client_key) as mq:
             before = mq.submit("debug.echo", "before")
             assert [h.result() for h in mq.as_completed([before], timeout=30)] == ["before"]
-            running = mq.submit("shell.bash", {"command": "sleep 1; echo late"})
+            running = mq.submit("shell.bash", {"command": "sleep 2; echo late"})
+            polled = {}
+
+            def wait_by_polling() -> None:
+                with Client(urls, leader.client_key) as other:  # no event stream: polls
+                    polled["output"] = other.task("shell.bash", running.id).result(timeout=60)
+                    polled["took"] = time.monotonic() - frozen
+            poller = threading.Thread(target=wait_by_polling, daemon=True)
+            poller.start()
             wait_until(lambda: running.status()["status"] == "running", 15, "the task to run")
             os.kill(leader.proc.pid, signal.SIGSTOP)
             frozen = time.monotonic()
@@ -128,8 +137,11 @@ def test_an_agent_and_a_client_leave_a_leader_frozen_for_good(pair, tmp_path, tr
             assert mq.submit("debug.echo", "after").result(timeout=60) == "after"
             took = time.monotonic() - frozen
             assert mq.url == urls and role(standby) == "leader"
+            poller.join(70)
+            # A poll is held 10 s and given 5 s more; before, 60 s and 30 s more.
+            assert "late" in str(polled.get("output")) and polled["took"] < 30, polled
         print(f"\n{transport} agent and client: SIGSTOP of the leader -> both tasks done on the "
-              f"new leader in {took:.1f} s")
+              f"new leader in {took:.1f} s; the result by polling in {polled['took']:.1f} s")
         # The socket's pings and the heartbeat's short timeout find it in about 8 and 13 s,
         # the client's stream in at most 15 s; without them the socket waited for good, a
         # long poll 50 s and the stream 45 s (then 30 s more to open at the frozen leader);

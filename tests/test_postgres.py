@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -447,6 +448,17 @@ def test_a_frozen_leader_loses_its_session_to_the_standby_which_serves(postgres,
         acked = [leader.submit(CAP, n) for n in range(5)]
         time.sleep(4.5)  # a healthy idle leader is never taken for a silent one
         assert ready(leader)[0] == 200 and "said nothing" not in standby.output()
+        held = {}
+
+        def poll_held_across_the_freeze() -> None:
+            try:
+                held["answer"] = http("GET", f"{leader.url}/api/task/poll/{CAP}/{acked[0]['id']}?wait=2",
+                                      headers=leader.client)
+            except OSError as err:  # the thawed leader may exit first
+                held["answer"] = err
+        poller = threading.Thread(target=poll_held_across_the_freeze, daemon=True)
+        poller.start()
+        time.sleep(0.3)
         os.kill(leader.proc.pid, signal.SIGSTOP)
         frozen = time.monotonic()
         assert_took_over_with(standby, acked)
@@ -455,8 +467,16 @@ def test_a_frozen_leader_loses_its_session_to_the_standby_which_serves(postgres,
         assert took < 8, standby.output()[-3000:]  # 3.5 s silent + a lock attempt; the bench times it
         assert "has said nothing for" in standby.output()
         assert standby.submit(CAP, "after")
+        canceled = http("POST", f"{standby.url}/api/task/cancel/{CAP}/{acked[0]['id']}", headers=leader.client)
+        assert canceled[0] == 200 and canceled[1]["status"] == "canceled", canceled
         os.kill(leader.proc.pid, signal.SIGCONT)
+        poller.join(15)
+        # The poll's wait ended while the leader was frozen: thawed, it must not answer
+        # from what it held in memory (the task pending; it was canceled meanwhile).
+        answer = held["answer"]
+        assert isinstance(answer, OSError) or answer[0] == 503 and answer[1]["error"]["type"] == "not_leader", answer
         assert leader.proc.wait(timeout=15) == 70
+        assert "Traceback" not in leader.output(), leader.output()[-3000:]
         # Whichever finds it first: its once-a-second check, or asyncpg's end of connection.
         assert re.search(r"STORE (the session with .* is gone|the connection to .* ended)", leader.output())
         assert "stopping now" in leader.output()
